@@ -1,0 +1,1 @@
+"""tunefleet.distributed: the SFT entrypoint and what runs inside the training processes."""

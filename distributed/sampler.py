@@ -1,0 +1,99 @@
+"""The sample order: a property of the recipe (seed, epoch), never of the world size.
+
+Epoch `e` is a permutation of the training rows drawn from `seed + e`. It is cut into global
+batches of `global_batch_size` samples; the incomplete last global batch of an epoch is dropped
+(its size is reported by the planner). Global batch `k` is then split into
+`grad_accum_steps x world_size` micro batches of `micro_batch_size`: accumulation step `a` on
+rank `r` takes slice `(a * world_size + r) * micro`. Whatever the split, global batch `k` of
+epoch `e` holds the same samples, so with the loss normalised over the global token count the
+optimizer step is the same.
+
+The sampler can start at any (epoch, step) directly: resuming does not replay batches.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+
+def epoch_order(num_rows: int, *, seed: int, epoch: int) -> list[int]:
+    """The permutation of row indices used in `epoch` (pure, platform independent)."""
+    order = list(range(num_rows))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def global_batches(num_rows: int, *, global_batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The complete global batches of one epoch, in order (the incomplete last one dropped)."""
+    order = epoch_order(num_rows, seed=seed, epoch=epoch)
+    steps = num_rows // global_batch_size
+    return [order[k * global_batch_size : (k + 1) * global_batch_size] for k in range(steps)]
+
+
+def micro_batch(
+    batch: list[int], *, accum_step: int, rank: int, world_size: int, micro_batch_size: int
+) -> list[int]:
+    """The rows that `rank` processes at accumulation step `accum_step` of one global batch."""
+    start = (accum_step * world_size + rank) * micro_batch_size
+    return batch[start : start + micro_batch_size]
+
+
+class GlobalBatchSampler:
+    """A batch sampler yielding this rank's micro batches, global batch after global batch.
+
+    `len()` is the number of micro batches this rank sees per epoch
+    (steps_per_epoch x grad_accum_steps), which is what the HF Trainer expects.
+    """
+
+    def __init__(
+        self,
+        num_rows: int,
+        *,
+        global_batch_size: int,
+        micro_batch_size: int,
+        world_size: int,
+        rank: int,
+        seed: int,
+    ) -> None:
+        per_step = micro_batch_size * world_size
+        if global_batch_size % per_step:
+            raise ValueError(
+                f"global batch {global_batch_size} is not a multiple of micro {micro_batch_size} x world {world_size}"
+            )
+        self.num_rows = num_rows
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.world_size = world_size
+        self.rank = rank
+        self.seed = seed
+        self.grad_accum_steps = global_batch_size // per_step
+        self.steps_per_epoch = num_rows // global_batch_size
+        self.epoch = 0
+        self.start_step = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def seek(self, *, epoch: int, step_in_epoch: int) -> None:
+        """Start the next iteration at global batch `step_in_epoch` of `epoch` (no replay)."""
+        self.epoch = epoch
+        self.start_step = step_in_epoch
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch * self.grad_accum_steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = global_batches(
+            self.num_rows, global_batch_size=self.global_batch_size, seed=self.seed, epoch=self.epoch
+        )
+        start, self.start_step = self.start_step, 0
+        for batch in batches[start:]:
+            for a in range(self.grad_accum_steps):
+                yield micro_batch(
+                    batch,
+                    accum_step=a,
+                    rank=self.rank,
+                    world_size=self.world_size,
+                    micro_batch_size=self.micro_batch_size,
+                )

@@ -1,0 +1,313 @@
+"""The shared SFT entrypoint: one module trains every recipe.
+
+    python -m tunefleet.distributed.sft --recipe FILE [--set key=value ...]
+    accelerate launch ... -m tunefleet.distributed.sft --recipe FILE
+    torchrun --nproc_per_node N -m tunefleet.distributed.sft --recipe FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunefleet.launch import recipe as recipe_mod
+from tunefleet.launch.cli import add_run_arguments
+from tunefleet.launch.errors import TunefleetError
+from tunefleet.launch.recipe import Recipe
+
+RESOLVED_RECIPE = "recipe.yaml"
+FINAL_DIR = "final"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tunefleet.distributed.sft", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(p)
+    p.add_argument("--recipe", required=True, help="recipe YAML file")
+    return p
+
+
+# ----------------------------------------------------------------------------- output directory
+
+
+@dataclass(frozen=True)
+class RunDirState:
+    """What the output directory holds before the run starts (read-only inspection)."""
+
+    exists: bool
+    finished: bool
+    checkpoint: str | None
+    foreign: bool
+
+
+def inspect_output_dir(path: Path) -> RunDirState:
+    if not path.exists():
+        return RunDirState(False, False, None, False)
+    if not path.is_dir():
+        raise TunefleetError(f"output_dir {str(path)!r} exists and is not a directory",
+                             "choose another output_dir")
+    from transformers.trainer_utils import get_last_checkpoint
+
+    entries = [e for e in path.iterdir() if not e.name.startswith(".")]
+    finished = (path / FINAL_DIR).is_dir()
+    checkpoint = get_last_checkpoint(str(path))
+    foreign = bool(entries) and not (path / RESOLVED_RECIPE).exists() and not finished and checkpoint is None
+    return RunDirState(True, finished, checkpoint, foreign)
+
+
+def decide_start(path: Path, state: RunDirState, *, overwrite: bool, no_resume: bool) -> tuple[str, str | None]:
+    """Return ("fresh" | "overwrite" | "resume", checkpoint). Refuse anything that would lose results."""
+    if overwrite:
+        return ("overwrite" if state.exists and any(path.iterdir()) else "fresh"), None
+    if state.foreign:
+        raise TunefleetError(
+            f"output_dir {str(path)!r} holds files that are not a tunefleet run",
+            "choose an empty or new output_dir (or pass --overwrite to move the existing one aside)",
+        )
+    if state.finished:
+        raise TunefleetError(
+            f"output_dir {str(path)!r} already holds a finished run ({FINAL_DIR}/ exists)",
+            "choose a new output_dir, or pass --overwrite to start over (the old run is moved aside, not deleted)",
+        )
+    if state.checkpoint:
+        if no_resume:
+            raise TunefleetError(
+                f"output_dir {str(path)!r} holds an unfinished run with checkpoint {Path(state.checkpoint).name}",
+                "drop --no-resume to continue it, or pass --overwrite to start over (the old run is moved aside)",
+            )
+        return "resume", state.checkpoint
+    return "fresh", None
+
+
+def move_aside(path: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = path.with_name(f"{path.name}.old-{stamp}")
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.old-{stamp}-{n}")
+        n += 1
+    path.rename(target)
+    return target
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _rank_env() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def training_arguments(recipe: Recipe, *, grad_accum_steps: int, precision: Any, has_eval: bool) -> Any:
+    from trl import SFTConfig
+
+    t = recipe.train
+    save = t.save_steps > 0
+    evaluate = has_eval and t.eval_steps > 0
+    return SFTConfig(
+        output_dir=recipe.output_dir,
+        per_device_train_batch_size=recipe.batch.micro_batch_size,
+        per_device_eval_batch_size=recipe.batch.micro_batch_size,
+        gradient_accumulation_steps=grad_accum_steps,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm if t.max_grad_norm > 0 else None,
+        optim=t.optimizer,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=precision.mode == "bf16",
+        fp16=precision.mode == "fp16",
+        use_cpu=precision.use_cpu,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        logging_steps=t.logging_steps,
+        save_strategy="steps" if save else "no",
+        save_steps=t.save_steps if save else 500,
+        save_total_limit=recipe.checkpoint.keep_last,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=t.eval_steps if evaluate else None,
+        report_to=list(t.report_to) or "none",
+        max_length=recipe.data.max_length,
+        packing=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        include_num_input_tokens_seen="non_padding",
+        average_tokens_across_devices=True,
+        ddp_find_unused_parameters=False,
+        disable_tqdm=True,
+        log_level="warning",
+        save_only_model=False,
+    )
+
+
+def run(recipe: Recipe, *, overwrite: bool = False, no_resume: bool = False) -> int:
+    """Train one recipe in this process (one rank of a launched job, or alone)."""
+    rank, world_size = _rank_env()
+    main_process = rank == 0
+    out = Path(recipe.output_dir)
+    started = time.monotonic()
+
+    # decide on the output directory before anyone writes to it
+    state = inspect_output_dir(out)
+    mode, checkpoint = decide_start(out, state, overwrite=overwrite, no_resume=no_resume)
+
+    from tunefleet.launch.batch import plan_batch
+
+    batch_plan = plan_batch(
+        micro_batch_size=recipe.batch.micro_batch_size,
+        global_batch_size=recipe.batch.global_batch_size,
+        max_length=recipe.data.max_length,
+        world_size=world_size,
+    )
+
+    import torch  # noqa: F401  (heavy imports start here)
+    from transformers.utils import logging as hf_logging
+
+    from tunefleet.distributed import data as data_mod
+    from tunefleet.distributed import model as model_mod
+    from tunefleet.distributed.reporting import (
+        LOSS_PLOT,
+        METRICS_FILE,
+        MetricsCallback,
+        ProgressCallback,
+        plot_loss,
+        print_table,
+    )
+    from tunefleet.distributed.trainer import TunefleetTrainer
+
+    hf_logging.set_verbosity_error()
+    precision = model_mod.resolve_precision(recipe)
+    model_path = model_mod.resolve_model_path(recipe.model)
+
+    # data first: a bad data file should fail before a large model is loaded
+    tokenizer = model_mod.load_tokenizer(model_path, recipe.model)
+    d = recipe.data
+    rows = data_mod.load_rows(d.path, split=d.split, limit=d.limit, what="data.path")
+    eval_rows: list[dict[str, Any]] = []
+    if d.eval_path:
+        eval_rows = data_mod.load_rows(d.eval_path, split=d.split, what="data.eval_path")
+    elif d.eval_ratio:
+        eval_rows, rows = data_mod.split_eval(rows, d.eval_ratio)
+    train_examples, train_stats = data_mod.build_dataset(rows, cfg=d, tokenizer=tokenizer, where=d.path)
+    eval_examples: list[dict[str, Any]] = []
+    if eval_rows:
+        eval_examples, _ = data_mod.build_dataset(
+            eval_rows, cfg=d, tokenizer=tokenizer, where=d.eval_path or f"{d.path} (eval split)"
+        )
+    steps_per_epoch = len(train_examples) // batch_plan.global_batch_size
+    if steps_per_epoch == 0:
+        raise TunefleetError(
+            f"the training data has {len(train_examples)} usable examples, fewer than one global batch "
+            f"({batch_plan.global_batch_size})",
+            "lower batch.global_batch_size or add data",
+        )
+
+    args = training_arguments(recipe, grad_accum_steps=batch_plan.grad_accum_steps, precision=precision,
+                              has_eval=bool(eval_examples))
+    # the process group exists now (the trainer arguments initialise it): prepare the directory
+    from accelerate import PartialState
+
+    dist_state = PartialState()
+    if dist_state.num_processes != world_size:
+        raise TunefleetError(
+            f"the launcher set WORLD_SIZE={world_size} but {dist_state.num_processes} process(es) joined",
+            "launch with torchrun or `tunefleet launch`, which start and connect every process",
+        )
+    if main_process:
+        if mode == "overwrite":
+            moved = move_aside(out)
+            print(f"moved the previous run aside: {moved}", flush=True)
+        out.mkdir(parents=True, exist_ok=True)
+        if mode == "fresh" and (out / METRICS_FILE).exists():
+            # an earlier attempt that never checkpointed: keep its metrics, start a new file
+            (out / METRICS_FILE).rename(out / f"{METRICS_FILE}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        (out / RESOLVED_RECIPE).write_text(
+            f"# resolved recipe, written {time.strftime('%Y-%m-%d %H:%M:%S')}\n" + recipe_mod.dump(recipe),
+            encoding="utf-8",
+        )
+        if mode == "resume":
+            print(f"resuming from {checkpoint}", flush=True)
+    dist_state.wait_for_everyone()
+
+    model = model_mod.load_model(model_path, recipe, precision)
+    model = model_mod.apply_peft(model, recipe)
+    trainable, total = model.get_nb_trainable_parameters()
+
+    from datasets import Dataset
+
+    train_ds = Dataset.from_list(train_examples)
+    eval_ds = Dataset.from_list(eval_examples) if eval_examples else None
+    trainer = TunefleetTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        global_batch_size=batch_plan.global_batch_size,
+        micro_batch_size=batch_plan.micro_batch_size,
+        callbacks=[MetricsCallback(out / METRICS_FILE), ProgressCallback()],
+    )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # the progress bar and metrics.jsonl replace its dict dumps
+    if main_process:
+        method = {"lora": "LoRA", "dora": "DoRA"}[recipe.peft.method] + (" + rsLoRA" if recipe.peft.use_rslora else "")
+        if recipe.model.quantization != "none":
+            method = f"Q{method} ({recipe.model.quantization})"
+        dropped = len(train_examples) - steps_per_epoch * batch_plan.global_batch_size
+        print_table("tunefleet run", [
+            ("model", f"{recipe.model.name_or_path} ({precision.dtype}, {precision.mode}, "
+                      f"{'CPU' if precision.use_cpu else 'GPU'})"),
+            ("method", f"{method} r={recipe.peft.r} alpha={recipe.peft.alpha:g} targets={recipe.peft.target_modules}"),
+            ("parameters", f"{trainable:,} trainable of {total:,} ({100 * trainable / total:.3f}%)"),
+            ("data", f"{d.path} [{d.format}]: {train_stats['rows']} rows -> {len(train_examples)} examples"
+                     + (f", {len(eval_examples)} eval" if eval_examples else "")),
+            ("batch", f"micro {batch_plan.micro_batch_size} x accum {batch_plan.grad_accum_steps} x world "
+                      f"{world_size} = global {batch_plan.global_batch_size} samples/step"),
+            ("schedule", f"{steps_per_epoch} steps/epoch ({dropped} samples of the last incomplete global "
+                         f"batch dropped per epoch), max_steps={recipe.train.max_steps}, "
+                         f"epochs={recipe.train.epochs}"),
+            ("output", str(out)),
+        ])
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+
+    if main_process:
+        final = out / FINAL_DIR
+        model_mod.save_adapter(trainer.model, tokenizer, final)
+        plot_loss(out / METRICS_FILE, out / LOSS_PLOT)
+        elapsed = time.monotonic() - started
+        train_s = result.metrics.get("train_runtime", elapsed)
+        tokens = trainer.state.num_input_tokens_seen
+        print_table("tunefleet done", [
+            ("steps", f"{trainer.state.global_step}"),
+            ("final loss", f"{result.training_loss:.4f} (mean over the run)"),
+            ("time", f"{elapsed:.1f} s total, {train_s:.1f} s training"),
+            ("throughput", f"{tokens / max(train_s, 1e-9):,.0f} tokens/s ({tokens:,} tokens)"),
+            ("adapter", str(final)),
+            ("metrics", f"{out / METRICS_FILE}, {out / LOSS_PLOT}"),
+        ])
+    dist_state.wait_for_everyone()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        recipe = recipe_mod.load(args.recipe, args.overrides)
+        return run(recipe, overwrite=args.overwrite, no_resume=args.no_resume)
+    except TunefleetError as exc:
+        rank, _ = _rank_env()
+        if rank == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

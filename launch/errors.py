@@ -1,0 +1,23 @@
+"""User-facing errors: one readable message naming the problem and the fix, never a traceback."""
+
+from __future__ import annotations
+
+
+class TunefleetError(Exception):
+    """An error caused by the user's input (recipe, data, command line, environment).
+
+    The CLI prints ``str(error)`` and exits with code 2; no traceback is shown.
+    """
+
+    def __init__(self, problem: str, fix: str | None = None) -> None:
+        self.problem = problem
+        self.fix = fix
+        super().__init__(problem if fix is None else f"{problem}\n  fix: {fix}")
+
+
+class RecipeError(TunefleetError):
+    """The recipe (YAML or --set overrides) is invalid."""
+
+
+class DataError(TunefleetError):
+    """The training data is missing, unreadable or malformed."""

@@ -1,0 +1,567 @@
+"""The recipe: one YAML file describes one run.
+
+Typed, keyword-only config objects with a docstring under each field. Loading rejects unknown
+keys (with the closest valid key), wrong types and impossible values before any model is
+loaded. This module imports no torch: the launcher and the sbatch generator use it on login
+nodes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from tunefleet.launch.errors import RecipeError
+
+DType = Literal["auto", "bfloat16", "float16", "float32"]
+Quantization = Literal["none", "nf4", "fp4", "int8", "mxfp4"]
+DataFormat = Literal["alpaca", "messages", "text", "prompt-completion"]
+Strategy = Literal[
+    "single", "ddp", "fsdp", "fsdp-qlora", "deepspeed-zero2", "deepspeed-zero3"
+]
+Optimizer = Literal[
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adamw_8bit",
+    "paged_adamw_8bit",
+    "paged_adamw_32bit",
+    "sgd",
+]
+Scheduler = Literal[
+    "linear",
+    "cosine",
+    "constant",
+    "constant_with_warmup",
+    "cosine_with_min_lr",
+    "polynomial",
+]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+LoraInit = Literal["default", "gaussian", "pissa", "olora", "loftq"]
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    name_or_path: str
+    """Hugging Face Hub id or local directory of the base model, or `tunefleet:tiny-llama` for
+    the built-in demo model (built locally, no network)."""
+
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to load; None takes the default branch."""
+
+    dtype: DType = "auto"
+    """Dtype the weights are loaded in. `auto` follows the precision: bfloat16 for bf16,
+    float16 for fp16, float32 on CPU or fp32."""
+
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3"] | None = None
+    """Attention kernel; None lets transformers choose. gpt-oss needs `eager`."""
+
+    trust_remote_code: bool = False
+    """Run Python code shipped with the model repository. Off unless you trust the repo."""
+
+    quantization: Quantization = "none"
+    """`none`; bitsandbytes 4-bit `nf4`/`fp4` (QLoRA) or 8-bit `int8`; `mxfp4` for models that
+    ship MXFP4 weights (gpt-oss)."""
+
+    double_quant: bool = True
+    """bitsandbytes 4-bit: quantize the quantization constants too (saves ~0.4 bit/param)."""
+
+    compute_dtype: Literal["bfloat16", "float16", "float32"] | None = None
+    """bitsandbytes 4-bit: dtype of the matmuls; None follows the model dtype."""
+
+    quant_storage_dtype: Literal["uint8", "bfloat16", "float16", "float32"] | None = None
+    """bitsandbytes 4-bit: dtype the packed weights are stored in; None = uint8 (FSDP needs
+    it equal to the model dtype, which the FSDP-QLoRA strategy sets)."""
+
+    mxfp4_dequantize: bool = True
+    """mxfp4: dequantize the MXFP4 weights to `dtype` at load (needed to train on them)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class PeftConfig:
+    method: Literal["lora", "dora"] = "lora"
+    """`lora`, or `dora` (weight-decomposed LoRA, PEFT `use_dora`)."""
+
+    use_rslora: bool = False
+    """Rank-stabilised LoRA: scale by alpha/sqrt(r) instead of alpha/r."""
+
+    init: LoraInit = "default"
+    """Adapter initialisation: `default` (A Kaiming, B zero), `gaussian`, `pissa`, `olora`,
+    `loftq` (unquantized base only: LoftQ quantizes itself)."""
+
+    r: int = 16
+    """LoRA rank."""
+
+    alpha: float = 32
+    """LoRA alpha (scaling numerator)."""
+
+    dropout: float = 0.05
+    """Dropout on the LoRA branch input."""
+
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases to train."""
+
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt (e.g. [q_proj, v_proj]) or `all-linear` (every linear layer but the
+    output head)."""
+
+    modules_to_save: list[str] | None = None
+    """Extra modules trained in full and saved with the adapter (e.g. [embed_tokens, lm_head])."""
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    path: str
+    """A local JSONL/JSON/Parquet file, a directory saved with `datasets`, or a Hub dataset name."""
+
+    format: DataFormat = "alpaca"
+    """`alpaca` (instruction/input/output), `messages` (chat turns rendered with the model's
+    chat template), `text` (plain text), `prompt-completion`."""
+
+    split: str = "train"
+    """Split to read from a dataset name or directory."""
+
+    eval_path: str | None = None
+    """Separate evaluation data (same format); None uses `eval_ratio` or no evaluation."""
+
+    eval_ratio: float = 0.0
+    """Fraction of rows held out for evaluation (the first rows, as seed 003 does)."""
+
+    limit: int | None = None
+    """Use only the first N rows of the training data (before the eval split)."""
+
+    max_length: int = 2048
+    """Sequences are truncated to this many tokens."""
+
+    text_field: str = "text"
+    """Column holding the text for the `text` format."""
+
+    messages_field: str = "messages"
+    """Column holding the conversation for the `messages` format."""
+
+    completion_only_loss: bool = True
+    """Train on the answer tokens only (assistant turns / completion / alpaca response):
+    prompt tokens get label -100. Ignored for the `text` format."""
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    epochs: float = 1.0
+    """Passes over the training data; ignored when `max_steps` > 0."""
+
+    max_steps: int = -1
+    """Optimizer steps to run; -1 runs `epochs` epochs."""
+
+    lr: float = 2e-4
+    """Peak learning rate."""
+
+    lr_scheduler: Scheduler = "cosine"
+    """Learning-rate schedule after warm-up."""
+
+    warmup_ratio: float = 0.03
+    """Fraction of the total steps spent warming up linearly from 0."""
+
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm; 0 disables clipping."""
+
+    optimizer: Optimizer = "adamw_torch"
+    """Optimizer. `paged_*` and `adamw_8bit` come from bitsandbytes; `adamw_torch_fused` needs
+    a GPU."""
+
+    seed: int = 42
+    """Seed for the adapter initialisation, data order and dropout."""
+
+    precision: Precision = "auto"
+    """Mixed precision: `bf16`, `fp16`, `fp32`, or `auto` (bf16 on GPUs that have it, fp32
+    on CPU)."""
+
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+
+    logging_steps: int = 10
+    """Log loss/lr to metrics.jsonl every N optimizer steps."""
+
+    save_steps: int = 500
+    """Write a checkpoint every N optimizer steps (0 = only at the end)."""
+
+    eval_steps: int = 0
+    """Evaluate every N optimizer steps (0 = no periodic evaluation)."""
+
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=list)
+    """Experiment trackers to log to (none by default)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class BatchConfig:
+    micro_batch_size: int = 1
+    """Samples per device per forward/backward pass."""
+
+    global_batch_size: int = 8
+    """Samples per optimizer step, over all devices and accumulation steps. Accumulation is
+    derived: global_batch_size / (micro_batch_size x world size), which must be whole."""
+
+    global_batch_tokens: int | None = None
+    """Alternative target: tokens per optimizer step counted at data.max_length (torchtitan's
+    convention). It must be a multiple of data.max_length; the global batch becomes
+    global_batch_tokens // data.max_length samples (leave global_batch_size out, or equal)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ParallelConfig:
+    strategy: Strategy = "single"
+    """How the run is spread over devices: `single`, `ddp`, `fsdp`, `fsdp-qlora`,
+    `deepspeed-zero2`, `deepspeed-zero3`."""
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    keep_last: int | None = 2
+    """Keep only the newest N checkpoints (None keeps all)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Recipe:
+    output_dir: str
+    """Where this run writes everything: recipe.yaml, metrics.jsonl, checkpoints, final/."""
+
+    model: ModelConfig
+    """The base model and how it is loaded."""
+
+    data: DataConfig
+    """Training (and evaluation) data."""
+
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    """The adapter trained on top of the frozen base."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation and schedule."""
+
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    """Micro and global batch sizes."""
+
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel strategy."""
+
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint retention."""
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "peft": PeftConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "batch": BatchConfig,
+    "parallel": ParallelConfig,
+    "checkpoint": CheckpointConfig,
+}
+
+
+# ----------------------------------------------------------------------------- type checking
+
+
+_YAML11_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints are accepted for floats)."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for option in get_args(tp):
+            try:
+                return _coerce(value, option, where)
+            except RecipeError:
+                continue
+        raise _type_error(value, tp, where)
+    if origin is Literal:
+        if value in get_args(tp) and not isinstance(value, bool):
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in get_args(tp)], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise RecipeError(
+            f"{where}: {value!r} is not one of {', '.join(repr(a) for a in get_args(tp))}{hint}",
+            f"set {where} to one of the listed values",
+        )
+    if origin is list:
+        if not isinstance(value, list):
+            raise _type_error(value, tp, where)
+        (item_tp,) = get_args(tp)
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _type_error(value, tp, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _type_error(value, tp, where)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _type_error(value, tp, where)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads `1e-4` (no dot) as a string; accept it as a number
+        raise _type_error(value, tp, where)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _type_error(value, tp, where)
+    raise TypeError(f"unsupported annotation {tp!r} at {where}")  # a bug in this module
+
+
+def _type_error(value: Any, tp: Any, where: str) -> RecipeError:
+    return RecipeError(
+        f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}",
+        f"write {where} as {_type_name(tp)}",
+    )
+
+
+def _unknown_key(key: str, valid: list[str], prefix: str) -> RecipeError:
+    full = f"{prefix}{key}"
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not close:
+        # catch synonyms difflib cannot see (peft.rank -> peft.r)
+        close = [v for v in valid if v and (key.startswith(v) or v.startswith(key))][:1]
+    hint = f" — did you mean {prefix}{close[0]}?" if close else ""
+    return RecipeError(
+        f"unknown recipe key {full!r}{hint}",
+        f"valid keys{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(valid)}",
+    )
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "recipe"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(
+            f"{where}: expected a mapping of keys, got {type(raw).__name__} {raw!r}",
+            f"write {where} as `key: value` lines",
+        )
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise _unknown_key(str(key), list(fields), prefix)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        names = ", ".join(f"{prefix}{m}" for m in missing)
+        raise RecipeError(f"missing required recipe key(s): {names}", f"add {names} to the recipe")
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse one `--set section.key=value`; the value is read as YAML (typed like the file)."""
+    if "=" not in text:
+        raise RecipeError(
+            f"--set {text!r}: expected section.key=value",
+            "write e.g. --set train.max_steps=100",
+        )
+    key, _, value_text = text.partition("=")
+    key = key.strip()
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+        raise RecipeError(f"--set {text!r}: {key!r} is not a dotted key", "write e.g. --set peft.r=8")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else ""
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"--set {text!r}: the value is not valid YAML ({exc})", None) from None
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of the raw recipe mapping with every `--set` applied in order."""
+    out = json.loads(json.dumps(raw))  # deep copy of plain YAML data
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise RecipeError(f"--set {text!r}: {part!r} is not a section", None)
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check(cond: bool, where: str, problem: str, fix: str) -> None:
+    if not cond:
+        raise RecipeError(f"{where}: {problem}", fix)
+
+
+def validate(recipe: Recipe) -> Recipe:
+    """Reject impossible values and incompatible combinations (no model or data is touched)."""
+    m, p, d, t, b = recipe.model, recipe.peft, recipe.data, recipe.train, recipe.batch
+    _check(bool(recipe.output_dir.strip()), "output_dir", "is empty", "set output_dir to a directory")
+    _check(bool(m.name_or_path.strip()), "model.name_or_path", "is empty", "name a model id or directory")
+    _check(bool(d.path.strip()), "data.path", "is empty", "name a data file, directory or dataset")
+    _check(p.r > 0, "peft.r", f"must be > 0, got {p.r}", "use e.g. peft.r=16")
+    _check(p.alpha > 0, "peft.alpha", f"must be > 0, got {p.alpha}", "use e.g. peft.alpha=32")
+    _check(0 <= p.dropout < 1, "peft.dropout", f"must be in [0, 1), got {p.dropout}", "use e.g. 0.05")
+    if isinstance(p.target_modules, list):
+        _check(bool(p.target_modules), "peft.target_modules", "is an empty list",
+               "list module names (e.g. [q_proj, v_proj]) or write all-linear")
+    if p.init == "loftq":
+        _check(m.quantization == "none", "peft.init", "loftq needs an unquantized base "
+               f"(it quantizes the base itself), but model.quantization={m.quantization!r}",
+               "set model.quantization=none or choose another peft.init")
+    if p.init in ("pissa", "olora"):
+        _check(m.quantization in ("none", "mxfp4"), "peft.init",
+               f"{p.init} decomposes the base weights and cannot start from bitsandbytes "
+               f"{m.quantization} weights", "set model.quantization=none or peft.init=default")
+    _check(d.max_length > 0, "data.max_length", f"must be > 0, got {d.max_length}", "use e.g. 2048")
+    _check(0 <= d.eval_ratio < 1, "data.eval_ratio", f"must be in [0, 1), got {d.eval_ratio}",
+           "use e.g. 0.1 (10% held out)")
+    _check(not (d.eval_path and d.eval_ratio), "data.eval_ratio",
+           "both data.eval_path and data.eval_ratio are set", "keep one of them")
+    _check(d.limit is None or d.limit > 0, "data.limit", f"must be > 0, got {d.limit}", "drop it or use a positive count")
+    _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}", "use e.g. 2e-4")
+    _check(0 <= t.warmup_ratio < 1, "train.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}", "use e.g. 0.03")
+    _check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}", "use e.g. 0.0")
+    _check(t.max_grad_norm >= 0, "train.max_grad_norm", f"must be >= 0, got {t.max_grad_norm}", "use e.g. 1.0")
+    _check(t.max_steps == -1 or t.max_steps > 0, "train.max_steps",
+           f"must be -1 (use epochs) or > 0, got {t.max_steps}", "use e.g. 100")
+    _check(t.max_steps > 0 or t.epochs > 0, "train.epochs", f"must be > 0, got {t.epochs}",
+           "use e.g. train.epochs=3 or set train.max_steps")
+    for name in ("logging_steps", "save_steps", "eval_steps"):
+        value = getattr(t, name)
+        _check(value >= (1 if name == "logging_steps" else 0), f"train.{name}",
+               f"must be {'>= 1' if name == 'logging_steps' else '>= 0'}, got {value}", "use e.g. 10")
+    _check(b.micro_batch_size > 0, "batch.micro_batch_size", f"must be > 0, got {b.micro_batch_size}", "use e.g. 1")
+    if b.global_batch_tokens is not None:
+        tokens = b.global_batch_tokens
+        _check(tokens > 0, "batch.global_batch_tokens", f"must be > 0, got {tokens}", "use e.g. 65536")
+        _check(tokens % d.max_length == 0, "batch.global_batch_tokens",
+               f"{tokens} is not a multiple of data.max_length={d.max_length}, so the global batch "
+               f"({tokens} // {d.max_length} samples) would drop part of the budget",
+               f"use {tokens // d.max_length * d.max_length or d.max_length} or "
+               f"{(tokens // d.max_length + 1) * d.max_length}")
+        derived = tokens // d.max_length
+        default = next(f.default for f in dataclasses.fields(BatchConfig) if f.name == "global_batch_size")
+        _check(b.global_batch_size in (derived, default), "batch.global_batch_size",
+               f"{b.global_batch_size} disagrees with batch.global_batch_tokens={tokens} "
+               f"(= {derived} samples of data.max_length={d.max_length})", "set only one of them")
+        b.global_batch_size = derived  # one meaning downstream: samples per optimizer step
+    _check(b.global_batch_size > 0, "batch.global_batch_size", f"must be > 0, got {b.global_batch_size}", "use e.g. 16")
+    _check(b.global_batch_size % b.micro_batch_size == 0, "batch.global_batch_size",
+           f"{b.global_batch_size} is not a multiple of batch.micro_batch_size={b.micro_batch_size}",
+           "choose a global batch that micro batch x accumulation x world size can reach")
+    k = recipe.checkpoint.keep_last
+    _check(k is None or k >= 1, "checkpoint.keep_last", f"must be >= 1 or null, got {k}", "use e.g. 2")
+    if m.quantization == "mxfp4":
+        _check(p.init != "loftq", "peft.init", "loftq cannot start from MXFP4 weights", "use peft.init=default")
+    return recipe
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def from_dict(raw: Any, overrides: list[str] | None = None) -> Recipe:
+    """Build and validate a recipe from a plain mapping and `--set` overrides."""
+    if not isinstance(raw, dict):
+        raise RecipeError(f"a recipe is a mapping of sections, got {type(raw).__name__}",
+                          "start from recipes/demo.yaml")
+    raw = apply_overrides(raw, overrides or [])
+    return validate(_build(Recipe, raw, ""))
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe YAML file, apply `--set` overrides, validate."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file {str(path)!r} does not exist",
+                          "pass the path of a YAML recipe, e.g. recipes/demo.yaml") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"recipe file {str(path)!r} cannot be read: {exc}", None) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe file {str(path)!r} is not valid YAML: {exc}", None) from None
+    try:
+        recipe = from_dict(raw, overrides)
+    except RecipeError as exc:
+        raise RecipeError(f"{path}: {exc.problem}", exc.fix) from None
+    return _resolve_data_paths(recipe, path.resolve().parent)
+
+
+def _resolve_data_paths(recipe: Recipe, base: Path) -> Recipe:
+    """Relative data paths that exist next to the recipe file are made absolute (anything else is
+    left as written: a path relative to the working directory, or a dataset name)."""
+    d = recipe.data
+    for name in ("path", "eval_path"):
+        value = getattr(d, name)
+        if value and not Path(value).is_absolute() and (base / value).exists():
+            setattr(d, name, str((base / value).resolve()))
+    return recipe
+
+
+def to_dict(recipe: Recipe) -> dict[str, Any]:
+    return dataclasses.asdict(recipe)
+
+
+def dump(recipe: Recipe) -> str:
+    """The fully resolved recipe as YAML (every default written out)."""
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False)
+
+
+def fingerprint(recipe: Recipe, keys: list[str] | None = None) -> str:
+    """A stable hash of the resolved recipe (or of the listed dotted keys)."""
+    data = to_dict(recipe)
+    if keys is not None:
+        picked = {}
+        for key in keys:
+            node: Any = data
+            for part in key.split("."):
+                node = node[part]
+            picked[key] = node
+        data = picked
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""Shipped recipes and the bundled demo data (package data)."""

@@ -1,0 +1,1 @@
+"""tunefleet.slurm: sbatch generation and submission (no torch import)."""

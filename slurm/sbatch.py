@@ -1,0 +1,562 @@
+"""Render the sbatch script of a tunefleet run: options in, script text out (no torch, no I/O).
+
+Modelled on submitit's `_make_sbatch_string`: one pure function builds the whole script from
+typed options; `tunefleet.slurm.submit` writes and submits it. Two quoting regimes meet here:
+
+* `#SBATCH` lines are parsed by sbatch, not by a shell: no variable is expanded there and only
+  double quotes and backslashes are special. They carry literal values only, each checked
+  against a safe character set; anything else is refused with a `ClusterSpecError`.
+* Everything that reaches bash is `shlex.quote`d, except `env_setup` lines, which are shell
+  code the user writes on purpose (`module load ...`, `source .../activate`).
+
+The script runs one launcher per node (`srun --ntasks-per-node=1`); the per-node command is
+single-quoted and run by `bash -c` inside the job step, so `$SLURM_NODEID` is the rank of the
+node that runs it. srun runs in the background so the USR1 trap can run while the step trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import posixpath
+import re
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from tunefleet.launch.errors import TunefleetError
+
+REQUEUE_EXIT_CODE = 75
+"""Exit code of a trainer that wrote a checkpoint and asks to run again (EX_TEMPFAIL)."""
+
+PREEMPT_SIGNAL = "USR1"
+"""Signal SLURM sends to the batch shell before the time limit; the script forwards it."""
+
+MIN_SIGNAL_MARGIN_S = 60
+"""SLURM checks time limits every 30 s, so the signal can arrive ~30 s late: keep >= 60 s spare."""
+
+PORT_BASE = 12000
+PORT_SPAN = 20000
+"""Rendezvous port = PORT_BASE + job id % PORT_SPAN: below the Linux ephemeral range (32768+)."""
+
+DEFAULT_MODULE = "tunefleet.distributed.sft"
+"""The Python module each process runs (`-m`)."""
+
+SECRET_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
+"""Read from the environment at run time; never written into a generated script."""
+
+RestartMode = Literal["requeue", "dependency", "none"]
+Launcher = Literal["auto", "torchrun", "accelerate"]
+
+
+class ClusterSpecError(TunefleetError):
+    """The cluster spec, or a value passed to the sbatch renderer, cannot be used."""
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class ClusterSpec:
+    nodes: int = 1
+    """Number of nodes; one launcher task runs on each."""
+
+    gpus_per_node: int = 0
+    """GPUs requested per node (`--gpus-per-node`); 0 for CPU nodes (gloo, torchrun)."""
+
+    gpu_type: str | None = None
+    """GPU type for `--gpus-per-node=TYPE:N` (e.g. `a100`); None asks for any GPU."""
+
+    procs_per_node: int | None = None
+    """Training processes per node; None means one per GPU, or 1 on CPU nodes."""
+
+    cpus_per_task: int | None = None
+    """CPUs for the one task per node (shared by its processes); None keeps SLURM's default (1)."""
+
+    mem: str | None = None
+    """Memory per node, SLURM syntax (`64G`, `500000M`; `0` = all of it); None keeps the default."""
+
+    time: str = "24:00:00"
+    """Time limit, SLURM syntax: `MM`, `MM:SS`, `HH:MM:SS`, `D-HH`, `D-HH:MM`, `D-HH:MM:SS`."""
+
+    partition: str | None = None
+    """Partition (comma-separated list allowed); None uses the cluster's default."""
+
+    account: str | None = None
+    """Account charged for the job."""
+
+    qos: str | None = None
+    """Quality of service."""
+
+    constraint: str | None = None
+    """Node feature constraint (`--constraint`, e.g. `a100&ib`)."""
+
+    exclusive: bool = False
+    """Request whole nodes (`--exclusive`)."""
+
+    job_name: str = "tunefleet"
+    """Job name shown by squeue."""
+
+    output: str | None = None
+    """Log file (`--output`, `%j` = job id); None writes `<output_dir>/slurm-%j.out`. Opened in
+    append mode so a requeued run adds to the log of the first."""
+
+    error: str | None = None
+    """Separate stderr file (`--error`); None sends stderr to the output file."""
+
+    chdir: str | None = None
+    """Working directory of the job (`--chdir`); None keeps the directory sbatch ran in."""
+
+    env_setup: Sequence[str] = ()
+    """Shell lines run before the launch, verbatim (`module load cuda/12.4`,
+    `source /opt/venv/bin/activate`). One line per item; never put secrets here."""
+
+    env: Mapping[str, str] = field(default_factory=dict)
+    """Variables exported before the launch (values are quoted). Secrets are refused: the job
+    inherits HF_TOKEN, WANDB_API_KEY, ... from the submitting environment at run time."""
+
+    extra_sbatch: Sequence[str] = ()
+    """Escape hatch: extra `#SBATCH` options, verbatim (`--reservation=big`). Options that a
+    field above sets are refused (set the field)."""
+
+    restart: RestartMode = "requeue"
+    """After the trainer checkpoints on the preemption signal (exit REQUEUE_EXIT_CODE):
+    `requeue` the same job (`--requeue`, `scontrol requeue`); `dependency` submits a successor
+    (`--dependency=afterany`) for clusters that forbid requeue; `none` just stops."""
+
+    max_restarts: int = 3
+    """Stop requeuing once SLURM_RESTART_COUNT (or the chain index) reaches this."""
+
+    checkpoint_s: int = 60
+    """Measured seconds the trainer needs to write a checkpoint."""
+
+    signal_margin_s: int = MIN_SIGNAL_MARGIN_S
+    """Extra seconds of warning on top of `checkpoint_s` (>= 60: the signal can come ~30 s late)."""
+
+    @property
+    def signal_lead_s(self) -> int:
+        """Seconds before the time limit at which SLURM signals the batch shell."""
+        return self.checkpoint_s + self.signal_margin_s
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class Launch:
+    launcher: Launcher = "auto"
+    """`torchrun` or `accelerate` (launch); `auto` takes torchrun on CPU nodes, accelerate on GPUs."""
+
+    accelerate_config: str | None = None
+    """Path of the accelerate config file (needed by `accelerate`); rendered elsewhere."""
+
+    module: str = DEFAULT_MODULE
+    """Python module each process runs (`-m`)."""
+
+    module_args: Sequence[str] = ()
+    """Extra arguments after `--recipe FILE` (quoted)."""
+
+    python: str = "python"
+    """Python interpreter on the nodes after `env_setup` (it runs the launcher in-process)."""
+
+
+def cluster_spec_from_dict(raw: Mapping[str, Any]) -> ClusterSpec:
+    """Build a ClusterSpec from YAML data; an unknown key is refused with the closest valid one."""
+    if not isinstance(raw, Mapping):
+        raise ClusterSpecError(f"a cluster spec is a mapping of keys, got {type(raw).__name__}",
+                               "write it as `key: value` lines")
+    valid = [f.name for f in dataclasses.fields(ClusterSpec)]
+    for key in raw:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ClusterSpecError(f"unknown cluster key {key!r}{hint}", f"valid keys: {', '.join(valid)}")
+    data = dict(raw)
+    for key in ("env_setup", "extra_sbatch"):
+        if isinstance(data.get(key), list):
+            data[key] = tuple(data[key])
+    spec = ClusterSpec(**data)
+    _check_spec(spec)
+    return spec
+
+
+# ----------------------------------------------------------------------------- validation
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+_PARTITION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*(,[A-Za-z0-9_][A-Za-z0-9_.+-]*)*")
+_CONSTRAINT = re.compile(r"[A-Za-z0-9_.,&|\[\]*:()!+-]+")
+# `#SBATCH` paths: no whitespace, quotes, backslash, `#` (starts a comment), `$` (never expanded).
+_SBATCH_PATH = re.compile(r"[A-Za-z0-9_./%@+,:=~-]+")
+_MEM = re.compile(r"[0-9]+[KMGT]?")
+_TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
+_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SECRET_WORDS = r"(?:TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|SECRET_KEY)"
+_SECRET_NAME = re.compile(rf"[A-Za-z0-9_]*{_SECRET_WORDS}", re.IGNORECASE)
+# `NAME=literal` for a secret-looking NAME; `NAME="$(cat file)"` or `NAME=$OTHER` reads at run time.
+_SECRET_ASSIGNMENT = re.compile(rf"\b[A-Za-z0-9_]*{_SECRET_WORDS}=(?![\"']?\$)", re.IGNORECASE)
+_SECRET_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{30,}\b")  # a Hugging Face token
+
+# long option -> the field that sets it (short forms map to the same field)
+_MANAGED_OPTIONS = {
+    "--nodes": "nodes", "-N": "nodes", "--ntasks-per-node": "nodes", "--ntasks": "nodes", "-n": "nodes",
+    "--gpus-per-node": "gpus_per_node", "--gpus": "gpus_per_node", "-G": "gpus_per_node",
+    "--gres": "gpus_per_node", "--cpus-per-task": "cpus_per_task", "-c": "cpus_per_task",
+    "--mem": "mem", "--time": "time", "-t": "time", "--partition": "partition", "-p": "partition",
+    "--account": "account", "-A": "account", "--qos": "qos", "-q": "qos",
+    "--constraint": "constraint", "-C": "constraint", "--exclusive": "exclusive",
+    "--job-name": "job_name", "-J": "job_name", "--output": "output", "-o": "output",
+    "--error": "error", "-e": "error", "--chdir": "chdir", "-D": "chdir",
+    "--open-mode": "output", "--signal": "checkpoint_s", "--requeue": "restart",
+    "--no-requeue": "restart", "--dependency": "restart", "-d": "restart",
+}
+
+
+def _fail(where: str, problem: str, fix: str) -> None:
+    raise ClusterSpecError(f"{where}: {problem}", fix)
+
+
+def _check_int(value: Any, where: str, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        _fail(where, f"expected an integer, got {value!r}", f"set {where} to an integer >= {minimum}")
+    if value < minimum:
+        _fail(where, f"must be >= {minimum}, got {value}", f"set {where} to at least {minimum}")
+
+
+def _check_text(value: Any, where: str) -> str:
+    """Any string without control characters (newlines would end a line of the script)."""
+    if not isinstance(value, str):
+        _fail(where, f"expected a string, got {type(value).__name__} {value!r}", f"write {where} as text")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        _fail(where, f"contains a newline or control character: {value!r}",
+              "remove the control characters (paths and names must be one line)")
+    if not value:
+        _fail(where, "is empty", f"set {where} or leave it out")
+    return value
+
+
+def _check_pattern(value: Any, where: str, pattern: re.Pattern[str], allowed: str) -> None:
+    _check_text(value, where)
+    if not pattern.fullmatch(value):
+        _fail(where, f"{value!r} cannot be written on an #SBATCH line safely",
+              f"use only {allowed}")
+
+
+def _check_secret_free(text: str, where: str) -> None:
+    if _SECRET_ASSIGNMENT.search(text) or _SECRET_VALUE.search(text):
+        _fail(where, "looks like it writes a secret into the script",
+              "export HF_TOKEN / WANDB_API_KEY in the shell you submit from (or read them from a "
+              "file at run time, e.g. HF_TOKEN=\"$(cat ~/.hf_token)\"): the job inherits them")
+
+
+def _time_limit_s(value: str) -> int | None:
+    """Seconds of a SLURM time limit, None when unlimited."""
+    if value.upper() in ("UNLIMITED", "INFINITE"):
+        return None
+    match = _TIME.fullmatch(value)
+    if not match:
+        _fail("time", f"{value!r} is not a SLURM time limit",
+              "write MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (e.g. 04:00:00)")
+    days_text, a, b, c = match.groups()
+    parts = [int(x) for x in (a, b, c) if x is not None]
+    if days_text is not None:  # D-HH, D-HH:MM, D-HH:MM:SS
+        parts += [0] * (3 - len(parts))
+        hours, minutes, seconds = parts
+        total = int(days_text) * 86400 + hours * 3600 + minutes * 60 + seconds
+    elif len(parts) == 1:  # MM
+        total = parts[0] * 60
+    elif len(parts) == 2:  # MM:SS
+        total = parts[0] * 60 + parts[1]
+    else:  # HH:MM:SS
+        total = parts[0] * 3600 + parts[1] * 60 + parts[2]
+    if total <= 0:
+        _fail("time", f"{value!r} is zero", "give the job some time, e.g. 04:00:00")
+    return total
+
+
+def _check_spec(spec: ClusterSpec) -> None:
+    _check_int(spec.nodes, "nodes", 1)
+    _check_int(spec.gpus_per_node, "gpus_per_node", 0)
+    if spec.procs_per_node is not None:
+        _check_int(spec.procs_per_node, "procs_per_node", 1)
+    if spec.cpus_per_task is not None:
+        _check_int(spec.cpus_per_task, "cpus_per_task", 1)
+    _check_int(spec.max_restarts, "max_restarts", 0)
+    _check_int(spec.checkpoint_s, "checkpoint_s", 0)
+    _check_int(spec.signal_margin_s, "signal_margin_s", MIN_SIGNAL_MARGIN_S)
+    if spec.gpu_type is not None:
+        _check_pattern(spec.gpu_type, "gpu_type", _NAME, "letters, digits and . _ + -")
+        if spec.gpus_per_node == 0:
+            _fail("gpu_type", "is set but gpus_per_node is 0", "set gpus_per_node or drop gpu_type")
+    if spec.mem is not None:
+        _check_pattern(spec.mem, "mem", _MEM, "a number with an optional K/M/G/T suffix (e.g. 64G)")
+    _check_text(spec.time, "time")
+    limit_s = _time_limit_s(spec.time)
+    if limit_s is not None and spec.signal_lead_s >= limit_s:
+        _fail("time", f"the limit {spec.time!r} ({limit_s} s) leaves no training time before the "
+              f"preemption signal ({spec.signal_lead_s} s = checkpoint_s + signal_margin_s)",
+              "raise time or lower checkpoint_s")
+    for name in ("job_name", "account", "qos"):
+        value = getattr(spec, name)
+        if value is not None:
+            _check_pattern(value, name, _NAME, "letters, digits and . _ + - (no spaces or quotes)")
+    if spec.partition is not None:
+        _check_pattern(spec.partition, "partition", _PARTITION, "letters, digits, . _ + - and commas")
+    if spec.constraint is not None:
+        _check_pattern(spec.constraint, "constraint", _CONSTRAINT,
+                       "letters, digits and the operators & | [ ] * : ( ) ! , (no spaces)")
+    for name in ("output", "error", "chdir"):
+        value = getattr(spec, name)
+        if value is not None:
+            _check_pattern(value, name, _SBATCH_PATH,
+                           "letters, digits, / . _ - + % @ , : = ~ (no spaces, quotes, $ or #)")
+    if not isinstance(spec.exclusive, bool):
+        _fail("exclusive", f"expected true or false, got {spec.exclusive!r}", "set exclusive: true/false")
+    if spec.restart not in ("requeue", "dependency", "none"):
+        _fail("restart", f"{spec.restart!r} is not one of 'requeue', 'dependency', 'none'",
+              "use requeue, or dependency where the cluster forbids requeue")
+    if isinstance(spec.env_setup, str) or not isinstance(spec.env_setup, Sequence):
+        _fail("env_setup", "expected a list of shell lines", "write env_setup as a list of lines")
+    for i, line in enumerate(spec.env_setup):
+        _check_text(line, f"env_setup[{i}]")
+        _check_secret_free(line, f"env_setup[{i}]")
+    if not isinstance(spec.env, Mapping):
+        _fail("env", "expected a mapping of NAME: value", "write env as NAME: value lines")
+    for name, value in spec.env.items():
+        if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+            _fail("env", f"{name!r} is not a variable name", "use letters, digits and _ (not first)")
+        if name in SECRET_NAMES or _SECRET_NAME.fullmatch(name):
+            _fail(f"env.{name}", "is a secret and would be written into the script",
+                  f"export {name} in the shell you submit from: the job inherits it at run time")
+        if not isinstance(value, str):
+            _fail(f"env.{name}", f"expected a string, got {type(value).__name__} {value!r}",
+                  "quote the value in YAML")
+        if "\x00" in value or "\n" in value or "\r" in value:
+            _fail(f"env.{name}", "contains a newline or NUL", "put the value on one line")
+    if isinstance(spec.extra_sbatch, str) or not isinstance(spec.extra_sbatch, Sequence):
+        _fail("extra_sbatch", "expected a list of options", "write e.g. [--reservation=big]")
+    for i, option in enumerate(spec.extra_sbatch):
+        where = f"extra_sbatch[{i}]"
+        _check_text(option, where)
+        if not option.startswith("-") or any(c in option for c in "$`#"):
+            _fail(where, f"{option!r} is not a plain sbatch option",
+                  "write one option like --reservation=big; #SBATCH lines expand no $VARIABLES")
+        _check_secret_free(option, where)
+        flag = option.split("=", 1)[0].split(" ", 1)[0]
+        if flag in _MANAGED_OPTIONS:
+            _fail(where, f"{flag} is set by the cluster spec", f"set {_MANAGED_OPTIONS[flag]} instead")
+
+
+def _resolve_launcher(spec: ClusterSpec, launch: Launch) -> Literal["torchrun", "accelerate"]:
+    if launch.launcher not in ("auto", "torchrun", "accelerate"):
+        _fail("launch.launcher", f"{launch.launcher!r} is not one of 'auto', 'torchrun', 'accelerate'",
+              "use torchrun on CPU nodes, accelerate on GPU nodes")
+    launcher = launch.launcher
+    if launcher == "auto":
+        launcher = "accelerate" if spec.gpus_per_node > 0 else "torchrun"
+    if launcher == "accelerate":
+        if spec.gpus_per_node == 0:
+            _fail("launch.launcher", "accelerate on CPU nodes starts one process per node "
+                  "(measured), not procs_per_node", "use torchrun on CPU nodes (launcher: auto)")
+        if launch.accelerate_config is None:
+            _fail("launch.accelerate_config", "accelerate launch needs a config file",
+                  "pass the path of the accelerate config rendered for this run")
+        _check_text(launch.accelerate_config, "launch.accelerate_config")
+    _check_pattern(launch.module, "launch.module", _MODULE, "a dotted Python module name")
+    _check_text(launch.python, "launch.python")
+    if isinstance(launch.module_args, str) or not isinstance(launch.module_args, Sequence):
+        _fail("launch.module_args", "expected a list of arguments", "write module_args as a list")
+    for i, arg in enumerate(launch.module_args):
+        if not isinstance(arg, str) or "\x00" in arg or "\n" in arg:
+            _fail(f"launch.module_args[{i}]", f"{arg!r} is not a one-line string", "pass text arguments")
+    return launcher
+
+
+# ----------------------------------------------------------------------------- rendering
+
+# torchrun and accelerate launch turn any worker failure into exit code 1 (measured), which would
+# hide the trainer's REQUEUE_EXIT_CODE. This relay runs the launcher in-process and exits with
+# REQUEUE_EXIT_CODE when every failed worker exited with it.
+_EXIT_RELAY = f"""import sys
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+if sys.argv[1] == "torchrun":
+    from torch.distributed.run import main
+    del sys.argv[1]
+else:
+    from accelerate.commands.launch import main
+    del sys.argv[1:3]
+try:
+    main()
+except ChildFailedError as err:
+    codes = {{failure.exitcode for failure in err.failures.values()}}
+    sys.exit({REQUEUE_EXIT_CODE} if codes == {{{REQUEUE_EXIT_CODE}}} else 1)
+"""
+
+
+def _sbatch_options(spec: ClusterSpec, output_dir: str) -> list[str]:
+    procs = _procs_per_node(spec)
+    options: dict[str, str | None] = {
+        "--job-name": spec.job_name,
+        "--nodes": str(spec.nodes),
+        "--ntasks-per-node": "1",
+        "--time": spec.time,
+        "--output": spec.output or posixpath.join(output_dir, "slurm-%j.out"),
+        "--open-mode": "append",
+        "--signal": f"B:{PREEMPT_SIGNAL}@{spec.signal_lead_s}",
+        "--requeue" if spec.restart == "requeue" else "--no-requeue": None,
+    }
+    if spec.gpus_per_node:
+        options["--gpus-per-node"] = _gpus(spec)
+    if spec.cpus_per_task is not None:
+        options["--cpus-per-task"] = str(spec.cpus_per_task)
+    elif spec.gpus_per_node == 0 and procs > 1:
+        options["--cpus-per-task"] = str(procs)  # one CPU per gloo process at least
+    for flag, value in (("--mem", spec.mem), ("--partition", spec.partition), ("--account", spec.account),
+                        ("--qos", spec.qos), ("--constraint", spec.constraint), ("--error", spec.error),
+                        ("--chdir", spec.chdir)):
+        if value is not None:
+            options[flag] = value
+    if spec.exclusive:
+        options["--exclusive"] = None
+    _check_pattern(options["--output"], "output (from output_dir)", _SBATCH_PATH,
+                   "letters, digits, / . _ - + % @ , : = ~ in output_dir, or set output explicitly")
+    return [f"#SBATCH {flag}" if value is None else f"#SBATCH {flag}={value}"
+            for flag, value in sorted(options.items())]
+
+
+def _procs_per_node(spec: ClusterSpec) -> int:
+    if spec.procs_per_node is not None:
+        return spec.procs_per_node
+    return spec.gpus_per_node or 1
+
+
+def _gpus(spec: ClusterSpec) -> str:
+    return f"{spec.gpu_type}:{spec.gpus_per_node}" if spec.gpu_type else str(spec.gpus_per_node)
+
+
+def _node_command(spec: ClusterSpec, launch: Launch, launcher: str, recipe_path: str) -> str:
+    """The command one node runs, as bash source: `$SLURM_NODEID` is left for the node to expand."""
+    procs = _procs_per_node(spec)
+    q = shlex.quote
+    if launcher == "torchrun":
+        argv = [
+            "torchrun",
+            f"--nnodes {spec.nodes}",
+            f"--nproc_per_node {procs}",
+            '--node_rank "$SLURM_NODEID"',
+            '--master_addr "$TUNEFLEET_HEAD_NODE"',
+            '--master_port "$TUNEFLEET_PORT"',
+        ]
+    else:
+        argv = [
+            "accelerate launch",
+            f"--config_file {q(str(launch.accelerate_config))}",
+            f"--num_machines {spec.nodes}",
+            f"--num_processes {spec.nodes * procs}",
+            '--machine_rank "$SLURM_NODEID"',
+            '--main_process_ip "$TUNEFLEET_HEAD_NODE"',
+            '--main_process_port "$TUNEFLEET_PORT"',
+        ]
+    argv += [f"-m {launch.module}", f"--recipe {q(recipe_path)}"]
+    argv += [q(arg) for arg in launch.module_args]
+    body = " \\\n  ".join(argv)
+    # USR1 would kill the launcher (its default action); the ignore is inherited by the worker
+    # processes, and the trainer installs its own USR1 handler to checkpoint.
+    return f'\ntrap "" {PREEMPT_SIGNAL}\nexec {q(launch.python)} -c "$TUNEFLEET_EXIT_RELAY" {body}\n'
+
+
+def render_sbatch(spec: ClusterSpec, *, recipe_path: str, output_dir: str, launch: Launch | None = None) -> str:
+    """The sbatch script that trains `recipe_path` on the cluster described by `spec`.
+
+    `output_dir` holds the SLURM log unless `spec.output` is set; pass absolute paths (the job
+    runs in the submit directory, or `spec.chdir`). `launch` picks the launcher and module.
+    """
+    launch = launch or Launch()
+    _check_spec(spec)
+    recipe_path = _check_text(recipe_path, "recipe_path")
+    output_dir = _check_text(output_dir, "output_dir")
+    launcher = _resolve_launcher(spec, launch)
+    procs = _procs_per_node(spec)
+    device = f"{spec.gpus_per_node} GPU(s)" if spec.gpus_per_node else "CPU"
+    q = shlex.quote
+    restart_var = "TUNEFLEET_RESTART_COUNT" if spec.restart == "dependency" else "SLURM_RESTART_COUNT"
+    srun = ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    if spec.gpus_per_node:
+        srun.append(f"--gpus-per-node={_gpus(spec)}")
+    lines = [
+        "#!/bin/bash",
+        "# Generated by tunefleet.slurm.sbatch.render_sbatch: regenerate it rather than edit it.",
+        f"# {spec.nodes} node(s) x {procs} process(es) on {device} = {spec.nodes * procs} processes, "
+        f"launched by {launcher}.",
+        "# Secrets (HF_TOKEN, WANDB_API_KEY, ...) are not written here: the job inherits them from",
+        "# the environment sbatch was run in.",
+        *_sbatch_options(spec, output_dir),
+        *[f"#SBATCH {option}" for option in spec.extra_sbatch],
+        "",
+    ]
+    if spec.env_setup or spec.env:
+        lines.append("# Environment")
+        lines += list(spec.env_setup)
+        lines += [f"export {name}={q(value)}" for name, value in spec.env.items()]
+        lines.append("")
+    lines += [
+        f"requeue_exit_code={REQUEUE_EXIT_CODE}  # the trainer checkpointed and asks to run again",
+        f"max_restarts={spec.max_restarts}",
+        f'restart_count="${{{restart_var}:-0}}"',
+        'echo "tunefleet: job $SLURM_JOB_ID on $SLURM_JOB_NODELIST, restart $restart_count'
+        ' (max_restarts $max_restarts)"',
+        "",
+        "# Rendezvous: the first host of the allocation, a port derived from the job id.",
+        'TUNEFLEET_HEAD_NODE="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+        f'TUNEFLEET_PORT="$(( {PORT_BASE} + SLURM_JOB_ID % {PORT_SPAN} ))"',
+        f"TUNEFLEET_EXIT_RELAY={q(_EXIT_RELAY)}",
+        "export TUNEFLEET_HEAD_NODE TUNEFLEET_PORT TUNEFLEET_EXIT_RELAY",
+        "",
+        f"# SLURM sends {PREEMPT_SIGNAL} to this shell {spec.signal_lead_s} s before the time limit "
+        f"(checkpoint {spec.checkpoint_s} s",
+        f"# + margin {spec.signal_margin_s} s); srun forwards it to every process of the step.",
+        "preempted=0",
+        "forward_signal() {",
+        "  preempted=1",
+        f'  echo "tunefleet: {PREEMPT_SIGNAL} received: asking the trainer to checkpoint"',
+        f'  if [ -n "${{step_pid:-}}" ]; then kill -{PREEMPT_SIGNAL} "$step_pid"; fi',
+        "}",
+        f"trap forward_signal {PREEMPT_SIGNAL}",
+        "",
+        "# One task per node. The command is single-quoted: $SLURM_NODEID expands on each node",
+        "# inside the step (in this shell it is always 0, which would make every node rank 0).",
+        f"{' '.join(srun)} bash -c {q(_node_command(spec, launch, launcher, recipe_path))} &",
+        "step_pid=$!",
+        "# A trap runs only when `wait` returns; wait again until srun itself has ended.",
+        'while kill -0 "$step_pid" 2>/dev/null; do wait "$step_pid"; done',
+        'wait "$step_pid"',
+        "step_rc=$?",
+        'echo "tunefleet: job step ended with exit code $step_rc"',
+        "",
+        "# Run again when the trainer asked to (requeue exit code) or when the step ended after the",
+        "# preemption signal: with several nodes, --kill-on-bad-exit can end the step with another",
+        "# node's kill status first. The trainer resumes from its last complete checkpoint.",
+        'if [ "$step_rc" -eq 0 ]; then exit 0; fi',
+        'if [ "$step_rc" -ne "$requeue_exit_code" ] && [ "$preempted" -eq 0 ]; then exit "$step_rc"; fi',
+    ]
+    if spec.restart == "none":
+        lines += ['echo "tunefleet: checkpointed; restart is off (restart: none): resubmit to go on"',
+                  'exit "$requeue_exit_code"']
+    else:
+        lines += [
+            'if [ "$restart_count" -ge "$max_restarts" ]; then',
+            '  echo "tunefleet: not running again: restart $restart_count reached max_restarts'
+            ' $max_restarts" >&2',
+            '  exit "$requeue_exit_code"',
+            "fi",
+        ]
+        if spec.restart == "requeue":
+            lines += [
+                'echo "tunefleet: requeuing job $SLURM_JOB_ID (restart $((restart_count + 1)))"',
+                'scontrol requeue "$SLURM_JOB_ID" || echo "tunefleet: scontrol requeue failed" >&2',
+            ]
+        else:
+            lines += [
+                "# $0 is SLURM's copy of this script; the successor starts once this job has ended.",
+                'next_job="$(sbatch --parsable --dependency="afterany:$SLURM_JOB_ID" \\',
+                '  --export="ALL,TUNEFLEET_RESTART_COUNT=$((restart_count + 1))" "$0")" \\',
+                '  && echo "tunefleet: submitted job $next_job to continue (restart $((restart_count + 1)))" \\',
+                '  || echo "tunefleet: submitting the next job failed" >&2',
+            ]
+        lines.append('exit "$requeue_exit_code"')
+    return "\n".join(lines) + "\n"
