@@ -352,7 +352,7 @@ def _field(row: dict, key: str, where: str, fmt: str, *, required: bool = True) 
             return None
         keys = ", ".join(map(str, row)) or "none"
         raise DataError(
-            f"{where}: the {fmt} format needs a {key!r} field (the row has: {keys})",
+            f"{where}: the {fmt} format needs the field {key!r} (the row has: {keys})",
             _format_fix(fmt, row),
         )
     return row[key]
@@ -506,7 +506,8 @@ def _messages_spans(tokenizer: Any, messages: list[dict], where: str) -> tuple[s
         marked = _generation_spans(tokenizer, template, messages, full)
         if marked is not None and len(marked) == len(assistant):
             spans = [
-                span or (mark if _holds_answer(full[mark[0] : mark[1]], messages[i]["content"]) else None)
+                span
+                or (mark if _marks_text(tokenizer, full[mark[0] : mark[1]], messages[i]["content"]) else None)
                 for i, span, mark in zip(assistant, spans, marked, strict=True)
             ]
     result: list[tuple[int, int]] = []
@@ -521,6 +522,14 @@ def _messages_spans(tokenizer: Any, messages: list[dict], where: str) -> tuple[s
 
 def _holds_answer(span_text: str, content: str) -> bool:
     return content.strip() in span_text
+
+
+def _marks_text(tokenizer: Any, span_text: str, content: str) -> bool:
+    """A `{% generation %}` block may rewrite the answer, but must hold more than control tokens
+    (a multimodal template given string content renders none of it)."""
+    pattern, _ = _added_tokens_pattern(tokenizer)
+    rest = pattern.sub("", span_text) if pattern is not None else span_text
+    return not content.strip() or bool(rest.strip())
 
 
 def _turn_end(tokenizer: Any, full: str, pos: int, other: str, other_pos: int) -> int:
@@ -630,6 +639,14 @@ def _content_span(
         "use a chat template with {% generation %} markers around assistant answers (TRL ships "
         "training templates for common models), or set data.completion_only_loss=false",
     )
+
+
+def _columns_to_messages(row: dict) -> list[dict] | None:
+    """One exchange from `system`/`user`/`assistant` columns (as in seed 003's dataset), or None."""
+    if not isinstance(row.get("user"), str) or not isinstance(row.get("assistant"), str):
+        return None
+    messages = [{"role": "system", "content": row["system"]}] if isinstance(row.get("system"), str) else []
+    return messages + [{"role": "user", "content": row["user"]}, {"role": "assistant", "content": row["assistant"]}]
 
 
 # ============================================================================ tokenisation
@@ -751,7 +768,11 @@ def _tokenize_untruncated(
             label_all=True,
         )
     if fmt == "messages":
-        messages = _validate_messages(_field(row, messages_field, where, fmt), where, messages_field)
+        raw = row.get(messages_field)
+        if raw is None and messages_field not in row:
+            raw = _columns_to_messages(row)  # seed 003's system/user/assistant columns
+        messages = _validate_messages(raw if raw is not None else _field(row, messages_field, where, fmt),
+                                      where, messages_field)
         _chat_template(tokenizer)
         if not completion_only_loss:
             text = _render(tokenizer, messages, where, add_generation_prompt=False)

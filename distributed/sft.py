@@ -95,6 +95,20 @@ def move_aside(path: Path) -> Path:
     return target
 
 
+def truncate_metrics(path: Path, checkpoint: str | None) -> int:
+    """Drop metrics rows logged after `checkpoint` (they will be logged again): no duplicated steps."""
+    step = int(Path(checkpoint or "checkpoint-0").name.rsplit("-", 1)[-1])
+    if path.exists():
+        import json
+
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.replace(path)
+    return step
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -194,7 +208,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, no_resume: bool = False) -> 
     if d.eval_path:
         eval_rows = data_mod.load_rows(d.eval_path, split=d.split, what="data.eval_path")
     elif d.eval_ratio:
-        eval_rows, rows = data_mod.split_eval(rows, d.eval_ratio)
+        rows, eval_rows = data_mod.split_eval(rows, d.eval_ratio)
     train_examples, train_stats = data_mod.build_dataset(rows, cfg=d, tokenizer=tokenizer, where=d.path)
     eval_examples: list[dict[str, Any]] = []
     if eval_rows:
@@ -233,7 +247,8 @@ def run(recipe: Recipe, *, overwrite: bool = False, no_resume: bool = False) -> 
             encoding="utf-8",
         )
         if mode == "resume":
-            print(f"resuming from {checkpoint}", flush=True)
+            step = truncate_metrics(out / METRICS_FILE, checkpoint)
+            print(f"resuming from {checkpoint} (step {step})", flush=True)
     dist_state.wait_for_everyone()
 
     model = model_mod.load_model(model_path, recipe, precision)

@@ -272,6 +272,13 @@ def split_rows(rows: int, *, limit: int | None, eval_ratio: float) -> tuple[int,
     return rows - held_out, held_out
 
 
+def count_warmup_steps(total_steps: int, warmup_ratio: float) -> int:
+    """ceil(warmup_ratio x total_steps): transformers' `get_warmup_steps` for a ratio below 1."""
+    if not 0 <= warmup_ratio < 1:
+        raise RecipeError(f"train.warmup_ratio must be in [0, 1), got {warmup_ratio}", "use e.g. 0.03")
+    return math.ceil(total_steps * warmup_ratio)
+
+
 def plan_schedule(
     *,
     dataset_rows: int,
@@ -308,15 +315,13 @@ def plan_schedule(
         total_steps = math.ceil(epochs * steps_per_epoch)
     else:
         raise RecipeError("neither train.max_steps nor train.epochs is positive", "set train.epochs=1")
-    if not 0 <= warmup_ratio < 1:
-        raise RecipeError(f"train.warmup_ratio must be in [0, 1), got {warmup_ratio}", "use e.g. 0.03")
     return Schedule(
         dataset_rows=dataset_rows,
         global_batch_size=global_batch_size,
         last_batch=last_batch,
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
-        warmup_steps=math.ceil(total_steps * warmup_ratio),
+        warmup_steps=count_warmup_steps(total_steps, warmup_ratio),
         dropped_rows_per_epoch=dropped,
         short_last_batch_samples=short,
         epochs=total_steps / steps_per_epoch,

@@ -23,7 +23,7 @@ import re
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from tunefleet.launch.errors import TunefleetError
 
@@ -158,8 +158,9 @@ class Launch:
 def cluster_spec_from_dict(raw: Mapping[str, Any]) -> ClusterSpec:
     """Build a ClusterSpec from YAML data; an unknown key is refused with the closest valid one."""
     if not isinstance(raw, Mapping):
-        raise ClusterSpecError(f"a cluster spec is a mapping of keys, got {type(raw).__name__}",
-                               "write it as `key: value` lines")
+        raise ClusterSpecError(
+            f"a cluster spec is a mapping of keys, got {type(raw).__name__}", "write it as `key: value` lines"
+        )
     valid = [f.name for f in dataclasses.fields(ClusterSpec)]
     for key in raw:
         if key not in valid:
@@ -192,22 +193,29 @@ _SECRET_NAME = re.compile(rf"[A-Za-z0-9_]*{_SECRET_WORDS}", re.IGNORECASE)
 _SECRET_ASSIGNMENT = re.compile(rf"\b[A-Za-z0-9_]*{_SECRET_WORDS}=(?![\"']?\$)", re.IGNORECASE)
 _SECRET_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{30,}\b")  # a Hugging Face token
 
-# long option -> the field that sets it (short forms map to the same field)
-_MANAGED_OPTIONS = {
-    "--nodes": "nodes", "-N": "nodes", "--ntasks-per-node": "nodes", "--ntasks": "nodes", "-n": "nodes",
-    "--gpus-per-node": "gpus_per_node", "--gpus": "gpus_per_node", "-G": "gpus_per_node",
-    "--gres": "gpus_per_node", "--cpus-per-task": "cpus_per_task", "-c": "cpus_per_task",
-    "--mem": "mem", "--time": "time", "-t": "time", "--partition": "partition", "-p": "partition",
-    "--account": "account", "-A": "account", "--qos": "qos", "-q": "qos",
-    "--constraint": "constraint", "-C": "constraint", "--exclusive": "exclusive",
-    "--job-name": "job_name", "-J": "job_name", "--output": "output", "-o": "output",
-    "--error": "error", "-e": "error", "--chdir": "chdir", "-D": "chdir",
-    "--open-mode": "output", "--signal": "checkpoint_s", "--requeue": "restart",
-    "--no-requeue": "restart", "--dependency": "restart", "-d": "restart",
+# the options a field sets, refused in extra_sbatch (set the field instead)
+_FIELD_OPTIONS = {
+    "nodes": ("--nodes", "-N", "--ntasks-per-node", "--ntasks", "-n"),
+    "gpus_per_node": ("--gpus-per-node", "--gpus", "-G", "--gres"),
+    "cpus_per_task": ("--cpus-per-task", "-c"),
+    "mem": ("--mem",),
+    "time": ("--time", "-t"),
+    "partition": ("--partition", "-p"),
+    "account": ("--account", "-A"),
+    "qos": ("--qos", "-q"),
+    "constraint": ("--constraint", "-C"),
+    "exclusive": ("--exclusive",),
+    "job_name": ("--job-name", "-J"),
+    "output": ("--output", "-o", "--open-mode"),
+    "error": ("--error", "-e"),
+    "chdir": ("--chdir", "-D"),
+    "checkpoint_s": ("--signal",),
+    "restart": ("--requeue", "--no-requeue", "--dependency", "-d"),
 }
+_MANAGED_OPTIONS = {flag: name for name, flags in _FIELD_OPTIONS.items() for flag in flags}
 
 
-def _fail(where: str, problem: str, fix: str) -> None:
+def _fail(where: str, problem: str, fix: str) -> NoReturn:
     raise ClusterSpecError(f"{where}: {problem}", fix)
 
 
@@ -223,8 +231,11 @@ def _check_text(value: Any, where: str) -> str:
     if not isinstance(value, str):
         _fail(where, f"expected a string, got {type(value).__name__} {value!r}", f"write {where} as text")
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
-        _fail(where, f"contains a newline or control character: {value!r}",
-              "remove the control characters (paths and names must be one line)")
+        _fail(
+            where,
+            f"contains a newline or control character: {value!r}",
+            "remove the control characters (paths and names must be one line)",
+        )
     if not value:
         _fail(where, "is empty", f"set {where} or leave it out")
     return value
@@ -233,15 +244,17 @@ def _check_text(value: Any, where: str) -> str:
 def _check_pattern(value: Any, where: str, pattern: re.Pattern[str], allowed: str) -> None:
     _check_text(value, where)
     if not pattern.fullmatch(value):
-        _fail(where, f"{value!r} cannot be written on an #SBATCH line safely",
-              f"use only {allowed}")
+        _fail(where, f"{value!r} cannot be written on an #SBATCH line safely", f"use only {allowed}")
 
 
 def _check_secret_free(text: str, where: str) -> None:
     if _SECRET_ASSIGNMENT.search(text) or _SECRET_VALUE.search(text):
-        _fail(where, "looks like it writes a secret into the script",
-              "export HF_TOKEN / WANDB_API_KEY in the shell you submit from (or read them from a "
-              "file at run time, e.g. HF_TOKEN=\"$(cat ~/.hf_token)\"): the job inherits them")
+        _fail(
+            where,
+            "looks like it writes a secret into the script",
+            "export HF_TOKEN / WANDB_API_KEY in the shell you submit from (or read them from a "
+            'file at run time, e.g. HF_TOKEN="$(cat ~/.hf_token)"): the job inherits them',
+        )
 
 
 def _time_limit_s(value: str) -> int | None:
@@ -250,8 +263,11 @@ def _time_limit_s(value: str) -> int | None:
         return None
     match = _TIME.fullmatch(value)
     if not match:
-        _fail("time", f"{value!r} is not a SLURM time limit",
-              "write MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (e.g. 04:00:00)")
+        _fail(
+            "time",
+            f"{value!r} is not a SLURM time limit",
+            "write MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (e.g. 04:00:00)",
+        )
     days_text, a, b, c = match.groups()
     parts = [int(x) for x in (a, b, c) if x is not None]
     if days_text is not None:  # D-HH, D-HH:MM, D-HH:MM:SS
@@ -288,9 +304,12 @@ def _check_spec(spec: ClusterSpec) -> None:
     _check_text(spec.time, "time")
     limit_s = _time_limit_s(spec.time)
     if limit_s is not None and spec.signal_lead_s >= limit_s:
-        _fail("time", f"the limit {spec.time!r} ({limit_s} s) leaves no training time before the "
-              f"preemption signal ({spec.signal_lead_s} s = checkpoint_s + signal_margin_s)",
-              "raise time or lower checkpoint_s")
+        _fail(
+            "time",
+            f"the limit {spec.time!r} ({limit_s} s) leaves no training time before the "
+            f"preemption signal ({spec.signal_lead_s} s = checkpoint_s + signal_margin_s)",
+            "raise time or lower checkpoint_s",
+        )
     for name in ("job_name", "account", "qos"):
         value = getattr(spec, name)
         if value is not None:
@@ -298,18 +317,29 @@ def _check_spec(spec: ClusterSpec) -> None:
     if spec.partition is not None:
         _check_pattern(spec.partition, "partition", _PARTITION, "letters, digits, . _ + - and commas")
     if spec.constraint is not None:
-        _check_pattern(spec.constraint, "constraint", _CONSTRAINT,
-                       "letters, digits and the operators & | [ ] * : ( ) ! , (no spaces)")
+        _check_pattern(
+            spec.constraint,
+            "constraint",
+            _CONSTRAINT,
+            "letters, digits and the operators & | [ ] * : ( ) ! , (no spaces)",
+        )
     for name in ("output", "error", "chdir"):
         value = getattr(spec, name)
         if value is not None:
-            _check_pattern(value, name, _SBATCH_PATH,
-                           "letters, digits, / . _ - + % @ , : = ~ (no spaces, quotes, $ or #)")
+            _check_pattern(
+                value,
+                name,
+                _SBATCH_PATH,
+                "letters, digits, / . _ - + % @ , : = ~ (no spaces, quotes, $ or #)",
+            )
     if not isinstance(spec.exclusive, bool):
         _fail("exclusive", f"expected true or false, got {spec.exclusive!r}", "set exclusive: true/false")
     if spec.restart not in ("requeue", "dependency", "none"):
-        _fail("restart", f"{spec.restart!r} is not one of 'requeue', 'dependency', 'none'",
-              "use requeue, or dependency where the cluster forbids requeue")
+        _fail(
+            "restart",
+            f"{spec.restart!r} is not one of 'requeue', 'dependency', 'none'",
+            "use requeue, or dependency where the cluster forbids requeue",
+        )
     if isinstance(spec.env_setup, str) or not isinstance(spec.env_setup, Sequence):
         _fail("env_setup", "expected a list of shell lines", "write env_setup as a list of lines")
     for i, line in enumerate(spec.env_setup):
@@ -321,11 +351,17 @@ def _check_spec(spec: ClusterSpec) -> None:
         if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
             _fail("env", f"{name!r} is not a variable name", "use letters, digits and _ (not first)")
         if name in SECRET_NAMES or _SECRET_NAME.fullmatch(name):
-            _fail(f"env.{name}", "is a secret and would be written into the script",
-                  f"export {name} in the shell you submit from: the job inherits it at run time")
+            _fail(
+                f"env.{name}",
+                "is a secret and would be written into the script",
+                f"export {name} in the shell you submit from: the job inherits it at run time",
+            )
         if not isinstance(value, str):
-            _fail(f"env.{name}", f"expected a string, got {type(value).__name__} {value!r}",
-                  "quote the value in YAML")
+            _fail(
+                f"env.{name}",
+                f"expected a string, got {type(value).__name__} {value!r}",
+                "quote the value in YAML",
+            )
         if "\x00" in value or "\n" in value or "\r" in value:
             _fail(f"env.{name}", "contains a newline or NUL", "put the value on one line")
     if isinstance(spec.extra_sbatch, str) or not isinstance(spec.extra_sbatch, Sequence):
@@ -334,8 +370,11 @@ def _check_spec(spec: ClusterSpec) -> None:
         where = f"extra_sbatch[{i}]"
         _check_text(option, where)
         if not option.startswith("-") or any(c in option for c in "$`#"):
-            _fail(where, f"{option!r} is not a plain sbatch option",
-                  "write one option like --reservation=big; #SBATCH lines expand no $VARIABLES")
+            _fail(
+                where,
+                f"{option!r} is not a plain sbatch option",
+                "write one option like --reservation=big; #SBATCH lines expand no $VARIABLES",
+            )
         _check_secret_free(option, where)
         flag = option.split("=", 1)[0].split(" ", 1)[0]
         if flag in _MANAGED_OPTIONS:
@@ -344,20 +383,30 @@ def _check_spec(spec: ClusterSpec) -> None:
 
 def _resolve_launcher(spec: ClusterSpec, launch: Launch) -> Literal["torchrun", "accelerate"]:
     if launch.launcher not in ("auto", "torchrun", "accelerate"):
-        _fail("launch.launcher", f"{launch.launcher!r} is not one of 'auto', 'torchrun', 'accelerate'",
-              "use torchrun on CPU nodes, accelerate on GPU nodes")
+        _fail(
+            "launch.launcher",
+            f"{launch.launcher!r} is not one of 'auto', 'torchrun', 'accelerate'",
+            "use torchrun on CPU nodes, accelerate on GPU nodes",
+        )
     launcher = launch.launcher
     if launcher == "auto":
         launcher = "accelerate" if spec.gpus_per_node > 0 else "torchrun"
     if launcher == "accelerate":
         if spec.gpus_per_node == 0:
-            _fail("launch.launcher", "accelerate on CPU nodes starts one process per node "
-                  "(measured), not procs_per_node", "use torchrun on CPU nodes (launcher: auto)")
+            _fail(
+                "launch.launcher",
+                "accelerate on CPU nodes starts one process per node (measured), not procs_per_node",
+                "use torchrun on CPU nodes (launcher: auto)",
+            )
         if launch.accelerate_config is None:
-            _fail("launch.accelerate_config", "accelerate launch needs a config file",
-                  "pass the path of the accelerate config rendered for this run")
+            _fail(
+                "launch.accelerate_config",
+                "accelerate launch needs a config file",
+                "pass the path of the accelerate config rendered for this run",
+            )
         _check_text(launch.accelerate_config, "launch.accelerate_config")
-    _check_pattern(launch.module, "launch.module", _MODULE, "a dotted Python module name")
+    if not _MODULE.fullmatch(_check_text(launch.module, "launch.module")):
+        _fail("launch.module", f"{launch.module!r} is not a Python module name", "write e.g. my_pkg.train")
     _check_text(launch.python, "launch.python")
     if isinstance(launch.module_args, str) or not isinstance(launch.module_args, Sequence):
         _fail("launch.module_args", "expected a list of arguments", "write module_args as a list")
@@ -406,17 +455,29 @@ def _sbatch_options(spec: ClusterSpec, output_dir: str) -> list[str]:
         options["--cpus-per-task"] = str(spec.cpus_per_task)
     elif spec.gpus_per_node == 0 and procs > 1:
         options["--cpus-per-task"] = str(procs)  # one CPU per gloo process at least
-    for flag, value in (("--mem", spec.mem), ("--partition", spec.partition), ("--account", spec.account),
-                        ("--qos", spec.qos), ("--constraint", spec.constraint), ("--error", spec.error),
-                        ("--chdir", spec.chdir)):
+    for flag, value in (
+        ("--mem", spec.mem),
+        ("--partition", spec.partition),
+        ("--account", spec.account),
+        ("--qos", spec.qos),
+        ("--constraint", spec.constraint),
+        ("--error", spec.error),
+        ("--chdir", spec.chdir),
+    ):
         if value is not None:
             options[flag] = value
     if spec.exclusive:
         options["--exclusive"] = None
-    _check_pattern(options["--output"], "output (from output_dir)", _SBATCH_PATH,
-                   "letters, digits, / . _ - + % @ , : = ~ in output_dir, or set output explicitly")
-    return [f"#SBATCH {flag}" if value is None else f"#SBATCH {flag}={value}"
-            for flag, value in sorted(options.items())]
+    _check_pattern(
+        options["--output"],
+        "output (from output_dir)",
+        _SBATCH_PATH,
+        "letters, digits, / . _ - + % @ , : = ~ in output_dir, or set output explicitly",
+    )
+    return [
+        f"#SBATCH {flag}" if value is None else f"#SBATCH {flag}={value}"
+        for flag, value in sorted(options.items())
+    ]
 
 
 def _procs_per_node(spec: ClusterSpec) -> int:
@@ -460,7 +521,9 @@ def _node_command(spec: ClusterSpec, launch: Launch, launcher: str, recipe_path:
     return f'\ntrap "" {PREEMPT_SIGNAL}\nexec {q(launch.python)} -c "$TUNEFLEET_EXIT_RELAY" {body}\n'
 
 
-def render_sbatch(spec: ClusterSpec, *, recipe_path: str, output_dir: str, launch: Launch | None = None) -> str:
+def render_sbatch(
+    spec: ClusterSpec, *, recipe_path: str, output_dir: str, launch: Launch | None = None
+) -> str:
     """The sbatch script that trains `recipe_path` on the cluster described by `spec`.
 
     `output_dir` holds the SLURM log unless `spec.output` is set; pass absolute paths (the job
@@ -535,8 +598,10 @@ def render_sbatch(spec: ClusterSpec, *, recipe_path: str, output_dir: str, launc
         'if [ "$step_rc" -ne "$requeue_exit_code" ] && [ "$preempted" -eq 0 ]; then exit "$step_rc"; fi',
     ]
     if spec.restart == "none":
-        lines += ['echo "tunefleet: checkpointed; restart is off (restart: none): resubmit to go on"',
-                  'exit "$requeue_exit_code"']
+        lines += [
+            'echo "tunefleet: checkpointed; restart is off (restart: none): resubmit to go on"',
+            'exit "$requeue_exit_code"',
+        ]
     else:
         lines += [
             'if [ "$restart_count" -ge "$max_restarts" ]; then',

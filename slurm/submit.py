@@ -36,12 +36,16 @@ def write_script(text: str, path: str | os.PathLike) -> Path:
 
 def _sbatch(args: Sequence[str]) -> subprocess.CompletedProcess:
     if shutil.which("sbatch") is None:
-        raise SubmitError("sbatch is not on PATH", "run this on a SLURM login node (or load the slurm module)")
+        raise SubmitError(
+            "sbatch is not on PATH", "run this on a SLURM login node (or load the slurm module)"
+        )
     result = subprocess.run(["sbatch", *args], capture_output=True, text=True)
     if result.returncode != 0:
         message = (result.stderr or result.stdout).strip()
-        raise SubmitError(f"sbatch {' '.join(args)} failed: {message}",
-                          "fix the cluster spec (partition, account, resources) and render again")
+        raise SubmitError(
+            f"sbatch {' '.join(args)} failed: {message}",
+            "fix the cluster spec (partition, account, resources) and render again",
+        )
     return result
 
 

@@ -29,8 +29,16 @@ from pathlib import Path
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 PROGRAMS = ["slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "munged"]
 HOSTS_MARK = "# tunefleet test SLURM nodes"
-TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-                   "BOOT_FAIL", "DEADLINE"}
+TERMINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
 CPUS_PER_NODE = 2
 
 SLURM_CONF = """\
@@ -98,8 +106,9 @@ def ensure_installed() -> None:
         result = subprocess.run(install, env=env, capture_output=True, text=True)
     missing = [p for p in PROGRAMS if not shutil.which(p)]
     if result.returncode != 0 or missing:
-        raise SlurmUnavailable(f"apt-get install {' '.join(PACKAGES)} failed (missing {missing}): "
-                               f"{result.stderr.strip()[-500:]}")
+        raise SlurmUnavailable(
+            f"apt-get install {' '.join(PACKAGES)} failed (missing {missing}): {result.stderr.strip()[-500:]}"
+        )
 
 
 def ensure_hosts(names: Iterable[str]) -> None:
@@ -130,9 +139,17 @@ class SlurmCluster:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     _scripts: int = 0
 
-    def run(self, *argv: str, check: bool = True, timeout_s: float = 60, **kwargs) -> subprocess.CompletedProcess:
-        result = subprocess.run(list(argv), env=kwargs.pop("env", self.env), capture_output=True,
-                                text=True, timeout=timeout_s, **kwargs)
+    def run(
+        self, *argv: str, check: bool = True, timeout_s: float = 60, **kwargs
+    ) -> subprocess.CompletedProcess:
+        result = subprocess.run(
+            list(argv),
+            env=kwargs.pop("env", self.env),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            **kwargs,
+        )
         if check and result.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} exited {result.returncode}: {result.stderr.strip()}")
         return result
@@ -153,8 +170,9 @@ class SlurmCluster:
         out = self.run("scontrol", "show", "job", "-o", str(job_id)).stdout
         return parse_scontrol(out.splitlines()[0]) if out.strip() else {}
 
-    def wait(self, job_id: str, states: str | Iterable[str], timeout_s: float = 60,
-             poll_s: float = 0.3) -> dict[str, str]:
+    def wait(
+        self, job_id: str, states: str | Iterable[str], timeout_s: float = 60, poll_s: float = 0.3
+    ) -> dict[str, str]:
         """Wait until the job is in one of `states`; fail fast if it ends in another state."""
         wanted = {states} if isinstance(states, str) else set(states)
         deadline = time.monotonic() + timeout_s
@@ -172,8 +190,10 @@ class SlurmCluster:
             else:
                 wrong_since = None
             time.sleep(poll_s)
-        raise AssertionError(f"job {job_id} is {info.get('JobState')!r}, expected {sorted(wanted)}:\n"
-                             f"{info}\n--- job output ---\n{self.output(info)}")
+        raise AssertionError(
+            f"job {job_id} is {info.get('JobState')!r}, expected {sorted(wanted)}:\n"
+            f"{info}\n--- job output ---\n{self.output(info)}"
+        )
 
     def output(self, info: dict[str, str]) -> str:
         path = info.get("StdOut")
@@ -195,8 +215,15 @@ def _write_conf(root: Path, nodes: list[str], munge_socket: Path) -> Path:
         for name in nodes
     )
     conf = root / "slurm.conf"
-    conf.write_text(SLURM_CONF.format(root=root, ctld_port=_free_port(), munge_socket=munge_socket,
-                                      node_lines=node_lines, nodelist=",".join(nodes)))
+    conf.write_text(
+        SLURM_CONF.format(
+            root=root,
+            ctld_port=_free_port(),
+            munge_socket=munge_socket,
+            node_lines=node_lines,
+            nodelist=",".join(nodes),
+        )
+    )
     return conf
 
 
@@ -215,9 +242,19 @@ def _start_munged(root: Path) -> tuple[subprocess.Popen, Path]:
     sock = mdir / "munge.socket"
     with open(root / "log" / "munged.log", "wb") as out:
         proc = subprocess.Popen(
-            ["munged", "--foreground", f"--socket={sock}", f"--key-file={key}",
-             f"--pid-file={mdir}/munged.pid", f"--log-file={mdir}/munged.log", f"--seed-file={mdir}/munged.seed"],
-            user=munge.pw_uid, group=munge.pw_gid, stdout=out, stderr=subprocess.STDOUT,
+            [
+                "munged",
+                "--foreground",
+                f"--socket={sock}",
+                f"--key-file={key}",
+                f"--pid-file={mdir}/munged.pid",
+                f"--log-file={mdir}/munged.log",
+                f"--seed-file={mdir}/munged.seed",
+            ],
+            user=munge.pw_uid,
+            group=munge.pw_gid,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     return proc, sock
 
@@ -237,10 +274,14 @@ def _wait_for(condition, timeout_s: float, what: str, cluster: SlurmCluster) -> 
 
 def _stop(cluster: SlurmCluster) -> None:
     with contextlib.suppress(Exception):  # end jobs first so no slurmstepd outlives its slurmd
-        cluster.run("scancel", "--full", "--user=root", check=False, timeout_s=10)
+        cluster.run("scancel", "--user=root", check=False, timeout_s=10)
         deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and cluster.run(
-                "squeue", "-h", "-t", "RUNNING,COMPLETING", check=False, timeout_s=10).stdout.strip():
+        while (
+            time.monotonic() < deadline
+            and cluster.run(
+                "squeue", "-h", "-t", "RUNNING,COMPLETING", check=False, timeout_s=10
+            ).stdout.strip()
+        ):
             time.sleep(0.3)
     # slurmd first, then slurmctld, then munged (they talk to it until the end)
     order = [n for n in cluster.procs if n.startswith("slurmd")] + ["slurmctld", "munged"]
@@ -275,12 +316,28 @@ def slurm_cluster(nodes: int = 4) -> Iterator[SlurmCluster]:
         cluster.env = {**os.environ, "SLURM_CONF": str(conf)}
         with open(root / "log" / "slurmctld.out", "wb") as out:
             cluster.procs["slurmctld"] = subprocess.Popen(
-                ["slurmctld", "-D", "-i", "-f", str(conf)], env=cluster.env, stdout=out, stderr=subprocess.STDOUT)
+                ["slurmctld", "-D", "-i", "-f", str(conf)],
+                env=cluster.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         for name in names:
             with open(root / "log" / f"slurmd-{name}.out", "wb") as out:
                 cluster.procs[f"slurmd-{name}"] = subprocess.Popen(
-                    ["unshare", "-u", "sh", "-c", 'hostname "$1" && exec slurmd -D -N "$1" -f "$2"', "sh",
-                     name, str(conf)], env=cluster.env, stdout=out, stderr=subprocess.STDOUT)
+                    [
+                        "unshare",
+                        "-u",
+                        "sh",
+                        "-c",
+                        'hostname "$1" && exec slurmd -D -N "$1" -f "$2"',
+                        "sh",
+                        name,
+                        str(conf),
+                    ],
+                    env=cluster.env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
 
         def all_idle() -> bool:
             out = cluster.run("sinfo", "-h", "-N", "-o", "%N %t", check=False, timeout_s=10).stdout

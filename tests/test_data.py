@@ -341,7 +341,7 @@ def test_content_search_failure_is_a_clear_error():
     tok = PreTrainedTokenizerFast(
         tokenizer_object=base.backend_tokenizer, eos_token="<|im_end|>", chat_template=template
     )
-    with pytest.raises(DataError, match="cannot locate assistant turn 1") as info:
+    with pytest.raises(DataError, match="cannot locate the text of assistant turn 1") as info:
         tok_ex({"messages": conversation(2, False)}, "messages", tok)
     assert "t.jsonl row 1" in str(info.value) and "generation" in info.value.fix
 
@@ -359,8 +359,8 @@ def test_generation_markers_used_when_not_prefix_stable():
     )
     msgs = conversation(3, True)
     ex = tok_ex({"messages": msgs}, "messages", tok)
+    # every turn comes from its marked block (the rewritten answer fails the incremental check)
     answers = [m["content"].upper() + "<|im_end|>" for m in msgs if m["role"] == "assistant"]
-    answers[-1] = "<think>\n\n</think>\n\n" + answers[-1]
     assert labelled_runs(tok, ex) == answers
 
 
@@ -462,18 +462,18 @@ def test_build_dataset_messages_multi():
 
 
 BAD_ROWS = [
-    ("alpaca", {"instruction": "x"}, "needs a 'output' field"),
-    ("alpaca", {"messages": []}, "needs a 'instruction' field"),
+    ("alpaca", {"instruction": "x"}, "needs the field 'output'"),
+    ("alpaca", {"messages": []}, "needs the field 'instruction'"),
     ("alpaca", {"instruction": "x", "output": 3}, "'output' must be a string"),
-    ("prompt-completion", {"prompt": "x"}, "needs a 'completion' field"),
+    ("prompt-completion", {"prompt": "x"}, "needs the field 'completion'"),
     (
         "prompt-completion",
         {"prompt": [{"role": "user", "content": "x"}], "completion": "y"},
         "must be a string",
     ),
-    ("text", {"txt": "x"}, "needs a 'text' field"),
+    ("text", {"txt": "x"}, "needs the field 'text'"),
     ("text", {"text": "  "}, "is empty"),
-    ("messages", {"text": "x"}, "needs a 'messages' field"),
+    ("messages", {"text": "x"}, "needs the field 'messages'"),
     ("messages", {"messages": []}, "non-empty list"),
     ("messages", {"messages": "hello"}, "non-empty list"),
     ("messages", {"messages": [{"role": "user"}]}, "has no content"),
@@ -701,3 +701,33 @@ def test_demo_data_files_tokenise():
                 rows, cfg=DataConfig(path=name, format=fmt), tokenizer=tok, where=name
             )
             assert stats["examples"] == len(rows)
+
+
+def test_build_dataset_without_rows():
+    with pytest.raises(DataError, match="there are no rows"):
+        D.build_dataset([], cfg=DataConfig(path="x"), tokenizer=make_tokenizer("llama3"), where="x.jsonl")
+
+
+def test_transformers_5_apply_chat_template_returns_a_batch_encoding():
+    # transformers 5.x: tokenize=True defaults to return_dict=True (a BatchEncoding, not ids);
+    # data.py only renders strings (tokenize=False) and tokenises them itself.
+    tok = make_tokenizer("qwen25")
+    msgs = conversation(1, False)
+    out = tok.apply_chat_template(msgs, tokenize=True)
+    assert not isinstance(out, list) and "input_ids" in out
+    ids = tok.apply_chat_template(msgs, tokenize=True, return_dict=False)
+    assert isinstance(ids, list) and ids == list(out["input_ids"])
+    assert isinstance(tok.apply_chat_template(msgs, tokenize=False), str)
+
+
+def test_messages_from_system_user_assistant_columns() -> None:
+    """Seed 003's dataset has system/user/assistant columns instead of a messages list."""
+    from tunefleet.distributed.demo_model import ensure_tiny_llama
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ensure_tiny_llama())
+    row = {"system": "Be brief.", "user": "Capital of France?", "assistant": "Paris."}
+    ex = D.tokenize_example(row, fmt="messages", tokenizer=tok, max_length=256)
+    labelled = [t for t, lab in zip(ex["input_ids"], ex["labels"], strict=True) if lab != -100]
+    assert tok.decode(labelled) == "Paris.<|eot_id|>"
+    assert "Be brief." in tok.decode(ex["input_ids"])

@@ -187,6 +187,8 @@ def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
 def test_fresh_process_build_is_quiet_and_identical(built, tmp_path):
     code = "from tunefleet.distributed.demo_model import ensure_tiny_llama; ensure_tiny_llama()"
     env = {**os.environ, "TUNEFLEET_CACHE": str(tmp_path)}
+    for quietening in ("TOKENIZERS_PARALLELISM", "TRANSFORMERS_NO_ADVISORY_WARNINGS", "TRANSFORMERS_VERBOSITY"):
+        env.pop(quietening, None)  # conftest sets some: the build must be quiet without them
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "" and proc.stderr == ""

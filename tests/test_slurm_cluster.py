@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from tests.slurm_cluster import SlurmCluster
 from tunefleet.slurm.sbatch import REQUEUE_EXIT_CODE, ClusterSpec, Launch, render_sbatch
 from tunefleet.slurm.submit import SubmitError, submit, test_only, write_script
+
+from tests.slurm_cluster import SlurmCluster
 
 pytest_plugins = ["tests.conftest_slurm"]  # the same registration as tests/conftest.py; loaded once
 pytestmark = pytest.mark.slurm
@@ -100,18 +100,27 @@ def _spec(job_dir: Path, mode: str, **overrides) -> ClusterSpec:
         checkpoint_s=0,
         job_name=f"probe-{mode}",
         chdir=str(job_dir),
-        env_setup=[f"source {sys.prefix}/bin/activate"] if sys.prefix != sys.base_prefix
+        env_setup=[f"source {sys.prefix}/bin/activate"]
+        if sys.prefix != sys.base_prefix
         else [f"export PATH={Path(sys.executable).parent}:$PATH"],
-        env={"PYTHONPATH": str(job_dir / "probe"), "PROBE_OUT": str(job_dir / "out"), "PROBE_MODE": mode,
-             "OMP_NUM_THREADS": "1"},
+        env={
+            "PYTHONPATH": str(job_dir / "probe"),
+            "PROBE_OUT": str(job_dir / "out"),
+            "PROBE_MODE": mode,
+            "OMP_NUM_THREADS": "1",
+        },
     )
     options.update(overrides)
     return ClusterSpec(**options)
 
 
 def _submit(job_dir: Path, spec: ClusterSpec, recipe: str = "recipe.yaml") -> str:
-    text = render_sbatch(spec, recipe_path=str(job_dir / recipe), output_dir=str(job_dir / "logs"),
-                         launch=Launch(module="slurm_probe"))
+    text = render_sbatch(
+        spec,
+        recipe_path=str(job_dir / recipe),
+        output_dir=str(job_dir / "logs"),
+        launch=Launch(module="slurm_probe"),
+    )
     return submit(write_script(text, job_dir / "job.sbatch"))
 
 
@@ -125,15 +134,32 @@ def _wait_for_files(paths: list[Path], timeout_s: float) -> None:
 def test_generated_scripts_pass_sbatch_test_only(job_dir: Path) -> None:
     specs = [
         _spec(job_dir, "ranks", nodes=2, procs_per_node=2),
-        _spec(job_dir, "ranks", nodes=4, partition="high", exclusive=True, mem="1000M", time="1-00:00:00",
-              extra_sbatch=["--comment=tunefleet-test"]),
+        _spec(
+            job_dir,
+            "ranks",
+            nodes=4,
+            partition="high",
+            exclusive=True,
+            mem="1000M",
+            time="1-00:00:00",
+            extra_sbatch=["--comment=tunefleet-test"],
+        ),
         _spec(job_dir, "ranks", nodes=3, restart="dependency", cpus_per_task=2, time="02:30:00"),
-        _spec(job_dir, "ranks", restart="none", output=str(job_dir / "logs" / "%x-%j.log"),
-              error=str(job_dir / "logs" / "%x-%j.err")),
+        _spec(
+            job_dir,
+            "ranks",
+            restart="none",
+            output=str(job_dir / "logs" / "%x-%j.log"),
+            error=str(job_dir / "logs" / "%x-%j.err"),
+        ),
     ]
     for i, spec in enumerate(specs):
-        text = render_sbatch(spec, recipe_path=str(job_dir / "recipe.yaml"), output_dir=str(job_dir / "logs"),
-                             launch=Launch(module="slurm_probe"))
+        text = render_sbatch(
+            spec,
+            recipe_path=str(job_dir / "recipe.yaml"),
+            output_dir=str(job_dir / "logs"),
+            launch=Launch(module="slurm_probe"),
+        )
         answer = test_only(write_script(text, job_dir / f"test-only-{i}.sbatch"))
         assert re.search(r"Job \d+ to start at", answer), answer
         assert f"nodes n[1-{spec.nodes}]" in answer or spec.nodes == 1, answer

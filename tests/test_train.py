@@ -1,0 +1,185 @@
+"""Real training runs on CPU with the demo model: formats, PEFT methods, outputs, output_dir rules."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from tunefleet.distributed import sft
+from tunefleet.launch import recipe as R
+from tunefleet.launch.errors import TunefleetError
+
+DEMO = Path(str(resources.files("tunefleet.recipes"))) / "demo.yaml"
+DATA = DEMO.parent / "data"
+
+pytestmark = pytest.mark.slow
+
+
+def quick(out: Path, *extra: str) -> R.Recipe:
+    """The demo recipe, shortened to a few steps."""
+    return R.load(DEMO, [f"output_dir={out}", "train.max_steps=4", "train.logging_steps=1",
+                         "train.save_steps=0", "batch.micro_batch_size=4", "batch.global_batch_size=8",
+                         "data.max_length=128", *extra])
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_demo_recipe_trains_and_loss_falls(tmp_path: Path) -> None:
+    """The shipped demo, shortened to one epoch: the loss must fall clearly."""
+    out = tmp_path / "demo"
+    recipe = R.load(DEMO, [f"output_dir={out}", "train.epochs=1", "train.save_steps=0"])
+    assert sft.run(recipe) == 0
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(5, 26, 5))
+    for r in rows:
+        assert {"step", "loss", "lr", "samples_seen", "tokens_seen", "epoch"} <= r.keys()
+        assert r["samples_seen"] == r["step"] * recipe.batch.global_batch_size
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5, [r["loss"] for r in rows]
+    assert rows[-1]["tokens_seen"] > rows[0]["tokens_seen"] > 0
+    assert (out / "loss.png").stat().st_size > 1000
+    resolved = R.load(out / "recipe.yaml")
+    assert resolved == recipe
+
+
+def test_final_adapter_loads_with_peft(tmp_path: Path) -> None:
+    import torch
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunefleet.distributed.demo_model import ensure_tiny_llama
+
+    out = tmp_path / "run"
+    assert sft.run(quick(out)) == 0
+    final = out / "final"
+    assert (final / "adapter_config.json").exists() and (final / "adapter_model.safetensors").exists()
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    ids = tokenizer("### Instruction:\nSpell the word cat.", return_tensors="pt")
+    auto = AutoPeftModelForCausalLM.from_pretrained(final)
+    base = AutoModelForCausalLM.from_pretrained(ensure_tiny_llama())
+    plain_logits = base(**ids).logits
+    wrapped = PeftModel.from_pretrained(base, final)
+    with torch.no_grad():
+        a, b = auto(**ids).logits, wrapped(**ids).logits
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(plain_logits, b), "the adapter changed nothing"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "rows"),
+    [
+        ("messages", None),
+        ("text", [{"text": f"The number {i} is {'even' if i % 2 == 0 else 'odd'}."} for i in range(40)]),
+        ("prompt-completion", [{"prompt": f"Double {i}: ", "completion": str(2 * i)} for i in range(40)]),
+    ],
+)
+def test_each_format_trains(tmp_path: Path, fmt: str, rows: list[dict] | None) -> None:
+    if rows is None:
+        path = DATA / "chat_demo.jsonl"
+    else:
+        path = tmp_path / "data.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    assert sft.run(quick(out, f"data.path={path}", f"data.format={fmt}")) == 0
+    assert len(metrics(out)) == 4
+    assert (out / "final" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["peft.method=dora"],
+        ["peft.use_rslora=true", "peft.target_modules=[q_proj,v_proj]"],
+        ["peft.init=gaussian", "peft.bias=lora_only"],
+        ["peft.init=pissa"],
+        ["model.quantization=nf4", "model.dtype=bfloat16", "model.compute_dtype=bfloat16"],
+    ],
+    ids=["dora", "rslora", "gaussian-bias", "pissa", "qlora-nf4"],
+)
+def test_peft_methods_train(tmp_path: Path, extra: list[str]) -> None:
+    out = tmp_path / "run"
+    assert sft.run(quick(out, *extra)) == 0
+    losses = [r["loss"] for r in metrics(out)]
+    assert len(losses) == 4 and all(loss == loss for loss in losses)  # finite, no NaN
+    config = json.loads((out / "final" / "adapter_config.json").read_text())
+    if "peft.method=dora" in extra:
+        assert config["use_dora"] is True
+    if "peft.use_rslora=true" in extra:
+        assert config["use_rslora"] is True and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+
+
+def test_finished_run_is_not_overwritten(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert sft.run(quick(out)) == 0
+    before = (out / "metrics.jsonl").read_text()
+    with pytest.raises(TunefleetError, match="already holds a finished run"):
+        sft.run(quick(out))
+    assert (out / "metrics.jsonl").read_text() == before
+    assert sft.run(quick(out), overwrite=True) == 0
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(moved) == 1 and (moved[0] / "metrics.jsonl").read_text() == before
+    assert (out / "final").is_dir()
+
+
+def test_unfinished_run_resumes_from_newest_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert sft.run(quick(out, "train.save_steps=2")) == 0
+    # make it unfinished: drop final/ and the last checkpoint
+    import shutil
+
+    shutil.rmtree(out / "final")
+    shutil.rmtree(out / "checkpoint-4")
+    with pytest.raises(TunefleetError, match="--no-resume"):
+        sft.run(quick(out, "train.save_steps=2"), no_resume=True)
+    assert sft.run(quick(out, "train.save_steps=2")) == 0
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]  # appended, no duplicated steps
+    assert (out / "final").is_dir()
+
+
+def test_foreign_output_dir_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "mine.txt").write_text("precious")
+    with pytest.raises(TunefleetError, match="not a tunefleet run"):
+        sft.run(quick(tmp_path))
+    assert (tmp_path / "mine.txt").read_text() == "precious"
+
+
+def test_too_little_data_for_one_global_batch(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"text": "one row"}) + "\n")
+    with pytest.raises(TunefleetError, match="fewer than one global batch"):
+        sft.run(quick(tmp_path / "run", f"data.path={path}", "data.format=text"))
+
+
+@pytest.mark.parametrize(
+    ("setup", "fragment"),
+    [
+        ("missing", "does not exist"),
+        ("badline", "line 2"),
+        ("nofield", "instruction"),
+        ("badkey", "did you mean peft.r?"),
+    ],
+)
+def test_cli_bad_input_is_one_readable_message(tmp_path: Path, setup: str, fragment: str) -> None:
+    data = tmp_path / "d.jsonl"
+    overrides = [f"output_dir={tmp_path / 'run'}", f"data.path={data}"]
+    if setup == "badline":
+        data.write_text('{"instruction": "a", "input": "", "output": "b"}\n{"instruction": oops}\n')
+    elif setup == "nofield":
+        data.write_text('{"question": "a", "answer": "b"}\n')
+    elif setup == "badkey":
+        data.write_text('{"instruction": "a", "input": "", "output": "b"}\n')
+        overrides.append("peft.rank=8")
+    cmd = [sys.executable, "-m", "tunefleet.launch.cli", "train", str(DEMO)]
+    for o in overrides:
+        cmd += ["--set", o]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert fragment in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "final").exists()
