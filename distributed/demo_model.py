@@ -22,6 +22,13 @@ Tokenizer behaviour (mirrors Llama 3; callers rely on it):
   `add_special_tokens=False`, so there is exactly one bos. Tokenizing the rendered string
   yourself with `tokenizer(text)` would give two: pass `add_special_tokens=False`.
 * `padding_side="right"`, `model_max_length=1024`.
+
+Caveat (transformers 5): `save_pretrained` drops `add_bos_token` from tokenizer_config.json
+when a tokenizer.json exists, so a *loaded* tokenizer reports `add_bos_token == False` although
+it does add bos (the post-processor in tokenizer.json does). Do not trust that flag; and setting
+`tokenizer.add_eos_token = True` on a loaded tokenizer rebuilds the post-processor from the
+flags and silently drops the bos (set `add_bos_token = True` too, or load with
+`AutoTokenizer.from_pretrained(path, add_bos_token=True)`).
 """
 
 from __future__ import annotations
@@ -71,9 +78,9 @@ SEED = 1234
 LM_HEAD_INIT_STD = 0.1
 """The output head is drawn wider than the other weights (`initializer_range` 0.02). A LoRA
 fine-tune leaves the head frozen, and the head's scale bounds how far the logits can move: at
-0.02 the loss of a 100-step LoRA run on the demo data barely leaves ln(vocab) (7.6 -> 6.9 at
-lr 1e-3); at 0.1 the untrained loss is still about ln(vocab) (7.8) and the same run reaches ~4.7
-(~6.0 at lr 2e-4)."""
+0.02 the loss of a 100-step LoRA run (r=8, batch 8, loss on all tokens) on the demo data barely
+leaves ln(vocab) (7.6 -> 6.9 at lr 1e-3); at 0.1 the untrained loss is still about ln(vocab)
+(7.8) and the same run reaches ~4.7 (~6.0 at lr 2e-4)."""
 MODEL_SETTINGS: dict[str, object] = {
     "hidden_size": 64,
     "num_hidden_layers": 2,

@@ -81,6 +81,8 @@ def count_dataset_rows(data: DataConfig, *, base_dir: str | Path | None = None) 
     if not path.exists() and base_dir is not None and not path.is_absolute():
         path = Path(base_dir) / path
     if not path.exists():
+        if path.suffix.lower() in (".jsonl", ".json", ".parquet") or data.path.startswith((".", "/", "~")):
+            return None, f"data file {data.path!r} does not exist"
         return None, f"{data.path!r} is not a local file (a Hub dataset is not read by the planner)"
     suffix = path.suffix.lower()
     try:
@@ -283,6 +285,8 @@ def build_plan(
             offload_optimizer=bool(getattr(recipe.parallel, "offload_optimizer", False)),
         )
         plan["memory"] = estimate.to_dict()
+        out_notes.append(f"memory is estimated at data.max_length={d.max_length} for every sample (the worst "
+                         "case: batches padded to their longest sequence use less)")
         if gpu_memory_gib is not None and estimate.total_bytes > gpu_memory_gib * GIB:
             warnings.append(f"estimated {estimate.total_bytes / GIB:.1f} GiB per GPU exceeds {gpu_memory_gib:g} GiB: "
                             "turn on train.gradient_checkpointing, lower batch.micro_batch_size or data.max_length, "

@@ -15,6 +15,8 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 
+pytest_plugins = ["tests.conftest_slurm"]  # the real SLURM cluster fixture (tests/slurm_cluster.py)
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
