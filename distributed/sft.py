@@ -8,7 +8,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -19,8 +21,10 @@ from tunefleet.launch import recipe as recipe_mod
 from tunefleet.launch.cli import add_run_arguments
 from tunefleet.launch.errors import TunefleetError
 from tunefleet.launch.recipe import Recipe
+from tunefleet.slurm.sbatch import REQUEUE_EXIT_CODE
 
 RESOLVED_RECIPE = "recipe.yaml"
+PLAN_FILE = "plan.json"
 FINAL_DIR = "final"
 
 
@@ -51,17 +55,36 @@ def inspect_output_dir(path: Path) -> RunDirState:
     if not path.is_dir():
         raise TunefleetError(f"output_dir {str(path)!r} exists and is not a directory",
                              "choose another output_dir")
-    from transformers.trainer_utils import get_last_checkpoint
+    from tunefleet.distributed import checkpoint as ckpt
 
     entries = [e for e in path.iterdir() if not e.name.startswith(".")]
     finished = (path / FINAL_DIR).is_dir()
-    checkpoint = get_last_checkpoint(str(path))
+    newest = ckpt.latest(path)
+    checkpoint = str(newest) if newest else None
     foreign = bool(entries) and not (path / RESOLVED_RECIPE).exists() and not finished and checkpoint is None
     return RunDirState(True, finished, checkpoint, foreign)
 
 
-def decide_start(path: Path, state: RunDirState, *, overwrite: bool, no_resume: bool) -> tuple[str, str | None]:
+def decide_start(
+    path: Path, state: RunDirState, *, overwrite: bool, no_resume: bool, resume: str | None = None
+) -> tuple[str, str | None]:
     """Return ("fresh" | "overwrite" | "resume", checkpoint). Refuse anything that would lose results."""
+    if resume is not None:
+        from tunefleet.distributed import checkpoint as ckpt
+
+        if overwrite or no_resume:
+            raise TunefleetError("--resume cannot be combined with --overwrite or --no-resume", "pick one")
+        if not ckpt.is_complete(Path(resume)):
+            raise TunefleetError(
+                f"--resume {resume!r} is not a complete tunefleet checkpoint (no {ckpt.COMPLETE} marker or "
+                "files missing)",
+                f"pass a checkpoint-N directory that holds {ckpt.MANIFEST} and {ckpt.COMPLETE}, or drop --resume "
+                "to continue from the newest complete one",
+            )
+        if state.finished:
+            raise TunefleetError(f"output_dir {str(path)!r} already holds a finished run ({FINAL_DIR}/ exists)",
+                                 "choose a new output_dir to continue from that checkpoint")
+        return "resume", str(resume)
     if overwrite:
         return ("overwrite" if state.exists and any(path.iterdir()) else "fresh"), None
     if state.foreign:
@@ -82,6 +105,21 @@ def decide_start(path: Path, state: RunDirState, *, overwrite: bool, no_resume: 
             )
         return "resume", state.checkpoint
     return "fresh", None
+
+
+def check_resume(checkpoint: str, recipe: Recipe) -> list[str]:
+    """Refuse to continue a checkpoint under a recipe that changes the training; list harmless changes."""
+    from tunefleet.distributed import checkpoint as ckpt
+
+    saved = ckpt.read_manifest(Path(checkpoint))
+    breaking, harmless = recipe_mod.resume_diff(saved["recipe"], recipe)
+    if breaking:
+        raise TunefleetError(
+            f"the recipe differs from the one {Path(checkpoint).name} was trained with, in ways that change "
+            "the training:\n    " + "\n    ".join(breaking),
+            "restore those values to continue this run, or start a new run (new output_dir, or --overwrite)",
+        )
+    return harmless
 
 
 def move_aside(path: Path) -> Path:
@@ -116,8 +154,50 @@ def _rank_env() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def in_effect(trainer: Any, precision: Any) -> dict[str, Any]:
+    """What the run really uses (not what was asked for): recorded in plan.json."""
+    import torch
+
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return {
+        "world_size": trainer.args.world_size,
+        "distributed_type": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1],
+        "backend": torch.distributed.get_backend() if dist else None,
+        "device": str(trainer.args.device),
+        "mixed_precision": precision.mode,
+        "model_dtype": str(precision.dtype).replace("torch.", ""),
+    }
+
+
+def write_plan(path: Path, recipe: Recipe, *, model_path: str, world_size: int, train_examples: int,
+               eval_rows: int, steps_per_epoch: int, in_effect: dict[str, Any]) -> None:
+    """The plan this run actually runs with (runtime world size, real example count)."""
+    import json
+
+    from tunefleet.launch.params import read_model_config
+    from tunefleet.launch.plan import build_plan
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    config_file = Path(model_path) / "config.json"
+    plan = build_plan(
+        recipe,
+        nodes=max(1, world_size // local),
+        procs_per_node=local,
+        dataset_rows=train_examples + eval_rows,
+        model_config=read_model_config(config_file) if config_file.exists() else None,
+    )
+    plan["in_effect"] = in_effect
+    plan["in_effect"]["train_examples"] = train_examples
+    plan["in_effect"]["steps_per_epoch"] = steps_per_epoch
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(plan, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
 def training_arguments(recipe: Recipe, *, grad_accum_steps: int, precision: Any, has_eval: bool) -> Any:
     from trl import SFTConfig
+
+    from tunefleet.launch.batch import SCHEDULER_KWARGS
 
     t = recipe.train
     save = t.save_steps > 0
@@ -131,9 +211,10 @@ def training_arguments(recipe: Recipe, *, grad_accum_steps: int, precision: Any,
         max_steps=t.max_steps,
         learning_rate=t.lr,
         lr_scheduler_type=t.lr_scheduler,
+        lr_scheduler_kwargs=dict(SCHEDULER_KWARGS.get(t.lr_scheduler, {})),
         warmup_steps=t.warmup_ratio,
         weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm if t.max_grad_norm > 0 else None,
+        max_grad_norm=t.max_grad_norm,  # 0 disables clipping (None crashes the training loop)
         optim=t.optimizer,
         seed=t.seed,
         data_seed=t.seed,
@@ -145,10 +226,11 @@ def training_arguments(recipe: Recipe, *, grad_accum_steps: int, precision: Any,
         logging_steps=t.logging_steps,
         save_strategy="steps" if save else "no",
         save_steps=t.save_steps if save else 500,
-        save_total_limit=recipe.checkpoint.keep_last,
+        save_total_limit=None,  # retention is tunefleet's (never before the new checkpoint is complete)
         eval_strategy="steps" if evaluate else "no",
         eval_steps=t.eval_steps if evaluate else None,
         report_to=list(t.report_to) or "none",
+        run_name=Path(recipe.output_dir).name,  # the trackers' display name (the run id: tracking.py)
         max_length=recipe.data.max_length,
         packing=False,
         dataset_kwargs={"skip_prepare_dataset": True},
@@ -161,7 +243,7 @@ def training_arguments(recipe: Recipe, *, grad_accum_steps: int, precision: Any,
     )
 
 
-def run(recipe: Recipe, *, overwrite: bool = False, no_resume: bool = False) -> int:
+def run(recipe: Recipe, *, overwrite: bool = False, no_resume: bool = False, resume: str | None = None) -> int:
     """Train one recipe in this process (one rank of a launched job, or alone)."""
     rank, world_size = _rank_env()
     main_process = rank == 0
@@ -170,7 +252,8 @@ def run(recipe: Recipe, *, overwrite: bool = False, no_resume: bool = False) -> 
 
     # decide on the output directory before anyone writes to it
     state = inspect_output_dir(out)
-    mode, checkpoint = decide_start(out, state, overwrite=overwrite, no_resume=no_resume)
+    mode, checkpoint = decide_start(out, state, overwrite=overwrite, no_resume=no_resume, resume=resume)
+    resume_notes = check_resume(checkpoint, recipe) if checkpoint else []
 
     from tunefleet.launch.batch import plan_batch
 
@@ -184,6 +267,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, no_resume: bool = False) -> 
     import torch  # noqa: F401  (heavy imports start here)
     from transformers.utils import logging as hf_logging
 
+    from tunefleet.distributed import checkpoint as ckpt
     from tunefleet.distributed import data as data_mod
     from tunefleet.distributed import model as model_mod
     from tunefleet.distributed.reporting import (
@@ -194,9 +278,10 @@ def run(recipe: Recipe, *, overwrite: bool = False, no_resume: bool = False) -> 
         plot_loss,
         print_table,
     )
-    from tunefleet.distributed.trainer import TunefleetTrainer
+    from tunefleet.distributed.trainer import StopFlag, TunefleetTrainer
 
     hf_logging.set_verbosity_error()
+    stop = StopFlag()
     precision = model_mod.resolve_precision(recipe)
     model_path = model_mod.resolve_model_path(recipe.model)
 
@@ -223,6 +308,15 @@ def run(recipe: Recipe, *, overwrite: bool = False, no_resume: bool = False) -> 
             "lower batch.global_batch_size or add data",
         )
 
+    from tunefleet.distributed import tracking
+    from tunefleet.distributed.evaluation import (
+        SAMPLES_FILE,
+        FinalEvalCallback,
+        final_eval_loss,
+        write_samples,
+    )
+
+    tracking.check_installed(list(recipe.train.report_to))
     args = training_arguments(recipe, grad_accum_steps=batch_plan.grad_accum_steps, precision=precision,
                               has_eval=bool(eval_examples))
     # the process group exists now (the trainer arguments initialise it): prepare the directory
@@ -246,12 +340,25 @@ def run(recipe: Recipe, *, overwrite: bool = False, no_resume: bool = False) -> 
             f"# resolved recipe, written {time.strftime('%Y-%m-%d %H:%M:%S')}\n" + recipe_mod.dump(recipe),
             encoding="utf-8",
         )
+        removed = ckpt.cleanup_incomplete(out)
+        if removed:
+            print(f"removed {len(removed)} incomplete checkpoint(s): {', '.join(p.name for p in removed)}", flush=True)
         if mode == "resume":
-            step = truncate_metrics(out / METRICS_FILE, checkpoint)
-            print(f"resuming from {checkpoint} (step {step})", flush=True)
+            truncate_metrics(out / METRICS_FILE, checkpoint)
+            m = ckpt.read_manifest(Path(checkpoint))  # type: ignore[arg-type]
+            print(f"resuming from {checkpoint}: step {m['step']}, {m['samples_seen']:,} samples seen "
+                  f"(written by {m['world_size']} process(es), now {world_size})", flush=True)
+            for note in resume_notes:
+                print(f"  changed since that checkpoint (harmless): {note}", flush=True)
     dist_state.wait_for_everyone()
+    ckpt.check_shared_storage(out, rank=rank, world_size=world_size, barrier=dist_state.wait_for_everyone)
 
     model = model_mod.load_model(model_path, recipe, precision)
+    # the adapter's random init (LoRA A) comes from train.seed, identical on every rank and every
+    # world size (the Trainer seeds only after the model exists: unseeded, runs could never match)
+    from transformers import set_seed
+
+    set_seed(recipe.train.seed)
     model = model_mod.apply_peft(model, recipe)
     trainable, total = model.get_nb_trainable_parameters()
 
@@ -267,11 +374,22 @@ def run(recipe: Recipe, *, overwrite: bool = False, no_resume: bool = False) -> 
         processing_class=tokenizer,
         global_batch_size=batch_plan.global_batch_size,
         micro_batch_size=batch_plan.micro_batch_size,
-        callbacks=[MetricsCallback(out / METRICS_FILE), ProgressCallback()],
+        callbacks=[MetricsCallback(out / METRICS_FILE), ProgressCallback()]
+        + ([FinalEvalCallback()] if eval_ds is not None else []),
+        manifest={
+            "recipe_hash": recipe_mod.fingerprint(recipe),
+            "recipe": recipe_mod.to_dict(recipe),
+            "world_size": world_size,
+            "strategy": recipe.parallel.strategy,
+            "batch_plan": dataclasses.asdict(batch_plan),
+        },
+        keep_last=recipe.checkpoint.keep_last,
+        stop=stop,
     )
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # the progress bar and metrics.jsonl replace its dict dumps
+    tracking.install(trainer, list(recipe.train.report_to), out)  # one tracked run across requeues
     if main_process:
         method = {"lora": "LoRA", "dora": "DoRA"}[recipe.peft.method] + (" + rsLoRA" if recipe.peft.use_rslora else "")
         if recipe.model.quantization != "none":
@@ -291,12 +409,28 @@ def run(recipe: Recipe, *, overwrite: bool = False, no_resume: bool = False) -> 
                          f"epochs={recipe.train.epochs}"),
             ("output", str(out)),
         ])
+    if main_process:
+        write_plan(out / PLAN_FILE, recipe, model_path=model_path, world_size=world_size,
+                   train_examples=len(train_examples), eval_rows=len(eval_rows) if d.eval_ratio else 0,
+                   steps_per_epoch=steps_per_epoch, in_effect=in_effect(trainer, precision))
+    stop.install()
     result = trainer.train(resume_from_checkpoint=checkpoint)
+    if trainer.tf_stopped:
+        if main_process:
+            newest = ckpt.latest(out)
+            print(f"stopped by {signal.Signals(stop.signal or signal.SIGTERM).name} after step "
+                  f"{trainer.state.global_step}: checkpoint {newest} is complete; exit {REQUEUE_EXIT_CODE} "
+                  "asks the scheduler to requeue (rerun the same command to continue)", flush=True)
+        dist_state.wait_for_everyone()
+        return REQUEUE_EXIT_CODE
 
     if main_process:
         final = out / FINAL_DIR
         model_mod.save_adapter(trainer.model, tokenizer, final)
         plot_loss(out / METRICS_FILE, out / LOSS_PLOT)
+        samples = write_samples(trainer.model, tokenizer, recipe, eval_rows=eval_rows, train_rows=rows,
+                                path=out / SAMPLES_FILE)
+        eval_loss = final_eval_loss(trainer.state.log_history)
         elapsed = time.monotonic() - started
         train_s = result.metrics.get("train_runtime", elapsed)
         tokens = trainer.state.num_input_tokens_seen
@@ -305,8 +439,10 @@ def run(recipe: Recipe, *, overwrite: bool = False, no_resume: bool = False) -> 
             ("final loss", f"{result.training_loss:.4f} (mean over the run)"),
             ("time", f"{elapsed:.1f} s total, {train_s:.1f} s training"),
             ("throughput", f"{tokens / max(train_s, 1e-9):,.0f} tokens/s ({tokens:,} tokens)"),
+            *([("eval loss", f"{eval_loss:.4f} (last evaluation)")] if eval_loss is not None else []),
             ("adapter", str(final)),
             ("metrics", f"{out / METRICS_FILE}, {out / LOSS_PLOT}"),
+            ("samples", samples),
         ])
     dist_state.wait_for_everyone()
     return 0
@@ -316,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         recipe = recipe_mod.load(args.recipe, args.overrides)
-        return run(recipe, overwrite=args.overwrite, no_resume=args.no_resume)
+        return run(recipe, overwrite=args.overwrite, no_resume=args.no_resume, resume=args.resume)
     except TunefleetError as exc:
         rank, _ = _rank_env()
         if rank == 0:

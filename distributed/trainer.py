@@ -1,22 +1,81 @@
 """The TRL SFTTrainer, with tunefleet's sample order and its counters.
 
-Two changes to the stock trainer:
+Changes to the stock trainer:
 - the training data loader yields this rank's micro batches from `GlobalBatchSampler`, so the
   samples of every optimizer step are fixed by (seed, epoch), whatever the world size; accelerate
   does not re-shard it (it would pad the last batch with repeated samples);
+- on resume the sampler seeks straight to the sample position (no batch is replayed);
+- checkpoints are atomic (`distributed/checkpoint.py`): written to a temporary directory, flushed
+  by every rank, completed by a manifest and a marker, renamed into place;
+- a preemption signal (SIGTERM/SIGUSR1 on any rank) is agreed on at the next step boundary,
+  followed by a checkpoint and a stop;
 - every logged step carries `samples_seen` and `tokens_seen`.
 The loss of a step is the token-sum over the whole global batch divided by its label-token count
-(the trainer's `num_items_in_batch` with `average_tokens_across_devices=True`).
+(the trainer's `num_items_in_batch` with `average_tokens_across_devices=True`): transformers'
+`Trainer.get_batch_samples` counts the label tokens (`labels[..., 1:] != -100`) of this rank's
+accumulation window and all-reduces the count over ranks; TRL's `compute_loss` divides each micro
+batch's token-loss sum by that global count and multiplies by the world size, which DDP's gradient
+averaging divides out again. Proven by `tests/test_batch_equivalence.py`.
+
+Debug switch (tests only, never in a real run): `TUNEFLEET_DEBUG_LOSS_NORM=micro-batch` drops the
+global count (`num_items_in_batch=None`), so every micro batch is normalised by its own token count,
+the trainer divides by the accumulation steps and DDP averages the ranks: the mean of per-micro-batch
+means, i.e. the stock behaviour without the fix, which depends on the split. It exists so that the
+equivalence test can show that it fails under that normalisation.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
+from tunefleet.distributed import checkpoint as ckpt
 from tunefleet.distributed.sampler import GlobalBatchSampler
+
+TRAINER_STATE_NAME = "trainer_state.json"
+
+DEBUG_LOSS_NORM_ENV = "TUNEFLEET_DEBUG_LOSS_NORM"
+"""Debug only: `micro-batch` normalises the loss per micro batch (wrong on purpose, see the module doc)."""
+DEBUG_LOSS_NORMS = ("global", "micro-batch")
+
+
+def debug_loss_norm() -> str:
+    """The loss normalisation asked for by TUNEFLEET_DEBUG_LOSS_NORM: `global` (the default) or `micro-batch`."""
+    value = os.environ.get(DEBUG_LOSS_NORM_ENV, "").strip() or "global"
+    if value not in DEBUG_LOSS_NORMS:
+        raise ValueError(f"{DEBUG_LOSS_NORM_ENV}={value!r}: expected one of {', '.join(DEBUG_LOSS_NORMS)}")
+    return value
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1; read at step boundaries. A second signal changes nothing."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is None:
+            self.signal = signum
+            print(f"received {signal.Signals(signum).name}: checkpointing at the end of this step", flush=True)
+
+    @property
+    def raised(self) -> bool:
+        return self.signal is not None
 
 
 class EpochDataLoader(DataLoader):
@@ -26,11 +85,53 @@ class EpochDataLoader(DataLoader):
         self.batch_sampler.set_epoch(epoch)  # type: ignore[union-attr]
 
 
+class StepBoundary(TrainerCallback):
+    """At every optimizer-step boundary: the true epoch, and the ranks' agreement on a stop signal."""
+
+    def __init__(self, trainer: TunefleetTrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        t = self.trainer
+        # the trainer's own epoch counter restarts within a resumed epoch: derive it from the step
+        state.epoch = state.global_step / t.tf_steps_per_epoch
+        if t.tf_stop is None:
+            return
+        flag = torch.tensor([1 if t.tf_stop.raised else 0], device=args.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # one tiny all-reduce
+        if flag.item():
+            t.tf_stopped = True
+            control.should_save = True
+            control.should_training_stop = True
+
+
 class TunefleetTrainer(SFTTrainer):
-    def __init__(self, *args: Any, global_batch_size: int, micro_batch_size: int, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        global_batch_size: int,
+        micro_batch_size: int,
+        manifest: dict[str, Any],
+        keep_last: int | None,
+        stop: StopFlag | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.tf_global_batch_size = global_batch_size
         self.tf_micro_batch_size = micro_batch_size
+        self.tf_manifest = manifest
+        self.tf_keep_last = keep_last
+        self.tf_stop = stop
+        self.tf_stopped = False
+        self.tf_sampler: GlobalBatchSampler | None = None
+        self.tf_save_times_s: list[float] = []
+        self.tf_loss_norm = debug_loss_norm()
         super().__init__(*args, **kwargs)
+        if self.tf_loss_norm != "global" and self.args.process_index == 0:
+            print(f"WARNING: {DEBUG_LOSS_NORM_ENV}={self.tf_loss_norm}: the loss is normalised per micro batch "
+                  "(a debug switch for tests; results depend on the micro batch / world size split)", flush=True)
+        self.tf_steps_per_epoch = len(self.train_dataset) // global_batch_size  # type: ignore[arg-type]
+        self.add_callback(StepBoundary(self))
 
     def get_train_dataloader(self) -> DataLoader:
         assert self.train_dataset is not None
@@ -42,6 +143,7 @@ class TunefleetTrainer(SFTTrainer):
             rank=self.args.process_index,
             seed=self.args.seed,
         )
+        self.tf_sampler = sampler
         return EpochDataLoader(
             self.train_dataset,  # type: ignore[arg-type]
             batch_sampler=sampler,
@@ -49,6 +151,76 @@ class TunefleetTrainer(SFTTrainer):
             num_workers=self.args.dataloader_num_workers,
             pin_memory=self.args.dataloader_pin_memory and not self.args.use_cpu,
         )
+
+    def _init_training_state(self, max_steps: int, num_update_steps_per_epoch: int, num_train_epochs: int,
+                             resume_from_checkpoint: Any, trial: Any) -> tuple[int, int]:
+        epochs_trained, _ = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+        )
+        # the recipe's intervals win over the ones saved in the checkpoint (a harmless change on resume)
+        self.state.compute_steps(self.args, max_steps)
+        if resume_from_checkpoint is not None and self.tf_sampler is not None:
+            # seek to the exact sample position; 0 batches for the trainer to skip (no replay)
+            self.tf_sampler.seek(epoch=epochs_trained,
+                                 step_in_epoch=self.state.global_step % self.tf_steps_per_epoch)
+        return epochs_trained, 0
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """Atomic checkpoint: temporary dir, every rank's part flushed, manifest + marker, rename."""
+        started = time.monotonic()
+        step = self.state.global_step
+        run_dir = Path(self.args.output_dir)
+        tmp = run_dir / f"{ckpt.TMP_PREFIX}{step}"
+        final = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        self.store_flos()
+        if self.args.should_save:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+
+        self.save_model(str(tmp), _internal_call=True)
+        self._save_optimizer_and_scheduler(str(tmp))
+        self._save_scaler(str(tmp))
+        self._save_rng_state(str(tmp))
+        if self.args.should_save:
+            for cb in [c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)]:
+                self.state.stateful_callbacks[cb.__class__.__name__] = cb.state()
+            self.state.save_to_json(str(tmp / TRAINER_STATE_NAME))
+        if tmp.exists():
+            ckpt.fsync_tree(tmp)  # this rank's part is on stable storage
+        self.accelerator.wait_for_everyone()
+        if os.environ.get("TUNEFLEET_TEST_SAVE_DELAY_S"):  # tests: widen the window before the marker
+            time.sleep(float(os.environ["TUNEFLEET_TEST_SAVE_DELAY_S"]))
+
+        if self.args.should_save:
+            save_s = time.monotonic() - started
+            ckpt.finalize(tmp, final, {
+                **self.tf_manifest,
+                "step": step,
+                "epoch": step / self.tf_steps_per_epoch,
+                "samples_seen": step * self.tf_global_batch_size,
+                "tokens_seen": self.state.num_input_tokens_seen,
+                "save_s": round(save_s, 3),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            })
+            ckpt.apply_retention(run_dir, self.tf_keep_last)
+            self.tf_save_times_s.append(save_s)
+            print(f"checkpoint {final.name} complete ({save_s:.2f} s)", flush=True)
+        self.accelerator.wait_for_everyone()
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
+        """One accumulation window of micro batches and the global label-token count of the step.
+
+        Only the debug switch changes anything here (see the module doc): with
+        TUNEFLEET_DEBUG_LOSS_NORM=micro-batch the count is dropped, so the loss is normalised per
+        micro batch. The count is still computed (and all-reduced) first, so every rank makes the
+        same collective calls either way.
+        """
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.tf_loss_norm == "micro-batch":
+            num_items_in_batch = None
+        return batch_samples, num_items_in_batch
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:

@@ -253,7 +253,7 @@ def check_resume(saved: Mapping[str, Any], current: BatchPlan) -> list[str]:
         )
     notes = []
     for name in ("world_size", "micro_batch_size", "grad_accum_steps"):
-        if saved.get(name) != getattr(current, name):
+        if name in saved and saved[name] != getattr(current, name):
             notes.append(f"{name} {saved.get(name)} -> {getattr(current, name)}")
     if notes:
         return [f"resuming with {', '.join(notes)}; the global batch stays {current.global_batch_size}"]

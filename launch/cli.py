@@ -14,7 +14,7 @@ def _train(args: argparse.Namespace) -> int:
     from tunefleet.launch import recipe as recipe_mod
 
     recipe = recipe_mod.load(args.recipe, args.overrides)
-    return sft.run(recipe, overwrite=args.overwrite, no_resume=args.no_resume)
+    return sft.run(recipe, overwrite=args.overwrite, no_resume=args.no_resume, resume=args.resume)
 
 
 def add_overrides(p: argparse.ArgumentParser) -> None:
@@ -29,6 +29,49 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="start over in an output_dir that holds a run (the old one is moved aside, not deleted)")
     p.add_argument("--no-resume", action="store_true",
                    help="refuse to continue an unfinished run found in output_dir")
+    p.add_argument("--resume", metavar="CHECKPOINT", default=None,
+                   help="continue from this complete checkpoint (default: the newest one in output_dir)")
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from tunefleet.launch.plan import make_plan, render_plan
+
+    plan = make_plan(args.recipe, args.overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                     model_config_path=args.model_config, gpu_memory_gib=args.gpu_memory_gib)
+    print(json.dumps(plan, indent=2) if args.json else render_plan(plan))
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from tunefleet.distributed.merge import merge
+
+    result = merge(args.run, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                   check=not args.no_check)
+    for note in result.notes:
+        print(f"note: {note}")
+    if result.max_logit_diff is not None:
+        print(f"check: merged vs base+adapter on a probe prompt, max |logit difference| = "
+              f"{result.max_logit_diff:.3g} ({result.dtype})")
+    print(f"merged {result.adapter_dir} into its base: {result.out_dir} ({result.dtype}); load it with "
+          f"AutoModelForCausalLM.from_pretrained({str(result.out_dir)!r})")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from tunefleet.distributed import generate as gen
+
+    items: list = list(args.prompts)
+    if args.prompts_file:
+        items += gen.read_prompts_file(args.prompts_file)
+    if not items:
+        raise TunefleetError("no prompts given", "pass --prompt TEXT (repeatable) or --prompts-file FILE")
+    adapter, results = gen.generate_for_run(args.run, items, compare_base=args.compare_base,
+                                            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                            batch_size=args.batch_size)
+    gen.print_results(adapter, results, as_jsonl=args.jsonl)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +86,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe YAML file (e.g. recipes/demo.yaml)")
     add_run_arguments(p)
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("plan", help="explain the batch math, schedule, parameters and memory of a recipe",
+                       description="Print world size, accumulation, steps, warm-up, LR points, trainable/total "
+                                   "parameters (model built on the meta device: nothing downloaded), a memory "
+                                   "estimate per GPU and the launch command. Loads no weights.")
+    p.add_argument("recipe", help="recipe YAML file")
+    add_overrides(p)
+    p.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=1, help="processes (GPUs) per node (default 1)")
+    p.add_argument("--model-config", default=None, metavar="CONFIG_JSON",
+                   help="the model's config.json, when the model is not available locally")
+    p.add_argument("--gpu-memory-gib", type=float, default=None, help="warn when the estimate exceeds this")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_plan)
+
+    p = sub.add_parser("merge", help="merge a run's adapter into its base model and save one model",
+                       description="Merge the LoRA/DoRA adapter of a run (its final/ adapter, else its newest "
+                                   "complete checkpoint), a final/ directory or a checkpoint-N directory into the "
+                                   "base model; save safetensors (sharded) + tokenizer. QLoRA runs merge into the "
+                                   "unquantized base at the recipe's dtype.")
+    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="run output_dir, its final/ or a checkpoint-N directory")
+    p.add_argument("--out", required=True, metavar="DIR", help="new directory for the merged model")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default=None,
+                   help="dtype of the merged weights (default: model.dtype of the recipe, else its precision)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip comparing merged and base+adapter logits on a probe prompt")
+    p.set_defaults(func=_merge)
+
+    p = sub.add_parser("generate", help="answer prompts with a run's adapter (and the base model)",
+                       description="Render prompts in the run's own format (alpaca template or chat template "
+                                   "with the generation prompt), decode greedily, stop at the end-of-turn token.")
+    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="run output_dir, its final/ or a checkpoint-N directory")
+    p.add_argument("--prompt", dest="prompts", action="append", default=[], metavar="TEXT",
+                   help="a prompt: the instruction (alpaca), the user message (chat) or the prompt (repeatable)")
+    p.add_argument("--prompts-file", metavar="FILE",
+                   help="one prompt per line, or a .jsonl/.json/.parquet file of rows in the run's data format")
+    p.add_argument("--compare-base", action="store_true", help="also answer with the base model (adapter off)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
+    p.add_argument("--jsonl", action="store_true", help="print one JSON object per prompt instead of a table")
+    p.set_defaults(func=_generate)
     return parser
 
 

@@ -290,7 +290,7 @@ def estimate_memory(
     adapter_bytes = compute if deepspeed else 4
     add("adapter weights", 0 if offload_params else adapter_params * adapter_bytes / shard_weights,
         f"{adapter_params:,} params at {adapter_bytes} bytes; {where}")
-    if deepspeed:
+    if deepspeed and compute < 4:
         add("fp32 master weights", 0 if offload_optimizer else trainable_params * 4 / shard_states,
             "DeepSpeed's fp32 copy of the trainable params" + ("; offloaded" if offload_optimizer else f" / {shard_states}"))
     # gradients and optimizer

@@ -224,6 +224,25 @@ class ParallelConfig:
     """How the run is spread over devices: `single`, `ddp`, `fsdp`, `fsdp-qlora`,
     `deepspeed-zero2`, `deepspeed-zero3`."""
 
+    fsdp_version: Literal[1, 2] = 2
+    """`fsdp`/`fsdp-qlora` only: 2 (per-parameter sharding, `fully_shard`) or 1 (flat-parameter
+    FSDP, rendered with use_orig_params=false as the PEFT docs prescribe for LoRA)."""
+
+    offload: Literal["none", "optimizer", "optimizer+params"] = "none"
+    """Keep state in CPU RAM to save GPU memory. `optimizer`: ZeRO-2/3 optimizer states and the
+    update step (DeepSpeed's CPU Adam). `optimizer+params`: ZeRO-3 also offloads parameters;
+    FSDP offloads parameters, gradients and the optimizer step together, so FSDP takes only
+    this value."""
+
+    state_dict: Literal["sharded", "full"] = "sharded"
+    """`fsdp`/`fsdp-qlora`/`deepspeed-zero3`: how checkpoints are written. `sharded`: each rank
+    writes its own shard (fast, resume only); `full`: gathered into normal weights on rank 0 at
+    every save (slow for big models). The final adapter is a normal PEFT adapter either way."""
+
+    fsdp_wrap_classes: list[str] | None = None
+    """`fsdp`/`fsdp-qlora` only: module class names that each become one FSDP unit (the
+    decoder layer, e.g. [LlamaDecoderLayer]); None takes the model's own `_no_split_modules`."""
+
 
 @dataclass(kw_only=True, slots=True)
 class CheckpointConfig:
@@ -497,7 +516,33 @@ def validate(recipe: Recipe) -> Recipe:
     _check(k is None or k >= 1, "checkpoint.keep_last", f"must be >= 1 or null, got {k}", "use e.g. 2")
     if m.quantization == "mxfp4":
         _check(p.init != "loftq", "peft.init", "loftq cannot start from MXFP4 weights", "use peft.init=default")
+    _validate_parallel(recipe.parallel)
     return recipe
+
+
+def _validate_parallel(par: ParallelConfig) -> None:
+    """Settings that only some strategies read are rejected elsewhere, never silently ignored.
+    Hardware- and model-dependent rules live in tunefleet.launch.compat."""
+    s = par.strategy
+    fsdp = s in ("fsdp", "fsdp-qlora")
+    _check(fsdp or par.fsdp_version == 2, "parallel.fsdp_version",
+           f"only the fsdp strategies read it, but parallel.strategy={s!r}", "drop parallel.fsdp_version")
+    _check(fsdp or par.fsdp_wrap_classes is None, "parallel.fsdp_wrap_classes",
+           f"only the fsdp strategies read it, but parallel.strategy={s!r}", "drop parallel.fsdp_wrap_classes")
+    if par.fsdp_wrap_classes is not None:
+        _check(bool(par.fsdp_wrap_classes) and all(c.strip() for c in par.fsdp_wrap_classes),
+               "parallel.fsdp_wrap_classes", "is empty or holds an empty name",
+               "list class names (e.g. [LlamaDecoderLayer]) or drop it to use the model's own")
+    if par.offload != "none":
+        _check(s in ("fsdp", "fsdp-qlora", "deepspeed-zero2", "deepspeed-zero3"), "parallel.offload",
+               f"{par.offload!r} needs a sharding strategy, but parallel.strategy={s!r}",
+               "use parallel.strategy=deepspeed-zero3 (or fsdp), or parallel.offload=none")
+    _check(not (s == "deepspeed-zero2" and par.offload == "optimizer+params"), "parallel.offload",
+           "ZeRO-2 does not partition parameters, so it cannot offload them",
+           "use parallel.offload=optimizer, or parallel.strategy=deepspeed-zero3")
+    _check(not (fsdp and par.offload == "optimizer"), "parallel.offload",
+           "FSDP cannot offload the optimizer alone: its CPU offload moves parameters, gradients and "
+           "the optimizer step together", "use parallel.offload=optimizer+params (or none)")
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -551,6 +596,51 @@ def to_dict(recipe: Recipe) -> dict[str, Any]:
 def dump(recipe: Recipe) -> str:
     """The fully resolved recipe as YAML (every default written out)."""
     return yaml.safe_dump(to_dict(recipe), sort_keys=False)
+
+
+HARMLESS_ON_RESUME = (
+    "output_dir",
+    "train.logging_steps",
+    "train.save_steps",
+    "train.eval_steps",
+    "train.report_to",
+    "train.gradient_checkpointing",
+    "batch.micro_batch_size",
+    "parallel.",
+    "checkpoint.",
+    "model.attn_implementation",
+    "data.eval_path",
+    "data.eval_ratio",
+)
+"""Keys that may change between a checkpoint and its resumption without changing the training
+(logging, node count, micro batch and thus accumulation, ...). Everything else must match."""
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): data}
+
+
+def resume_diff(saved: dict[str, Any], current: Recipe) -> tuple[list[str], list[str]]:
+    """Compare the recipe a checkpoint was written with to the current one.
+
+    Returns (breaking, harmless): lines `key: saved -> current`.
+    """
+    old, new = _flatten(saved), _flatten(to_dict(current))
+    breaking, harmless = [], []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) == new.get(key):
+            continue
+        line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+        if any(key == h or (h.endswith(".") and key.startswith(h)) for h in HARMLESS_ON_RESUME):
+            harmless.append(line)
+        else:
+            breaking.append(line)
+    return breaking, harmless
 
 
 def fingerprint(recipe: Recipe, keys: list[str] | None = None) -> str:

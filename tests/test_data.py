@@ -13,6 +13,7 @@ from functools import cache, lru_cache
 from pathlib import Path
 
 import pytest
+
 from tunefleet.distributed import data as D
 from tunefleet.launch.errors import DataError
 from tunefleet.launch.recipe import DataConfig
@@ -722,8 +723,9 @@ def test_transformers_5_apply_chat_template_returns_a_batch_encoding():
 
 def test_messages_from_system_user_assistant_columns() -> None:
     """Seed 003's dataset has system/user/assistant columns instead of a messages list."""
-    from tunefleet.distributed.demo_model import ensure_tiny_llama
     from transformers import AutoTokenizer
+
+    from tunefleet.distributed.demo_model import ensure_tiny_llama
 
     tok = AutoTokenizer.from_pretrained(ensure_tiny_llama())
     row = {"system": "Be brief.", "user": "Capital of France?", "assistant": "Paris."}

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from tunefleet.distributed import demo_model
 from tunefleet.distributed.demo_model import (
     BOS_TOKEN,

@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from tunefleet.launch.errors import TunefleetError
 from tunefleet.slurm.sbatch import (
     REQUEUE_EXIT_CODE,

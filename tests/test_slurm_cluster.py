@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-from tunefleet.slurm.sbatch import REQUEUE_EXIT_CODE, ClusterSpec, Launch, render_sbatch
-from tunefleet.slurm.submit import SubmitError, submit, test_only, write_script
 
 from tests.slurm_cluster import SlurmCluster
+from tunefleet.slurm.sbatch import REQUEUE_EXIT_CODE, ClusterSpec, Launch, render_sbatch
+from tunefleet.slurm.submit import SubmitError, submit, test_only, write_script
 
 pytest_plugins = ["tests.conftest_slurm"]  # the same registration as tests/conftest.py; loaded once
 pytestmark = pytest.mark.slurm

@@ -1,0 +1,165 @@
+"""Atomic checkpoints: a step counts only when its completion marker exists.
+
+A checkpoint is written into `<output_dir>/.tmp-checkpoint-<step>`: every rank writes and
+fsyncs its part, then (after a barrier) rank 0 writes `manifest.json` (files and sizes, step,
+samples and tokens seen, recipe hash, world size, strategy, batch plan, save time) and the
+`COMPLETE` marker last, fsyncs, and renames the directory to `checkpoint-<step>`. A directory
+without the marker, or whose files do not match its manifest, is never resumed from; leftovers
+are removed at the next start. Retention deletes old checkpoints only after a new one is
+complete and never the newest complete one.
+
+The output directory is assumed to be on storage shared by all nodes (checked at start-up).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+PREFIX = "checkpoint-"
+TMP_PREFIX = ".tmp-checkpoint-"
+MANIFEST = "manifest.json"
+COMPLETE = "COMPLETE"
+
+
+def step_of(path: Path) -> int:
+    return int(path.name.rsplit("-", 1)[-1])
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        _fsync_file(path)
+    except OSError:  # some filesystems refuse fsync on directories
+        pass
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file under `root` (this rank's part of a checkpoint) to stable storage."""
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            _fsync_file(Path(dirpath) / name)
+        _fsync_dir(Path(dirpath))
+
+
+def file_list(root: Path) -> dict[str, int]:
+    """Relative path -> size of every file under `root` (manifest and marker excluded)."""
+    files = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            p = Path(dirpath) / name
+            rel = p.relative_to(root).as_posix()
+            if rel not in (MANIFEST, COMPLETE):
+                files[rel] = p.stat().st_size
+    return dict(sorted(files.items()))
+
+
+def finalize(tmp: Path, final: Path, manifest: dict[str, Any]) -> None:
+    """Rank 0, after every rank flushed its part: manifest, marker, rename into place."""
+    manifest = {**manifest, "files": file_list(tmp)}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    _fsync_file(tmp / MANIFEST)
+    (tmp / COMPLETE).write_text("ok\n", encoding="utf-8")
+    _fsync_file(tmp / COMPLETE)
+    _fsync_dir(tmp)
+    if final.exists():  # an incomplete leftover with the same step (a complete one is never rewritten)
+        if is_complete(final):
+            shutil.rmtree(tmp)
+            return
+        shutil.rmtree(final)
+    tmp.rename(final)
+    _fsync_dir(final.parent)
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    return json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+
+
+def is_complete(path: Path) -> bool:
+    """The marker exists and every file listed in the manifest is there with its size."""
+    if not (path / COMPLETE).is_file() or not (path / MANIFEST).is_file():
+        return False
+    try:
+        manifest = read_manifest(path)
+        return all((path / rel).is_file() and (path / rel).stat().st_size == size
+                   for rel, size in manifest["files"].items())
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def complete_checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints in `out`, oldest first."""
+    if not out.is_dir():
+        return []
+    found = [p for p in out.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
+             and p.name[len(PREFIX):].isdigit() and is_complete(p)]
+    return sorted(found, key=step_of)
+
+
+def latest(out: Path) -> Path | None:
+    found = complete_checkpoints(out)
+    return found[-1] if found else None
+
+
+def cleanup_incomplete(out: Path) -> list[Path]:
+    """Remove temporary and incomplete checkpoint directories (rank 0, before training starts)."""
+    removed = []
+    if not out.is_dir():
+        return removed
+    for p in out.iterdir():
+        if not p.is_dir():
+            continue
+        if p.name.startswith(TMP_PREFIX) or (p.name.startswith(PREFIX) and not is_complete(p)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def apply_retention(out: Path, keep_last: int | None) -> list[Path]:
+    """Delete the oldest complete checkpoints beyond `keep_last` (never the newest)."""
+    if keep_last is None:
+        return []
+    found = complete_checkpoints(out)
+    doomed = found[: max(0, len(found) - max(keep_last, 1))]
+    for p in doomed:
+        # make it incomplete first: a crash in the middle of rmtree leaves no half checkpoint
+        (p / COMPLETE).unlink(missing_ok=True)
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
+
+
+def check_shared_storage(out: Path, *, rank: int, world_size: int, barrier: Any) -> None:
+    """Fail clearly when the output directory is not one directory shared by every rank.
+
+    Each rank writes a probe file, and every rank then checks that it sees all of them: on
+    node-local storage the other nodes' probes are missing (and checkpoints would be split).
+    """
+    if world_size == 1:
+        return
+    probe_dir = out / ".tunefleet-probe"
+    probe_dir.mkdir(parents=True, exist_ok=True)
+    token = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID") or "run"
+    (probe_dir / f"{token}-{rank}").write_text(str(os.getpid()))
+    barrier()
+    seen = sum((probe_dir / f"{token}-{r}").exists() for r in range(world_size))
+    barrier()
+    if rank == 0:
+        shutil.rmtree(probe_dir, ignore_errors=True)
+    if seen != world_size:
+        from tunefleet.launch.errors import TunefleetError
+
+        raise TunefleetError(
+            f"output_dir {str(out)!r} is not shared by all ranks: rank {rank} sees {seen} of {world_size} "
+            "probe files (node-local storage?)",
+            "put output_dir on a filesystem every node mounts at the same path (checkpoints and resume need it)",
+        )

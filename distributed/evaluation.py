@@ -1,0 +1,69 @@
+"""Evaluation at the end of training and the generation sample written next to the adapter.
+
+* `FinalEvalCallback`: when the run has an eval split, the last optimizer step is always
+  evaluated (with `train.eval_steps: 0` too), so every run with eval data ends with an eval loss
+  in metrics.jsonl, loss.png and the trackers.
+* `write_samples`: a few prompts from the eval split (the first training rows when there is none),
+  their reference answers and the fine-tuned model's greedy answers, in `samples.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from tunefleet.launch.recipe import Recipe
+
+SAMPLES_FILE = "samples.jsonl"
+SAMPLE_PROMPTS = 4
+SAMPLE_MAX_NEW_TOKENS = 64
+SHARDED_STRATEGIES = ("fsdp", "fsdp-qlora", "deepspeed-zero3")
+"""Strategies whose forward pass needs every rank: rank 0 cannot generate alone."""
+
+
+class FinalEvalCallback(TrainerCallback):
+    """Evaluate at the last step even without periodic evaluation (the stock flow does it only
+    when `eval_strategy="steps"`; setting the flag twice is harmless)."""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step >= state.max_steps:
+            control.should_evaluate = True
+
+
+def final_eval_loss(log_history: list[dict[str, Any]]) -> float | None:
+    losses = [row["eval_loss"] for row in log_history if "eval_loss" in row]
+    return losses[-1] if losses else None
+
+
+def write_samples(
+    model: Any,
+    tokenizer: Any,
+    recipe: Recipe,
+    *,
+    eval_rows: list[dict],
+    train_rows: list[dict],
+    path: Path,
+    n: int = SAMPLE_PROMPTS,
+    max_new_tokens: int = SAMPLE_MAX_NEW_TOKENS,
+) -> str:
+    """Write `samples.jsonl` (rank 0 only); return a one-line summary for the run table."""
+    from tunefleet.distributed.generate import generate, render_prompt, stop_token_ids
+
+    if recipe.data.format == "text":
+        return "skipped (data.format=text has no prompt/answer split)"
+    if recipe.parallel.strategy in SHARDED_STRATEGIES:
+        return f"skipped ({recipe.parallel.strategy} shards the model: use `tunefleet generate` on the run)"
+    split, rows = ("eval", eval_rows) if eval_rows else ("train", train_rows)
+    prompts = [render_prompt(row, data=recipe.data, tokenizer=tokenizer, where=f"{split} row {i + 1}")
+               for i, row in enumerate(rows[:n])]
+    answers = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=n,
+                       stop_ids=stop_token_ids(tokenizer, recipe.data.format, model.generation_config))
+    with path.open("w", encoding="utf-8") as f:
+        for prompt, answer in zip(prompts, answers, strict=True):
+            row = {"split": split, "prompt": prompt.shown, "reference": prompt.reference,
+                   "generated": answer.text, "stopped": answer.stopped}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return f"{path} ({len(prompts)} {split} prompts, greedy, max {max_new_tokens} new tokens)"

@@ -1,0 +1,153 @@
+"""Merge a run's LoRA/DoRA adapter into its base model and save one standard transformers model.
+
+The base is loaded unquantized on the CPU: for QLoRA runs (bitsandbytes nf4/fp4/int8) the
+adapter is merged into the original full-precision weights at the recipe's dtype, not into the
+4-bit copy it was trained against (the merged model differs from "4-bit base + adapter" by that
+quantization error); MXFP4 bases are dequantized. The result (safetensors, sharded above
+`max_shard_size`, + tokenizer + `tunefleet_merge.json`) is written to a temporary directory and
+renamed into place, and its logits are checked against base+adapter on a probe prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunefleet.launch.errors import TunefleetError
+from tunefleet.launch.recipe import Recipe
+
+MERGE_INFO = "tunefleet_merge.json"
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+_PRECISION_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class MergeResult:
+    out_dir: Path
+    adapter_dir: Path
+    dtype: str
+    notes: list[str]
+    """What the user should know (QLoRA dequantized base, ...)."""
+    max_logit_diff: float | None
+    """Largest |logit difference| between the merged model and base+adapter on a probe prompt."""
+
+
+def merge_dtype(recipe: Recipe, override: str | None = None) -> str:
+    """`override`, else `model.dtype`, else the dtype `train.precision` implies, else the checkpoint's."""
+    if override and override != "auto":
+        return override
+    if recipe.model.dtype != "auto":
+        return recipe.model.dtype
+    return _PRECISION_DTYPES.get(recipe.train.precision, "auto")
+
+
+def _load_base(recipe: Recipe, dtype: str, notes: list[str]) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunefleet.distributed import model as model_mod
+
+    m = recipe.model
+    kwargs: dict[str, Any] = {
+        "dtype": dtype if dtype == "auto" else getattr(torch, dtype),
+        "revision": m.revision,
+        "trust_remote_code": m.trust_remote_code,
+    }
+    if m.quantization == "mxfp4":
+        from transformers import Mxfp4Config
+
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+        notes.append(f"MXFP4 base: dequantized to {dtype} before merging")
+    elif m.quantization != "none":
+        notes.append(
+            f"QLoRA run ({m.quantization}): the adapter is merged into the unquantized base weights at {dtype} "
+            f"(training saw a {m.quantization}-quantized copy of them; the merged model differs from the "
+            "quantized base + adapter by that quantization error)"
+        )
+    path = model_mod.resolve_model_path(m)
+    try:
+        base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise TunefleetError(f"cannot load the base model {path!r}: {exc}",
+                             "check model.name_or_path in the run's recipe.yaml (offline machines need a local copy)"
+                             ) from None
+    if getattr(base, "hf_quantizer", None) is not None and m.quantization != "mxfp4":
+        base = base.dequantize()  # a checkpoint stored pre-quantized: merge into its dequantized weights
+        notes.append(f"the base checkpoint is stored quantized: dequantized to {dtype} before merging")
+    return base
+
+
+def _probe_ids(recipe: Recipe, tokenizer: Any) -> Any:
+    import torch
+
+    from tunefleet.distributed.generate import render_prompt
+
+    prompt = render_prompt("Name three colours and explain why the sky is blue.", data=recipe.data,
+                           tokenizer=tokenizer)
+    return torch.tensor([prompt.ids])
+
+
+def merge(
+    path: str | Path,
+    out: str | Path,
+    *,
+    dtype: str | None = None,
+    max_shard_size: str = DEFAULT_MAX_SHARD_SIZE,
+    check: bool = True,
+) -> MergeResult:
+    """Merge the adapter found at `path` (see `artifacts.find_adapter`) into its base; save to `out`."""
+    import torch
+    from peft import PeftModel
+
+    from tunefleet.distributed.artifacts import find_adapter
+    from tunefleet.distributed.generate import load_tokenizer
+
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise TunefleetError(f"--out {str(out)!r} already exists and is not empty",
+                             "choose a new directory (nothing is overwritten)")
+    adapter = find_adapter(path)
+    recipe = adapter.recipe
+    notes: list[str] = []
+    resolved_dtype = merge_dtype(recipe, dtype)
+    tokenizer = load_tokenizer(adapter)
+    base = _load_base(recipe, resolved_dtype, notes)
+    model = PeftModel.from_pretrained(base, str(adapter.adapter_dir))
+    model.eval()
+    probe = _probe_ids(recipe, tokenizer) if check else None
+    with torch.no_grad():
+        expected = model(input_ids=probe).logits.float() if probe is not None else None
+        merged = model.merge_and_unload()
+        got = merged(input_ids=probe).logits.float() if probe is not None else None
+    diff = float((expected - got).abs().max()) if expected is not None and got is not None else None
+    merged.config.use_cache = True
+
+    tmp = out.with_name(f".{out.name}.tmp-merge")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    merged.save_pretrained(tmp, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(tmp)
+    info = {
+        "adapter": str(adapter.adapter_dir.resolve()),
+        "run_dir": str(adapter.run_dir.resolve()),
+        "base_model": recipe.model.name_or_path,
+        "revision": recipe.model.revision,
+        "peft_method": recipe.peft.method + ("+rslora" if recipe.peft.use_rslora else ""),
+        "training_quantization": recipe.model.quantization,
+        "dtype": str(merged.dtype).removeprefix("torch."),
+        "max_logit_diff": diff,
+        "notes": notes,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    if out.exists():
+        out.rmdir()  # empty (checked above)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(out)
+    return MergeResult(out_dir=out, adapter_dir=adapter.adapter_dir, dtype=info["dtype"], notes=notes,
+                       max_logit_diff=diff)

@@ -1,0 +1,167 @@
+"""The `accelerate launch` command of a run: built purely as (argv, env), run by a thin function.
+
+`build_launch_command` returns the argv and the environment variables to add; `format_command`
+the line to print and save; `run_command` starts it, forwards SIGINT/SIGTERM/SIGUSR1 and
+returns its exit code.
+
+On CPU, only `--multi_gpu --num_processes N` (sic) with ACCELERATE_USE_CPU starts N ranks that
+form one gloo world (measured here). `--cpu --num_processes N` starts one process, and so does a
+`MULTI_CPU` config without an mpirun hostfile; `--multi_cpu` does not exist.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from tunefleet.launch.errors import TunefleetError
+from tunefleet.launch.recipe import Recipe
+from tunefleet.launch.templates import ACCELERATE_FILE, Hardware, expected_distributed_type
+
+ENTRYPOINT = "tunefleet.distributed.sft"
+"""The module every process runs."""
+
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+def launch_env(recipe: Recipe, hw: Hardware) -> dict[str, str]:
+    """Variables every rank inherits: what the launcher expects it to find (the entrypoint
+    checks them against accelerate's state and exits on a mismatch) and the CPU switch."""
+    env = {
+        "TUNEFLEET_STRATEGY": recipe.parallel.strategy,
+        "TUNEFLEET_WORLD_SIZE": str(hw.num_processes),
+        "TUNEFLEET_NUM_MACHINES": str(hw.num_machines),
+        "TUNEFLEET_DISTRIBUTED_TYPE": expected_distributed_type(recipe, hw),
+        "TUNEFLEET_USE_CPU": "1" if hw.use_cpu else "0",
+    }
+    if hw.use_cpu:
+        # Read by TrainingArguments (-> PartialState(cpu=True) -> MULTI_CPU over gloo). The
+        # multi-process launchers do not set it; without it each CPU rank has world size 1.
+        env["ACCELERATE_USE_CPU"] = "true"
+    return env
+
+
+def build_launch_command(
+    recipe_path: str,
+    config_paths: Mapping[str, str],
+    hw: Hardware,
+    overrides: Sequence[str] = (),
+    *,
+    recipe: Recipe,
+    module: str = ENTRYPOINT,
+    script: str | None = None,
+    python: str | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """(argv, env additions) of `accelerate launch --config_file … -m MODULE --recipe FILE [--set …]`.
+
+    `recipe` is the resolved recipe (compat.resolve) the configs were rendered from;
+    `config_paths` maps file names (templates.ACCELERATE_FILE, ...) to their written paths.
+    `script` runs a file instead of `module` (tests); `python` defaults to this interpreter, so
+    the launched ranks use the same environment. The env holds only the additions: run_command
+    lays them over os.environ."""
+    try:
+        accelerate_config = config_paths[ACCELERATE_FILE]
+    except KeyError:
+        raise TunefleetError(f"no {ACCELERATE_FILE} among the rendered configs {sorted(config_paths)}",
+                             "render the configs with templates.render_files first") from None
+    argv = [python or sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch",
+            "--config_file", accelerate_config]
+    if hw.use_cpu and recipe.parallel.strategy == "ddp" and hw.num_processes > 1:
+        # The config says MULTI_GPU already; the flags make the one incantation that starts N
+        # CPU ranks explicit. Never for DeepSpeed/FSDP: --multi_gpu would override their type.
+        argv += ["--multi_gpu", "--num_processes", str(hw.num_processes)]
+    argv += ["-m", module] if script is None else [script]
+    argv += ["--recipe", recipe_path]
+    for override in overrides:
+        argv += ["--set", override]
+    return argv, launch_env(recipe, hw)
+
+
+def format_command(argv: Sequence[str], env: Mapping[str, str]) -> str:
+    """One shell line that reproduces the launch (`env K=V … argv`), for printing and saving."""
+    prefix = ["env", *(f"{k}={v}" for k, v in sorted(env.items()))] if env else []
+    return shlex.join([*prefix, *argv])
+
+
+# ----------------------------------------------------------------------------- the thin runner
+
+
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
+def _descendants(pid: int) -> list[int]:
+    children = _children_map()
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _catches(pid: int, signum: int) -> bool:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def forward_signal(child_pid: int, signum: int) -> list[int]:
+    """Deliver `signum` to a launched run; returns the pids signalled.
+
+    SIGINT/SIGTERM go to the launcher's process group: accelerate's single-process launcher
+    and its child, or torchrun's agent, which passes them on to its ranks (they run in
+    sessions of their own, out of reach of the group). SIGUSR1 ("checkpoint now") goes to
+    every process of the tree that handles it: the training ranks. The launchers do not handle
+    it, and its default action would kill them."""
+    if signum != signal.SIGUSR1:
+        try:
+            os.killpg(child_pid, signum)
+        except ProcessLookupError:
+            return []
+        return [child_pid]
+    sent = []
+    for pid in [child_pid, *_descendants(child_pid)]:
+        if _catches(pid, signum):
+            try:
+                os.kill(pid, signum)
+                sent.append(pid)
+            except ProcessLookupError:
+                pass
+    if not sent:
+        print(f"tunefleet: {signal.Signals(signum).name} not forwarded: no process of the run handles it (yet)",
+              file=sys.stderr, flush=True)
+    return sent
+
+
+def run_command(argv: Sequence[str], env: Mapping[str, str]) -> int:
+    """Run the launch in its own process group, forward SIGINT/SIGTERM/SIGUSR1 to it, and return
+    its exit code (128+N when it died of signal N, as a shell reports it). Main thread only."""
+    proc = subprocess.Popen(list(argv), env={**os.environ, **env}, start_new_session=True)
+    previous = {sig: signal.signal(sig, lambda signum, _frame: forward_signal(proc.pid, signum))
+                for sig in FORWARDED_SIGNALS}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return code if code >= 0 else 128 - code

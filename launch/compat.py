@@ -1,0 +1,185 @@
+"""The compatibility matrix, enforced before any model loads.
+
+`resolve(recipe, hw)` returns the recipe with every setting a strategy silently requires filled
+in (the 4-bit storage dtype under FSDP and ZeRO-3, ...); `check_compat(recipe, hw)` returns one
+line per such adjustment for the launch summary. Both raise RecipeError for combinations known
+to break, naming the setting and the fix. Pure: no torch, no file or network access; the
+model's config.json, when the caller has it (`plan.find_model_config`), comes in as a mapping.
+
+Each rule says what it rests on: a run on this machine (CPU, torch 2.13, accelerate 1.15,
+DeepSpeed 0.19.8, transformers 5.23, PEFT 0.21, bitsandbytes 0.50), the installed source, or
+the PEFT documentation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from tunefleet.launch.errors import RecipeError
+from tunefleet.launch.recipe import Recipe
+
+if TYPE_CHECKING:
+    from tunefleet.launch.templates import Hardware
+
+FSDP_STRATEGIES = ("fsdp", "fsdp-qlora")
+DEEPSPEED_STRATEGIES = ("deepspeed-zero2", "deepspeed-zero3")
+BNB_4BIT = ("nf4", "fp4")
+BNB = ("nf4", "fp4", "int8")
+PRECISION_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+"""Mixed precision -> the dtype FSDP/DeepSpeed hold (and flatten, cast, gather) parameters in."""
+
+OFFLOAD_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
+"""Optimizers that survive ZeRO optimizer offload unchanged: accelerate replaces the torch
+optimizer by DeepSpeedCPUAdam (`map_pytorch_optim_to_deepspeed`), in AdamW mode only for
+torch AdamW; SGD or the bitsandbytes optimizers would silently become (non-W) Adam."""
+
+_PREQUANTIZED_NAME = re.compile(r"(?:^|[-_/.])(gptq|awq)(?:[-_/.]|$)", re.IGNORECASE)
+
+
+def _fail(where: str, problem: str, fix: str) -> RecipeError:
+    return RecipeError(f"{where}: {problem}", fix)
+
+
+def model_quant_method(recipe: Recipe, model_config: Mapping[str, Any] | None = None) -> str | None:
+    """The quantization the checkpoint ships with (`gptq`, `awq`, `mxfp4`, ...), or None.
+
+    From config.json's `quantization_config.quant_method` when the config is known; otherwise
+    guessed from the model id (`...-GPTQ`, `...-AWQ`, `gpt-oss`), since the Hub is not read here.
+    """
+    if model_config is not None:
+        qc = model_config.get("quantization_config")
+        method = qc.get("quant_method") if isinstance(qc, Mapping) else None
+        return str(method).lower() if method else None
+    name = recipe.model.name_or_path
+    match = _PREQUANTIZED_NAME.search(name)
+    if match:
+        return match.group(1).lower()
+    if "gpt-oss" in name.lower():
+        return "mxfp4"
+    return None
+
+
+def _resolve(recipe: Recipe, hw: Hardware, model_config: Mapping[str, Any] | None) -> tuple[Recipe, list[str]]:
+    notes: list[str] = []
+    m, p, t, par = recipe.model, recipe.peft, recipe.train, recipe.parallel
+    s = par.strategy
+    n = hw.num_processes
+
+    # --- processes
+    if s == "single" and n > 1:
+        raise _fail("parallel.strategy", f"`single` runs one process, but {n} were asked for",
+                    "use parallel.strategy=ddp (or another multi-process strategy), or launch 1 process")
+    if s == "ddp" and n == 1:
+        par = dataclasses.replace(par, strategy="single")
+        s = "single"
+        notes.append("parallel.strategy: ddp on 1 process runs as `single` (nothing to replicate)")
+
+    # --- FSDP needs GPUs: accelerate (state.py) turns FSDP on only for GPU-like devices. Measured:
+    # an FSDP config launched on CPU trains as plain DDP (DistributedDataParallel, no warning).
+    if s in FSDP_STRATEGIES and hw.use_cpu:
+        raise _fail("parallel.strategy", f"{s} needs GPUs: on CPU accelerate silently runs FSDP as plain "
+                    "DDP (measured here: the model came back wrapped in DistributedDataParallel)",
+                    "on CPU use ddp or deepspeed-zero3 (ZeRO-3 really shards on CPU), or run on GPUs")
+
+    # --- pre-quantized checkpoints
+    shipped = model_quant_method(recipe, model_config)
+    if shipped == "mxfp4" and m.quantization in BNB:
+        raise _fail("model.quantization", f"{m.name_or_path!r} ships MXFP4 weights (gpt-oss); bitsandbytes "
+                    f"{m.quantization} cannot re-quantize them (transformers refuses a BitsAndBytesConfig "
+                    "for an Mxfp4 checkpoint, after the download)",
+                    "set model.quantization=mxfp4 (dequantized to model.dtype at load)")
+    if shipped in ("gptq", "awq") and m.quantization in BNB:
+        raise _fail("model.quantization", f"{m.name_or_path!r} is already {shipped.upper()}-quantized; "
+                    f"bitsandbytes {m.quantization} cannot quantize it again",
+                    "set model.quantization=none (the checkpoint loads in its own format)")
+    if shipped in ("gptq", "awq") and s in FSDP_STRATEGIES:
+        raise _fail("parallel.strategy", f"{s} cannot shard a pre-quantized {shipped.upper()} model: its packed "
+                    "int32 weights are buffers, which FSDP neither shards nor flattens with float parameters",
+                    "use ddp or deepspeed-zero2, or a bf16 checkpoint with fsdp-qlora")
+    if m.quantization == "mxfp4" and not m.mxfp4_dequantize:
+        raise _fail("model.mxfp4_dequantize", "training needs the MXFP4 weights dequantized "
+                    "(transformers' Mxfp4 quantizer is not trainable)", "set model.mxfp4_dequantize=true")
+
+    # --- bitsandbytes under FSDP
+    if s == "fsdp" and m.quantization in BNB_4BIT:
+        raise _fail("parallel.strategy", f"fsdp with a {m.quantization} base needs the FSDP-QLoRA settings "
+                    "(4-bit storage dtype, auto-wrap, checkpointing)", "use parallel.strategy=fsdp-qlora")
+    if s == "fsdp-qlora" and m.quantization not in BNB_4BIT:
+        raise _fail("model.quantization", f"fsdp-qlora shards a bitsandbytes 4-bit base, but model.quantization="
+                    f"{m.quantization!r}", "set model.quantization=nf4, or use parallel.strategy=fsdp")
+    if s in FSDP_STRATEGIES and m.quantization == "int8":
+        raise _fail("model.quantization", "FSDP cannot shard bitsandbytes int8 weights (int8 tensors have no "
+                    "floating storage dtype; the PEFT docs flag 8-bit + FSDP as broken)",
+                    "use model.quantization=nf4 with parallel.strategy=fsdp-qlora, or int8 with ddp/deepspeed")
+    if s == "fsdp-qlora" and t.optimizer == "paged_adamw_8bit":
+        raise _fail("train.optimizer", "paged_adamw_8bit fails when an FSDP-QLoRA checkpoint is saved (PEFT "
+                    "docs, FSDP caveats)", "use train.optimizer=adamw_torch (FSDP already shards its state)")
+
+    # --- DoRA. Measured: QDoRA (4-bit + use_dora) under ZeRO-3 fails in the first forward
+    # ('Params4bit' object has no attribute 'ds_status'); DoRA under ZeRO-2/ZeRO-3 unquantized and
+    # QDoRA under ZeRO-2 trained and matched DDP losses exactly.
+    if p.method == "dora" and m.quantization in BNB_4BIT and s == "deepspeed-zero3":
+        raise _fail("peft.method", "DoRA on a 4-bit base crashes under ZeRO-3 (measured: 'Params4bit' object "
+                    "has no attribute 'ds_status' in the first forward)",
+                    "use peft.method=lora, or deepspeed-zero2 / fsdp-qlora for QDoRA")
+
+    # --- ZeRO optimizer offload swaps the optimizer (accelerate map_pytorch_optim_to_deepspeed)
+    if s in DEEPSPEED_STRATEGIES and par.offload != "none" and t.optimizer not in OFFLOAD_OPTIMIZERS:
+        raise _fail("train.optimizer", f"with parallel.offload={par.offload} accelerate replaces {t.optimizer} by "
+                    "DeepSpeed's CPU Adam without saying so (Adam, not AdamW, for it)",
+                    "use train.optimizer=adamw_torch, or parallel.offload=none")
+    if s in DEEPSPEED_STRATEGIES and par.offload != "none":
+        notes.append(f"train.optimizer: {t.optimizer} runs as DeepSpeedCPUAdam (AdamW mode, same hyper-"
+                     "parameters) because ZeRO offloads the optimizer")
+
+    # --- 4-bit storage dtype = the dtype FSDP / ZeRO-3 hold parameters in = the model dtype.
+    # FSDP1 flattens a layer's tensors into one (uniform dtype required); FSDP2 and ZeRO-3 cast to
+    # the mixed-precision dtype; packed 4-bit data in another dtype is cut or excluded from sharding.
+    if m.quantization in BNB_4BIT and s in ("fsdp-qlora", "deepspeed-zero3"):
+        precision = t.precision
+        if precision == "auto":
+            precision = "fp32" if hw.use_cpu else "bf16"
+            t = dataclasses.replace(t, precision=precision)
+            notes.append(f"train.precision: auto -> {precision} ({s} packs the 4-bit weights in the "
+                         "mixed-precision dtype, so it is fixed before launch; set fp16 on GPUs without bf16)")
+        dtype = PRECISION_DTYPE[precision]
+        if m.dtype not in ("auto", dtype):
+            raise _fail("model.dtype", f"{s} with 4-bit weights needs the model dtype equal to the mixed-"
+                        f"precision dtype {dtype} (train.precision={precision}), got {m.dtype}",
+                        f"drop model.dtype or set it to {dtype}")
+        if m.quant_storage_dtype not in (None, dtype):
+            raise _fail("model.quant_storage_dtype", f"{s} stores the 4-bit weights in the parameter dtype "
+                        f"{dtype}; it is set automatically and {m.quant_storage_dtype} would break sharding",
+                        "drop model.quant_storage_dtype")
+        changed = []
+        if m.dtype == "auto":
+            changed.append(f"model.dtype={dtype}")
+        if m.quant_storage_dtype is None:
+            changed.append(f"model.quant_storage_dtype={dtype}")
+        if changed:
+            m = dataclasses.replace(m, dtype=dtype, quant_storage_dtype=dtype)
+            notes.append(f"{', '.join(changed)}: {s} shards 4-bit weights only when they are stored in the "
+                         "dtype it holds parameters in (bnb_4bit_quant_storage = mixed precision = model dtype)")
+
+    out = dataclasses.replace(recipe, model=m, train=t, parallel=par)
+    return out, notes
+
+
+def resolve_with_notes(recipe: Recipe, hw: Hardware, model_config: Mapping[str, Any] | None = None,
+                       ) -> tuple[Recipe, list[str]]:
+    """The adjusted recipe and one line per adjustment; raises RecipeError for forbidden combinations."""
+    return _resolve(recipe, hw, model_config)
+
+
+def resolve(recipe: Recipe, hw: Hardware, model_config: Mapping[str, Any] | None = None) -> Recipe:
+    """The recipe with every silently-required setting filled in (idempotent)."""
+    return _resolve(recipe, hw, model_config)[0]
+
+
+def check_compat(recipe: Recipe, hw: Hardware, model_config: Mapping[str, Any] | None = None) -> list[str]:
+    """Lines for the launch summary, one per adjusted setting; raises RecipeError when the
+    combination is known to break."""
+    return _resolve(recipe, hw, model_config)[1]

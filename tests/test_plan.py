@@ -1,0 +1,399 @@
+"""Parameter counts (against PEFT), the memory model (against autograd) and `tunefleet plan`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+from tunefleet.launch import recipe as R
+from tunefleet.launch.errors import RecipeError
+from tunefleet.launch.memory import GIB, ModelShape, activation_bytes_per_token_per_layer, estimate_memory
+from tunefleet.launch.params import LOFTQ_CONFIG, count_params, lora_config_kwargs, param_counts
+from tunefleet.launch.plan import build_plan, count_dataset_rows, find_model_config, make_plan, render_plan
+from tunefleet.launch.recipe import PeftConfig
+
+FIXTURES = Path(__file__).parent / "fixtures" / "model_configs"
+ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _tiny_llama_config(**overrides: object):
+    from transformers import LlamaConfig
+
+    settings = dict(vocab_size=320, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    return LlamaConfig(**{**settings, **overrides})
+
+
+# ----------------------------------------------------------------------------- LoraConfig mapping
+
+
+def test_lora_config_kwargs_maps_every_field() -> None:
+    peft = PeftConfig(method="dora", use_rslora=True, init="gaussian", r=8, alpha=16, dropout=0.1,
+                      bias="lora_only", target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    assert lora_config_kwargs(peft) == {
+        "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "bias": "lora_only",
+        "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"], "use_dora": True,
+        "use_rslora": True, "init_lora_weights": "gaussian",
+    }
+    defaults = lora_config_kwargs(PeftConfig())
+    assert defaults["init_lora_weights"] is True and defaults["target_modules"] == "all-linear"
+    assert defaults["use_dora"] is False and defaults["modules_to_save"] is None
+    assert {lora_config_kwargs(PeftConfig(init=i))["init_lora_weights"] for i in ("pissa", "olora")} == {
+        "pissa", "olora"}
+    loftq = lora_config_kwargs(PeftConfig(init="loftq"))
+    assert loftq["init_lora_weights"] == "loftq" and loftq["loftq_config"] == LOFTQ_CONFIG
+
+
+def test_lora_config_kwargs_are_accepted_by_peft() -> None:
+    from peft import LoftQConfig, LoraConfig
+
+    assert LOFTQ_CONFIG == vars(LoftQConfig())
+    for peft in (PeftConfig(), PeftConfig(method="dora", init="pissa", modules_to_save=["embed_tokens"])):
+        config = LoraConfig(**lora_config_kwargs(peft))
+        assert config.r == peft.r and config.lora_alpha == peft.alpha and config.use_dora == (peft.method == "dora")
+
+
+# ----------------------------------------------------------------------------- counts vs PEFT
+
+
+@pytest.mark.parametrize(
+    "peft",
+    [
+        PeftConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]),
+        PeftConfig(r=16, alpha=32, target_modules="all-linear"),
+        PeftConfig(r=4, method="dora", target_modules=ALL_PROJ),
+        PeftConfig(r=8, bias="all", target_modules=["q_proj", "k_proj"]),
+        PeftConfig(r=8, bias="lora_only", use_rslora=True, target_modules="all-linear"),
+        PeftConfig(r=8, target_modules=["o_proj", "down_proj"], modules_to_save=["lm_head", "embed_tokens"]),
+    ],
+    ids=["qv", "all-linear", "dora", "bias-all", "lora-only-rslora", "modules-to-save"],
+)
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "attention-bias"])
+def test_counts_equal_peft_on_a_real_model(peft: PeftConfig, bias: bool) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    config = _tiny_llama_config(attention_bias=bias, mlp_bias=bias)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)  # real CPU weights
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        real = get_peft_model(model, LoraConfig(**lora_config_kwargs(peft))).get_nb_trainable_parameters()
+    assert count_params(config.to_dict(), peft) == real
+
+
+def test_counts_equal_peft_on_a_4bit_model(tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = _tiny_llama_config()
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bnb, dtype=torch.bfloat16)
+        packed = sum(p.numel() * 2 for p in model.parameters() if type(p).__name__ == "Params4bit")
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        peft = PeftConfig(r=8, target_modules="all-linear")
+        real = get_peft_model(model, LoraConfig(**lora_config_kwargs(peft))).get_nb_trainable_parameters()
+    counts = param_counts(tmp_path, peft, "nf4")
+    assert (counts.trainable, counts.total) == real
+    assert counts.quantized == packed  # exactly the weights bitsandbytes quantizes
+
+
+def _closed_form_lora(config: dict, r: int, targets: list[str]) -> int:
+    """r x (in + out) per adapted projection per layer, from the config alone (independent of PEFT)."""
+    h = config["hidden_size"]
+    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
+    d = config.get("head_dim") or h // heads
+    i = config["intermediate_size"]
+    shapes = {"q_proj": (h, heads * d), "k_proj": (h, kv * d), "v_proj": (h, kv * d), "o_proj": (heads * d, h),
+              "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    return config["num_hidden_layers"] * sum(r * sum(shapes[t]) for t in targets)
+
+
+PUBLISHED = {
+    # fixture: (base params, r, alpha, targets, trainable, total) -- see fixtures/model_configs/README.md
+    "qwen3-14b": (14_768_307_200, 16, 32, "all-linear", 64_225_280, 14_832_532_480),
+    "qwen2.5-7b-instruct": (7_615_616_512, 16, 32, "all-linear", 40_370_176, 7_655_986_688),
+    "llama-varco-8b-instruct": (8_030_261_248, 8, 32, ["q_proj", "v_proj"], 3_407_872, 8_033_669_120),
+    "gpt-oss-20b": (20_914_757_184, 16, 32, ALL_PROJ, 7_962_624, 20_922_719_808),
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_fixture_models_on_the_meta_device(name: str) -> None:
+    base, r, alpha, targets, trainable, total = PUBLISHED[name]
+    config = json.loads((FIXTURES / name / "config.json").read_text())
+    counts = param_counts(FIXTURES / name, PeftConfig(r=r, alpha=alpha, target_modules=targets))
+    assert (counts.base, counts.trainable, counts.total) == (base, trainable, total)
+    if config["model_type"] != "gpt_oss":  # its experts are not nn.Linear: LoRA reaches attention only
+        names = ALL_PROJ if targets == "all-linear" else targets
+        assert counts.trainable == _closed_form_lora(config, r, names)
+    # all-linear = the seven projections on these architectures
+    assert count_params(config, PeftConfig(r=r, alpha=alpha, target_modules="all-linear"))[0] == count_params(
+        config, PeftConfig(r=r, alpha=alpha, target_modules=ALL_PROJ))[0]
+
+
+def test_quantized_parameter_counts() -> None:
+    qwen = param_counts(FIXTURES / "qwen3-14b", PeftConfig(target_modules=ALL_PROJ), "nf4")
+    config = json.loads((FIXTURES / "qwen3-14b" / "config.json").read_text())
+    embed = config["vocab_size"] * config["hidden_size"]
+    h, d = config["hidden_size"], config["head_dim"]
+    norms = config["num_hidden_layers"] * (2 * h + 2 * d) + h  # 2 norms + q/k norms per layer, final norm
+    assert qwen.quantized == qwen.base - 2 * embed - norms  # every projection; not embeddings, head, norms
+    oss = param_counts(FIXTURES / "gpt-oss-20b", PeftConfig(target_modules=ALL_PROJ[:4]), "mxfp4")
+    assert oss.quantized == 24 * 32 * (2880 * 2 * 2880 + 2880 * 2880)  # the expert matrices only
+
+
+def test_gpt_oss_fixture_keeps_its_mxfp4_quantization_config() -> None:
+    config = json.loads((FIXTURES / "gpt-oss-20b" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "mxfp4"
+    assert config["num_local_experts"] == 32 and config["num_experts_per_tok"] == 4
+
+
+def test_unknown_target_modules_are_a_recipe_error() -> None:
+    with pytest.raises(RecipeError, match="peft"):
+        count_params(_tiny_llama_config().to_dict(), PeftConfig(target_modules=["c_attn"]))
+
+
+# ----------------------------------------------------------------------------- memory model
+
+
+def _saved_activation_bytes(layers: int, *, attn: str, dropout: float, targets, mixed: bool) -> int:
+    """Bytes autograd keeps for backward (parameters and their casts excluded)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = _tiny_llama_config(num_hidden_layers=layers, hidden_size=128, intermediate_size=352)
+    model = AutoModelForCausalLM.from_config(
+        config, dtype=torch.bfloat16 if mixed else torch.float32, attn_implementation=attn)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=targets,
+                                                 task_type="CAUSAL_LM"))
+    model.train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    shapes = {tuple(p.shape) for p in model.parameters()} | {tuple(p.shape)[::-1] for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params and tuple(t.shape) not in shapes:  # not a weight (or its cast)
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    ids = torch.randint(0, config.vocab_size, (2, 50))  # 100 tokens: no activation looks like a weight
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed), torch.autograd.graph.saved_tensors_hooks(
+            pack, lambda t: t):
+        out = model(input_ids=ids, labels=ids)
+    del out
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize(
+    ("attn", "dropout", "targets", "mixed"),
+    [
+        ("sdpa", 0.05, "all-linear", True),
+        ("sdpa", 0.0, "all-linear", True),
+        ("sdpa", 0.0, ["q_proj", "v_proj"], True),
+        ("sdpa", 0.1, ["o_proj", "down_proj"], False),
+        ("sdpa", 0.0, "all-linear", False),
+        ("eager", 0.05, "all-linear", True),
+        ("eager", 0.0, ["q_proj", "v_proj"], False),
+    ],
+)
+def test_activation_formula_matches_autograd(attn: str, dropout: float, targets, mixed: bool) -> None:
+    per_layer = _saved_activation_bytes(3, attn=attn, dropout=dropout, targets=targets, mixed=mixed) - \
+        _saved_activation_bytes(2, attn=attn, dropout=dropout, targets=targets, mixed=mixed)
+    shape = ModelShape(hidden_size=128, num_layers=1, num_attention_heads=4, num_kv_heads=2, head_dim=32,
+                       intermediate_size=352, vocab_size=320)
+    predicted = activation_bytes_per_token_per_layer(
+        shape, seq_len=50, compute_bytes=2 if mixed else 4, mixed_precision=mixed, lora_targets=targets,
+        lora_rank=8, lora_dropout=dropout, attn_implementation=attn,
+        dropout_mask_bytes=4,  # CPU dropout keeps its mask in the input dtype (fp32 adapter input); CUDA: bool
+    )
+    assert per_layer == predicted * 100
+
+
+QWEN3 = ModelShape.from_config(json.loads((FIXTURES / "qwen3-14b" / "config.json").read_text()))
+COMMON = dict(shape=QWEN3, base_params=14_768_307_200, adapter_params=64_225_280, trainable_params=64_225_280,
+              quantized_params=0, quantization="none", precision="bf16", weight_bytes=2, world_size=8,
+              micro_batch_size=2, max_length=2048, gradient_checkpointing=True, optimizer="adamw_torch",
+              lora_targets="all-linear", lora_rank=16, lora_dropout=0.05)
+
+
+def _parts(**kwargs: object) -> dict[str, int]:
+    return {p.name: p.bytes for p in estimate_memory(**{**COMMON, **kwargs}).parts}
+
+
+def test_memory_sharding_and_offload() -> None:
+    ddp, fsdp, zero2 = _parts(strategy="ddp"), _parts(strategy="fsdp"), _parts(strategy="deepspeed-zero2")
+    assert ddp["base weights"] == 14_768_307_200 * 2
+    assert fsdp["base weights"] == 14_768_307_200 * 2 // 8
+    assert zero2["base weights"] == ddp["base weights"]  # ZeRO-2 keeps whole weights
+    assert ddp["gradients"] == 64_225_280 * 4 and fsdp["gradients"] == 64_225_280 * 4 // 8
+    assert zero2["optimizer state"] == 64_225_280 * 8 // 8 and ddp["optimizer state"] == 64_225_280 * 8
+    assert zero2["fp32 master weights"] == 64_225_280 * 4 // 8 and "fp32 master weights" not in ddp
+    assert "gathered layer" in fsdp and "gathered layer" not in ddp
+    assert ddp["activations"] == fsdp["activations"]  # data parallel: activations are never sharded
+    offload = _parts(strategy="deepspeed-zero3", offload_params=True, offload_optimizer=True)
+    assert offload["base weights"] == 0 and offload["optimizer state"] == 0
+    with pytest.raises(RecipeError, match="parameter offload"):
+        _parts(strategy="ddp", offload_params=True)
+
+
+def test_memory_quantization_checkpointing_optimizer() -> None:
+    nf4 = _parts(strategy="single", quantization="nf4", quantized_params=13_212_057_600)
+    rest = 14_768_307_200 - 13_212_057_600
+    assert nf4["base weights"] == pytest.approx(13_212_057_600 * 4.127 / 8 + rest * 4, rel=1e-3)  # kbit: rest fp32
+    plain = _parts(strategy="single", gradient_checkpointing=False)
+    ckpt = _parts(strategy="single")
+    assert ckpt["activations"] < plain["activations"] / 10
+    assert plain["activations"] == 2 * 2048 * 40 * activation_bytes_per_token_per_layer(
+        QWEN3, seq_len=2048, compute_bytes=2, mixed_precision=True, lora_targets="all-linear", lora_rank=16,
+        lora_dropout=0.05)
+    assert _parts(strategy="single", optimizer="paged_adamw_8bit")["optimizer state"] == 64_225_280 * 2
+    total = estimate_memory(**{**COMMON, "strategy": "single"})
+    assert total.total_bytes == sum(ckpt.values())
+    assert total.to_dict()["total_gib"] == round(total.total_bytes / GIB, 2)
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def _recipe(**sections: dict) -> R.Recipe:
+    raw = {"output_dir": "runs/x", "model": {"name_or_path": "Qwen/Qwen3-14B", "quantization": "nf4"},
+           "peft": {"target_modules": ALL_PROJ}, "data": {"path": "d.jsonl", "max_length": 1024},
+           "train": {"epochs": 3, "lr": 2e-4, "warmup_ratio": 0.03, "precision": "bf16",
+                     "gradient_checkpointing": True, "optimizer": "paged_adamw_8bit"},
+           "batch": {"micro_batch_size": 4, "global_batch_size": 16}}
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return R.from_dict(raw)
+
+
+QWEN3_CONFIG = json.loads((FIXTURES / "qwen3-14b" / "config.json").read_text())
+
+
+def test_plan_json_has_the_contract_keys() -> None:
+    plan = build_plan(_recipe(), dataset_rows=1000, model_config=QWEN3_CONFIG, recipe_path="r.yaml")
+    json.dumps(plan)  # serialisable as it is
+    expected = {"world_size": 1, "micro_batch_size": 4, "grad_accum_steps": 4, "global_batch_size": 16,
+                "steps_per_epoch": 62, "total_steps": 186, "warmup_steps": 6, "trainable_params": 64_225_280,
+                "total_params": 14_832_532_480, "dropped_rows_per_epoch": 8, "global_batch_tokens": 16 * 1024}
+    assert {k: plan[k] for k in expected} == expected
+    assert [p for p, _ in plan["lr_schedule"]["points"]] == [0, 6, 46, 93, 139, 185]
+    assert plan["memory"]["total_bytes"] > 0 and plan["launch_commands"] == ["tunefleet train r.yaml"]
+    text = render_plan(plan)
+    assert "micro 4 x accumulation 4 x world 1 = global 16 samples/step" in text
+    assert "64,225,280 trainable of 14,832,532,480" in text and "62 steps/epoch" in text
+
+
+def test_plan_on_several_nodes() -> None:
+    plan = build_plan(_recipe(batch={"micro_batch_size": 1, "global_batch_size": 64}, parallel={"strategy": "ddp"}),
+                      nodes=2, procs_per_node=4, dataset_rows=1000, model_config=None, recipe_path="r.yaml",
+                      overrides=["train.max_steps=10"])
+    assert (plan["world_size"], plan["grad_accum_steps"], plan["trainable_params"]) == (8, 8, None)
+    assert len(plan["launch_commands"]) == 2
+    assert "--nnodes 2 --nproc_per_node 4 --node_rank 1" in plan["launch_commands"][1]
+    assert plan["launch_commands"][0].endswith("--recipe r.yaml --set train.max_steps=10")
+    with pytest.raises(RecipeError, match="nearest valid global batches: 48, 72"):
+        build_plan(_recipe(batch={"micro_batch_size": 4, "global_batch_size": 64}), nodes=3, procs_per_node=2,
+                   dataset_rows=1000, model_config=None)
+
+
+def test_plan_warnings() -> None:
+    plan = build_plan(_recipe(batch={"micro_batch_size": 1, "global_batch_size": 128},
+                              train={"lr_scheduler": "constant"}),
+                      nodes=1, procs_per_node=1, dataset_rows=1000, model_config=None,
+                      previous_batch={"global_batch_size": 64})
+    text = " | ".join(plan["warnings"])
+    assert "128 accumulation steps (> 64)" in text
+    assert "constant has no warm-up" in text
+    assert "started with a global batch of 64" in text
+    same = build_plan(_recipe(), dataset_rows=1000, model_config=None, previous_batch={"global_batch_size": 16})
+    assert same["warnings"] == []
+    plan = build_plan(_recipe(), nodes=2, procs_per_node=2, dataset_rows=None, model_config=None)
+    assert "parallel.strategy=single on 4 processes" in " ".join(plan["warnings"])
+    assert plan["steps_per_epoch"] is None and plan["total_steps"] is None
+    plan = build_plan(_recipe(train={"max_steps": 5}), dataset_rows=None, model_config=QWEN3_CONFIG,
+                      gpu_memory_gib=8)
+    assert (plan["total_steps"], plan["warmup_steps"]) == (5, 1)
+    assert any("only 5 optimizer steps" in w for w in plan["warnings"])
+    assert any("exceeds 8 GiB" in w for w in plan["warnings"])
+
+
+def test_count_dataset_rows(tmp_path: Path) -> None:
+    cfg = R.DataConfig
+    (tmp_path / "a.jsonl").write_text('{"x": 1}\n\n{"x": 2}\n{"x": 3}\n')
+    (tmp_path / "b.json").write_text(json.dumps([{"x": i} for i in range(7)]))
+    assert count_dataset_rows(cfg(path=str(tmp_path / "a.jsonl"))) == (3, None)
+    assert count_dataset_rows(cfg(path=str(tmp_path / "b.json"))) == (7, None)
+    assert count_dataset_rows(cfg(path="a.jsonl"), base_dir=tmp_path) == (3, None)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"x": list(range(11))}), tmp_path / "c.parquet")
+    assert count_dataset_rows(cfg(path=str(tmp_path / "c.parquet"))) == (11, None)
+    rows, why = count_dataset_rows(cfg(path="tatsu-lab/alpaca"))
+    assert rows is None and "Hub dataset" in why
+    rows, why = count_dataset_rows(cfg(path=str(tmp_path / "missing.jsonl")))
+    assert rows is None and "does not exist" in why
+
+
+def test_find_model_config_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    assert find_model_config(R.ModelConfig(name_or_path=str(FIXTURES / "qwen3-14b"))) == QWEN3_CONFIG
+    with pytest.raises(RecipeError, match="without a config.json"):
+        find_model_config(R.ModelConfig(name_or_path=str(tmp_path)))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(RecipeError, match="not available offline"):
+        find_model_config(R.ModelConfig(name_or_path="Qwen/Qwen3-14B"))
+    snapshot = tmp_path / "hub" / "models--Qwen--Qwen3-14B" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps(QWEN3_CONFIG))
+    (tmp_path / "hub" / "models--Qwen--Qwen3-14B" / "refs").mkdir()
+    (tmp_path / "hub" / "models--Qwen--Qwen3-14B" / "refs" / "main").write_text("abc123")
+    assert find_model_config(R.ModelConfig(name_or_path="Qwen/Qwen3-14B")) == QWEN3_CONFIG
+
+
+def test_make_plan_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"instruction": "i", "output": "o"}) + "\n"
+                                                  for _ in range(100)))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"output_dir": str(tmp_path / "out"),
+                                  "model": {"name_or_path": "Qwen/Qwen3-14B", "quantization": "nf4"},
+                                  "data": {"path": "train.jsonl", "eval_ratio": 0.1, "max_length": 512},
+                                  "train": {"precision": "bf16"},
+                                  "batch": {"micro_batch_size": 2, "global_batch_size": 8}}))
+    plan = make_plan(str(recipe), ["train.epochs=2"], nodes=1, gpus_per_node=2,
+                     model_config_path=str(FIXTURES / "qwen3-14b"))
+    assert (plan["source_rows"], plan["dataset_rows"], plan["eval_rows"]) == (100, 90, 10)
+    assert (plan["grad_accum_steps"], plan["steps_per_epoch"], plan["total_steps"]) == (2, 11, 22)
+    assert plan["trainable_params"] == 64_225_280
+    no_config = make_plan(str(recipe), nodes=1, gpus_per_node=1)  # not in the (empty) cache
+    assert no_config["trainable_params"] is None
+    assert any("not available offline" in n for n in no_config["notes"])
+
+
+def test_plan_modules_import_without_torch() -> None:
+    code = ("import sys, tunefleet.launch.plan, tunefleet.launch.params, tunefleet.launch.memory; "
+            "assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,244 @@
+"""Atomic checkpoints and exact resume: real processes, real signals, CPU.
+
+Every test compares per-step losses with an uninterrupted run of the same recipe and seed.
+The recipe crosses epoch boundaries (40 rows, global batch 8: 5 steps per epoch, 2 epochs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from tunefleet.distributed import checkpoint as ckpt
+from tunefleet.distributed import sft
+from tunefleet.launch import recipe as R
+from tunefleet.launch.errors import TunefleetError
+from tunefleet.slurm.sbatch import REQUEUE_EXIT_CODE
+
+pytestmark = pytest.mark.slow
+
+DEMO = Path(str(resources.files("tunefleet.recipes"))) / "demo.yaml"
+STEPS = 10
+OVERRIDES = [
+    "data.limit=40", "data.max_length=96", "batch.micro_batch_size=4", "batch.global_batch_size=8",
+    "train.epochs=2", "train.logging_steps=1", "train.save_steps=1", "train.warmup_ratio=0.1",
+    "peft.dropout=0.0", "checkpoint.keep_last=null",
+]
+
+
+def recipe(out: Path, *extra: str) -> R.Recipe:
+    return R.load(DEMO, [f"output_dir={out}", *OVERRIDES, *extra])
+
+
+def cli_args(out: Path, *extra: str) -> list[str]:
+    args = ["--recipe", str(DEMO)]
+    for o in [f"output_dir={out}", *OVERRIDES, *extra]:
+        args += ["--set", o]
+    return args
+
+
+def losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == sorted(set(steps)), f"duplicated or unordered steps: {steps}"
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def assert_same_losses(got: dict[int, float], want: dict[int, float], tol: float) -> None:
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    worst = max(abs(got[s] - want[s]) for s in want)
+    assert worst <= tol, {s: (got[s], want[s]) for s in want}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uninterrupted single-process run, a complete checkpoint after every step."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    assert sft.run(recipe(out)) == 0
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    e.pop("TUNEFLEET_TEST_SAVE_DELAY_S", None)
+    return e
+
+
+def start(out: Path, *, nproc: int = 1, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "tunefleet.distributed.sft"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "tunefleet.distributed.sft"]
+    log = open(out.parent / f"{out.name}-{time.monotonic_ns()}.log", "w")  # noqa: SIM115
+    return subprocess.Popen(cmd + cli_args(out), env={**env(), **(extra_env or {})}, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def descendants(pid: int) -> list[int]:
+    """The whole process tree under `pid` (torchrun starts workers in their own session)."""
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in out.splitlines():
+        p, pp = map(int, line.split())
+        children.setdefault(pp, []).append(p)
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    return tree
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    for pid in descendants(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+
+
+def wait_for(cond, timeout: float = 120.0) -> None:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.02)
+    raise AssertionError("timed out")
+
+
+def newest_step(out: Path) -> int:
+    newest = ckpt.latest(out)
+    return ckpt.step_of(newest) if newest else 0
+
+
+def test_reference_checkpoints_are_complete(reference: Path) -> None:
+    found = ckpt.complete_checkpoints(reference)
+    assert [ckpt.step_of(p) for p in found] == list(range(1, STEPS + 1))
+    m = ckpt.read_manifest(found[4])
+    assert m["step"] == 5 and m["samples_seen"] == 40 and m["epoch"] == 1.0
+    assert m["world_size"] == 1 and m["strategy"] == "single" and m["batch_plan"]["grad_accum_steps"] == 2
+    assert m["recipe_hash"] == R.fingerprint(recipe(reference))
+    assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= set(m["files"])
+    assert m["save_s"] > 0
+
+
+@pytest.mark.parametrize("at", [3, 5, 6], ids=["mid-epoch", "epoch-end", "epoch-start"])
+def test_resume_from_any_checkpoint_is_exact(reference: Path, tmp_path: Path, at: int) -> None:
+    """--resume a copy of checkpoint `at` in a fresh run: the remaining losses equal the reference."""
+    out = tmp_path / "run"
+    assert sft.run(recipe(out), resume=str(reference / f"checkpoint-{at}")) == 0
+    got = losses(out)
+    want = losses(reference)
+    assert sorted(got) == list(range(at + 1, STEPS + 1))
+    assert max(abs(got[s] - want[s]) for s in got) <= 1e-6
+
+
+def test_sigkill_at_random_moments_then_rerun(reference: Path, tmp_path: Path) -> None:
+    """Kill the process tree at random moments (one inside a checkpoint write); reruns finish exactly."""
+    out = tmp_path / "run"
+    rng = random.Random(1234)
+    # 1) in the middle of writing checkpoint 2: its temporary directory exists, no marker yet
+    proc = start(out, extra_env={"TUNEFLEET_TEST_SAVE_DELAY_S": "3"})
+    wait_for(lambda: (out / f"{ckpt.TMP_PREFIX}2").is_dir() and (out / f"{ckpt.TMP_PREFIX}2" / "optimizer.pt").exists())
+    kill_tree(proc)
+    assert newest_step(out) == 1, "an incomplete checkpoint was counted"
+    # 2) at random moments a few steps later (saves slowed a little so kills land inside them too)
+    for _ in range(2):
+        target = newest_step(out) + rng.randint(1, 3)
+        if target >= STEPS - 1:
+            break
+        proc = start(out, extra_env={"TUNEFLEET_TEST_SAVE_DELAY_S": "0.2"})
+        wait_for(lambda t=target, p=proc: newest_step(out) >= t or p.poll() is not None)
+        time.sleep(rng.uniform(0.0, 0.4))
+        kill_tree(proc)
+    assert not (out / "final").exists(), "the run finished before it could be killed"
+    proc = start(out)
+    assert proc.wait(timeout=300) == 0
+    assert not list(out.glob(f"{ckpt.TMP_PREFIX}*")), "a temporary checkpoint was left behind"
+    assert all(ckpt.is_complete(p) for p in out.glob("checkpoint-*"))
+    assert_same_losses(losses(out), losses(reference), 1e-6)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_signal_checkpoints_and_exits_for_requeue(reference: Path, tmp_path: Path, sig: signal.Signals) -> None:
+    out = tmp_path / "run"
+    proc = start(out)
+    wait_for(lambda: newest_step(out) >= 3)
+    proc.send_signal(sig)
+    proc.send_signal(sig)  # a second signal during the save changes nothing
+    assert proc.wait(timeout=120) == REQUEUE_EXIT_CODE
+    stopped_at = newest_step(out)
+    assert 3 <= stopped_at < STEPS and not (out / "final").exists()
+    proc = start(out)
+    assert proc.wait(timeout=300) == 0
+    assert_same_losses(losses(out), losses(reference), 1e-6)
+
+
+@pytest.mark.parametrize(("first", "second"), [(2, 1), (1, 2)], ids=["2to1", "1to2"])
+def test_resume_on_another_world_size(reference: Path, tmp_path: Path, first: int, second: int) -> None:
+    """DDP on CPU/gloo: stop with SIGUSR1 on one rank, resume with the other world size
+    (accumulation changes, the global batch does not)."""
+    out = tmp_path / "run"
+    proc = start(out, nproc=first)
+    wait_for(lambda: newest_step(out) >= 4)
+    workers = [p for p in descendants(proc.pid) if p != proc.pid] if first > 1 else [proc.pid]
+    os.kill(workers[-1], signal.SIGUSR1)  # any one rank
+    proc.wait(timeout=120)
+    stopped_at = newest_step(out)
+    assert 4 <= stopped_at < STEPS and not (out / "final").exists()
+    assert ckpt.read_manifest(out / f"checkpoint-{stopped_at}")["world_size"] == first
+    proc = start(out, nproc=second)
+    assert proc.wait(timeout=300) == 0
+    assert_same_losses(losses(out), losses(reference), 1e-5)
+
+
+def test_changed_recipe_is_refused_harmless_change_allowed(reference: Path, tmp_path: Path) -> None:
+    with pytest.raises(TunefleetError) as err:
+        sft.run(recipe(tmp_path / "a", "peft.r=8", "batch.global_batch_size=16"),
+                resume=str(reference / "checkpoint-8"))
+    assert "peft.r: 16 -> 8" in str(err.value) and "batch.global_batch_size: 8 -> 16" in str(err.value)
+    out = tmp_path / "b"
+    assert sft.run(recipe(out, "train.logging_steps=2", "batch.micro_batch_size=2"),
+                   resume=str(reference / "checkpoint-8")) == 0
+    assert sorted(losses(out)) == [10]
+
+
+def test_incomplete_checkpoints_are_never_used(reference: Path, tmp_path: Path) -> None:
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    shutil.rmtree(out / "final")
+    for step in range(7, STEPS + 1):
+        shutil.rmtree(out / f"checkpoint-{step}")
+    (out / "checkpoint-6" / ckpt.COMPLETE).unlink()  # half-written: no marker
+    (out / "checkpoint-5" / "optimizer.pt").write_bytes(b"truncated")  # size no longer matches
+    shutil.copytree(out / "checkpoint-4", out / f"{ckpt.TMP_PREFIX}9")  # leftover temp dir
+    assert ckpt.latest(out) == out / "checkpoint-4"
+    assert sft.run(recipe(out)) == 0
+    assert not (out / f"{ckpt.TMP_PREFIX}9").exists()
+    assert_same_losses(losses(out), losses(reference), 1e-6)
+
+
+def test_retention_keeps_newest(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert sft.run(recipe(out, "checkpoint.keep_last=2", "train.epochs=1")) == 0
+    assert [p.name for p in ckpt.complete_checkpoints(out)] == ["checkpoint-4", "checkpoint-5"]

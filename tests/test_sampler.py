@@ -1,0 +1,193 @@
+"""The sample order (`tunefleet.distributed.sampler`): a property of (seed, epoch), never of the split.
+
+Fast and pure: no torch, no training. The training-level proof (the same weights whatever the
+split) is `tests/test_batch_equivalence.py`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from tunefleet.distributed import sampler as S
+from tunefleet.distributed.sampler import GlobalBatchSampler, epoch_order, global_batches
+
+SEED = 42
+
+# (rows, global batch, micro batch, world size): divisible and non-divisible row counts, GA 1..16,
+# world sizes 1..8, a micro batch of 1 and a micro batch equal to the global batch.
+COMBOS = [
+    (20, 8, 8, 1),
+    (20, 8, 1, 1),
+    (20, 8, 2, 2),
+    (20, 8, 4, 2),
+    (20, 8, 1, 8),
+    (100, 16, 1, 1),
+    (100, 16, 2, 4),
+    (100, 16, 4, 4),
+    (100, 16, 16, 1),
+    (101, 12, 3, 2),
+    (101, 12, 1, 3),
+    (101, 12, 2, 6),
+    (64, 64, 4, 4),
+    (7, 3, 1, 3),
+    (250, 24, 2, 4),
+    (250, 24, 3, 8),
+]
+
+# splits of a global batch of 8 (the four configs of the training-level test and more)
+SPLITS_OF_8 = [(8, 1), (1, 1), (2, 2), (4, 2), (1, 2), (1, 4), (2, 4), (1, 8), (4, 1), (2, 1)]
+
+
+def rank_batches(rows: int, *, global_: int, micro: int, world: int, epoch: int = 0) -> list[list[list[int]]]:
+    """Every rank's micro batches of one epoch: result[rank][i] is the i-th micro batch of `rank`."""
+    out = []
+    for rank in range(world):
+        s = GlobalBatchSampler(rows, global_batch_size=global_, micro_batch_size=micro, world_size=world,
+                               rank=rank, seed=SEED)
+        s.set_epoch(epoch)
+        out.append(list(s))
+    return out
+
+
+def step_union(per_rank: list[list[list[int]]], step: int, accum: int) -> list[int]:
+    """All samples of optimizer step `step`: every rank's micro batches of its accumulation window."""
+    return sorted(i for batches in per_rank for mb in batches[step * accum:(step + 1) * accum] for i in mb)
+
+
+@pytest.mark.parametrize(("rows", "global_", "micro", "world"), COMBOS)
+def test_each_step_is_exactly_its_global_batch(rows: int, global_: int, micro: int, world: int) -> None:
+    accum = global_ // (micro * world)
+    steps = rows // global_
+    for epoch in (0, 1, 5):
+        expected = global_batches(rows, global_batch_size=global_, seed=SEED, epoch=epoch)
+        assert len(expected) == steps and all(len(b) == global_ for b in expected)
+        per_rank = rank_batches(rows, global_=global_, micro=micro, world=world, epoch=epoch)
+        for batches in per_rank:
+            assert len(batches) == steps * accum
+            assert all(len(mb) == micro for mb in batches), "every micro batch is full"
+        for k in range(steps):
+            union = step_union(per_rank, k, accum)
+            assert union == sorted(expected[k]), f"epoch {epoch} step {k}"
+            assert len(set(union)) == global_, "a sample appears twice within one step"
+
+
+@pytest.mark.parametrize(("rows", "global_", "micro", "world"), COMBOS)
+def test_no_sample_repeats_and_only_the_last_incomplete_batch_is_dropped(
+    rows: int, global_: int, micro: int, world: int
+) -> None:
+    steps, dropped = divmod(rows, global_)
+    for epoch in (0, 3):
+        per_rank = rank_batches(rows, global_=global_, micro=micro, world=world, epoch=epoch)
+        seen = [i for batches in per_rank for mb in batches for i in mb]
+        counts = Counter(seen)
+        assert max(counts.values()) == 1, "a sample was repeated within an epoch (padding?)"
+        assert len(seen) == steps * global_
+        order = epoch_order(rows, seed=SEED, epoch=epoch)
+        # the skipped rows are exactly the tail of this epoch's permutation
+        assert set(range(rows)) - set(seen) == set(order[steps * global_:])
+        assert len(order[steps * global_:]) == dropped
+
+
+@pytest.mark.parametrize("rows", [20, 23, 64, 101])
+def test_same_global_batches_whatever_the_split(rows: int) -> None:
+    """Global batch k of epoch e is one set of samples for every (micro, world) split of 8."""
+    for epoch in (0, 1, 2):
+        reference = None
+        for micro, world in SPLITS_OF_8:
+            accum = 8 // (micro * world)
+            per_rank = rank_batches(rows, global_=8, micro=micro, world=world, epoch=epoch)
+            steps = [step_union(per_rank, k, accum) for k in range(rows // 8)]
+            if reference is None:
+                reference = steps
+            assert steps == reference, f"split micro={micro} world={world} differs in epoch {epoch}"
+
+
+def test_epochs_differ_and_are_reproducible() -> None:
+    rows, global_ = 100, 16
+    orders = [global_batches(rows, global_batch_size=global_, seed=SEED, epoch=e) for e in range(4)]
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert orders[a] != orders[b]
+            assert orders[a][0] != orders[b][0], "the first global batch should change with the epoch"
+    # a pure function of (seed, epoch): recomputing gives the same, another seed does not
+    assert orders[2] == global_batches(rows, global_batch_size=global_, seed=SEED, epoch=2)
+    assert orders[0] != global_batches(rows, global_batch_size=global_, seed=SEED + 1, epoch=0)
+    # and a different handful of rows is dropped per epoch (at least once over four epochs)
+    dropped = [frozenset(epoch_order(rows, seed=SEED, epoch=e)[96:]) for e in range(4)]
+    assert len(set(dropped)) > 1
+
+
+def test_epoch_order_is_pinned() -> None:
+    """The permutation must never change silently: a resumed run would train on other samples."""
+    assert epoch_order(10, seed=42, epoch=0) == [0, 3, 2, 7, 1, 4, 8, 6, 5, 9]
+    assert epoch_order(10, seed=42, epoch=1) == [9, 7, 0, 2, 1, 6, 3, 4, 5, 8]
+
+
+@pytest.mark.parametrize(("rows", "global_", "micro", "world"), COMBOS)
+def test_len_counts_micro_batches_per_epoch(rows: int, global_: int, micro: int, world: int) -> None:
+    accum = global_ // (micro * world)
+    for rank in range(world):
+        s = GlobalBatchSampler(rows, global_batch_size=global_, micro_batch_size=micro, world_size=world,
+                               rank=rank, seed=SEED)
+        assert len(s) == (rows // global_) * accum == len(list(s))
+        assert s.grad_accum_steps == accum and s.steps_per_epoch == rows // global_
+
+
+@pytest.mark.parametrize(("rows", "global_", "micro", "world"), [(100, 16, 2, 4), (20, 8, 1, 1), (101, 12, 3, 2)])
+def test_seek_starts_at_the_exact_step_without_iterating_earlier_ones(
+    rows: int, global_: int, micro: int, world: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    accum = global_ // (micro * world)
+    steps = rows // global_
+    calls: list[int] = []
+    real_micro_batch = S.micro_batch
+
+    def counting_micro_batch(batch: list[int], **kwargs: int) -> list[int]:
+        calls.append(1)
+        return real_micro_batch(batch, **kwargs)
+
+    monkeypatch.setattr(S, "micro_batch", counting_micro_batch)
+    for rank in range(world):
+        def make() -> GlobalBatchSampler:
+            return GlobalBatchSampler(rows, global_batch_size=global_, micro_batch_size=micro,
+                                      world_size=world, rank=rank, seed=SEED)  # noqa: B023
+
+        for epoch in (0, 2):
+            full = make()
+            full.set_epoch(epoch)
+            everything = list(full)
+            for start in range(steps + 1):
+                s = make()
+                s.seek(epoch=epoch, step_in_epoch=start)
+                calls.clear()
+                first = next(iter(s), None)
+                # the first micro batch is produced at once: nothing earlier was generated
+                assert len(calls) <= 1
+                s.seek(epoch=epoch, step_in_epoch=start)
+                calls.clear()
+                got = list(s)
+                assert got == everything[start * accum:]
+                assert first == (got[0] if got else None)
+                assert len(calls) == (steps - start) * accum, "earlier steps were iterated"
+                # the seek is one-shot: the next pass (next epoch) starts from its beginning
+                s.set_epoch(epoch + 1)
+                nxt = make()
+                nxt.set_epoch(epoch + 1)
+                assert list(s) == list(nxt)
+
+
+def test_seek_to_a_later_epoch_matches_that_epoch() -> None:
+    s = GlobalBatchSampler(50, global_batch_size=8, micro_batch_size=2, world_size=2, rank=1, seed=SEED)
+    s.seek(epoch=3, step_in_epoch=2)
+    ref = GlobalBatchSampler(50, global_batch_size=8, micro_batch_size=2, world_size=2, rank=1, seed=SEED)
+    ref.set_epoch(3)
+    assert list(s) == list(ref)[2 * 2:]
+
+
+@pytest.mark.parametrize(("global_", "micro", "world"), [(8, 3, 1), (8, 2, 3), (12, 8, 1), (6, 4, 2)])
+def test_split_that_does_not_divide_is_refused(global_: int, micro: int, world: int) -> None:
+    with pytest.raises(ValueError, match="not a multiple"):
+        GlobalBatchSampler(100, global_batch_size=global_, micro_batch_size=micro, world_size=world,
+                           rank=0, seed=SEED)
