@@ -39,9 +39,11 @@ def launch_env(recipe: Recipe, hw: Hardware) -> dict[str, str]:
         "TUNEFLEET_DISTRIBUTED_TYPE": expected_distributed_type(recipe, hw),
         "TUNEFLEET_USE_CPU": "1" if hw.use_cpu else "0",
     }
-    if hw.use_cpu:
-        # Read by TrainingArguments (-> PartialState(cpu=True) -> MULTI_CPU over gloo). The
-        # multi-process launchers do not set it; without it each CPU rank has world size 1.
+    if hw.use_cpu and recipe.parallel.strategy == "ddp":
+        # Read by TrainingArguments and AcceleratorState: cpu=True -> MULTI_CPU over gloo (the
+        # multi-GPU launcher does not set it). Never with DeepSpeed: AcceleratorState(cpu=True)
+        # skips DeepSpeed and trains plain DDP without a word (measured); there the trainer's
+        # use_cpu=True alone forms the gloo world.
         env["ACCELERATE_USE_CPU"] = "true"
     return env
 

@@ -16,15 +16,12 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tunefleet.launch.errors import RecipeError
 from tunefleet.launch.recipe import Recipe
+from tunefleet.launch.templates import FSDP_STRATEGIES, Hardware
 
-if TYPE_CHECKING:
-    from tunefleet.launch.templates import Hardware
-
-FSDP_STRATEGIES = ("fsdp", "fsdp-qlora")
 DEEPSPEED_STRATEGIES = ("deepspeed-zero2", "deepspeed-zero3")
 BNB_4BIT = ("nf4", "fp4")
 BNB = ("nf4", "fp4", "int8")
@@ -136,33 +133,38 @@ def _resolve(recipe: Recipe, hw: Hardware, model_config: Mapping[str, Any] | Non
                      "parameters) because ZeRO offloads the optimizer")
 
     # --- 4-bit storage dtype = the dtype FSDP / ZeRO-3 hold parameters in = the model dtype.
-    # FSDP1 flattens a layer's tensors into one (uniform dtype required); FSDP2 and ZeRO-3 cast to
-    # the mixed-precision dtype; packed 4-bit data in another dtype is cut or excluded from sharding.
+    # FSDP1 flattens a layer's tensors into one (uniform dtype required); FSDP2 casts to the
+    # mixed-precision dtype and leaves non-float (uint8) 4-bit weights out of sharding (accelerate
+    # fsdp_utils). ZeRO-3 sharded uint8 and float storage alike here (measured); the HF ZeRO-3
+    # QLoRA recipe uses the parameter dtype, so it is the default there, not a requirement.
     if m.quantization in BNB_4BIT and s in ("fsdp-qlora", "deepspeed-zero3"):
+        strict = s == "fsdp-qlora"
         precision = t.precision
         if precision == "auto":
             precision = "fp32" if hw.use_cpu else "bf16"
             t = dataclasses.replace(t, precision=precision)
-            notes.append(f"train.precision: auto -> {precision} ({s} packs the 4-bit weights in the "
-                         "mixed-precision dtype, so it is fixed before launch; set fp16 on GPUs without bf16)")
+            hint = "" if hw.use_cpu else "; set train.precision=fp16 on GPUs without bf16"
+            notes.append(f"train.precision: auto -> {precision} ({s} stores the 4-bit weights in the "
+                         f"mixed-precision dtype, so it is fixed before launch{hint})")
         dtype = PRECISION_DTYPE[precision]
-        if m.dtype not in ("auto", dtype):
-            raise _fail("model.dtype", f"{s} with 4-bit weights needs the model dtype equal to the mixed-"
-                        f"precision dtype {dtype} (train.precision={precision}), got {m.dtype}",
-                        f"drop model.dtype or set it to {dtype}")
-        if m.quant_storage_dtype not in (None, dtype):
+        if strict and m.dtype not in ("auto", dtype):
+            raise _fail("model.dtype", f"{s} needs the model dtype equal to the mixed-precision dtype {dtype} "
+                        f"(train.precision={precision}), got {m.dtype}", f"drop model.dtype or set it to {dtype}")
+        if strict and m.quant_storage_dtype not in (None, dtype):
             raise _fail("model.quant_storage_dtype", f"{s} stores the 4-bit weights in the parameter dtype "
                         f"{dtype}; it is set automatically and {m.quant_storage_dtype} would break sharding",
                         "drop model.quant_storage_dtype")
-        changed = []
+        changed = {}
         if m.dtype == "auto":
-            changed.append(f"model.dtype={dtype}")
+            changed["dtype"] = dtype
         if m.quant_storage_dtype is None:
-            changed.append(f"model.quant_storage_dtype={dtype}")
+            changed["quant_storage_dtype"] = dtype
         if changed:
-            m = dataclasses.replace(m, dtype=dtype, quant_storage_dtype=dtype)
-            notes.append(f"{', '.join(changed)}: {s} shards 4-bit weights only when they are stored in the "
-                         "dtype it holds parameters in (bnb_4bit_quant_storage = mixed precision = model dtype)")
+            m = dataclasses.replace(m, **changed)
+            why = ("FSDP shards 4-bit weights only when they are stored in the dtype it holds parameters in"
+                   if strict else "the HF ZeRO-3 QLoRA recipe stores 4-bit weights in the parameter dtype")
+            notes.append(f"{', '.join(f'model.{k}={v}' for k, v in changed.items())}: {why} "
+                         "(bnb_4bit_quant_storage = mixed precision = model dtype)")
 
     out = dataclasses.replace(recipe, model=m, train=t, parallel=par)
     return out, notes

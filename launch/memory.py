@@ -294,8 +294,14 @@ def estimate_memory(
         add("fp32 master weights", 0 if offload_optimizer else trainable_params * 4 / shard_states,
             "DeepSpeed's fp32 copy of the trainable params" + ("; offloaded" if offload_optimizer else f" / {shard_states}"))
     # gradients and optimizer
-    add("gradients", trainable_params * 4 / shard_states,
-        f"fp32, {trainable_params:,} trainable params" + (f" / {shard_states}" if shard_states > 1 else ""))
+    if offload_params and strategy in ("fsdp", "fsdp-qlora"):
+        # FSDP's CPU offload moves each layer's reduce-scattered gradients to the CPU as it goes:
+        # the GPU holds one layer's full-size gradients at a time
+        layers = max(1, shape.num_layers)
+        add("gradients", trainable_params * 4 / layers, "one layer's fp32 gradients at a time; the rest offloaded")
+    else:
+        add("gradients", trainable_params * 4 / shard_states,
+            f"fp32, {trainable_params:,} trainable params" + (f" / {shard_states}" if shard_states > 1 else ""))
     if strategy == "ddp":
         add("DDP gradient buckets", trainable_params * 4, "a second copy of the gradients for the all-reduce")
     state = OPTIMIZER_STATE_BYTES.get(optimizer)

@@ -281,8 +281,8 @@ def build_plan(
             gradient_checkpointing=t.gradient_checkpointing, optimizer=t.optimizer,
             lora_targets=recipe.peft.target_modules, lora_rank=recipe.peft.r, lora_dropout=recipe.peft.dropout,
             attn_implementation=m.attn_implementation,
-            offload_params=bool(getattr(recipe.parallel, "offload_params", False)),
-            offload_optimizer=bool(getattr(recipe.parallel, "offload_optimizer", False)),
+            offload_params=recipe.parallel.offload == "optimizer+params",
+            offload_optimizer=recipe.parallel.offload != "none",
         )
         plan["memory"] = estimate.to_dict()
         out_notes.append(f"memory is estimated at data.max_length={d.max_length} for every sample (the worst "

@@ -235,9 +235,10 @@ class ParallelConfig:
     this value."""
 
     state_dict: Literal["sharded", "full"] = "sharded"
-    """`fsdp`/`fsdp-qlora`/`deepspeed-zero3`: how checkpoints are written. `sharded`: each rank
-    writes its own shard (fast, resume only); `full`: gathered into normal weights on rank 0 at
-    every save (slow for big models). The final adapter is a normal PEFT adapter either way."""
+    """`fsdp`/`fsdp-qlora` only: how checkpoints are written. `sharded`: each rank writes its
+    own shard (fast; resume only); `full`: gathered on rank 0 into a normal adapter at every save
+    (slower). The final adapter is a normal PEFT adapter either way. (ZeRO-3 checkpoints always
+    hold both: DeepSpeed shards and the adapter, gathered alone by the trainer.)"""
 
     fsdp_wrap_classes: list[str] | None = None
     """`fsdp`/`fsdp-qlora` only: module class names that each become one FSDP unit (the
@@ -527,6 +528,8 @@ def _validate_parallel(par: ParallelConfig) -> None:
     fsdp = s in ("fsdp", "fsdp-qlora")
     _check(fsdp or par.fsdp_version == 2, "parallel.fsdp_version",
            f"only the fsdp strategies read it, but parallel.strategy={s!r}", "drop parallel.fsdp_version")
+    _check(fsdp or par.state_dict == "sharded", "parallel.state_dict",
+           f"only the fsdp strategies read it, but parallel.strategy={s!r}", "drop parallel.state_dict")
     _check(fsdp or par.fsdp_wrap_classes is None, "parallel.fsdp_wrap_classes",
            f"only the fsdp strategies read it, but parallel.strategy={s!r}", "drop parallel.fsdp_wrap_classes")
     if par.fsdp_wrap_classes is not None:

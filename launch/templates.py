@@ -189,9 +189,10 @@ def render_deepspeed_config(recipe: Recipe, hw: Hardware) -> dict[str, Any] | No
     if par.offload == "optimizer+params":
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     if stage == 3:
-        # True: every save gathers 16-bit weights on rank 0, so checkpoints hold a normal adapter.
-        # False: DeepSpeed shards only; the final adapter needs a gather step in the entrypoint.
-        zero["stage3_gather_16bit_weights_on_model_save"] = par.state_dict == "full"
+        # The trainer gathers a PEFT adapter alone at every save whatever this says (measured:
+        # a normal adapter_model.safetensors with it false); true would gather the whole 16-bit
+        # model on rank 0 wherever accelerate's get_state_dict is used.
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
     return {
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
