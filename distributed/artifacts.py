@@ -87,8 +87,10 @@ def find_adapter(path: str | Path) -> RunAdapter:
     """Resolve a run directory, a `final/` directory or a checkpoint directory (see the module doc)."""
     path = Path(path).expanduser()
     if not path.is_dir():
-        raise TunefleetError(f"{str(path)!r} is not a directory",
-                             "pass a run's output_dir, its final/ directory or one of its checkpoint-N directories")
+        raise TunefleetError(
+            f"{str(path)!r} is not a directory",
+            "pass a run's output_dir, its final/ directory or one of its checkpoint-N directories",
+        )
     if (path / RESOLVED_RECIPE).is_file():  # a run directory
         run_dir = path
         final = path / FINAL_DIR
@@ -116,8 +118,10 @@ def find_adapter(path: str | Path) -> RunAdapter:
                 "pass a run's output_dir, its final/ directory or one of its checkpoint-N directories",
             )
         if _CHECKPOINT_RE.fullmatch(path.name) and not usable_checkpoint(path):
-            raise TunefleetError(f"checkpoint {str(path)!r} is incomplete (its manifest does not match its files)",
-                                 "use an older checkpoint or the run directory (newest complete one)")
+            raise TunefleetError(
+                f"checkpoint {str(path)!r} is incomplete (its manifest does not match its files)",
+                "use an older checkpoint or the run directory (newest complete one)",
+            )
         run_dir = path.parent
         adapter = path
         if not (run_dir / RESOLVED_RECIPE).is_file():

@@ -163,3 +163,34 @@ def check_shared_storage(out: Path, *, rank: int, world_size: int, barrier: Any)
             "probe files (node-local storage?)",
             "put output_dir on a filesystem every node mounts at the same path (checkpoints and resume need it)",
         )
+
+
+CHECKPOINT_FORMAT = {"single": "torch", "ddp": "torch", "fsdp": "fsdp", "fsdp-qlora": "fsdp",
+                     "deepspeed-zero2": "deepspeed-zero2", "deepspeed-zero3": "deepspeed-zero3"}
+"""What a checkpoint of each strategy holds: `torch` (adapter + optimizer.pt, readable by any world
+size), DeepSpeed's per-stage `global_stepN/` shards, FSDP's `torch.distributed.checkpoint` shards."""
+
+
+def check_layout(manifest: dict[str, Any], strategy: str, world_size: int) -> None:
+    """Refuse a checkpoint this run cannot read: another checkpoint format, or DeepSpeed/FSDP
+    shards written by another world size (not supported yet). The launcher and every rank call it."""
+    from tunefleet.launch.errors import TunefleetError
+
+    old_strategy, old_world = manifest.get("strategy", "single"), int(manifest.get("world_size", 1))
+    old_format = CHECKPOINT_FORMAT.get(old_strategy, old_strategy)
+    new_format = CHECKPOINT_FORMAT.get(strategy, strategy)
+    if old_format != new_format:
+        raise TunefleetError(
+            f"the checkpoint was written by parallel.strategy={old_strategy} ({old_format} format); this run uses "
+            f"{strategy} ({new_format} format), which cannot read it",
+            f"resume with parallel.strategy={old_strategy}, or start a new run",
+        )
+    if old_format != "torch" and old_world != world_size:
+        detail = ("DeepSpeed: \"Automatic adjustment of ZeRO's optimizer state partitioning with a new world "
+                  "size is not currently supported\"" if old_format.startswith("deepspeed")
+                  else "resharding FSDP checkpoints is not supported by tunefleet yet")
+        raise TunefleetError(
+            f"the checkpoint holds {old_strategy} shards written by {old_world} process(es); this run has "
+            f"{world_size} ({detail})",
+            f"resume on {old_world} process(es) (--nproc/--gpus {old_world})",
+        )

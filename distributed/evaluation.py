@@ -57,17 +57,30 @@ def write_samples(
     if recipe.parallel.strategy in SHARDED_STRATEGIES:
         return f"skipped ({recipe.parallel.strategy} shards the model: use `tunefleet generate` on the run)"
     split, rows = ("eval", eval_rows) if eval_rows else ("train", train_rows)
-    prompts = [render_prompt(row, data=recipe.data, tokenizer=tokenizer, where=f"{split} row {i + 1}")
-               for i, row in enumerate(rows[:n])]
+    prompts = [
+        render_prompt(row, data=recipe.data, tokenizer=tokenizer, where=f"{split} row {i + 1}")
+        for i, row in enumerate(rows[:n])
+    ]
     try:
-        answers = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=n,
-                           stop_ids=stop_token_ids(tokenizer, recipe.data.format, model.generation_config))
+        answers = generate(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            batch_size=n,
+            stop_ids=stop_token_ids(tokenizer, recipe.data.format, model.generation_config),
+        )
     except Exception as exc:  # noqa: BLE001 — the run is finished and saved: a sample must not fail it
         # e.g. bitsandbytes' CPU 4-bit decoding kernel rejects the demo model's odd layer widths
         return f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     with path.open("w", encoding="utf-8") as f:
         for prompt, answer in zip(prompts, answers, strict=True):
-            row = {"split": split, "prompt": prompt.shown, "reference": prompt.reference,
-                   "generated": answer.text, "stopped": answer.stopped}
+            row = {
+                "split": split,
+                "prompt": prompt.shown,
+                "reference": prompt.reference,
+                "generated": answer.text,
+                "stopped": answer.stopped,
+            }
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return f"{path} ({len(prompts)} {split} prompts, greedy, max {max_new_tokens} new tokens)"

@@ -16,6 +16,7 @@ writes right after an assistant answer (`<|eot_id|>`, `<|im_end|>`, `<end_of_tur
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,12 +60,13 @@ class Answer:
 def _as_row(item: str | dict, data: DataConfig) -> dict:
     if isinstance(item, dict):
         return item
-    return {
+    rows: dict[str, dict] = {
         "alpaca": {"instruction": item, "input": ""},
         "messages": {data.messages_field: [{"role": "user", "content": item}]},
         "prompt-completion": {"prompt": item},
         "text": {data.text_field: item},
-    }[data.format]
+    }
+    return rows[data.format]
 
 
 def _conversation(row: dict, data: DataConfig, where: str) -> tuple[list[dict], str | None]:
@@ -73,13 +75,19 @@ def _conversation(row: dict, data: DataConfig, where: str) -> tuple[list[dict], 
     messages = row.get(data.messages_field)
     if messages is None:
         messages = data_mod._columns_to_messages(row)  # seed 003's system/user/assistant columns
-    ok = isinstance(messages, list) and messages and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in messages
+    ok = (
+        isinstance(messages, list)
+        and messages
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        )
     )
     if not ok:
-        raise DataError(f"{where}: expected {data.messages_field!r}: a list of {{role, content}} turns",
-                        'write the row as {"messages": [{"role": "user", "content": ...}]} or give a plain prompt')
+        raise DataError(
+            f"{where}: expected {data.messages_field!r}: a list of {{role, content}} turns",
+            'write the row as {"messages": [{"role": "user", "content": ...}]} or give a plain prompt',
+        )
     assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if assistant and assistant[-1] > 0:
         return messages[: assistant[-1]], messages[assistant[-1]]["content"]
@@ -97,19 +105,27 @@ def render_prompt(item: str | dict, *, data: DataConfig, tokenizer: Any, where: 
         try:
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # noqa: BLE001 — jinja errors from the template
-            raise DataError(f"{where}: the chat template rejected the conversation: {exc}",
-                            "check the roles (most templates want user/assistant turns to alternate)") from None
+            raise DataError(
+                f"{where}: the chat template rejected the conversation: {exc}",
+                "check the roles (most templates want user/assistant turns to alternate)",
+            ) from None
         user = [m["content"] for m in messages if m["role"] == "user"]
-        return Prompt(shown=user[-1] if user else messages[-1]["content"], text=text,
-                      ids=data_mod._encode(tokenizer, text), reference=reference)
+        return Prompt(
+            shown=user[-1] if user else messages[-1]["content"],
+            text=text,
+            ids=data_mod._encode(tokenizer, text),
+            reference=reference,
+        )
 
     def field(key: str, required: bool = True) -> str:
         value = row.get(key)
         if value is None and not required:
             return ""
         if not isinstance(value, str):
-            raise DataError(f"{where}: the {fmt} format needs a string {key!r} (the row has: {', '.join(row)})",
-                            f"give a plain prompt, or a row with {key!r}")
+            raise DataError(
+                f"{where}: the {fmt} format needs a string {key!r} (the row has: {', '.join(row)})",
+                f"give a plain prompt, or a row with {key!r}",
+            )
         return value
 
     if fmt == "alpaca":
@@ -123,7 +139,9 @@ def render_prompt(item: str | dict, *, data: DataConfig, tokenizer: Any, where: 
         text = shown = field(data.text_field)
         reference = None
     ids = data_mod._special_prefix(tokenizer) + data_mod._encode(tokenizer, text)
-    return Prompt(shown=shown, text=text, ids=ids, reference=reference if isinstance(reference, str) else None)
+    return Prompt(
+        shown=shown, text=text, ids=ids, reference=reference if isinstance(reference, str) else None
+    )
 
 
 def read_prompts_file(path: str | Path) -> list[str | dict]:
@@ -136,8 +154,10 @@ def read_prompts_file(path: str | Path) -> list[str | dict]:
     try:
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     except OSError as exc:
-        raise TunefleetError(f"--prompts-file {str(path)!r} cannot be read: {exc.strerror or exc}",
-                             "pass a text file with one prompt per line, or a .jsonl file of rows") from None
+        raise TunefleetError(
+            f"--prompts-file {str(path)!r} cannot be read: {exc.strerror or exc}",
+            "pass a text file with one prompt per line, or a .jsonl file of rows",
+        ) from None
     prompts: list[str | dict] = [line for line in lines if line]
     if not prompts:
         raise TunefleetError(f"--prompts-file {str(path)!r} holds no prompts", "write one prompt per line")
@@ -170,16 +190,21 @@ def end_of_turn_id(tokenizer: Any) -> int | None:
     user = [{"role": "user", "content": "hello"}]
     try:
         prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": _PROBE_ANSWER}],
-                                             tokenize=False, add_generation_prompt=False)
+        full = tokenizer.apply_chat_template(
+            user + [{"role": "assistant", "content": _PROBE_ANSWER}],
+            tokenize=False,
+            add_generation_prompt=False,
+        )
     except Exception:  # noqa: BLE001 — no template, or one that wants other roles
         return None
     at = full.find(_PROBE_ANSWER, len(prompt) if full.startswith(prompt) else 0)
     if at < 0:
         return None
-    after = full[at + len(_PROBE_ANSWER):]
+    after = full[at + len(_PROBE_ANSWER) :]
     ids = tokenizer.encode(after, add_special_tokens=False) if after else []
-    special = set(getattr(tokenizer, "all_special_ids", [])) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    special = set(getattr(tokenizer, "all_special_ids", [])) | set(
+        getattr(tokenizer, "added_tokens_decoder", {})
+    )
     return ids[0] if ids and ids[0] in special else None
 
 
@@ -202,8 +227,10 @@ def generate(
     from transformers import GenerationConfig
 
     if not stop_ids:
-        raise TunefleetError("the tokenizer has no eos token, so generation could not stop",
-                             "set an eos token on the tokenizer")
+        raise TunefleetError(
+            "the tokenizer has no eos token, so generation could not stop",
+            "set an eos token on the tokenizer",
+        )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     sampling = temperature > 0
     config = GenerationConfig(
@@ -220,7 +247,7 @@ def generate(
     answers: list[Answer] = []
     try:
         for start in range(0, len(prompts), batch_size):
-            batch = prompts[start:start + batch_size]
+            batch = prompts[start : start + batch_size]
             width = max(len(p.ids) for p in batch)
             input_ids = torch.tensor([[pad_id] * (width - len(p.ids)) + p.ids for p in batch], device=device)
             mask = torch.tensor([[0] * (width - len(p.ids)) + [1] * len(p.ids) for p in batch], device=device)
@@ -229,8 +256,13 @@ def generate(
             for row in out[:, width:].tolist():
                 stop_at = next((i for i, t in enumerate(row) if t in stop_ids), None)
                 kept = row if stop_at is None else row[: stop_at + 1]
-                answers.append(Answer(text=tokenizer.decode(kept, skip_special_tokens=True).strip(),
-                                      new_tokens=len(kept), stopped=stop_at is not None))
+                answers.append(
+                    Answer(
+                        text=tokenizer.decode(kept, skip_special_tokens=True).strip(),
+                        new_tokens=len(kept),
+                        stopped=stop_at is not None,
+                    )
+                )
     finally:
         model.train(was_training)
     return answers
@@ -257,8 +289,11 @@ def load_tokenizer(adapter: RunAdapter) -> Any:
     from tunefleet.distributed import model as model_mod
 
     recipe = adapter.recipe
-    source = str(adapter.adapter_dir) if (adapter.adapter_dir / "tokenizer_config.json").is_file() \
+    source = (
+        str(adapter.adapter_dir)
+        if (adapter.adapter_dir / "tokenizer_config.json").is_file()
         else model_mod.resolve_model_path(recipe.model)
+    )
     return model_mod.load_tokenizer(source, recipe.model)
 
 
@@ -271,7 +306,9 @@ def load_run_model(adapter: RunAdapter) -> tuple[Any, Any]:
 
     recipe = adapter.recipe
     tokenizer = load_tokenizer(adapter)
-    base = model_mod.load_model(model_mod.resolve_model_path(recipe.model), recipe, inference_precision(recipe))
+    base = model_mod.load_model(
+        model_mod.resolve_model_path(recipe.model), recipe, inference_precision(recipe)
+    )
     base.config.use_cache = True
     if torch.cuda.is_available() and recipe.model.quantization == "none":
         base = base.to("cuda")  # bitsandbytes models are placed on the GPU when they load
@@ -295,15 +332,26 @@ def generate_for_run(
     adapter = find_adapter(path)
     model, tokenizer = load_run_model(adapter)
     data = adapter.recipe.data
-    prompts = [render_prompt(item, data=data, tokenizer=tokenizer, where=f"prompt {i + 1}")
-               for i, item in enumerate(items)]
+    prompts = [
+        render_prompt(item, data=data, tokenizer=tokenizer, where=f"prompt {i + 1}")
+        for i, item in enumerate(items)
+    ]
     stop_ids = stop_token_ids(tokenizer, data.format, model.generation_config)
-    kwargs = dict(stop_ids=stop_ids, max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size)
-    tuned = generate(model, tokenizer, prompts, **kwargs)
+    answer_all = functools.partial(
+        generate,
+        model,
+        tokenizer,
+        prompts,
+        stop_ids=stop_ids,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        batch_size=batch_size,
+    )
+    tuned = answer_all()
     base = None
     if compare_base:
         with model.disable_adapter():
-            base = generate(model, tokenizer, prompts, **kwargs)
+            base = answer_all()
     results = []
     for i, (prompt, answer) in enumerate(zip(prompts, tuned, strict=True)):
         row: dict[str, Any] = {"prompt": prompt.shown, "answer": answer.text, "stopped": answer.stopped}
@@ -325,8 +373,11 @@ def print_results(adapter: RunAdapter, results: list[dict[str, Any]], *, as_json
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=f"{adapter.run_dir} ({adapter.label}, {adapter.recipe.data.format} prompts)",
-                  title_justify="left", show_lines=True)
+    table = Table(
+        title=f"{adapter.run_dir} ({adapter.label}, {adapter.recipe.data.format} prompts)",
+        title_justify="left",
+        show_lines=True,
+    )
     table.add_column("prompt", style="bold")
     if any("base_answer" in r for r in results):
         table.add_column("base model")
@@ -337,7 +388,9 @@ def print_results(adapter: RunAdapter, results: list[dict[str, Any]], *, as_json
         cells = [Text(r["prompt"])]
         if "base_answer" in r:
             cells.append(Text(r["base_answer"]))
-        cells.append(Text(r["answer"]) + Text("" if r["stopped"] else " (max_new_tokens reached)", style="dim"))
+        cells.append(
+            Text(r["answer"]) + Text("" if r["stopped"] else " (max_new_tokens reached)", style="dim")
+        )
         if any("reference" in x for x in results):
             cells.append(Text(r.get("reference", "")))
         table.add_row(*cells)

@@ -58,7 +58,7 @@ def _load_base(recipe: Recipe, dtype: str, notes: list[str]) -> Any:
         "trust_remote_code": m.trust_remote_code,
     }
     if m.quantization == "mxfp4":
-        from transformers import Mxfp4Config
+        from transformers.utils.quantization_config import Mxfp4Config
 
         kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
         notes.append(f"MXFP4 base: dequantized to {dtype} before merging")
@@ -72,9 +72,10 @@ def _load_base(recipe: Recipe, dtype: str, notes: list[str]) -> Any:
     try:
         base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
-        raise TunefleetError(f"cannot load the base model {path!r}: {exc}",
-                             "check model.name_or_path in the run's recipe.yaml (offline machines need a local copy)"
-                             ) from None
+        raise TunefleetError(
+            f"cannot load the base model {path!r}: {exc}",
+            "check model.name_or_path in the run's recipe.yaml (offline machines need a local copy)",
+        ) from None
     if getattr(base, "hf_quantizer", None) is not None and m.quantization != "mxfp4":
         base = base.dequantize()  # a checkpoint stored pre-quantized: merge into its dequantized weights
         notes.append(f"the base checkpoint is stored quantized: dequantized to {dtype} before merging")
@@ -86,8 +87,9 @@ def _probe_ids(recipe: Recipe, tokenizer: Any) -> Any:
 
     from tunefleet.distributed.generate import render_prompt
 
-    prompt = render_prompt("Name three colours and explain why the sky is blue.", data=recipe.data,
-                           tokenizer=tokenizer)
+    prompt = render_prompt(
+        "Name three colours and explain why the sky is blue.", data=recipe.data, tokenizer=tokenizer
+    )
     return torch.tensor([prompt.ids])
 
 
@@ -108,8 +110,10 @@ def merge(
 
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise TunefleetError(f"--out {str(out)!r} already exists and is not empty",
-                             "choose a new directory (nothing is overwritten)")
+        raise TunefleetError(
+            f"--out {str(out)!r} already exists and is not empty",
+            "choose a new directory (nothing is overwritten)",
+        )
     adapter = find_adapter(path)
     recipe = adapter.recipe
     notes: list[str] = []
@@ -149,5 +153,6 @@ def merge(
         out.rmdir()  # empty (checked above)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(out)
-    return MergeResult(out_dir=out, adapter_dir=adapter.adapter_dir, dtype=info["dtype"], notes=notes,
-                       max_logit_diff=diff)
+    return MergeResult(
+        out_dir=out, adapter_dir=adapter.adapter_dir, dtype=info["dtype"], notes=notes, max_logit_diff=diff
+    )

@@ -165,13 +165,15 @@ def apply_peft(model: Any, recipe: Recipe) -> Any:
         raise RecipeError(f"peft: {exc}", "check peft.target_modules against the model's module names") from None
 
 
-def save_adapter(model: Any, tokenizer: Any, out_dir: Path) -> None:
-    """Save the adapter and tokenizer into `out_dir` atomically (temp dir, then rename)."""
+def save_adapter(model: Any, tokenizer: Any, out_dir: Path, state_dict: dict[str, Any] | None = None) -> None:
+    """Save the adapter and tokenizer into `out_dir` atomically (temp dir, then rename).
+
+    `state_dict`: the adapter weights gathered from shards (final_adapter.py); None reads the model."""
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         import shutil
 
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     tmp.rename(out_dir)

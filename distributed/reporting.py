@@ -119,7 +119,8 @@ def plot_loss(metrics_path: Path, out_path: Path) -> None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean over answer tokens)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or evals:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out_path)
     plt.close(fig)

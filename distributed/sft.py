@@ -26,6 +26,11 @@ from tunefleet.slurm.sbatch import REQUEUE_EXIT_CODE
 RESOLVED_RECIPE = "recipe.yaml"
 PLAN_FILE = "plan.json"
 FINAL_DIR = "final"
+LAUNCH_DIR = "launch"
+"""Written by `tunefleet launch` into the output directory: configs, command, launched recipe."""
+EXIT_FILE_ENV = "TUNEFLEET_EXIT_FILE"
+"""Set by `tunefleet launch`: rank 0 writes its exit code there (accelerate's launchers report
+any failure as 1, so the requeue code 75 would be lost on the way)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +62,8 @@ def inspect_output_dir(path: Path) -> RunDirState:
                              "choose another output_dir")
     from tunefleet.distributed import checkpoint as ckpt
 
-    entries = [e for e in path.iterdir() if not e.name.startswith(".")]
+    # LAUNCH_DIR: the configs `tunefleet launch` writes before the ranks start
+    entries = [e for e in path.iterdir() if not e.name.startswith(".") and e.name != LAUNCH_DIR]
     finished = (path / FINAL_DIR).is_dir()
     newest = ckpt.latest(path)
     checkpoint = str(newest) if newest else None
@@ -198,8 +204,10 @@ def training_arguments(recipe: Recipe, *, grad_accum_steps: int, precision: Any,
     from trl import SFTConfig
 
     from tunefleet.launch.batch import SCHEDULER_KWARGS
+    from tunefleet.launch.templates import activation_checkpointing
 
     t = recipe.train
+    checkpointing = activation_checkpointing(recipe)
     save = t.save_steps > 0
     evaluate = has_eval and t.eval_steps > 0
     return SFTConfig(
@@ -221,8 +229,10 @@ def training_arguments(recipe: Recipe, *, grad_accum_steps: int, precision: Any,
         bf16=precision.mode == "bf16",
         fp16=precision.mode == "fp16",
         use_cpu=precision.use_cpu,
-        activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        # `fsdp`: accelerate checkpoints each FSDP unit itself, the trainer's switch stays off
+        activation_checkpointing=checkpointing.where == "trainer",
+        activation_checkpointing_kwargs=({"use_reentrant": checkpointing.use_reentrant}
+                                         if checkpointing.where == "trainer" else None),
         logging_steps=t.logging_steps,
         save_strategy="steps" if save else "no",
         save_steps=t.save_steps if save else 500,
@@ -253,7 +263,6 @@ def run(recipe: Recipe, *, overwrite: bool = False, no_resume: bool = False, res
     # decide on the output directory before anyone writes to it
     state = inspect_output_dir(out)
     mode, checkpoint = decide_start(out, state, overwrite=overwrite, no_resume=no_resume, resume=resume)
-    resume_notes = check_resume(checkpoint, recipe) if checkpoint else []
 
     from tunefleet.launch.batch import plan_batch
 
@@ -264,11 +273,11 @@ def run(recipe: Recipe, *, overwrite: bool = False, no_resume: bool = False, res
         world_size=world_size,
     )
 
-    import torch  # noqa: F401  (heavy imports start here)
+    import torch  # (heavy imports start here)
     from transformers.utils import logging as hf_logging
 
     from tunefleet.distributed import checkpoint as ckpt
-    from tunefleet.distributed import data as data_mod
+    from tunefleet.distributed import cpu_fsdp, guard
     from tunefleet.distributed import model as model_mod
     from tunefleet.distributed.reporting import (
         LOSS_PLOT,
@@ -280,6 +289,13 @@ def run(recipe: Recipe, *, overwrite: bool = False, no_resume: bool = False, res
     )
     from tunefleet.distributed.trainer import StopFlag, TunefleetTrainer
 
+    # the recipe as this run carries it out on this hardware (compat matrix, as the launcher did)
+    recipe, hw, compat_notes = guard.resolve_for_runtime(recipe, world_size, use_cpu=not torch.cuda.is_available())
+    expected = guard.expectation(recipe, hw)
+    resume_notes = check_resume(checkpoint, recipe) if checkpoint else []
+    if checkpoint:
+        ckpt.check_layout(ckpt.read_manifest(Path(checkpoint)), recipe.parallel.strategy, world_size)
+
     hf_logging.set_verbosity_error()
     stop = StopFlag()
     precision = model_mod.resolve_precision(recipe)
@@ -288,18 +304,14 @@ def run(recipe: Recipe, *, overwrite: bool = False, no_resume: bool = False, res
     # data first: a bad data file should fail before a large model is loaded
     tokenizer = model_mod.load_tokenizer(model_path, recipe.model)
     d = recipe.data
-    rows = data_mod.load_rows(d.path, split=d.split, limit=d.limit, what="data.path")
-    eval_rows: list[dict[str, Any]] = []
-    if d.eval_path:
-        eval_rows = data_mod.load_rows(d.eval_path, split=d.split, what="data.eval_path")
-    elif d.eval_ratio:
-        rows, eval_rows = data_mod.split_eval(rows, d.eval_ratio)
-    train_examples, train_stats = data_mod.build_dataset(rows, cfg=d, tokenizer=tokenizer, where=d.path)
-    eval_examples: list[dict[str, Any]] = []
-    if eval_rows:
-        eval_examples, _ = data_mod.build_dataset(
-            eval_rows, cfg=d, tokenizer=tokenizer, where=d.eval_path or f"{d.path} (eval split)"
-        )
+    # the `tunefleet prepare` cache when it matches recipe, data and tokenizer; else tokenise here
+    from tunefleet.distributed.prepare import load_or_tokenize
+
+    prepared = load_or_tokenize(recipe, tokenizer)
+    rows, eval_rows = prepared.rows, prepared.eval_rows
+    train_examples, train_stats, eval_examples = prepared.train, prepared.train_stats, prepared.eval
+    if main_process and prepared.cache_dir is not None:
+        print(f"tokenised data from the cache {prepared.cache_dir} (tunefleet prepare)", flush=True)
     steps_per_epoch = len(train_examples) // batch_plan.global_batch_size
     if steps_per_epoch == 0:
         raise TunefleetError(
@@ -317,6 +329,8 @@ def run(recipe: Recipe, *, overwrite: bool = False, no_resume: bool = False, res
     )
 
     tracking.check_installed(list(recipe.train.report_to))
+    if cpu_fsdp.wanted(recipe.parallel.strategy, cuda_available=torch.cuda.is_available()):
+        cpu_fsdp.enable()  # FSDP2 on CPU/gloo; accelerate alone would silently run DDP (see cpu_fsdp.py)
     args = training_arguments(recipe, grad_accum_steps=batch_plan.grad_accum_steps, precision=precision,
                               has_eval=bool(eval_examples))
     # the process group exists now (the trainer arguments initialise it): prepare the directory
@@ -362,10 +376,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, no_resume: bool = False, res
     model = model_mod.apply_peft(model, recipe)
     trainable, total = model.get_nb_trainable_parameters()
 
-    from datasets import Dataset
-
-    train_ds = Dataset.from_list(train_examples)
-    eval_ds = Dataset.from_list(eval_examples) if eval_examples else None
+    train_ds, eval_ds = train_examples, eval_examples
     trainer = TunefleetTrainer(
         model=model,
         args=args,
@@ -390,6 +401,10 @@ def run(recipe: Recipe, *, overwrite: bool = False, no_resume: bool = False, res
 
     trainer.remove_callback(PrinterCallback)  # the progress bar and metrics.jsonl replace its dict dumps
     tracking.install(trainer, list(recipe.train.report_to), out)  # one tracked run across requeues
+    # no silent fallback: the distributed type and world size now, the sharding once the model is wrapped
+    guard.check_distributed(trainer.accelerator.state, expected, recipe.parallel.strategy)
+    trainer.add_callback(guard.ShardingCheck(trainer, recipe.parallel.strategy, world_size,
+                                             out / PLAN_FILE if main_process else None))
     if main_process:
         method = {"lora": "LoRA", "dora": "DoRA"}[recipe.peft.method] + (" + rsLoRA" if recipe.peft.use_rslora else "")
         if recipe.model.quantization != "none":
@@ -407,12 +422,18 @@ def run(recipe: Recipe, *, overwrite: bool = False, no_resume: bool = False, res
             ("schedule", f"{steps_per_epoch} steps/epoch ({dropped} samples of the last incomplete global "
                          f"batch dropped per epoch), max_steps={recipe.train.max_steps}, "
                          f"epochs={recipe.train.epochs}"),
+            ("distributed", f"{expected.distributed_type} x {world_size} ({expected.source}; sharding checked "
+                            "when training starts, recorded in plan.json)"),
+            *[("compat", note) for note in compat_notes],
             ("output", str(out)),
         ])
     if main_process:
         write_plan(out / PLAN_FILE, recipe, model_path=model_path, world_size=world_size,
-                   train_examples=len(train_examples), eval_rows=len(eval_rows) if d.eval_ratio else 0,
-                   steps_per_epoch=steps_per_epoch, in_effect=in_effect(trainer, precision))
+                   train_examples=len(train_examples), eval_rows=prepared.eval_row_count if d.eval_ratio else 0,
+                   steps_per_epoch=steps_per_epoch,
+                   in_effect={**in_effect(trainer, precision), "strategy": recipe.parallel.strategy,
+                              "cpu_fsdp_layer": cpu_fsdp.is_enabled() and trainer.is_fsdp_enabled,
+                              "compat_notes": compat_notes})
     stop.install()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     if trainer.tf_stopped:
@@ -424,9 +445,11 @@ def run(recipe: Recipe, *, overwrite: bool = False, no_resume: bool = False, res
         dist_state.wait_for_everyone()
         return REQUEUE_EXIT_CODE
 
+    from tunefleet.distributed.final_adapter import save_final_adapter
+
+    final = out / FINAL_DIR
+    save_final_adapter(trainer, tokenizer, final)  # every rank: FSDP / ZeRO-3 gather the adapter first
     if main_process:
-        final = out / FINAL_DIR
-        model_mod.save_adapter(trainer.model, tokenizer, final)
         plot_loss(out / METRICS_FILE, out / LOSS_PLOT)
         samples = write_samples(trainer.model, tokenizer, recipe, eval_rows=eval_rows, train_rows=rows,
                                 path=out / SAMPLES_FILE)
@@ -452,12 +475,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         recipe = recipe_mod.load(args.recipe, args.overrides)
-        return run(recipe, overwrite=args.overwrite, no_resume=args.no_resume, resume=args.resume)
+        code = run(recipe, overwrite=args.overwrite, no_resume=args.no_resume, resume=args.resume)
     except TunefleetError as exc:
         rank, _ = _rank_env()
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
+        code = 2
+    exit_file = os.environ.get(EXIT_FILE_ENV)
+    if exit_file and _rank_env()[0] == 0:
+        Path(exit_file).write_text(f"{code}\n", encoding="utf-8")
+    return code
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ callbacks do the logging; tunefleet replaces them with thin subclasses that keep
 stopped and requeued (resumed from a checkpoint) in the same tracked run instead of a new one:
 
 * tensorboard: events go to `<output_dir>/tensorboard/` (not a new timestamped directory per
-  start); a resumed run adds an event file there and TensorBoard shows one run;
+  start); a resumed run adds an event file there that supersedes the earlier attempt's events
+  after the checkpoint step (`purge_step`), so TensorBoard shows one run with each step once;
 * wandb: the run id is stored in `<output_dir>/tracking.json` at the first start and passed with
   `resume="allow"` on every start; local files go to `<output_dir>/wandb/`; the run is finished at
   the end of training (the stock callback never finishes it);
@@ -36,9 +37,11 @@ from tunefleet.launch.errors import TunefleetError
 TRACKING_FILE = "tracking.json"
 TENSORBOARD_DIR = "tensorboard"
 WANDB_PROJECT = "tunefleet"
-_PACKAGES = {"tensorboard": ("tensorboard", "pip install tensorboard"),
-             "wandb": ("wandb", "pip install wandb"),
-             "mlflow": ("mlflow", "pip install mlflow")}
+_PACKAGES = {
+    "tensorboard": ("tensorboard", "pip install tensorboard"),
+    "wandb": ("wandb", "pip install wandb"),
+    "mlflow": ("mlflow", "pip install mlflow"),
+}
 
 
 def check_installed(report_to: list[str]) -> None:
@@ -46,8 +49,10 @@ def check_installed(report_to: list[str]) -> None:
     for name in report_to:
         module, install = _PACKAGES[name]
         if importlib.util.find_spec(module) is None:
-            raise TunefleetError(f"train.report_to lists {name}, but the {module} package is not installed",
-                                 f"{install}, or remove {name} from train.report_to")
+            raise TunefleetError(
+                f"train.report_to lists {name}, but the {module} package is not installed",
+                f"{install}, or remove {name} from train.report_to",
+            )
 
 
 def read_state(out: Path) -> dict[str, Any]:
@@ -91,6 +96,16 @@ class TensorBoardTracker(TensorBoardCallback):
         super().__init__()
         if self.logging_dir is None:  # TENSORBOARD_LOGGING_DIR unset
             self.logging_dir = str(out / TENSORBOARD_DIR)
+        self.purge_step: int | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # a resumed run logs the steps after its checkpoint again: TensorBoard hides the earlier
+        # attempt's events from that step on (the writer's purge_step), so each step shows once
+        self.purge_step = state.global_step + 1
+        super().on_train_begin(args, state, control, **kwargs)
+
+    def _init_summary_writer(self, args: Any) -> None:
+        self.tb_writer = self._SummaryWriter(log_dir=self.logging_dir, purge_step=self.purge_step)
 
 
 class WandbTracker(WandbCallback):
@@ -113,8 +128,16 @@ class WandbTracker(WandbCallback):
             )
         super().setup(args, state, model, **kwargs)
 
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        super().on_train_end(args, state, control, **kwargs)
+    def on_train_end(
+        self,
+        args: Any,
+        state: Any,
+        control: Any,
+        model: Any = None,
+        processing_class: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        super().on_train_end(args, state, control, model=model, processing_class=processing_class, **kwargs)
         if state.is_world_process_zero and self._wandb.run is not None:
             self._wandb.finish()
         self._initialized = False
@@ -137,9 +160,11 @@ class MlflowTracker(MLflowCallback):
                 _write_state(self.out, {**tracked, "mlflow_run_id": active.info.run_id})
 
 
-_TRACKERS = {"tensorboard": (TensorBoardCallback, TensorBoardTracker),
-             "wandb": (WandbCallback, WandbTracker),
-             "mlflow": (MLflowCallback, MlflowTracker)}
+_TRACKERS = {
+    "tensorboard": (TensorBoardCallback, TensorBoardTracker),
+    "wandb": (WandbCallback, WandbTracker),
+    "mlflow": (MLflowCallback, MlflowTracker),
+}
 
 
 def install(trainer: Any, report_to: list[str], out: Path) -> None:

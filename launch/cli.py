@@ -33,6 +33,31 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue from this complete checkpoint (default: the newest one in output_dir)")
 
 
+def _launch(args: argparse.Namespace) -> int:
+    from tunefleet.launch import workstation as ws
+
+    visible_gpus = 0
+    if args.nproc is None and (args.gpus is None or not args.dry_run):
+        import torch  # only to count the GPUs
+
+        visible_gpus = torch.cuda.device_count()
+    hw = ws.hardware(nproc=args.nproc, gpus=args.gpus, visible_gpus=visible_gpus,
+                     main_port=args.main_port or ws.free_port())
+    if args.gpus is not None and not args.dry_run and visible_gpus < args.gpus:
+        raise TunefleetError(f"--gpus {args.gpus}: {visible_gpus} GPU(s) visible here",
+                             "use --nproc N for CPU processes, or --dry-run to only render the files")
+    plan = ws.prepare_launch(args.recipe, args.overrides, hw, overwrite=args.overwrite, no_resume=args.no_resume,
+                             resume=args.resume)
+    if not args.dry_run:
+        ws.write_launch_files(plan)
+    print(ws.summary(plan, dry_run=args.dry_run), flush=True)
+    if args.dry_run:
+        for name, text in plan.files.items():
+            print(f"\n--- {plan.config_dir / name}\n{text.rstrip()}")
+        return 0
+    return ws.run_launch(plan)
+
+
 def _plan(args: argparse.Namespace) -> int:
     import json
 
@@ -67,6 +92,9 @@ def _generate(args: argparse.Namespace) -> int:
         items += gen.read_prompts_file(args.prompts_file)
     if not items:
         raise TunefleetError("no prompts given", "pass --prompt TEXT (repeatable) or --prompts-file FILE")
+    if args.batch_size < 1 or args.max_new_tokens < 1 or args.temperature < 0:
+        raise TunefleetError("--batch-size and --max-new-tokens must be >= 1, --temperature >= 0",
+                             "e.g. --batch-size 8 --max-new-tokens 256 --temperature 0")
     adapter, results = gen.generate_for_run(args.run, items, compare_base=args.compare_base,
                                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                             batch_size=args.batch_size)
@@ -86,6 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe YAML file (e.g. recipes/demo.yaml)")
     add_run_arguments(p)
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("launch", help="train a recipe on N CPU processes or GPUs of this machine (accelerate launch)",
+                       description="Resolve the recipe for the hardware (compatibility matrix), write the accelerate "
+                                   "and DeepSpeed configs, the resolved recipe and the exact command into "
+                                   "<output_dir>/launch/, print them, then run `accelerate launch`. Exits with the "
+                                   "run's code (75: checkpointed, requeue; 2: refused).")
+    p.add_argument("recipe", help="recipe YAML file")
+    add_run_arguments(p)
+    procs = p.add_mutually_exclusive_group()
+    procs.add_argument("--nproc", type=int, default=None, metavar="N", help="N CPU processes (gloo)")
+    procs.add_argument("--gpus", type=int, default=None, metavar="N",
+                       help="N GPU processes (default: every visible GPU; 1 CPU process without GPUs)")
+    p.add_argument("--main-port", type=int, default=None, metavar="PORT",
+                   help="rendezvous port (default: a free port)")
+    p.add_argument("--dry-run", action="store_true", help="print the configs and the command; write and run nothing")
+    p.set_defaults(func=_launch)
 
     p = sub.add_parser("plan", help="explain the batch math, schedule, parameters and memory of a recipe",
                        description="Print world size, accumulation, steps, warm-up, LR points, trainable/total "

@@ -74,12 +74,17 @@ def _resolve(recipe: Recipe, hw: Hardware, model_config: Mapping[str, Any] | Non
         s = "single"
         notes.append("parallel.strategy: ddp on 1 process runs as `single` (nothing to replicate)")
 
-    # --- FSDP needs GPUs: accelerate (state.py) turns FSDP on only for GPU-like devices. Measured:
-    # an FSDP config launched on CPU trains as plain DDP (DistributedDataParallel, no warning).
+    # --- FSDP on CPU: accelerate (state.py) turns FSDP on only for GPU-like devices and silently
+    # trains DDP instead (measured). FSDP2 runs on CPU through tunefleet's layer
+    # (distributed/cpu_fsdp.py; the entrypoint checks for DTensor parameters). FSDP1 does not:
+    # its sync_module_states looks up a GPU, and it segfaulted gathering a full state dict here.
     if s in FSDP_STRATEGIES and hw.use_cpu:
-        raise _fail("parallel.strategy", f"{s} needs GPUs: on CPU accelerate silently runs FSDP as plain "
-                    "DDP (measured here: the model came back wrapped in DistributedDataParallel)",
-                    "on CPU use ddp or deepspeed-zero3 (ZeRO-3 really shards on CPU), or run on GPUs")
+        if par.fsdp_version == 1:
+            raise _fail("parallel.fsdp_version", f"{s} with FSDP1 needs GPUs (on CPU accelerate looks up a GPU for "
+                        "sync_module_states, and FSDP1 crashed gathering a full state dict here)",
+                        "use parallel.fsdp_version=2 (runs on CPU), or run on GPUs")
+        notes.append(f"parallel.strategy: {s} on CPU runs FSDP2 through tunefleet's compatibility layer "
+                     "(distributed/cpu_fsdp.py: accelerate alone would silently run DDP)")
 
     # --- pre-quantized checkpoints
     shipped = model_quant_method(recipe, model_config)

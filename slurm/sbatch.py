@@ -33,6 +33,10 @@ REQUEUE_EXIT_CODE = 75
 PREEMPT_SIGNAL = "USR1"
 """Signal SLURM sends to the batch shell before the time limit; the script forwards it."""
 
+DEFAULT_CHECKPOINT_S = 60
+"""Seconds reserved for the checkpoint when no earlier attempt has measured it (`tunefleet slurm`
+uses the largest `save_s` of the output directory's checkpoints plus one step once there are some)."""
+
 MIN_SIGNAL_MARGIN_S = 60
 """SLURM checks time limits every 30 s, so the signal can arrive ~30 s late: keep >= 60 s spare."""
 
@@ -125,8 +129,8 @@ class ClusterSpec:
     max_restarts: int = 3
     """Stop requeuing once SLURM_RESTART_COUNT (or the chain index) reaches this."""
 
-    checkpoint_s: int = 60
-    """Measured seconds the trainer needs to write a checkpoint."""
+    checkpoint_s: int = DEFAULT_CHECKPOINT_S
+    """Seconds the trainer needs from the signal to a complete checkpoint (finish the step, save)."""
 
     signal_margin_s: int = MIN_SIGNAL_MARGIN_S
     """Extra seconds of warning on top of `checkpoint_s` (>= 60: the signal can come ~30 s late)."""
@@ -153,6 +157,10 @@ class Launch:
 
     python: str = "python"
     """Python interpreter on the nodes after `env_setup` (it runs the launcher in-process)."""
+
+    prepare: bool = False
+    """Run `tunefleet prepare RECIPE` in the batch shell before the launch: the data is tokenised
+    once (cached in the output directory) instead of by the ranks while the others wait."""
 
 
 def cluster_spec_from_dict(raw: Mapping[str, Any]) -> ClusterSpec:
@@ -521,6 +529,20 @@ def _node_command(spec: ClusterSpec, launch: Launch, launcher: str, recipe_path:
     return f'\ntrap "" {PREEMPT_SIGNAL}\nexec {q(launch.python)} -c "$TUNEFLEET_EXIT_RELAY" {body}\n'
 
 
+def _prepare_lines(launch: Launch, recipe_path: str) -> list[str]:
+    if not launch.prepare:
+        return []
+    q = shlex.quote
+    return [
+        "# Tokenise the data once, here, before the processes start; the ranks load it from the cache",
+        "# in the output directory (a cache hit on every restart).",
+        f"{q(launch.python)} -m tunefleet.launch.cli prepare {q(recipe_path)} || {{",
+        '  prepare_rc=$?; echo "tunefleet: tunefleet prepare failed (exit $prepare_rc)" >&2; exit "$prepare_rc"',
+        "}",
+        "",
+    ]
+
+
 def render_sbatch(
     spec: ClusterSpec, *, recipe_path: str, output_dir: str, launch: Launch | None = None
 ) -> str:
@@ -580,7 +602,15 @@ def render_sbatch(
         f'  if [ -n "${{step_pid:-}}" ]; then kill -{PREEMPT_SIGNAL} "$step_pid"; fi',
         "}",
         f"trap forward_signal {PREEMPT_SIGNAL}",
+        "# Preemption and scancel send TERM to the steps (the trainer checkpoints) and to this shell:",
+        "# stay until the step has ended, then act on its exit code.",
+        "on_term() {",
+        "  preempted=1",
+        '  echo "tunefleet: TERM received (preemption or scancel): waiting for the trainer to checkpoint"',
+        "}",
+        "trap on_term TERM",
         "",
+        *_prepare_lines(launch, recipe_path),
         "# One task per node. The command is single-quoted: $SLURM_NODEID expands on each node",
         "# inside the step (in this shell it is always 0, which would make every node rank 0).",
         f"{' '.join(srun)} bash -c {q(_node_command(spec, launch, launcher, recipe_path))} &",

@@ -114,6 +114,7 @@ def test_tensorboard_one_logdir_across_resume(tmp_path: Path) -> None:
     resumed = _scalars(logdir, "train/loss")
     assert [s for s, _ in resumed] == [1, 2, 3, 4]  # steps 3-4 of the first attempt are superseded
     assert resumed[:2] == first[:2]
+    assert [s for s, _ in _scalars(logdir, "eval/loss")] == [2, 4]
     want = {r["step"]: r["loss"] for r in metrics(out) if "loss" in r}
     assert all(abs(v - want[s]) < 1e-5 for s, v in resumed)
 

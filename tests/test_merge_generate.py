@@ -41,8 +41,15 @@ def _answer_data(tmp: Path, fmt: str) -> Path:
     if fmt == "alpaca":
         rows = [{"instruction": question.format(i), "input": "", "output": ANSWER} for i in range(64)]
     else:
-        rows = [{"messages": [{"role": "user", "content": question.format(i)},
-                              {"role": "assistant", "content": ANSWER}]} for i in range(64)]
+        rows = [
+            {
+                "messages": [
+                    {"role": "user", "content": question.format(i)},
+                    {"role": "assistant", "content": ANSWER},
+                ]
+            }
+            for i in range(64)
+        ]
     path = tmp / f"{fmt}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -54,9 +61,16 @@ def answer_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("answer")
     runs = {}
     for fmt in ("alpaca", "messages"):
-        runs[fmt] = _train(tmp / fmt, f"data.path={_answer_data(tmp, fmt)}", f"data.format={fmt}",
-                           "train.max_steps=15", "train.lr=1e-2", "train.warmup_ratio=0",
-                           "train.logging_steps=5", "data.max_length=64")
+        runs[fmt] = _train(
+            tmp / fmt,
+            f"data.path={_answer_data(tmp, fmt)}",
+            f"data.format={fmt}",
+            "train.max_steps=15",
+            "train.lr=1e-2",
+            "train.warmup_ratio=0",
+            "train.logging_steps=5",
+            "data.max_length=64",
+        )
     return runs
 
 
@@ -86,8 +100,12 @@ def _assert_merge_equal(merged_dir: Path, adapter_dir: Path, dtype, **tol) -> No
     assert merged.dtype == dtype
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     reference, plain = _base_plus_adapter(adapter_dir, dtype)
-    for got, want, base in zip(_logits(merged, tokenizer, PROBES), _logits(reference, tokenizer, PROBES),
-                               _logits(plain, tokenizer, PROBES), strict=True):
+    for got, want, base in zip(
+        _logits(merged, tokenizer, PROBES),
+        _logits(reference, tokenizer, PROBES),
+        _logits(plain, tokenizer, PROBES),
+        strict=True,
+    ):
         torch.testing.assert_close(got, want, **tol)
         assert (want - base).abs().max() > 10 * tol.get("atol", 1e-5), "the adapter changed nothing"
 
@@ -116,9 +134,9 @@ def _fake_adapter(path: Path, *, manifest: bool = False, complete: bool = False)
 
 def test_find_adapter_prefers_final_then_newest_complete_checkpoint(tmp_path: Path) -> None:
     run = _fake_run(tmp_path)
-    _fake_adapter(run / "checkpoint-2")                                   # plain HF checkpoint
-    _fake_adapter(run / "checkpoint-4", manifest=True, complete=True)     # atomic, complete
-    _fake_adapter(run / "checkpoint-6", manifest=True, complete=False)    # atomic, unfinished
+    _fake_adapter(run / "checkpoint-2")  # plain HF checkpoint
+    _fake_adapter(run / "checkpoint-4", manifest=True, complete=True)  # atomic, complete
+    _fake_adapter(run / "checkpoint-6", manifest=True, complete=False)  # atomic, unfinished
     assert find_adapter(run).adapter_dir.name == "checkpoint-4"
     _fake_adapter(run / "final")
     found = find_adapter(run)
@@ -167,8 +185,9 @@ def test_prompts_render_as_in_training(tiny_model_dir: Path) -> None:
 
     chat = DataConfig(path="x", format="messages")
     p = gen.render_prompt("Hi there", data=chat, tokenizer=tok)
-    assert p.text == tok.apply_chat_template([{"role": "user", "content": "Hi there"}], tokenize=False,
-                                             add_generation_prompt=True)
+    assert p.text == tok.apply_chat_template(
+        [{"role": "user", "content": "Hi there"}], tokenize=False, add_generation_prompt=True
+    )
     assert p.text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
     assert p.ids == tok.encode(p.text, add_special_tokens=False) and p.ids.count(tok.bos_token_id) == 1
     conversation = json.loads((DATA / "chat_demo.jsonl").read_text().splitlines()[0])
@@ -182,8 +201,16 @@ def test_prompts_render_as_in_training(tiny_model_dir: Path) -> None:
     assert p.reference == "Hi." and "Be brief." in p.text
 
 
-@pytest.mark.parametrize(("kind", "eot"), [("llama3", "<|eot_id|>"), ("qwen25", "<|im_end|>"),
-                                           ("qwen3", "<|im_end|>"), ("phi3", "<|end|>"), ("gptoss", "<|return|>")])
+@pytest.mark.parametrize(
+    ("kind", "eot"),
+    [
+        ("llama3", "<|eot_id|>"),
+        ("qwen25", "<|im_end|>"),
+        ("qwen3", "<|im_end|>"),
+        ("phi3", "<|end|>"),
+        ("gptoss", "<|return|>"),
+    ],
+)
 def test_end_of_turn_token_of_chat_templates(kind: str, eot: str) -> None:
     tok = make_tokenizer(kind)
     eot_id = tok.convert_tokens_to_ids(eot)
@@ -233,7 +260,9 @@ def test_qlora_merges_into_dequantized_base(tmp_path: Path) -> None:
     pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes")
     import torch
 
-    run = _train(tmp_path / "run", "model.quantization=nf4", "model.dtype=bfloat16", "model.compute_dtype=bfloat16")
+    run = _train(
+        tmp_path / "run", "model.quantization=nf4", "model.dtype=bfloat16", "model.compute_dtype=bfloat16"
+    )
     cmd = [sys.executable, "-m", "tunefleet.launch.cli", "merge", str(run), "--out", str(tmp_path / "merged")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -276,11 +305,32 @@ def test_generate_answers_and_stops_at_end_of_turn(answer_runs: dict[str, Path],
 @pytest.mark.slow
 def test_generate_cli_prompts_file_compare_base(answer_runs: dict[str, Path], tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(json.dumps({"messages": [{"role": "user", "content": "Is 5 a number? Answer briefly."},
-                                                {"role": "assistant", "content": "Yes."}]}) + "\n")
-    cmd = [sys.executable, "-m", "tunefleet.launch.cli", "generate", str(answer_runs["messages"]),
-           "--prompts-file", str(prompts), "--prompt", "Is 9 a number? Answer briefly.", "--compare-base",
-           "--max-new-tokens", "16", "--jsonl"]
+    prompts.write_text(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "Is 5 a number? Answer briefly."},
+                    {"role": "assistant", "content": "Yes."},
+                ]
+            }
+        )
+        + "\n"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "tunefleet.launch.cli",
+        "generate",
+        str(answer_runs["messages"]),
+        "--prompts-file",
+        str(prompts),
+        "--prompt",
+        "Is 9 a number? Answer briefly.",
+        "--compare-base",
+        "--max-new-tokens",
+        "16",
+        "--jsonl",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -77,6 +77,9 @@ CASES: dict[str, tuple[Recipe, Hardware]] = {
     "zero3": (make_recipe(parallel={"strategy": "deepspeed-zero3"}, train=GC), GPU4),
     "zero3-offload": (make_recipe(parallel={"strategy": "deepspeed-zero3", "offload": "optimizer+params"}), GPU4),
     "zero3-qlora-cpu": (make_recipe(model=QLORA, parallel={"strategy": "deepspeed-zero3"}), CPU2),
+    # FSDP2 on CPU runs through distributed/cpu_fsdp.py (tests/test_launch.py trains with these)
+    "fsdp2-cpu": (make_recipe(parallel={"strategy": "fsdp"}), CPU2),
+    "fsdp-qlora-cpu": (make_recipe(model=QLORA, parallel={"strategy": "fsdp-qlora"}), CPU2),
     "zero3-2node": (make_recipe(parallel={"strategy": "deepspeed-zero3"}, train=GC),
                     Hardware(num_processes=16, num_machines=2, machine_rank=1, main_process_ip="10.0.0.1",
                              main_process_port=29400)),
@@ -261,8 +264,9 @@ QWEN3 = json.loads((FIXTURES / "qwen3-14b" / "config.json").read_text())
 
 REJECTED: list[tuple[str, dict[str, Any], Hardware, dict | None, str]] = [
     ("single-many", dict(parallel={"strategy": "single"}), GPU4, None, "`single` runs one process"),
-    ("fsdp-on-cpu", dict(parallel={"strategy": "fsdp"}), CPU2, None, "silently runs FSDP as plain DDP"),
-    ("fsdp-qlora-on-cpu", dict(model=QLORA, parallel={"strategy": "fsdp-qlora"}), CPU2, None, "needs GPUs"),
+    ("fsdp1-on-cpu", dict(parallel={"strategy": "fsdp", "fsdp_version": 1}), CPU2, None, "FSDP1 needs GPUs"),
+    ("fsdp-qlora1-on-cpu", dict(model=QLORA, parallel={"strategy": "fsdp-qlora", "fsdp_version": 1}), CPU2, None,
+     "needs GPUs"),
     ("gpt-oss-bnb-config", dict(model={"name_or_path": "/models/oss", "quantization": "nf4"}), GPU1, GPT_OSS,
      "ships MXFP4 weights"),
     ("gpt-oss-bnb-name", dict(model={"name_or_path": "openai/gpt-oss-20b", "quantization": "int8"}), GPU1, None,
@@ -305,6 +309,9 @@ def test_compat_rejects(case: tuple) -> None:
 
 
 ALLOWED: list[tuple[str, dict[str, Any], Hardware]] = [
+    # FSDP2 on CPU through distributed/cpu_fsdp.py: trains sharded, losses equal one process (test_launch.py)
+    ("fsdp2-on-cpu", dict(parallel={"strategy": "fsdp"}), CPU2),
+    ("fsdp-qlora-on-cpu", dict(model=QLORA, parallel={"strategy": "fsdp-qlora"}), CPU2),
     # measured on this CPU: trains, shards the 4-bit weights, losses equal DDP
     ("qlora-zero3", dict(model=QLORA, parallel={"strategy": "deepspeed-zero3"}), CPU2),
     ("int8-zero3", dict(model={"quantization": "int8"}, parallel={"strategy": "deepspeed-zero3"}), CPU2),

@@ -69,7 +69,7 @@ def main() -> None:
         started = time.monotonic()
         sft.run(R.load(demo, [f"output_dir={out}", *overrides]), resume=str(work / "full" / f"checkpoint-{step}"))
         results.append((step, PROBE.first_step_s, time.monotonic() - started))
-    print("resumed at step | train() -> first step | process: start -> first step done")
+    print("resumed at step | train() -> first step | whole sft.run() (imports already done)")
     for step, first, whole in results:
         print(f"{step:>15} | {first:>18.3f} s | {whole:.1f} s")
 

@@ -1,0 +1,161 @@
+"""Start-up checks: the run really is what the recipe and the launcher asked for.
+
+accelerate falls back without a word (FSDP on CPU becomes DDP, `ACCELERATE_USE_CPU` turns
+DeepSpeed off, a rank started without the distributed variables trains alone), so every rank
+checks, once the Trainer exists, that the distributed type and world size in effect are the
+expected ones, and, once the model is wrapped (`ShardingCheck`, at the start of training), that
+the sharding is real: DTensor parameters on a mesh of the world size for FSDP, a ZeRO engine of
+the asked stage (every parameter partitioned for ZeRO-3), a DDP wrapper for `ddp`. A mismatch
+stops every rank with a TunefleetError. What is in effect is recorded in plan.json.
+
+The expectation comes from `tunefleet launch` (TUNEFLEET_* variables, `command.launch_env`);
+without them (torchrun or `accelerate launch` by hand) it is derived from the recipe and
+WORLD_SIZE with the same function the launcher uses (`templates.expected_distributed_type`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from tunefleet.launch import compat
+from tunefleet.launch.errors import TunefleetError
+from tunefleet.launch.recipe import Recipe
+from tunefleet.launch.templates import FSDP_STRATEGIES, ZERO_STAGE, Hardware, expected_distributed_type
+
+LAUNCHED_BY_TUNEFLEET = "TUNEFLEET_DISTRIBUTED_TYPE"
+"""Set by `tunefleet launch` (command.launch_env); absent under torchrun / accelerate by hand."""
+
+FIX = "launch with `tunefleet launch RECIPE --nproc N` (CPU) or `--gpus N`, which renders the matching accelerate config"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Expectation:
+    distributed_type: str
+    """accelerate's DistributedType value every rank must see (NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED)."""
+    world_size: int
+    """Processes in the run."""
+    source: str
+    """`tunefleet launch` or `the recipe` (launched by hand)."""
+
+
+def runtime_hardware(world_size: int, *, use_cpu: bool) -> Hardware:
+    """The hardware this rank runs on, from the launcher's variables or torchrun's."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size) or world_size)
+    machines = int(os.environ.get("TUNEFLEET_NUM_MACHINES", max(1, world_size // max(local, 1))))
+    return Hardware(num_processes=world_size, num_machines=machines,
+                    main_process_ip=os.environ.get("MASTER_ADDR", "localhost") if machines > 1 else None,
+                    use_cpu=use_cpu)
+
+
+def resolve_for_runtime(recipe: Recipe, world_size: int, *, use_cpu: bool) -> tuple[Recipe, Hardware, list[str]]:
+    """The recipe as this run carries it out (compat.resolve on the runtime hardware), with notes.
+
+    A `single` recipe started on several processes by hand (torchrun) runs as `ddp`, as it
+    always has; `tunefleet launch` refuses that combination instead."""
+    hw = runtime_hardware(world_size, use_cpu=use_cpu)
+    notes = []
+    if recipe.parallel.strategy == "single" and world_size > 1 and LAUNCHED_BY_TUNEFLEET not in os.environ:
+        recipe = dataclasses.replace(recipe, parallel=dataclasses.replace(recipe.parallel, strategy="ddp"))
+        notes.append(f"parallel.strategy: single started on {world_size} processes by hand runs as ddp")
+    recipe, more = compat.resolve_with_notes(recipe, hw)
+    return recipe, hw, notes + more
+
+
+def expectation(recipe: Recipe, hw: Hardware) -> Expectation:
+    if LAUNCHED_BY_TUNEFLEET in os.environ:
+        return Expectation(distributed_type=os.environ[LAUNCHED_BY_TUNEFLEET],
+                           world_size=int(os.environ.get("TUNEFLEET_WORLD_SIZE", hw.num_processes)),
+                           source="tunefleet launch")
+    return Expectation(distributed_type=expected_distributed_type(recipe, hw), world_size=hw.num_processes,
+                       source="the recipe")
+
+
+def check_distributed(state: Any, expected: Expectation, strategy: str) -> None:
+    """Stop when accelerate's state is not what was asked for (right after the Trainer is built)."""
+    got_type, got_world = state.distributed_type.value, state.num_processes
+    if got_type == expected.distributed_type and got_world == expected.world_size:
+        return
+    why = ""
+    if expected.distributed_type == "FSDP" and got_type in ("MULTI_CPU", "MULTI_GPU"):
+        why = " (FSDP silently became DDP: nothing would be sharded)"
+    elif expected.distributed_type == "DEEPSPEED" and got_type != "DEEPSPEED":
+        why = " (DeepSpeed was not turned on: ACCELERATE_USE_CPU or a launch without its config turns it off)"
+    elif got_world != expected.world_size:
+        why = " (the processes did not join one world)"
+    raise TunefleetError(
+        f"parallel.strategy={strategy}: {expected.source} asked for distributed type {expected.distributed_type} "
+        f"with {expected.world_size} process(es), but accelerate runs {got_type} with {got_world}{why}",
+        FIX,
+    )
+
+
+# ----------------------------------------------------------------------------- sharding
+
+
+def sharding_in_effect(model: Any, wrapped: Any) -> dict[str, Any]:
+    """How the prepared model is really spread over the ranks (for plan.json and the check)."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    if type(wrapped).__name__ == "DeepSpeedEngine":
+        stage = int(wrapped.zero_optimization_stage())
+        return {"kind": f"deepspeed-zero{stage}", "zero_stage": stage, "params": len(params),
+                "partitioned_params": sum(hasattr(p, "ds_id") for p in params),
+                "offload_optimizer": bool(wrapped.zero_cpu_offload())}
+    dtensors = [p for p in params if isinstance(p, DTensor)]
+    if dtensors:
+        mesh = dtensors[0].device_mesh
+        return {"kind": "fsdp2", "params": len(params), "dtensor_params": len(dtensors),
+                "trainable_dtensor_params": sum(isinstance(p, DTensor) for p in trainable),
+                "trainable_params": len(trainable), "mesh_size": mesh.size(), "mesh_device": mesh.device_type,
+                "placements": sorted({str(pl) for p in dtensors for pl in p.placements})}
+    if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+        return {"kind": "ddp", "params": len(params)}
+    return {"kind": "none", "params": len(params), "wrapper": type(wrapped).__name__}
+
+
+def check_sharding(strategy: str, sharding: dict[str, Any], world_size: int) -> None:
+    kind = sharding["kind"]
+    problem = None
+    if strategy in FSDP_STRATEGIES:
+        if kind != "fsdp2":
+            problem = f"the model is wrapped as {kind}, with no DTensor parameter"
+        elif sharding["trainable_dtensor_params"] != sharding["trainable_params"] or sharding["mesh_size"] != world_size:
+            problem = (f"{sharding['trainable_dtensor_params']} of {sharding['trainable_params']} trainable parameters "
+                       f"are sharded, on a mesh of {sharding['mesh_size']} (world size {world_size})")
+    elif strategy in ZERO_STAGE:
+        stage = ZERO_STAGE[strategy]
+        if kind != f"deepspeed-zero{stage}":
+            problem = f"the model runs as {kind}, not ZeRO stage {stage}"
+        elif stage == 3 and sharding["partitioned_params"] != sharding["params"]:
+            problem = f"only {sharding['partitioned_params']} of {sharding['params']} parameters are ZeRO-3 partitioned"
+    elif strategy == "ddp" and world_size > 1 and kind != "ddp":
+        problem = f"the model is not wrapped in DistributedDataParallel ({kind})"
+    if problem:
+        raise TunefleetError(f"parallel.strategy={strategy}: {problem}", FIX)
+
+
+class ShardingCheck(TrainerCallback):
+    """At the start of training (the model is wrapped by then): check the sharding, record it in plan.json."""
+
+    def __init__(self, trainer: Any, strategy: str, world_size: int, plan_path: Path | None) -> None:
+        self.trainer, self.strategy, self.world_size, self.plan_path = trainer, strategy, world_size, plan_path
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        t = self.trainer
+        sharding = sharding_in_effect(t.model, t.model_wrapped)
+        check_sharding(self.strategy, sharding, self.world_size)
+        if self.plan_path is not None and self.plan_path.exists():
+            plan = json.loads(self.plan_path.read_text(encoding="utf-8"))
+            plan.setdefault("in_effect", {})["sharding"] = sharding
+            tmp = self.plan_path.with_name(self.plan_path.name + ".tmp")
+            tmp.write_text(json.dumps(plan, indent=2) + "\n", encoding="utf-8")
+            tmp.replace(self.plan_path)
