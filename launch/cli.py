@@ -173,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
     p.add_argument("--jsonl", action="store_true", help="print one JSON object per prompt instead of a table")
     p.set_defaults(func=_generate)
+
+    from tunefleet.slurm import cli as slurm_cli  # prepare, slurm, status
+
+    slurm_cli.add_commands(sub)
     return parser
 
 
