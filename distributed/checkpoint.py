@@ -113,7 +113,7 @@ def latest(out: Path) -> Path | None:
 
 def cleanup_incomplete(out: Path) -> list[Path]:
     """Remove temporary and incomplete checkpoint directories (rank 0, before training starts)."""
-    removed = []
+    removed: list[Path] = []
     if not out.is_dir():
         return removed
     for p in out.iterdir():

@@ -42,6 +42,7 @@ import tempfile
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 TINY_LLAMA_ID = "tunefleet:tiny-llama"
 
@@ -81,7 +82,7 @@ fine-tune leaves the head frozen, and the head's scale bounds how far the logits
 0.02 the loss of a 100-step LoRA run (r=8, batch 8, loss on all tokens) on the demo data barely
 leaves ln(vocab) (7.6 -> 6.9 at lr 1e-3); at 0.1 the untrained loss is still about ln(vocab)
 (7.8) and the same run reaches ~4.7 (~6.0 at lr 2e-4)."""
-MODEL_SETTINGS: dict[str, object] = {
+MODEL_SETTINGS: dict[str, Any] = {
     "hidden_size": 64,
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
@@ -248,8 +249,8 @@ def _build(out: Path) -> None:
             clean_up_tokenization_spaces=False,
             chat_template=CHAT_TEMPLATE,
         )
-    bos_id = tokenizer.convert_tokens_to_ids(BOS_TOKEN)
-    eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    bos_id = int(tokenizer.convert_tokens_to_ids(BOS_TOKEN))  # type: ignore[arg-type]
+    eos_id = int(tokenizer.convert_tokens_to_ids(EOS_TOKEN))  # type: ignore[arg-type]
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),

@@ -101,7 +101,7 @@ def quantization_config(model: ModelConfig, precision: Precision) -> Any | None:
     if q == "none":
         return None
     if q == "mxfp4":
-        from transformers import Mxfp4Config
+        from transformers import Mxfp4Config  # type: ignore[attr-defined]
 
         return Mxfp4Config(dequantize=model.mxfp4_dequantize)
     _check_bitsandbytes(q, precision.use_cpu)

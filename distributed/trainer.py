@@ -169,7 +169,7 @@ class TunefleetTrainer(SFTTrainer):
         """Atomic checkpoint: temporary dir, every rank's part flushed, manifest + marker, rename."""
         started = time.monotonic()
         step = self.state.global_step
-        run_dir = Path(self.args.output_dir)
+        run_dir = Path(str(self.args.output_dir))
         tmp = run_dir / f"{ckpt.TMP_PREFIX}{step}"
         final = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}"
         self.store_flos()
@@ -185,7 +185,7 @@ class TunefleetTrainer(SFTTrainer):
         self._save_rng_state(str(tmp))
         if self.args.should_save:
             for cb in [c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)]:
-                self.state.stateful_callbacks[cb.__class__.__name__] = cb.state()
+                self.state.stateful_callbacks[cb.__class__.__name__] = cb.state()  # type: ignore[index,call-overload]
             self.state.save_to_json(str(tmp / TRAINER_STATE_NAME))
         if tmp.exists():
             ckpt.fsync_tree(tmp)  # this rank's part is on stable storage

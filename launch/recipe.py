@@ -393,7 +393,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         if key not in fields:
             raise _unknown_key(str(key), list(fields), prefix)
         tp = hints[key]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
