@@ -23,6 +23,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from tunefleet.distributed import cpu_fsdp
 from tunefleet.launch import compat
 from tunefleet.launch.errors import TunefleetError
 from tunefleet.launch.recipe import Recipe
@@ -81,9 +82,15 @@ def check_distributed(state: Any, expected: Expectation, strategy: str) -> None:
     got_type, got_world = state.distributed_type.value, state.num_processes
     if got_type == expected.distributed_type and got_world == expected.world_size:
         return
-    why = ""
+    if expected.distributed_type == "NO" and got_type in ("MULTI_CPU", "MULTI_GPU") and got_world == 1 == expected.world_size:
+        return  # torchrun starts even a lone process in a process group (a 1-node, 1-process SLURM job)
+    why, fix = "", FIX
     if expected.distributed_type == "FSDP" and got_type in ("MULTI_CPU", "MULTI_GPU"):
         why = " (FSDP silently became DDP: nothing would be sharded)"
+        if got_type == "MULTI_CPU" and expected.source == "tunefleet launch":
+            fix = ("FSDP on CPU runs through tunefleet's layer (distributed/cpu_fsdp.py), which is off "
+                   f"({cpu_fsdp.ENV_SWITCH}=0) or no longer takes effect: unset {cpu_fsdp.ENV_SWITCH}, or use "
+                   "parallel.strategy=ddp or deepspeed-zero3")
     elif expected.distributed_type == "DEEPSPEED" and got_type != "DEEPSPEED":
         why = " (DeepSpeed was not turned on: ACCELERATE_USE_CPU or a launch without its config turns it off)"
     elif got_world != expected.world_size:
@@ -91,7 +98,7 @@ def check_distributed(state: Any, expected: Expectation, strategy: str) -> None:
     raise TunefleetError(
         f"parallel.strategy={strategy}: {expected.source} asked for distributed type {expected.distributed_type} "
         f"with {expected.world_size} process(es), but accelerate runs {got_type} with {got_world}{why}",
-        FIX,
+        fix,
     )
 
 

@@ -189,6 +189,9 @@ def load_cache(path: Path) -> PreparedData | None:
 
 def write_cache(prepared: PreparedData, path: Path, inputs: dict[str, Any]) -> Path:
     """Write `prepared` to `path` atomically; delete the output directory's other caches."""
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()  # a progress bar per split in every job log says nothing
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
     try:

@@ -21,16 +21,12 @@ from tunefleet.launch import recipe as recipe_mod
 from tunefleet.launch.cli import add_run_arguments
 from tunefleet.launch.errors import TunefleetError
 from tunefleet.launch.recipe import Recipe
+from tunefleet.launch.workstation import EXIT_FILE_ENV, LAUNCH_DIR
 from tunefleet.slurm.sbatch import REQUEUE_EXIT_CODE
 
 RESOLVED_RECIPE = "recipe.yaml"
 PLAN_FILE = "plan.json"
 FINAL_DIR = "final"
-LAUNCH_DIR = "launch"
-"""Written by `tunefleet launch` into the output directory: configs, command, launched recipe."""
-EXIT_FILE_ENV = "TUNEFLEET_EXIT_FILE"
-"""Set by `tunefleet launch`: rank 0 writes its exit code there (accelerate's launchers report
-any failure as 1, so the requeue code 75 would be lost on the way)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,24 +171,33 @@ def in_effect(trainer: Any, precision: Any) -> dict[str, Any]:
     }
 
 
-def write_plan(path: Path, recipe: Recipe, *, model_path: str, world_size: int, train_examples: int,
-               eval_rows: int, steps_per_epoch: int, in_effect: dict[str, Any]) -> None:
-    """The plan this run actually runs with (runtime world size, real example count)."""
-    import json
+def run_plan(recipe: Recipe, *, model_path: str, world_size: int, train_examples: int,
+             eval_rows: int) -> dict[str, Any]:
+    """The plan this run actually runs with (runtime world size, real example count).
 
+    Built before the training arguments exist: once they do, a DeepSpeed ZeRO-3 config is active
+    and building the model on the meta device (parameter counts) would go through zero.Init, a
+    collective call that hangs when rank 0 makes it alone."""
     from tunefleet.launch.params import read_model_config
     from tunefleet.launch.plan import build_plan
 
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     config_file = Path(model_path) / "config.json"
-    plan = build_plan(
+    return build_plan(
         recipe,
         nodes=max(1, world_size // local),
         procs_per_node=local,
         dataset_rows=train_examples + eval_rows,
         model_config=read_model_config(config_file) if config_file.exists() else None,
     )
-    plan["in_effect"] = in_effect
+
+
+def write_plan(path: Path, plan: dict[str, Any], *, train_examples: int, steps_per_epoch: int,
+               in_effect: dict[str, Any]) -> None:
+    """plan.json: the run's plan and what is in effect."""
+    import json
+
+    plan = {**plan, "in_effect": in_effect}
     plan["in_effect"]["train_examples"] = train_examples
     plan["in_effect"]["steps_per_epoch"] = steps_per_epoch
     tmp = path.with_name(path.name + ".tmp")
@@ -329,6 +334,8 @@ def run(recipe: Recipe, *, overwrite: bool = False, no_resume: bool = False, res
     )
 
     tracking.check_installed(list(recipe.train.report_to))
+    plan = run_plan(recipe, model_path=model_path, world_size=world_size, train_examples=len(train_examples),
+                    eval_rows=prepared.eval_row_count if d.eval_ratio else 0) if main_process else {}
     if cpu_fsdp.wanted(recipe.parallel.strategy, cuda_available=torch.cuda.is_available()):
         cpu_fsdp.enable()  # FSDP2 on CPU/gloo; accelerate alone would silently run DDP (see cpu_fsdp.py)
     args = training_arguments(recipe, grad_accum_steps=batch_plan.grad_accum_steps, precision=precision,
@@ -401,6 +408,12 @@ def run(recipe: Recipe, *, overwrite: bool = False, no_resume: bool = False, res
 
     trainer.remove_callback(PrinterCallback)  # the progress bar and metrics.jsonl replace its dict dumps
     tracking.install(trainer, list(recipe.train.report_to), out)  # one tracked run across requeues
+    if recipe.model.quantization in ("nf4", "fp4", "int8") and precision.mode == "fp32":
+        # TRL's SFTTrainer casts QLoRA adapters to bf16 whatever the precision (QLoRA paper default):
+        # fp32 asked means fp32 adapters (bf16 rounding made 2-process losses differ from 1 by ~1e-4)
+        for param in trainer.model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
     # no silent fallback: the distributed type and world size now, the sharding once the model is wrapped
     guard.check_distributed(trainer.accelerator.state, expected, recipe.parallel.strategy)
     trainer.add_callback(guard.ShardingCheck(trainer, recipe.parallel.strategy, world_size,
@@ -428,9 +441,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, no_resume: bool = False, res
             ("output", str(out)),
         ])
     if main_process:
-        write_plan(out / PLAN_FILE, recipe, model_path=model_path, world_size=world_size,
-                   train_examples=len(train_examples), eval_rows=prepared.eval_row_count if d.eval_ratio else 0,
-                   steps_per_epoch=steps_per_epoch,
+        write_plan(out / PLAN_FILE, plan, train_examples=len(train_examples), steps_per_epoch=steps_per_epoch,
                    in_effect={**in_effect(trainer, precision), "strategy": recipe.parallel.strategy,
                               "cpu_fsdp_layer": cpu_fsdp.is_enabled() and trainer.is_fsdp_enabled,
                               "compat_notes": compat_notes})

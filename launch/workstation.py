@@ -32,7 +32,7 @@ RECIPE_FILE = "recipe.yaml"
 COMMAND_FILE = "command.txt"
 EXIT_FILE = "exit_code"
 EXIT_FILE_ENV = "TUNEFLEET_EXIT_FILE"
-"""Rank 0 writes its exit code there: accelerate's launchers turn any failure into 1 (measured),
+"""Set for the ranks; rank 0 writes its exit code there (distributed/sft.py main): accelerate's launchers turn any failure into 1 (measured),
 which would hide the requeue code 75 and the user-error code 2."""
 
 

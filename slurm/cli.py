@@ -22,8 +22,10 @@ def _prepare(args: argparse.Namespace) -> int:
     result = prepare(recipe_mod.load(args.recipe, args.overrides))
     evaluation = f" + {result.eval_examples} eval" if result.eval_examples else ""
     what = "cache hit, nothing tokenised" if result.hit else "tokenised"
-    print(f"{what}: {result.train_examples} training examples{evaluation} in {result.path} "
-          f"({result.seconds:.1f} s)")
+    print(
+        f"{what}: {result.train_examples} training examples{evaluation} in {result.path} "
+        f"({result.seconds:.1f} s)"
+    )
     return 0
 
 
@@ -64,19 +66,31 @@ def _slurm(args: argparse.Namespace) -> int:
     )
     if args.checkpoint_s is not None:
         fields["checkpoint_s"] = args.checkpoint_s
-    job = build_job(args.recipe, args.overrides, ClusterSpec(**fields), script_path=args.out,
-                    python=args.python, measure_checkpoint=args.checkpoint_s is None)
+    job = build_job(
+        args.recipe,
+        args.overrides,
+        ClusterSpec(**fields),
+        script_path=args.out,
+        python=args.python,
+        measure_checkpoint=args.checkpoint_s is None,
+    )
     write_job(job)
     b, spec = job.batch, job.spec
     print(f"recipe   {job.recipe_path} (resolved: every node and restart trains from it)")
     print(f"script   {job.script_path}")
-    print(f"world    {spec.nodes} node(s) x {b.world_size // spec.nodes} process(es) = {b.world_size}; batch: "
-          f"micro {b.micro_batch_size} x accum {b.grad_accum_steps} x world {b.world_size} = global "
-          f"{b.global_batch_size} samples/step")
-    print(f"signal   USR1 {spec.signal_lead_s} s before the time limit: checkpoint {job.checkpoint_note} "
-          f"+ margin {spec.signal_margin_s} s")
-    print(f"restart  {spec.restart} (max {spec.max_restarts})"
-          + (f"; continues from {Path(job.resume_from).name}" if job.resume_from else ""))
+    print(
+        f"world    {spec.nodes} node(s) x {b.world_size // spec.nodes} process(es) = {b.world_size}; batch: "
+        f"micro {b.micro_batch_size} x accum {b.grad_accum_steps} x world {b.world_size} = global "
+        f"{b.global_batch_size} samples/step"
+    )
+    print(
+        f"signal   USR1 {spec.signal_lead_s} s before the time limit: checkpoint {job.checkpoint_note} "
+        f"+ margin {spec.signal_margin_s} s"
+    )
+    print(
+        f"restart  {spec.restart} (max {spec.max_restarts})"
+        + (f"; continues from {Path(job.resume_from).name}" if job.resume_from else "")
+    )
     if shutil.which("sbatch") is None:
         print("sbatch   not found here: the script was not validated (run this on a login node)")
     else:
@@ -85,7 +99,9 @@ def _slurm(args: argparse.Namespace) -> int:
         job_id = submit_job(job)
         print(f"submitted job {job_id}; follow it with: tunefleet status {job.recipe.output_dir}")
     else:
-        print(f"submit   sbatch {job.script_path}   (or add --submit; tunefleet status then knows the job id)")
+        print(
+            f"submit   sbatch {job.script_path}   (or add --submit; tunefleet status then knows the job id)"
+        )
     return 0
 
 
@@ -103,25 +119,33 @@ def _status(args: argparse.Namespace) -> int:
 def add_commands(sub: Any) -> None:
     """Add the three subcommands to `tunefleet`'s subparsers."""
     p = sub.add_parser(
-        "prepare", help="tokenise a recipe's data once into <output_dir>/.cache (used by every rank)",
+        "prepare",
+        help="tokenise a recipe's data once into <output_dir>/.cache (used by every rank)",
         description="Tokenise the recipe's data into <output_dir>/.cache/tokenized-<fingerprint>/, keyed by "
-                    "the data bytes, the tokenizer and the recipe's data section. The trainer loads it on "
-                    "every rank instead of tokenising; a second run with the same inputs is a cache hit.")
+        "the data bytes, the tokenizer and the recipe's data section. The trainer loads it on "
+        "every rank instead of tokenising; a second run with the same inputs is a cache hit.",
+    )
     p.add_argument("recipe", help="recipe YAML file")
     add_overrides(p)
     p.set_defaults(func=_prepare)
 
     p = sub.add_parser(
-        "slurm", help="write (and submit) a restartable sbatch script for a recipe",
+        "slurm",
+        help="write (and submit) a restartable sbatch script for a recipe",
         description="Check the recipe and the batch math for this node count, write the resolved recipe and "
-                    "an sbatch script into the output directory, validate it with `sbatch --test-only` when "
-                    "sbatch exists, and with --submit submit it and print the job id.")
+        "an sbatch script into the output directory, validate it with `sbatch --test-only` when "
+        "sbatch exists, and with --submit submit it and print the job id.",
+    )
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("--nodes", type=int, required=True, help="number of nodes")
     p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node (0: CPU nodes, gloo)")
     p.add_argument("--gpu-type", default=None, help="GPU type for --gpus-per-node=TYPE:N (e.g. a100)")
-    p.add_argument("--procs-per-node", type=int, default=None,
-                   help="training processes per node (default: one per GPU, 1 on CPU nodes)")
+    p.add_argument(
+        "--procs-per-node",
+        type=int,
+        default=None,
+        help="training processes per node (default: one per GPU, 1 on CPU nodes)",
+    )
     p.add_argument("--partition", default=None, help="partition (default: the cluster's default)")
     p.add_argument("--time", required=True, help="time limit, SLURM syntax (MM, HH:MM:SS, D-HH:MM:SS)")
     p.add_argument("--account", default=None)
@@ -131,31 +155,64 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--mem", default=None, help="memory per node (64G; 0 = all)")
     p.add_argument("--cpus-per-task", type=int, default=None, help="CPUs for the one task per node")
     p.add_argument("--job-name", default="tunefleet")
-    p.add_argument("--env-setup", action="append", default=[], metavar="LINE",
-                   help="shell line run before the launch, e.g. 'source /opt/venv/bin/activate' (repeatable)")
-    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                   help="variable exported in the job (repeatable; secrets are refused: export them before "
-                        "submitting, the job inherits them)")
-    p.add_argument("--extra-sbatch", action="append", default=[], metavar="LINE",
-                   help="extra #SBATCH option, e.g. --extra-sbatch=--reservation=big (repeatable)")
-    p.add_argument("--restart", choices=["requeue", "dependency", "none"], default="requeue",
-                   help="after a preemption checkpoint: requeue the job (default), submit a successor "
-                        "(dependency), or stop (none)")
+    p.add_argument(
+        "--env-setup",
+        action="append",
+        default=[],
+        metavar="LINE",
+        help="shell line run before the launch, e.g. 'source /opt/venv/bin/activate' (repeatable)",
+    )
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="variable exported in the job (repeatable; secrets are refused: export them before "
+        "submitting, the job inherits them)",
+    )
+    p.add_argument(
+        "--extra-sbatch",
+        action="append",
+        default=[],
+        metavar="LINE",
+        help="extra #SBATCH option, e.g. --extra-sbatch=--reservation=big (repeatable)",
+    )
+    p.add_argument(
+        "--restart",
+        choices=["requeue", "dependency", "none"],
+        default="requeue",
+        help="after a preemption checkpoint: requeue the job (default), submit a successor "
+        "(dependency), or stop (none)",
+    )
     p.add_argument("--max-restarts", type=int, default=3, help="stop restarting after this many (default 3)")
-    p.add_argument("--checkpoint-s", type=int, default=None,
-                   help="seconds from the signal to a complete checkpoint (default: measured by an earlier "
-                        "attempt in output_dir, else 60)")
-    p.add_argument("--python", default="python", help="python on the nodes after --env-setup (default python)")
+    p.add_argument(
+        "--checkpoint-s",
+        type=int,
+        default=None,
+        help="seconds from the signal to a complete checkpoint (default: measured by an earlier "
+        "attempt in output_dir, else 60)",
+    )
+    p.add_argument(
+        "--python", default="python", help="python on the nodes after --env-setup (default python)"
+    )
     add_overrides(p)
-    p.add_argument("--out", default=None, metavar="FILE",
-                   help="where to write the script (default <output_dir>/slurm.sbatch)")
-    p.add_argument("--submit", action="store_true", help="submit it and record the job id for tunefleet status")
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="FILE",
+        help="where to write the script (default <output_dir>/slurm.sbatch)",
+    )
+    p.add_argument(
+        "--submit", action="store_true", help="submit it and record the job id for tunefleet status"
+    )
     p.set_defaults(func=_slurm)
 
     p = sub.add_parser(
-        "status", help="job state, restarts, newest checkpoint, samples done and ETA of a run",
+        "status",
+        help="job state, restarts, newest checkpoint, samples done and ETA of a run",
         description="Read a run's output directory (checkpoints, metrics.jsonl, plan.json, the job id recorded "
-                    "by `tunefleet slurm --submit`) and ask scontrol about the job when it is available.")
+        "by `tunefleet slurm --submit`) and ask scontrol about the job when it is available.",
+    )
     p.add_argument("output_dir", help="the run's output_dir")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_status)

@@ -39,6 +39,8 @@ RESOLVED_RECIPE = "recipe.yaml"
 """The same file name the trainer writes its resolved recipe to."""
 
 SCRIPT_FILE = "slurm.sbatch"
+CONFIG_DIR = "slurm"
+"""`<output_dir>/slurm/`: the accelerate (and DeepSpeed) configs of a GPU job."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +58,8 @@ class Job:
     """Where checkpoint_s (and so the signal lead) came from."""
     resume_from: str | None
     """The checkpoint the job will continue from, when the output directory holds one."""
+    config_files: dict[Path, str] = dataclasses.field(default_factory=dict)
+    """The accelerate (and DeepSpeed) configs of a GPU job, by path."""
 
 
 def measured_checkpoint_s(out: Path) -> tuple[int, str]:
@@ -76,6 +80,30 @@ def measured_checkpoint_s(out: Path) -> tuple[int, str]:
         f"measured {seconds} s: slowest save {max(saves):.2f} s of {len(saves)} checkpoint(s) "
         f"+ slowest step {step_s:.2f} s"
     )
+
+
+def _accelerate_configs(
+    recipe: Recipe, spec: ClusterSpec, world_size: int, out: Path, launch: Launch
+) -> tuple[Recipe, dict[Path, str], Launch, dict[str, str]]:
+    """GPU nodes: the recipe resolved for the hardware (compat matrix), the accelerate/DeepSpeed
+    files for `<out>/slurm/`, the launch using them, and the variables the trainer checks."""
+    from tunefleet.launch import compat, templates
+    from tunefleet.launch.command import launch_env
+
+    hw = templates.Hardware(
+        num_processes=world_size,
+        num_machines=spec.nodes,
+        # the script passes --main_process_ip (the first node of the allocation), which wins
+        main_process_ip="set-by-the-sbatch-script" if spec.nodes > 1 else None,
+        use_cpu=False,
+    )
+    recipe = compat.resolve(recipe, hw)
+    config_dir = out / CONFIG_DIR
+    files = {
+        config_dir / name: text for name, text in templates.render_files(recipe, hw, str(config_dir)).items()
+    }
+    launch = dataclasses.replace(launch, accelerate_config=str(config_dir / templates.ACCELERATE_FILE))
+    return recipe, files, launch, launch_env(recipe, hw)
 
 
 def _check_output_dir(out: Path, recipe: Recipe) -> str | None:
@@ -118,6 +146,11 @@ def build_job(
         world_size=spec.nodes * procs,
         procs_per_node=procs,
     )
+    launch = Launch(python=python, prepare=True)
+    config_files: dict[Path, str] = {}
+    if spec.gpus_per_node > 0:  # accelerate launch, with the configs `tunefleet launch` renders
+        recipe, config_files, launch, env = _accelerate_configs(recipe, spec, batch.world_size, out, launch)
+        spec = dataclasses.replace(spec, env={**env, **spec.env})
     resume_from = _check_output_dir(out, recipe)
     if measure_checkpoint:
         checkpoint_s, note = measured_checkpoint_s(out)
@@ -130,7 +163,7 @@ def build_job(
         spec,
         recipe_path=str(recipe_path),
         output_dir=str(out),
-        launch=Launch(python=python, prepare=True),
+        launch=launch,
     )
     header = (
         f"# resolved recipe for SLURM, written by tunefleet slurm {time.strftime('%Y-%m-%d %H:%M:%S')} "
@@ -146,6 +179,7 @@ def build_job(
         batch=batch,
         checkpoint_note=note,
         resume_from=resume_from,
+        config_files=config_files,
     )
 
 
@@ -156,6 +190,9 @@ def write_job(job: Job) -> None:
     tmp = job.recipe_path.with_name(f".{job.recipe_path.name}.tmp")
     tmp.write_text(job.recipe_text, encoding="utf-8")
     tmp.replace(job.recipe_path)
+    for path, text in job.config_files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
     write_script(job.script_text, job.script_path)
 
 

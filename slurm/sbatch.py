@@ -430,6 +430,7 @@ def _resolve_launcher(spec: ClusterSpec, launch: Launch) -> Literal["torchrun", 
 # hide the trainer's REQUEUE_EXIT_CODE. This relay runs the launcher in-process and exits with
 # REQUEUE_EXIT_CODE when every failed worker exited with it.
 _EXIT_RELAY = f"""import sys
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 if sys.argv[1] == "torchrun":
     from torch.distributed.run import main
@@ -442,6 +443,8 @@ try:
 except ChildFailedError as err:
     codes = {{failure.exitcode for failure in err.failures.values()}}
     sys.exit({REQUEUE_EXIT_CODE} if codes == {{{REQUEUE_EXIT_CODE}}} else 1)
+except SignalException as err:  # the launcher itself was sent TERM (preemption, scancel)
+    sys.exit(128 + int(err.sigval))
 """
 
 
@@ -603,7 +606,7 @@ def render_sbatch(
         "}",
         f"trap forward_signal {PREEMPT_SIGNAL}",
         "# Preemption, scancel and the time limit send TERM to the steps (the trainer checkpoints) and",
-        "# to this shell: stay until the step has ended. SLURM requeues a preempted job by itself.",
+        "# to this shell: stay until the step has ended (a preemption is recognised below).",
         "terminated=0",
         "on_term() {",
         "  terminated=1",
@@ -621,13 +624,24 @@ def render_sbatch(
         'wait "$step_pid"',
         "step_rc=$?",
         'echo "tunefleet: job step ended with exit code $step_rc"',
+        "# Partition preemption sends TERM to the step (the trainer checkpoints) and requeues the job",
+        "# only if it still runs when GraceTime ends; a preempted job that ended first runs again here.",
+        'if [ "$step_rc" -ne 0 ] && [ "$preempted" -eq 0 ]; then',
+        '  job_line="$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null)"',
+        '  preempt_time="$(printf "%s" "$job_line" | grep -o "PreemptTime=[^ ]*" | cut -d= -f2)"',
+        '  start_time="$(printf "%s" "$job_line" | grep -o " StartTime=[^ ]*" | cut -d= -f2)"',
+        '  if [[ "$preempt_time" == [0-9]* && ! "$preempt_time" < "$start_time" ]]; then',
+        "    preempted=1",
+        '    echo "tunefleet: the job was preempted at $preempt_time"',
+        "  fi",
+        "fi",
         "",
         "# Run again when the trainer asked to (requeue exit code) or when the step ended after the",
         "# preemption signal: with several nodes, --kill-on-bad-exit can end the step with another",
         "# node's kill status first. The trainer resumes from its last complete checkpoint.",
         'if [ "$step_rc" -eq 0 ]; then exit 0; fi',
         'if [ "$terminated" -eq 1 ] && [ "$preempted" -eq 0 ]; then',
-        '  echo "tunefleet: stopped by TERM (preemption, scancel or the time limit): not restarting from here"',
+        '  echo "tunefleet: stopped by TERM (scancel or the time limit): not restarting from here"',
         '  exit "$step_rc"',
         "fi",
         'if [ "$step_rc" -ne "$requeue_exit_code" ] && [ "$preempted" -eq 0 ]; then exit "$step_rc"; fi',

@@ -198,11 +198,15 @@ def render_status(status: dict[str, Any]) -> str:
         rows.append(("restarts", f"{job['restarts']} ({job['restart_mode']} mode{chain})"))
         rows.append(("log", job["log"]))
     c = status["checkpoint"]
-    rows.append((
-        "checkpoint",
-        f"{Path(c['path']).name}: step {c['step']}, {c['samples_seen']:,} samples, saved in {c['save_s']} s "
-        f"by {c['world_size']} process(es)" if c else "none complete yet",
-    ))
+    rows.append(
+        (
+            "checkpoint",
+            f"{Path(c['path']).name}: step {c['step']}, {c['samples_seen']:,} samples, saved in {c['save_s']} s "
+            f"by {c['world_size']} process(es)"
+            if c
+            else "none complete yet",
+        )
+    )
     p = status["progress"]
     total = f" of {p['total_steps']}" if p["total_steps"] else ""
     samples = f" of {p['total_samples']:,}" if p["total_samples"] else ""
@@ -210,8 +214,13 @@ def render_status(status: dict[str, Any]) -> str:
     if status["finished"]:
         rows.append(("ETA", "finished (final/ holds the adapter)"))
     elif p["eta_s"] is not None:
-        rows.append(("ETA", f"~{_duration(p['eta_s'])} of training left at {p['s_per_step']} s/step "
-                            "(from the last logged step)"))
+        rows.append(
+            (
+                "ETA",
+                f"~{_duration(p['eta_s'])} of training left at {p['s_per_step']} s/step "
+                "(from the last logged step)",
+            )
+        )
     else:
         rows.append(("ETA", "unknown until two steps of this attempt are logged"))
     width = max(len(k) for k, _ in rows)

@@ -75,6 +75,14 @@ CASES: dict[str, tuple[ClusterSpec, dict]] = {
         ClusterSpec(nodes=1, gpus_per_node=2, restart="dependency", max_restarts=5, time="240"),
         dict(recipe_path="recipes/qlora.yaml", output_dir="runs/qlora", launch=Launch(launcher="torchrun")),
     ),
+    "cpu_2x1_prepare_dependency": (
+        ClusterSpec(nodes=2, time="01:00:00", restart="dependency", checkpoint_s=7),
+        dict(
+            recipe_path="/scratch/runs/demo/recipe.yaml",
+            output_dir="/scratch/runs/demo",
+            launch=Launch(prepare=True),
+        ),
+    ),
     "cpu_single_no_restart": (
         ClusterSpec(restart="none"),
         dict(recipe_path="/home/me/r.yaml", output_dir="/home/me/out"),
@@ -163,7 +171,7 @@ def test_bash_syntax(
         else {}
     )
     spec = ClusterSpec(nodes=nodes, gpus_per_node=gpus, restart=restart, env_setup=env_setup, **more)
-    launch = Launch(accelerate_config="/c/acc.yaml") if gpus else Launch()
+    launch = Launch(accelerate_config="/c/acc.yaml", prepare=extras) if gpus else Launch(prepare=extras)
     text = render_sbatch(spec, recipe_path=HOSTILE_PATH, output_dir="/o", launch=launch)
     result = subprocess.run(["bash", "-n"], input=text, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -264,6 +272,7 @@ def test_cluster_spec_from_dict_rejects_unknown_keys() -> None:
 
 STUB_SRUN = r"""#!/bin/bash
 # stand-in srun: run the command once per node (SLURM_NODEID=0..N-1), like one task per node
+if [[ -n "${STUB_TERM_BATCH_SHELL:-}" ]]; then kill -TERM "$PPID"; fi  # what scancel/preemption send
 while [[ "$1" == -* ]]; do echo "srun-option $1" >> "$STUB_LOG"; shift; done
 pids=()
 for ((i = 0; i < STUB_NODES; i++)); do SLURM_NODEID=$i SLURM_PROCID=$i "$@" & pids+=($!); done
@@ -273,13 +282,19 @@ exit $rc
 """
 STUB_SCONTROL = r"""#!/bin/bash
 if [[ "$1 $2" == "show hostnames" ]]; then for ((i = 1; i <= STUB_NODES; i++)); do echo "n$i"; done; exit 0; fi
+if [[ "$1 $2" == "show job" ]]; then
+  echo "JobId=4242 JobState=RUNNING StartTime=${STUB_START_TIME:-2026-01-01T10:00:00} PreemptTime=${STUB_PREEMPT_TIME:-None} Partition=normal"
+  exit 0
+fi
 echo "scontrol $*" >> "$STUB_LOG"
 """
 STUB_SBATCH = r"""#!/bin/bash
 echo "sbatch $*" >> "$STUB_LOG"; echo 5151
 """
 STUB_PYTHON = r"""#!/bin/bash
-# stand-in for the python that runs the launcher: record argv (NUL-separated) and the environment
+# stand-in for the python that runs `tunefleet prepare` (in the batch shell) and the launcher
+if [[ "$2" == "tunefleet.launch.cli" ]]; then echo "prepare-call $3 $4" >> "$STUB_LOG"; exit "${STUB_PREPARE_RC:-0}"; fi
+# the launcher: record argv (NUL-separated) and the environment
 printf '%s\0' "$@" > "$STUB_DIR/node-$SLURM_NODEID.argv"
 printf '%s\0' "$TUNEFLEET_HEAD_NODE" "$TUNEFLEET_PORT" "${HF_TOKEN:-}" > "$STUB_DIR/node-$SLURM_NODEID.env"
 exit "${STUB_RC:-0}"
@@ -294,6 +309,7 @@ def _run_script(
     restart_count: int | None = None,
     recipe_path: str = HOSTILE_PATH,
     launch: Launch | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> tuple[int, str, str]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
@@ -322,6 +338,7 @@ def _run_script(
         "SLURM_JOB_ID": "4242",
         "SLURM_JOB_NODELIST": f"n[1-{spec.nodes}]",
         "SLURM_NODEID": "0",
+        **(extra_env or {}),
     }
     if restart_count is not None:
         env["SLURM_RESTART_COUNT" if spec.restart != "dependency" else "TUNEFLEET_RESTART_COUNT"] = str(
@@ -431,3 +448,50 @@ def test_spec_is_frozen_and_documented() -> None:
     for f in dataclasses.fields(ClusterSpec):
         block = source.split(f"    {f.name}: ", 1)[1].split("\n", 2)[1]
         assert block.strip().startswith('"""'), f"ClusterSpec.{f.name} has no docstring"
+
+
+def test_prepare_runs_once_before_the_launch(tmp_path: Path) -> None:
+    rc, out, calls = _run_script(tmp_path, ClusterSpec(nodes=2), launch=Launch(prepare=True))
+    assert rc == 0, out
+    lines = calls.splitlines()
+    assert lines.count(f"prepare-call prepare {HOSTILE_PATH}") == 1, calls
+    assert lines.index(f"prepare-call prepare {HOSTILE_PATH}") < lines.index(
+        "srun-option --ntasks-per-node=1"
+    )
+    assert not list(tmp_path.rglob("pwned*"))
+
+
+def test_failed_prepare_stops_before_the_launch(tmp_path: Path) -> None:
+    rc, out, calls = _run_script(
+        tmp_path, ClusterSpec(), launch=Launch(prepare=True), extra_env={"STUB_PREPARE_RC": "2"}
+    )
+    assert rc == 2 and "tunefleet prepare failed (exit 2)" in out
+    assert "srun-option" not in calls and "requeue" not in calls
+
+
+@pytest.mark.parametrize(
+    ("preempt_time", "requeued"),
+    [("2026-01-01T10:05:00", True), ("2026-01-01T09:59:00", False), ("None", False)],
+    ids=["preempted-now", "preempted-in-an-earlier-attempt", "not-preempted"],
+)
+def test_partition_preemption_is_detected_and_requeued(
+    tmp_path: Path, preempt_time: str, requeued: bool
+) -> None:
+    """The step ends with 143 (TERM) before GraceTime is over: only PreemptTime >= StartTime of this
+    attempt (scontrol show job) makes the script run again; a plain failure is never requeued."""
+    rc, out, calls = _run_script(
+        tmp_path, ClusterSpec(), rc=143, extra_env={"STUB_PREEMPT_TIME": preempt_time}
+    )
+    assert ("scontrol requeue 4242" in calls) == requeued, (out, calls)
+    assert rc == (REQUEUE_EXIT_CODE if requeued else 143)
+    assert ("the job was preempted at" in out) == requeued
+
+
+def test_term_without_preemption_is_not_restarted(tmp_path: Path) -> None:
+    """scancel (or the time limit) sends TERM to the batch shell: it waits for the trainer's
+    checkpoint, then stops without requeuing itself."""
+    rc, out, calls = _run_script(
+        tmp_path, ClusterSpec(), rc=REQUEUE_EXIT_CODE, extra_env={"STUB_TERM_BATCH_SHELL": "1"}
+    )
+    assert "TERM received" in out and "not restarting from here" in out, out
+    assert rc == REQUEUE_EXIT_CODE and "requeue" not in calls

@@ -1,0 +1,409 @@
+"""`tunefleet launch` on this CPU: rendered files, the command, and real multi-process training.
+
+Fast tests pin the dry run, the files in `<output_dir>/launch/`, the hardware choice, the
+refusals before anything starts, the exit-code relay and the start-up checks (guard.py).
+
+The slow tests launch real gloo processes with `tunefleet launch --nproc N` (accelerate launch
+underneath), the tiny demo model, fp32, no dropout, no warm-up: DDP, DeepSpeed ZeRO-2 and ZeRO-3,
+ZeRO-3 + QLoRA nf4, FSDP2 and FSDP-QLoRA (through distributed/cpu_fsdp.py) on 2 processes, ZeRO-2
+on 3. Each must give per-step losses equal to one process with the same global batch (<= TOL),
+a final adapter equal to that run's (<= TOL) that PEFT loads, plan.json showing the distributed
+type, world size, gloo and the sharding in effect, and complete checkpoints. ZeRO-2, ZeRO-3 and
+FSDP2 resume from a checkpoint on the same world size with the same losses. FSDP without the
+compatibility layer must stop with the fallback error (the day it trains sharded instead,
+upstream supports FSDP on CPU and the layer can go).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tunefleet.distributed import checkpoint as ckpt
+from tunefleet.distributed import cpu_fsdp, guard
+from tunefleet.launch import workstation as ws
+from tunefleet.launch.errors import RecipeError, TunefleetError
+from tunefleet.launch.templates import Hardware
+
+DEMO = Path(str(resources.files("tunefleet.recipes"))) / "demo.yaml"
+TOL = 1e-5
+"""Per-step losses: any strategy vs one process."""
+ADAPTER_TOL = 1e-4
+"""Final adapter weights vs one process. Looser than the losses because Adam divides each gradient
+element by its own magnitude: an element whose gradient is near eps (1e-8) moves by up to lr in
+the first steps whatever its tiny value, so last-bit differences in ZeRO-3's reduce-scatter become
+~1e-5 differences in a few lora_B elements (measured 6e-6 for ZeRO-3, 4e-5 for ZeRO-3 + QLoRA, set
+at step 1-2 and not growing; DDP/ZeRO-2 4e-7) while the losses agree to 1e-6."""
+STEPS = 4
+BASE = ["data.limit=32", "data.max_length=64", "batch.micro_batch_size=2", "batch.global_batch_size=8",
+        f"train.max_steps={STEPS}", "train.logging_steps=1", "train.save_steps=2", "train.warmup_ratio=0",
+        "peft.dropout=0.0", "train.precision=fp32", "checkpoint.keep_last=null"]
+QLORA = ["model.quantization=nf4"]
+EXTENSIONS = Path.home() / ".cache" / "tunefleet" / "torch_extensions"
+"""DeepSpeed JIT-compiles its shared-memory op once into this cache (g++ and ninja needed)."""
+
+
+def sets(*overrides: str) -> list[str]:
+    return [arg for o in [*BASE, *overrides] for arg in ("--set", o)]
+
+
+def launch_argv(out: Path, nproc: int, *overrides: str, extra: tuple[str, ...] = ()) -> list[str]:
+    return [sys.executable, "-m", "tunefleet.launch.cli", "launch", str(DEMO), "--nproc", str(nproc),
+            *sets(f"output_dir={out}", *overrides), *extra]
+
+
+def env(**extra: str) -> dict[str, str]:
+    e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    e.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS))
+    e.pop(cpu_fsdp.ENV_SWITCH, None)
+    return {**e, **extra}
+
+
+def losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def adapter(path: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(path / "adapter_model.safetensors")
+
+
+def max_diff(a: dict[int, float], b: dict[int, float]) -> float:
+    assert sorted(a) == sorted(b), (sorted(a), sorted(b))
+    return max(abs(a[s] - b[s]) for s in a)
+
+
+# ----------------------------------------------------------------------------- fast: files and command
+
+
+def test_dry_run_prints_and_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.run(launch_argv(out, 2, "parallel.strategy=deepspeed-zero3", *QLORA,
+                                      extra=("--dry-run", "--main-port", "29533")),
+                          capture_output=True, text=True, env=env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert not out.exists(), "--dry-run wrote files"
+    assert "parallel.strategy=deepspeed-zero3, 2 CPU (gloo) process(es)" in text and "(new run)" in text
+    assert "note: model.quant_storage_dtype=float32" in text  # compat's adjustment is shown
+    for name in ("accelerate.yaml", "deepspeed.json", "recipe.yaml", "command.txt"):
+        assert f"would write {out / 'launch' / name}" in text and f"--- {out / 'launch' / name}" in text
+    assert "distributed_type: DEEPSPEED" in text and '"stage": 3' in text and "main_process_port: 29533" in text
+    command = [line for line in text.splitlines() if line.startswith("env ")]
+    assert command and "accelerate.commands.accelerate_cli launch --config_file" in command[0]
+    assert "TUNEFLEET_DISTRIBUTED_TYPE=DEEPSPEED" in command[0] and "ACCELERATE_USE_CPU" not in command[0]
+    assert f"--recipe {out / 'launch' / 'recipe.yaml'}" in command[0]
+
+
+def test_launcher_imports_no_torch(tmp_path: Path) -> None:
+    code = ("import sys\nfrom tunefleet.launch import workstation as ws\n"
+            "hw = ws.hardware(nproc=2, gpus=None, visible_gpus=0, main_port=29500)\n"
+            f"ws.prepare_launch({str(DEMO)!r}, ['output_dir={tmp_path / 'r'}', 'parallel.strategy=fsdp'], hw)\n"
+            "heavy = [m for m in ('torch', 'transformers', 'accelerate', 'deepspeed') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_written_files_are_what_is_launched(tmp_path: Path) -> None:
+    from tunefleet.launch import recipe as R
+    from tunefleet.launch.command import format_command
+
+    out = tmp_path / "run"
+    hw = ws.hardware(nproc=2, gpus=None, visible_gpus=0, main_port=29534)
+    plan = ws.prepare_launch(str(DEMO), [f"output_dir={out}", "parallel.strategy=fsdp-qlora", *QLORA], hw,
+                             python="python")
+    ws.write_launch_files(plan)
+    launch_dir = out / "launch"
+    assert sorted(p.name for p in launch_dir.iterdir()) == ["accelerate.yaml", "command.txt", "recipe.yaml"]
+    launched = R.load(launch_dir / "recipe.yaml")
+    assert launched == plan.recipe  # fully resolved: nothing is left for the ranks to guess
+    assert launched.model.quant_storage_dtype == "float32" and launched.parallel.strategy == "fsdp-qlora"
+    assert (launch_dir / "command.txt").read_text().splitlines()[-1] == format_command(plan.argv, plan.env)
+    assert plan.argv[plan.argv.index("--recipe") + 1] == str(launch_dir / "recipe.yaml")
+    assert plan.env["TUNEFLEET_DISTRIBUTED_TYPE"] == "FSDP" and plan.env["TUNEFLEET_WORLD_SIZE"] == "2"
+    assert plan.env[ws.EXIT_FILE_ENV] == str(launch_dir / ws.EXIT_FILE)
+    assert any("cpu_fsdp.py" in n for n in plan.notes)
+    # the entrypoint sees a fresh run, not a foreign directory
+    from tunefleet.distributed import sft
+
+    assert sft.decide_start(out, sft.inspect_output_dir(out), overwrite=False, no_resume=False) == ("fresh", None)
+
+
+def test_hardware_choice() -> None:
+    assert ws.hardware(nproc=None, gpus=None, visible_gpus=0, main_port=1) == Hardware(use_cpu=True, main_process_port=1)
+    assert ws.hardware(nproc=None, gpus=None, visible_gpus=4, main_port=1).num_processes == 4
+    assert ws.hardware(nproc=3, gpus=None, visible_gpus=4, main_port=1).use_cpu
+    gpus = ws.hardware(nproc=None, gpus=2, visible_gpus=0, main_port=1)
+    assert (gpus.num_processes, gpus.use_cpu) == (2, False)
+    with pytest.raises(TunefleetError, match="at least 1"):
+        ws.hardware(nproc=0, gpus=None, visible_gpus=0, main_port=1)
+
+
+def test_refusals_before_anything_starts(tmp_path: Path) -> None:
+    hw2 = ws.hardware(nproc=2, gpus=None, visible_gpus=0, main_port=29535)
+    with pytest.raises(RecipeError, match="`single` runs one process"):
+        ws.prepare_launch(str(DEMO), [f"output_dir={tmp_path / 'a'}"], hw2)
+    with pytest.raises(RecipeError, match="FSDP1 needs GPUs"):
+        ws.prepare_launch(str(DEMO), [f"output_dir={tmp_path / 'a'}", "parallel.strategy=fsdp",
+                                      "parallel.fsdp_version=1"], hw2)
+    finished = tmp_path / "done"
+    (finished / "final").mkdir(parents=True)
+    (finished / "recipe.yaml").write_text("x")
+    with pytest.raises(TunefleetError, match="already holds a finished run"):
+        ws.prepare_launch(str(DEMO), [f"output_dir={finished}", "parallel.strategy=ddp"], hw2)
+    assert sorted(p.name for p in finished.iterdir()) == ["final", "recipe.yaml"]  # nothing written
+    # --overwrite: the old run is moved aside by the launcher, before the new files are written
+    plan = ws.prepare_launch(str(DEMO), [f"output_dir={finished}", "parallel.strategy=ddp"], hw2, overwrite=True)
+    assert plan.start == "overwrite"
+    ws.write_launch_files(plan)
+    assert [p.name for p in finished.iterdir()] == ["launch"]
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith("done.old-")]) == 1
+
+
+def test_checkpoint_layout_refusals() -> None:
+    zero2 = {"strategy": "deepspeed-zero2", "world_size": 2}
+    ckpt.check_layout(zero2, "deepspeed-zero2", 2)
+    with pytest.raises(TunefleetError, match="Automatic adjustment of ZeRO's optimizer state partitioning"):
+        ckpt.check_layout(zero2, "deepspeed-zero2", 3)
+    with pytest.raises(TunefleetError, match="cannot read it"):
+        ckpt.check_layout(zero2, "deepspeed-zero3", 2)
+    with pytest.raises(TunefleetError, match="resharding FSDP checkpoints"):
+        ckpt.check_layout({"strategy": "fsdp", "world_size": 2}, "fsdp-qlora", 4)
+    ckpt.check_layout({"strategy": "ddp", "world_size": 2}, "single", 1)  # torch checkpoints: any world size
+    with pytest.raises(TunefleetError, match="cannot read it"):
+        ckpt.check_layout({"strategy": "single", "world_size": 1}, "fsdp", 2)
+
+
+def test_exit_code_relay(tmp_path: Path) -> None:
+    """accelerate's launchers turn every failure into 1; rank 0's code (75: requeue) comes through."""
+    exit_file = tmp_path / ws.EXIT_FILE
+    script = f"import pathlib, sys; pathlib.Path({str(exit_file)!r}).write_text(sys.argv[1]); sys.exit(1)"
+    plan = ws.LaunchPlan(recipe=None, hw=Hardware(), notes=[], config_dir=tmp_path, files={},  # type: ignore[arg-type]
+                         argv=[sys.executable, "-c", script, "75"], env={}, start="fresh")
+    assert ws.run_launch(plan) == 75
+    plan = ws.LaunchPlan(**{**plan.__dict__, "argv": [sys.executable, "-c", script, "0"]})
+    assert ws.run_launch(plan) == 1  # rank 0 finished, another rank failed: the launcher's code
+    exit_file.unlink()
+    plan = ws.LaunchPlan(**{**plan.__dict__, "argv": [sys.executable, "-c", "import sys; sys.exit(3)"]})
+    assert ws.run_launch(plan) == 3
+
+
+class _State:
+    def __init__(self, kind: str, n: int) -> None:
+        from accelerate.utils import DistributedType
+
+        self.distributed_type, self.num_processes = DistributedType(kind), n
+
+
+def test_guard_stops_silent_fallbacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    launched = guard.Expectation(distributed_type="FSDP", world_size=2, source="tunefleet launch")
+    guard.check_distributed(_State("FSDP", 2), launched, "fsdp")
+    with pytest.raises(TunefleetError, match="FSDP silently became DDP"):
+        guard.check_distributed(_State("MULTI_CPU", 2), launched, "fsdp")
+    zero = guard.Expectation(distributed_type="DEEPSPEED", world_size=2, source="tunefleet launch")
+    with pytest.raises(TunefleetError, match="DeepSpeed was not turned on"):
+        guard.check_distributed(_State("MULTI_CPU", 2), zero, "deepspeed-zero2")
+    with pytest.raises(TunefleetError, match="did not join one world"):
+        guard.check_distributed(_State("MULTI_CPU", 1), guard.Expectation(
+            distributed_type="MULTI_CPU", world_size=2, source="the recipe"), "ddp")
+    with pytest.raises(TunefleetError, match="no DTensor parameter"):
+        guard.check_sharding("fsdp", {"kind": "ddp", "params": 3}, 2)
+    with pytest.raises(TunefleetError, match="only 1 of 3 parameters are ZeRO-3 partitioned"):
+        guard.check_sharding("deepspeed-zero3", {"kind": "deepspeed-zero3", "params": 3, "partitioned_params": 1}, 2)
+    # launched by hand: the expectation comes from the recipe and WORLD_SIZE
+    from tunefleet.launch import recipe as R
+
+    monkeypatch.delenv(guard.LAUNCHED_BY_TUNEFLEET, raising=False)
+    recipe, hw, notes = guard.resolve_for_runtime(R.load(DEMO, ["output_dir=x"]), 2, use_cpu=True)
+    assert recipe.parallel.strategy == "ddp" and "by hand runs as ddp" in notes[0]
+    assert guard.expectation(recipe, hw) == guard.Expectation(distributed_type="MULTI_CPU", world_size=2,
+                                                              source="the recipe")
+
+
+def test_cpu_fsdp_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert cpu_fsdp.wanted("fsdp", cuda_available=False) and cpu_fsdp.wanted("fsdp-qlora", cuda_available=False)
+    assert not cpu_fsdp.wanted("fsdp", cuda_available=True)
+    assert not cpu_fsdp.wanted("deepspeed-zero3", cuda_available=False)
+    monkeypatch.setenv(cpu_fsdp.ENV_SWITCH, "0")
+    assert not cpu_fsdp.wanted("fsdp", cuda_available=False)
+
+
+# ----------------------------------------------------------------------------- slow: real runs
+
+REFERENCES = {
+    "lora-8": [],
+    "qlora-8": [*QLORA, "model.quant_storage_dtype=float32"],  # what ZeRO-3 / FSDP-QLoRA resolve to on CPU
+    "lora-6": ["batch.global_batch_size=6"],
+}
+
+CASES: dict[str, tuple[int, list[str], str, str, str]] = {
+    # name: (processes, overrides, reference, distributed type, sharding kind)
+    "ddp": (2, ["parallel.strategy=ddp"], "lora-8", "MULTI_CPU", "ddp"),
+    "zero2": (2, ["parallel.strategy=deepspeed-zero2"], "lora-8", "DEEPSPEED", "deepspeed-zero2"),
+    "zero3": (2, ["parallel.strategy=deepspeed-zero3"], "lora-8", "DEEPSPEED", "deepspeed-zero3"),
+    "zero3-qlora": (2, ["parallel.strategy=deepspeed-zero3", *QLORA], "qlora-8", "DEEPSPEED", "deepspeed-zero3"),
+    "fsdp": (2, ["parallel.strategy=fsdp"], "lora-8", "FSDP", "fsdp2"),
+    "fsdp-qlora": (2, ["parallel.strategy=fsdp-qlora", *QLORA], "qlora-8", "FSDP", "fsdp2"),
+    "zero2-3proc": (3, ["parallel.strategy=deepspeed-zero2", "batch.global_batch_size=6"], "lora-6", "DEEPSPEED",
+                    "deepspeed-zero2"),
+}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("launch")
+
+
+_done: dict[str, Path] = {}
+
+
+def reference(workdir: Path, name: str) -> Path:
+    """One process, in this process (`tunefleet train`'s code path), same global batch."""
+    if name not in _done:
+        from tunefleet.distributed import sft
+        from tunefleet.launch import recipe as R
+
+        out = workdir / f"ref-{name}"
+        assert sft.run(R.load(DEMO, [*BASE, f"output_dir={out}", *REFERENCES[name]])) == 0
+        _done[name] = out
+    return _done[name]
+
+
+def run_launch(out: Path, nproc: int, overrides: list[str], *, extra: tuple[str, ...] = (),
+               **env_extra: str) -> subprocess.CompletedProcess:
+    log = out.parent / f"{out.name}.log"
+    with log.open("w") as f:
+        proc = subprocess.run(launch_argv(out, nproc, *overrides, extra=extra), env=env(**env_extra), stdout=f,
+                              stderr=subprocess.STDOUT, timeout=420)
+    proc.stdout = log.read_text()  # type: ignore[assignment]
+    return proc
+
+
+def launched(workdir: Path, name: str) -> Path:
+    if name not in _done:
+        nproc, overrides, *_ = CASES[name]
+        out = workdir / name
+        started = time.monotonic()
+        proc = run_launch(out, nproc, overrides)
+        assert proc.returncode == 0, proc.stdout[-6000:]
+        print(f"{name}: {time.monotonic() - started:.1f} s", flush=True)
+        _done[name] = out
+    return _done[name]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CASES))
+def test_launch_trains_like_one_process(workdir: Path, name: str) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tunefleet.distributed.demo_model import ensure_tiny_llama
+
+    nproc, _, ref_name, dist_type, sharding = CASES[name]
+    ref = reference(workdir, ref_name)
+    out = launched(workdir, name)
+
+    diff = max_diff(losses(out), losses(ref))
+    print(f"{name}: max |loss - 1 process| = {diff:.2e}", flush=True)
+    assert sorted(losses(out)) == list(range(1, STEPS + 1)) and diff <= TOL
+
+    effect = json.loads((out / "plan.json").read_text())["in_effect"]
+    assert (effect["distributed_type"], effect["world_size"], effect["backend"]) == (dist_type, nproc, "gloo")
+    assert effect["sharding"]["kind"] == sharding
+    if sharding == "fsdp2":  # FSDP really shards: every parameter a DTensor on a mesh of the world size
+        assert effect["cpu_fsdp_layer"] is True
+        assert effect["sharding"]["dtensor_params"] == effect["sharding"]["params"]
+        assert effect["sharding"]["mesh_size"] == nproc and effect["sharding"]["placements"] == ["S(0)"]
+    if sharding == "deepspeed-zero3":
+        assert effect["sharding"]["partitioned_params"] == effect["sharding"]["params"]
+
+    assert [ckpt.step_of(p) for p in ckpt.complete_checkpoints(out)] == [2, 4]
+    manifest = ckpt.read_manifest(out / "checkpoint-4")
+    assert manifest["world_size"] == nproc and manifest["strategy"] == CASES[name][1][0].split("=")[1]
+
+    # the final adapter is a normal PEFT adapter (gathered from the shards), equal to one process's
+    got, want = adapter(out / "final"), adapter(ref / "final")
+    assert sorted(got) == sorted(want)
+    worst = max((got[k].float() - want[k].float()).abs().max().item() for k in want)
+    print(f"{name}: max |adapter - 1 process| = {worst:.2e}", flush=True)
+    assert worst <= ADAPTER_TOL
+    base = AutoModelForCausalLM.from_pretrained(ensure_tiny_llama())
+    ids = torch.tensor([[1, 5, 9, 200, 300]])
+    with torch.no_grad():
+        plain = base(ids).logits
+        tuned = PeftModel.from_pretrained(base, out / "final")(ids).logits
+    assert not torch.allclose(plain, tuned), "the adapter changed nothing"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["zero2", "zero3", "fsdp"])
+def test_resume_on_the_same_world_size(workdir: Path, name: str) -> None:
+    """Continue from checkpoint-2 of the run above in a new output_dir: steps 3-4 as in one process."""
+    nproc, overrides, ref_name, *_ = CASES[name]
+    source = launched(workdir, name)
+    out = workdir / f"{name}-resumed"
+    proc = run_launch(out, nproc, overrides, extra=("--resume", str(source / "checkpoint-2")))
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    got, want = losses(out), losses(reference(workdir, ref_name))
+    assert sorted(got) == [3, 4]
+    assert max(abs(got[s] - want[s]) for s in got) <= TOL
+    # another world size is refused before any process starts
+    proc = run_launch(workdir / f"{name}-other-world", nproc + 1, overrides,
+                      extra=("--resume", str(source / "checkpoint-2")))
+    assert proc.returncode == 2 and f"written by {nproc} process(es)" in proc.stdout, proc.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_fsdp_without_layer_falls_back(workdir: Path) -> None:
+    """Without distributed/cpu_fsdp.py accelerate still runs an FSDP config on CPU as DDP; the
+    entrypoint must stop with a clear error. When this starts to train instead, upstream shards on
+    CPU by itself and the layer can go."""
+    out = workdir / "fsdp-no-layer"
+    proc = run_launch(out, 2, ["parallel.strategy=fsdp"], **{cpu_fsdp.ENV_SWITCH: "0"})
+    if proc.returncode == 0:
+        effect = json.loads((out / "plan.json").read_text())["in_effect"]
+        if effect.get("sharding", {}).get("kind") == "fsdp2":
+            pytest.fail("upstream now supports FSDP on CPU: remove distributed/cpu_fsdp.py")
+    assert proc.returncode == 2, proc.stdout[-6000:]
+    assert "asked for distributed type FSDP with 2 process(es), but accelerate runs MULTI_CPU" in proc.stdout
+    assert "FSDP silently became DDP" in proc.stdout and f"unset {cpu_fsdp.ENV_SWITCH}" in proc.stdout
+    assert not (out / "final").exists() and not list(out.glob("checkpoint-*"))
+
+
+@pytest.mark.slow
+def test_sigusr1_checkpoints_and_the_launcher_exits_75(workdir: Path) -> None:
+    """SIGUSR1 to `tunefleet launch` reaches the ranks through accelerate and torchrun; they save
+    a complete checkpoint and stop; the launcher exits 75 (accelerate alone would say 1)."""
+    out = workdir / "preempted"
+    log = workdir / "preempted.log"
+    with log.open("w") as f:
+        proc = subprocess.Popen(launch_argv(out, 2, "parallel.strategy=ddp", "train.max_steps=200",
+                                            "train.save_steps=1", "checkpoint.keep_last=1"),
+                                env=env(), stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while ckpt.latest(out) is None:
+            assert proc.poll() is None, log.read_text()[-6000:]
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGUSR1)
+        assert proc.wait(timeout=120) == 75, log.read_text()[-6000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    newest = ckpt.latest(out)
+    assert newest is not None and ckpt.step_of(newest) < 200 and not (out / "final").exists()
+    assert (out / "launch" / ws.EXIT_FILE).read_text().strip() == "75"

@@ -1,0 +1,273 @@
+"""`tunefleet prepare`, `tunefleet slurm` and `tunefleet status` without a cluster.
+
+The tokenisation cache (hit, invalidation, the trainer's use of it), the checks `tunefleet slurm`
+makes before it writes anything, the signal lead measured from earlier checkpoints, and the status
+read from a run directory. tests/test_slurm_train.py runs the same commands on a real cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from tunefleet.distributed import checkpoint as ckpt
+from tunefleet.distributed import prepare as prep
+from tunefleet.launch import cli
+from tunefleet.launch import recipe as R
+from tunefleet.slurm import status as status_mod
+
+DEMO = Path(str(resources.files("tunefleet.recipes"))) / "demo.yaml"
+DEMO_DATA = DEMO.parent / "data" / "alpaca_demo.jsonl"
+SMALL = ["data.limit=24", "data.max_length=64", "batch.micro_batch_size=4", "batch.global_batch_size=8"]
+
+
+def _data_copy(tmp_path: Path, rows: int = 24) -> Path:
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(DEMO_DATA.read_text().splitlines(keepends=True)[:rows]))
+    return path
+
+
+def _recipe(out: Path, data: Path, *extra: str) -> R.Recipe:
+    return R.load(DEMO, [f"output_dir={out}", f"data.path={data}", *SMALL, *extra])
+
+
+def _caches(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / prep.CACHE_DIR).iterdir())
+
+
+# ----------------------------------------------------------------------------- tunefleet prepare
+
+
+def test_prepare_cache_hit_and_invalidation(tmp_path: Path, tiny_model_dir: Path) -> None:
+    out, data = tmp_path / "run", _data_copy(tmp_path)
+    first = prep.prepare(_recipe(out, data))
+    assert not first.hit and first.train_examples == 24 and (first.path / prep.META_FILE).is_file()
+    again = prep.prepare(_recipe(out, data))
+    assert again.hit and again.path == first.path
+    # a change outside the data section (optimizer, LR, batch) keeps the cache
+    assert prep.prepare(_recipe(out, data, "train.lr=1e-4", "batch.global_batch_size=4")).hit
+    # the recipe's data section changes the key
+    shorter = prep.prepare(_recipe(out, data, "data.max_length=32"))
+    assert not shorter.hit and shorter.path != first.path
+    # so do the bytes of the data file, at the same path and row count
+    data.write_text(data.read_text().replace("a", "b", 1))
+    changed = prep.prepare(_recipe(out, data, "data.max_length=32"))
+    assert not changed.hit and changed.path != shorter.path
+    # one cache per output directory: the superseded ones are gone, nothing half-written is left
+    assert _caches(out) == [changed.path.name]
+
+
+def test_fingerprint_covers_the_tokenizer(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from tunefleet.distributed import model as model_mod
+
+    recipe = _recipe(tmp_path / "run", _data_copy(tmp_path))
+
+    def tokenizer():
+        return model_mod.load_tokenizer(str(tiny_model_dir), recipe.model)
+
+    base, inputs = prep.fingerprint(recipe, tokenizer())
+    assert prep.fingerprint(recipe, tokenizer())[0] == base  # stable across loads
+    assert inputs["sources"]["path"].startswith("1 file(s)")
+    added = tokenizer()
+    added.add_tokens(["<extra_token>"])
+    templated = tokenizer()
+    templated.chat_template = "{{ messages }}"
+    assert len({base, prep.fingerprint(recipe, added)[0], prep.fingerprint(recipe, templated)[0]}) == 3
+
+
+def test_trainer_loads_the_same_examples_from_the_cache(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from tunefleet.distributed import model as model_mod
+
+    out, data = tmp_path / "run", _data_copy(tmp_path)
+    recipe = _recipe(out, data, "data.eval_ratio=0.25")
+    tokenizer = model_mod.load_tokenizer(str(tiny_model_dir), recipe.model)
+    fresh = prep.load_or_tokenize(recipe, tokenizer)
+    assert fresh.cache_dir is None and not (out / prep.CACHE_DIR).exists()  # nothing written
+    result = prep.prepare(recipe)
+    cached = prep.load_or_tokenize(recipe, tokenizer)
+    assert cached.cache_dir == result.path and cached.fingerprint == fresh.fingerprint
+    assert cached.train.to_list() == fresh.train.to_list()
+    assert (
+        cached.eval.to_list() == fresh.eval.to_list() and cached.eval_row_count == fresh.eval_row_count == 6
+    )
+    assert cached.train_stats == fresh.train_stats
+    assert cached.rows == fresh.rows[: prep.HEAD_ROWS] and cached.eval_rows == fresh.eval_rows
+
+
+@pytest.mark.slow
+def test_prepare_cli_and_training_from_the_cache(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:
+    """`tunefleet prepare`, then a run: the run reads the cache and trains like one without it."""
+    from tunefleet.distributed import sft
+
+    data = _data_copy(tmp_path)
+    sets = [f"data.path={data}", *SMALL, "train.max_steps=3", "train.logging_steps=1", "peft.dropout=0"]
+    args = [x for s in sets for x in ("--set", s)]
+    assert cli.main(["prepare", str(DEMO), "--set", f"output_dir={tmp_path / 'cached'}", *args]) == 0
+    assert "tokenised: 24 training examples" in capsys.readouterr().out
+    assert cli.main(["prepare", str(DEMO), "--set", f"output_dir={tmp_path / 'cached'}", *args]) == 0
+    assert "cache hit, nothing tokenised" in capsys.readouterr().out
+    assert sft.run(R.load(DEMO, [f"output_dir={tmp_path / 'cached'}", *sets])) == 0
+    assert "tokenised data from the cache" in capsys.readouterr().out
+    assert sft.run(R.load(DEMO, [f"output_dir={tmp_path / 'plain'}", *sets])) == 0
+    assert "from the cache" not in capsys.readouterr().out
+    got, want = status_mod.read_metrics(tmp_path / "cached"), status_mod.read_metrics(tmp_path / "plain")
+    assert [r["step"] for r in got] == [1, 2, 3]
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]
+
+
+# ----------------------------------------------------------------------------- tunefleet slurm
+
+
+def _slurm(tmp_path: Path, out: Path, *args: str, monkeypatch: pytest.MonkeyPatch) -> int:
+    monkeypatch.setenv("PATH", "/usr/bin/nonexistent")  # no sbatch here: written, not validated
+    argv = ["slurm", str(DEMO), "--time", "30", "--gpus-per-node", "0", "--set", f"output_dir={out}", *args]
+    return cli.main(argv)
+
+
+def test_slurm_writes_resolved_recipe_and_script(tmp_path: Path, monkeypatch, capsys) -> None:
+    out = tmp_path / "run"
+    assert _slurm(tmp_path, out, "--nodes", "2", "--set", "train.max_steps=7", monkeypatch=monkeypatch) == 0
+    printed = capsys.readouterr().out
+    assert "micro 8 x accum 1 x world 2 = global 16" in printed and "not validated" in printed
+    assert "checkpoint default 60 s" in printed and "USR1 120 s before the time limit" in printed
+    recipe = R.load(out / "recipe.yaml")  # the override is baked in; the nodes need no --set
+    assert recipe.train.max_steps == 7 and recipe.output_dir == str(out)
+    assert Path(recipe.data.path).is_absolute() and Path(recipe.data.path).is_file()
+    script = (out / "slurm.sbatch").read_text()
+    assert f"python -m tunefleet.launch.cli prepare {out}/recipe.yaml" in script
+    assert script.index("tunefleet.launch.cli prepare") < script.index("\nsrun ")
+    assert f"--recipe {out}/recipe.yaml" in script and "#SBATCH --signal=B:USR1@120" in script
+    assert subprocess.run(["/bin/bash", "-n", str(out / "slurm.sbatch")]).returncode == 0
+
+
+def test_slurm_gpu_job_uses_rendered_accelerate_config(tmp_path: Path, monkeypatch, capsys) -> None:
+    """GPU nodes: accelerate launch with the config the launcher's templates render for 2 x 4 GPUs
+    (generated and checked here; no GPU ran it)."""
+    out = tmp_path / "run"
+    sets = ["parallel.strategy=fsdp", "batch.micro_batch_size=1", "batch.global_batch_size=16"]
+    args = ["--nodes", "2", "--gpus-per-node", "4", *[x for s in sets for x in ("--set", s)]]
+    monkeypatch.setenv("PATH", "/usr/bin/nonexistent")
+    assert cli.main(["slurm", str(DEMO), "--time", "04:00:00", "--set", f"output_dir={out}", *args]) == 0
+    assert "micro 1 x accum 2 x world 8 = global 16" in capsys.readouterr().out
+    config = (out / "slurm" / "accelerate.yaml").read_text()
+    assert "distributed_type: FSDP" in config and "num_machines: 2" in config and "num_processes: 8" in config
+    script = (out / "slurm.sbatch").read_text()
+    assert f"--config_file {out}/slurm/accelerate.yaml" in script and "--num_processes 8" in script
+    assert "export TUNEFLEET_DISTRIBUTED_TYPE=FSDP" in script and "#SBATCH --gpus-per-node=4" in script
+    assert subprocess.run(["/bin/bash", "-n", str(out / "slurm.sbatch")]).returncode == 0
+
+
+def test_slurm_checks_batch_math_before_writing(tmp_path: Path, monkeypatch, capsys) -> None:
+    out = tmp_path / "run"
+    assert _slurm(tmp_path, out, "--nodes", "3", monkeypatch=monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert "batch.global_batch_size=16" in err and "world size 3" in err, err
+    assert not out.exists(), "files were written for a job whose batch math does not divide"
+
+
+def test_slurm_refuses_finished_run_and_changed_training(tmp_path: Path, monkeypatch, capsys) -> None:
+    out = tmp_path / "run"
+    (out / "final").mkdir(parents=True)
+    (out / "recipe.yaml").write_text(R.dump(R.load(DEMO, [f"output_dir={out}"])))
+    assert _slurm(tmp_path, out, "--nodes", "1", monkeypatch=monkeypatch) == 2
+    assert "already holds a finished run" in capsys.readouterr().err
+    assert not (out / "slurm.sbatch").exists()
+
+    other = tmp_path / "other"
+    _fake_checkpoint(other, step=4, save_s=1.0, recipe=R.load(DEMO, [f"output_dir={other}"]))
+    assert _slurm(tmp_path, other, "--nodes", "1", "--set", "peft.r=4", monkeypatch=monkeypatch) == 2
+    assert "peft.r: 16 -> 4" in capsys.readouterr().err
+    assert not (other / "slurm.sbatch").exists()
+
+
+def _fake_checkpoint(out: Path, *, step: int, save_s: float, recipe: R.Recipe | None = None) -> None:
+    """A complete checkpoint directory as the trainer writes it (manifest + marker, no weights)."""
+    path = out / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    manifest = {"step": step, "samples_seen": step * 16, "save_s": save_s, "world_size": 2, "files": {}}
+    if recipe is not None:
+        manifest["recipe"] = R.to_dict(recipe)
+    (path / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    (path / ckpt.COMPLETE).write_text("ok\n")
+
+
+def _metrics(out: Path, rows: list[tuple[int, float]]) -> None:
+    with (out / "metrics.jsonl").open("a") as f:
+        for step, elapsed in rows:
+            f.write(
+                json.dumps({"step": step, "loss": 1.0, "samples_seen": step * 16, "elapsed_s": elapsed})
+                + "\n"
+            )
+
+
+def test_signal_lead_comes_from_measured_checkpoints(tmp_path: Path, monkeypatch, capsys) -> None:
+    out = tmp_path / "run"
+    recipe = R.load(DEMO, [f"output_dir={out}"])
+    for step, save_s in ((2, 3.2), (4, 7.4)):
+        _fake_checkpoint(out, step=step, save_s=save_s, recipe=recipe)
+    _metrics(out, [(1, 10.0), (2, 12.0), (3, 17.5), (4, 19.0)])  # slowest step 5.5 s (with a save)
+    assert _slurm(tmp_path, out, "--nodes", "1", monkeypatch=monkeypatch) == 0
+    printed = capsys.readouterr().out
+    assert "checkpoint measured 13 s: slowest save 7.40 s of 2 checkpoint(s) + slowest step 5.50 s" in printed
+    assert "continues from checkpoint-4" in printed
+    assert "#SBATCH --signal=B:USR1@73" in (out / "slurm.sbatch").read_text()
+    # an explicit value wins
+    assert _slurm(tmp_path, out, "--nodes", "1", "--checkpoint-s", "200", monkeypatch=monkeypatch) == 0
+    assert "#SBATCH --signal=B:USR1@260" in (out / "slurm.sbatch").read_text()
+
+
+# ----------------------------------------------------------------------------- tunefleet status
+
+
+def test_status_from_files_follows_the_dependency_chain(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("PATH", "/usr/bin/nonexistent")  # no scontrol: files only
+    out = tmp_path / "run"
+    out.mkdir()
+    status_mod.record_job(
+        out,
+        {"job_id": "41", "restart": "dependency", "job_name": "x", "output": str(out / "slurm-%j.out")},
+    )
+    (out / "slurm-41.out").write_text(
+        "tunefleet: job 41 on n[1-2], restart 0 (max_restarts 3)\ntunefleet: submitted job 57 to continue (restart 1)\n"
+    )
+    (out / "slurm-57.out").write_text("tunefleet: job 57 on n[3-4], restart 1 (max_restarts 3)\n")
+    (out / "plan.json").write_text(json.dumps({"total_steps": 20, "global_batch_size": 16}))
+    _fake_checkpoint(out, step=6, save_s=0.8)
+    # attempt 1 logged steps 1-6; attempt 2 (elapsed restarts) resumed at 6 and runs 2 s per step
+    _metrics(out, [(s, 1.0 * s) for s in range(1, 7)] + [(7, 3.0), (8, 5.0), (9, 7.0)])
+    status = status_mod.read_status(out)
+    assert status["job"]["chain"] == ["41", "57"] and status["job"]["job_id"] == "57"
+    assert status["job"]["restarts"] == 1 and status["job"]["state"] == "unknown"
+    assert status["checkpoint"]["step"] == 6 and status["checkpoint"]["samples_seen"] == 96
+    p = status["progress"]
+    assert (p["step"], p["total_steps"], p["samples_seen"], p["total_samples"]) == (9, 20, 144, 320)
+    assert p["s_per_step"] == 2.0 and p["eta_s"] == 22.0
+    assert cli.main(["status", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"restarts\s+1 \(dependency mode; chain 41 -> 57\)", text), text
+    assert "checkpoint-6: step 6, 96 samples" in text and "step 9 of 20, 144 of 320 samples done" in text
+    assert "~0:22 of training left at 2.0 s/step" in text
+    assert cli.main(["status", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["progress"]["eta_s"] == 22.0
+
+
+def test_commands_import_without_torch() -> None:
+    code = (
+        "import sys\n"
+        "from tunefleet.launch.cli import build_parser\n"
+        "build_parser()\n"
+        "import tunefleet.slurm.cli, tunefleet.slurm.job, tunefleet.slurm.status\n"
+        "heavy = [m for m in ('torch', 'transformers', 'datasets') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ)
+    )
+    assert result.returncode == 0, result.stderr
