@@ -170,6 +170,10 @@ CHECKPOINT_FORMAT = {"single": "torch", "ddp": "torch", "fsdp": "fsdp", "fsdp-ql
 """What a checkpoint of each strategy holds: `torch` (adapter + optimizer.pt, readable by any world
 size), DeepSpeed's per-stage `global_stepN/` shards, FSDP's `torch.distributed.checkpoint` shards."""
 
+ZERO_STATE_FILE = "zero_state.pt"
+"""A ZeRO checkpoint's trainable state in a rank-independent form (`ds_reshard.py`): with it, the
+checkpoint resumes on any world size."""
+
 
 def check_layout(manifest: dict[str, Any], strategy: str, world_size: int) -> None:
     """Refuse a checkpoint this run cannot read: another checkpoint format, or DeepSpeed/FSDP
@@ -185,6 +189,8 @@ def check_layout(manifest: dict[str, Any], strategy: str, world_size: int) -> No
             f"{strategy} ({new_format} format), which cannot read it",
             f"resume with parallel.strategy={old_strategy}, or start a new run",
         )
+    if old_format.startswith("deepspeed") and ZERO_STATE_FILE in manifest.get("files", {}):
+        return  # any world size: ds_reshard.py loads the rank-independent state
     if old_format != "torch" and old_world != world_size:
         detail = ("DeepSpeed: \"Automatic adjustment of ZeRO's optimizer state partitioning with a new world "
                   "size is not currently supported\"" if old_format.startswith("deepspeed")

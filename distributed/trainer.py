@@ -41,6 +41,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
 from tunefleet.distributed import checkpoint as ckpt
+from tunefleet.distributed import ds_reshard
 from tunefleet.distributed.sampler import GlobalBatchSampler
 
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -165,6 +166,20 @@ class TunefleetTrainer(SFTTrainer):
                                  step_in_epoch=self.state.global_step % self.tf_steps_per_epoch)
         return epochs_trained, 0
 
+    def _prepare_for_training(self, max_steps: int, train_dataloader: Any, resume_from_checkpoint: Any) -> Any:
+        """A ZeRO checkpoint from another world size: `ds_reshard.load` instead of DeepSpeed's loader."""
+        if not (resume_from_checkpoint is not None and self.is_deepspeed_enabled
+                and int(ckpt.read_manifest(Path(resume_from_checkpoint)).get("world_size", 1)) != self.args.world_size):
+            return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        import transformers.trainer as hf_trainer
+
+        original = hf_trainer.deepspeed_load_checkpoint
+        hf_trainer.deepspeed_load_checkpoint = lambda engine, path, **_: ds_reshard.load(engine, path)
+        try:
+            return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        finally:
+            hf_trainer.deepspeed_load_checkpoint = original
+
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         """Atomic checkpoint: temporary dir, every rank's part flushed, manifest + marker, rename."""
         started = time.monotonic()
@@ -181,6 +196,8 @@ class TunefleetTrainer(SFTTrainer):
 
         self.save_model(str(tmp), _internal_call=True)
         self._save_optimizer_and_scheduler(str(tmp))
+        if self.is_deepspeed_enabled:  # + the trainable state in a rank-independent file (ds_reshard.py)
+            ds_reshard.save(self.model_wrapped, tmp, main_process=self.args.should_save)
         self._save_scaler(str(tmp))
         self._save_rng_state(str(tmp))
         if self.args.should_save:

@@ -9,7 +9,8 @@ ZeRO-3 + QLoRA nf4, FSDP2 and FSDP-QLoRA (through distributed/cpu_fsdp.py) on 2 
 on 3. Each must give per-step losses equal to one process with the same global batch (<= TOL),
 a final adapter equal to that run's (<= TOL) that PEFT loads, plan.json showing the distributed
 type, world size, gloo and the sharding in effect, and complete checkpoints. ZeRO-2, ZeRO-3 and
-FSDP2 resume from a checkpoint on the same world size with the same losses. FSDP without the
+FSDP2 resume from a checkpoint on the same world size with the same losses (FSDP shards on
+another world size are refused; ZeRO resharding is ds_reshard.py's, tested there). FSDP without the
 compatibility layer must stop with the fallback error (the day it trains sharded instead,
 upstream supports FSDP on CPU and the layer can go).
 """
@@ -360,10 +361,10 @@ def test_resume_on_the_same_world_size(workdir: Path, name: str) -> None:
     got, want = losses(out), losses(reference(workdir, ref_name))
     assert sorted(got) == [3, 4]
     assert max(abs(got[s] - want[s]) for s in got) <= TOL
-    # another world size is refused before any process starts
-    proc = run_launch(workdir / f"{name}-other-world", nproc + 1, overrides,
-                      extra=("--resume", str(source / "checkpoint-2")))
-    assert proc.returncode == 2 and f"written by {nproc} process(es)" in proc.stdout, proc.stdout[-3000:]
+    if name == "fsdp":  # FSDP shards on another world size are refused before any process starts
+        proc = run_launch(workdir / f"{name}-other-world", nproc + 1, overrides,
+                          extra=("--resume", str(source / "checkpoint-2")))
+        assert proc.returncode == 2 and f"written by {nproc} process(es)" in proc.stdout, proc.stdout[-3000:]
 
 
 @pytest.mark.slow
