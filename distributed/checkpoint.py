@@ -175,6 +175,13 @@ ZERO_STATE_FILE = "zero_state.pt"
 checkpoint resumes on any world size."""
 
 
+def _fsdp2_sharded(manifest: dict[str, Any]) -> bool:
+    """An FSDP2 checkpoint of `torch.distributed.checkpoint` shards (`parallel.state_dict: sharded`):
+    DCP loads it on any world size (tests/test_launch.py::test_fsdp2_resume_on_another_world_size)."""
+    parallel = manifest.get("recipe", {}).get("parallel", {})
+    return int(parallel.get("fsdp_version", 2)) == 2 and parallel.get("state_dict", "sharded") == "sharded"
+
+
 def check_layout(manifest: dict[str, Any], strategy: str, world_size: int) -> None:
     """Refuse a checkpoint this run cannot read: another checkpoint format, or DeepSpeed/FSDP
     shards written by another world size (not supported yet). The launcher and every rank call it."""
@@ -191,6 +198,8 @@ def check_layout(manifest: dict[str, Any], strategy: str, world_size: int) -> No
         )
     if old_format.startswith("deepspeed") and ZERO_STATE_FILE in manifest.get("files", {}):
         return  # any world size: ds_reshard.py loads the rank-independent state
+    if old_format == "fsdp" and _fsdp2_sharded(manifest):
+        return  # any world size: torch.distributed.checkpoint reshards DTensor shards on load (FSDP2)
     if old_format != "torch" and old_world != world_size:
         detail = ("DeepSpeed: \"Automatic adjustment of ZeRO's optimizer state partitioning with a new world "
                   "size is not currently supported\"" if old_format.startswith("deepspeed")

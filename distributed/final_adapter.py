@@ -39,3 +39,15 @@ def save_final_adapter(trainer: Any, tokenizer: Any, out_dir: Path) -> None:
     if trainer.args.process_index == 0:
         save_adapter(trainer.accelerator.unwrap_model(trainer.model), tokenizer, out_dir, state_dict=state)
     trainer.accelerator.wait_for_everyone()
+
+
+def save_checkpoint_adapter(trainer: Any, ckpt_dir: Path) -> None:
+    """Collective: the gathered adapter (trainable weights only) and the tokenizer, written by rank 0
+    into a checkpoint's temporary directory next to FSDP's `*.distcp` shards, so `tunefleet merge` and
+    `tunefleet generate` can use the checkpoint (`artifacts.find_adapter`). Resuming still reads the
+    shards (optimizer state included); this copy is for the tools."""
+    state = gather_trainable_state_dict(trainer)
+    if trainer.args.process_index == 0:
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(ckpt_dir, state_dict=state)
+        if getattr(trainer, "processing_class", None) is not None:
+            trainer.processing_class.save_pretrained(ckpt_dir)

@@ -42,6 +42,7 @@ from trl import SFTTrainer
 
 from tunefleet.distributed import checkpoint as ckpt
 from tunefleet.distributed import ds_reshard
+from tunefleet.distributed.final_adapter import save_checkpoint_adapter
 from tunefleet.distributed.sampler import GlobalBatchSampler
 
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -196,6 +197,8 @@ class TunefleetTrainer(SFTTrainer):
 
         self.save_model(str(tmp), _internal_call=True)
         self._save_optimizer_and_scheduler(str(tmp))
+        if self.is_fsdp_enabled:  # + a normal PEFT adapter gathered from the shards (merge/generate)
+            save_checkpoint_adapter(self, tmp)
         if self.is_deepspeed_enabled:  # + the trainable state in a rank-independent file (ds_reshard.py)
             ds_reshard.save(self.model_wrapped, tmp, main_process=self.args.should_save)
         self._save_scaler(str(tmp))

@@ -1,0 +1,64 @@
+"""What only a CUDA GPU can show (skipped elsewhere by the `gpu` marker, see conftest.py).
+
+Not run on the CPU machines CI uses: these are the checks to run on a GPU box
+(`.venv/bin/python -m pytest -m gpu`).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from tunefleet.distributed import sft
+from tunefleet.launch import recipe as R
+
+pytestmark = pytest.mark.gpu
+
+DEMO = Path(str(resources.files("tunefleet.recipes"))) / "demo.yaml"
+QUICK = ["train.max_steps=4", "train.logging_steps=1", "train.save_steps=0", "batch.micro_batch_size=4",
+         "batch.global_batch_size=8", "data.max_length=128"]
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["model.quantization=nf4", "train.optimizer=paged_adamw_8bit"],
+        ["model.quantization=nf4", "train.optimizer=paged_adamw_32bit", "peft.method=dora"],
+        ["model.quantization=int8", "train.optimizer=adamw_torch_fused"],
+    ],
+    ids=["qlora-paged8", "qdora-paged32", "int8-fused"],
+)
+def test_quantized_training_on_cuda(tmp_path: Path, extra: list[str]) -> None:
+    """bitsandbytes CUDA kernels and paged optimizers: trains in bf16, finite losses, adapter saved."""
+    out = tmp_path / "run"
+    recipe = R.load(DEMO, [f"output_dir={out}", *QUICK, "train.precision=bf16", "model.dtype=bfloat16", *extra])
+    assert sft.run(recipe) == 0
+    values = losses(out)
+    assert len(values) == 4 and all(v == v for v in values)
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["in_effect"]["device"].startswith("cuda")
+
+
+def test_nccl_ddp_two_gpus(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs for an NCCL run")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "tunefleet.launch.cli", "launch", str(DEMO), "--gpus", "2",
+           "--set", f"output_dir={out}", "--set", "parallel.strategy=ddp"]
+    for o in QUICK:
+        cmd += ["--set", o]
+    subprocess.run(cmd, check=True, timeout=600)
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["in_effect"]["backend"] == "nccl" and plan["in_effect"]["world_size"] == 2
