@@ -47,7 +47,6 @@ def merge_dtype(recipe: Recipe, override: str | None = None) -> str:
 
 def _load_base(recipe: Recipe, dtype: str, notes: list[str]) -> Any:
     import torch
-    from transformers import AutoModelForCausalLM
 
     from tunefleet.distributed import model as model_mod
 
@@ -69,13 +68,7 @@ def _load_base(recipe: Recipe, dtype: str, notes: list[str]) -> Any:
             "quantized base + adapter by that quantization error)"
         )
     path = model_mod.resolve_model_path(m)
-    try:
-        base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as exc:
-        raise TunefleetError(
-            f"cannot load the base model {path!r}: {exc}",
-            "check model.name_or_path in the run's recipe.yaml (offline machines need a local copy)",
-        ) from None
+    base = model_mod.from_pretrained(path, **kwargs)
     if getattr(base, "hf_quantizer", None) is not None and m.quantization != "mxfp4":
         base = base.dequantize()  # a checkpoint stored pre-quantized: merge into its dequantized weights
         notes.append(f"the base checkpoint is stored quantized: dequantized to {dtype} before merging")

@@ -122,8 +122,6 @@ def quantization_config(model: ModelConfig, precision: Precision) -> Any | None:
 
 def load_model(path: str, recipe: Recipe, precision: Precision) -> Any:
     """The base model in the recipe's dtype and quantization, ready for PEFT."""
-    from transformers import AutoModelForCausalLM
-
     m = recipe.model
     kwargs: dict[str, Any] = {
         "dtype": precision.dtype,
@@ -135,15 +133,22 @@ def load_model(path: str, recipe: Recipe, precision: Precision) -> Any:
     qconfig = quantization_config(m, precision)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
+    model = from_pretrained(path, **kwargs)
+    model.config.use_cache = False  # the cache is useless in training and breaks gradient checkpointing
+    return model
+
+
+def from_pretrained(path: str, **kwargs: Any) -> Any:
+    """`AutoModelForCausalLM.from_pretrained`, with a readable error when the model cannot be found."""
+    from transformers import AutoModelForCausalLM
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise TunefleetError(
             f"cannot load model.name_or_path={path!r}: {exc}",
             "check the model id or directory (and HF_TOKEN for gated models; offline machines need a local copy)",
         ) from None
-    model.config.use_cache = False  # the cache is useless in training and breaks gradient checkpointing
-    return model
 
 
 def apply_peft(model: Any, recipe: Recipe) -> Any:
