@@ -20,8 +20,12 @@ currently supported."). Two ways around it were considered:
     and writes the weights into the model's parameters (gathered under ZeRO-3). The trainer state and
     sampler position come from the checkpoint's own files as on any resume; the lr scheduler (which
     DeepSpeed holds) and DeepSpeed's step counters are saved in the same file.
-    Measured on the 2-core CPU machine: the save adds a few all-reduces of the adapter (well under
-    0.1 s for the demo), the file is a few MB at most for real LoRA ranks; no extra pass at resume.
+    Measured on the 2-core CPU machine (demo LoRA, 28 tensors, 37k elements): `save` takes 0.03-0.13 s
+    on 2 processes (3 gathers per tensor), 0.012 s on 1; the file is 0.47 MB (DeepSpeed's own
+    `global_step2/` 0.5 MB); `load` needs no extra pass. (a) was tried too: `ds_to_universal` on a
+    checkpoint written through accelerate/Trainer stops at once with "Required
+    universal_checkpoint_info state is missing in checkpoint" (only Megatron-DeepSpeed clients
+    write that state), so it would need that state faked as well.
 
 Resuming on the same world size still uses DeepSpeed's own `load_checkpoint` (bit-identical).
 """
