@@ -8,9 +8,11 @@ merge` and `tunefleet generate` accept the same things:
   run directory above it.
 
 A checkpoint counts when it holds the adapter weights and, when it has a manifest (tunefleet's
-atomic checkpoints, `distributed/checkpoint.py`), when that checkpoint is complete. Sharded FSDP
-checkpoints (`*.distcp`) are recognised and refused with an explanation: nothing in tunefleet
-writes them yet, so converting them has not been tested.
+atomic checkpoints, `distributed/checkpoint.py`), when that checkpoint is complete. FSDP
+checkpoints hold `torch.distributed.checkpoint` shards (`*.distcp`, for resuming) and, next to them,
+the adapter gathered from the shards (`final_adapter.save_checkpoint_adapter`): that adapter is the
+one used. A sharded checkpoint without it (written before tunefleet gathered one) is refused with
+an explanation.
 """
 
 from __future__ import annotations
@@ -71,8 +73,9 @@ def checkpoints(run_dir: Path) -> list[Path]:
 
 def _sharded_error(path: Path) -> TunefleetError:
     return TunefleetError(
-        f"{path} is a sharded FSDP checkpoint (*.distcp): merge/generate do not read those yet",
-        "use the run's final/ adapter, or convert the checkpoint to one file with "
+        f"{path} is a sharded FSDP checkpoint (*.distcp) without the gathered adapter "
+        "(adapter_model.safetensors; written by an older tunefleet)",
+        "use the run's final/ adapter or a newer checkpoint, or convert this one to one file with "
         "torch.distributed.checkpoint.format_utils.dcp_to_torch_save and save it as a PEFT adapter",
     )
 

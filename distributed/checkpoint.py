@@ -176,15 +176,19 @@ checkpoint resumes on any world size."""
 
 
 def _fsdp2_sharded(manifest: dict[str, Any]) -> bool:
-    """An FSDP2 checkpoint of `torch.distributed.checkpoint` shards (`parallel.state_dict: sharded`):
-    DCP loads it on any world size (tests/test_launch.py::test_fsdp2_resume_on_another_world_size)."""
+    """An FSDP2 LoRA checkpoint of `torch.distributed.checkpoint` shards (`parallel.state_dict: sharded`):
+    DCP reshards the DTensor model and optimizer state on load, so it resumes on any world size
+    (tests/test_fsdp_checkpoints.py). FSDP-QLoRA (packed 4-bit shards), FSDP1 and full state dicts
+    are not tested on another world size and stay refused."""
     parallel = manifest.get("recipe", {}).get("parallel", {})
-    return int(parallel.get("fsdp_version", 2)) == 2 and parallel.get("state_dict", "sharded") == "sharded"
+    return (manifest.get("strategy") == "fsdp" and parallel.get("fsdp_version") == 2
+            and parallel.get("state_dict") == "sharded")
 
 
 def check_layout(manifest: dict[str, Any], strategy: str, world_size: int) -> None:
     """Refuse a checkpoint this run cannot read: another checkpoint format, or DeepSpeed/FSDP
-    shards written by another world size (not supported yet). The launcher and every rank call it."""
+    shards written by another world size (except ZeRO checkpoints with `zero_state.pt` and FSDP2 LoRA
+    sharded checkpoints, which reshard). The launcher and every rank call it."""
     from tunefleet.launch.errors import TunefleetError
 
     old_strategy, old_world = manifest.get("strategy", "single"), int(manifest.get("world_size", 1))
@@ -203,7 +207,8 @@ def check_layout(manifest: dict[str, Any], strategy: str, world_size: int) -> No
     if old_format != "torch" and old_world != world_size:
         detail = ("DeepSpeed: \"Automatic adjustment of ZeRO's optimizer state partitioning with a new world "
                   "size is not currently supported\"" if old_format.startswith("deepspeed")
-                  else "resharding FSDP checkpoints is not supported by tunefleet yet")
+                  else "resharding is tested for FSDP2 LoRA sharded checkpoints only, not for FSDP-QLoRA, "
+                  "FSDP1 or full state dicts")
         raise TunefleetError(
             f"the checkpoint holds {old_strategy} shards written by {old_world} process(es); this run has "
             f"{world_size} ({detail})",

@@ -158,6 +158,12 @@ def test_find_adapter_errors(tmp_path: Path) -> None:
         find_adapter(run)
     with pytest.raises(TunefleetError, match="sharded FSDP checkpoint"):
         find_adapter(run / "checkpoint-8")
+    # an FSDP checkpoint with the adapter gathered next to its shards (what tunefleet writes): used
+    gathered = _fake_adapter(run / "checkpoint-10")
+    (gathered / "pytorch_model_fsdp_0").mkdir()
+    (gathered / "pytorch_model_fsdp_0" / "__0_0.distcp").write_bytes(b"x")
+    assert find_adapter(run).adapter_dir == gathered and find_adapter(gathered).adapter_dir == gathered
+    shutil.rmtree(gathered)
     orphan = _fake_adapter(tmp_path / "elsewhere" / "final")
     with pytest.raises(TunefleetError, match="no recipe.yaml next to"):
         find_adapter(orphan)
