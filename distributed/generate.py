@@ -16,8 +16,10 @@ writes right after an assistant answer (`<|eot_id|>`, `<|im_end|>`, `<end_of_tur
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -306,6 +308,11 @@ def load_run_model(adapter: RunAdapter) -> tuple[Any, Any]:
 
     recipe = adapter.recipe
     tokenizer = load_tokenizer(adapter)
+    if not torch.cuda.is_available() and recipe.model.quantization in ("nf4", "fp4", "int8"):
+        # bitsandbytes' CPU 4-bit inference kernel rejects some layer widths: on CPU the base is
+        # loaded unquantized (the answers can differ from the quantized model's by its rounding)
+        print(f"note: CPU generation loads the {recipe.model.quantization} base unquantized", file=sys.stderr)
+        recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, quantization="none"))
     base = model_mod.load_model(
         model_mod.resolve_model_path(recipe.model), recipe, inference_precision(recipe)
     )
