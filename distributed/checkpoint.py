@@ -91,8 +91,10 @@ def is_complete(path: Path) -> bool:
         return False
     try:
         manifest = read_manifest(path)
-        return all((path / rel).is_file() and (path / rel).stat().st_size == size
-                   for rel, size in manifest["files"].items())
+        return all(
+            (path / rel).is_file() and (path / rel).stat().st_size == size
+            for rel, size in manifest["files"].items()
+        )
     except (OSError, ValueError, KeyError):
         return False
 
@@ -101,8 +103,11 @@ def complete_checkpoints(out: Path) -> list[Path]:
     """Complete checkpoints in `out`, oldest first."""
     if not out.is_dir():
         return []
-    found = [p for p in out.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
-             and p.name[len(PREFIX):].isdigit() and is_complete(p)]
+    found = [
+        p
+        for p in out.iterdir()
+        if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit() and is_complete(p)
+    ]
     return sorted(found, key=step_of)
 
 
@@ -165,8 +170,14 @@ def check_shared_storage(out: Path, *, rank: int, world_size: int, barrier: Any)
         )
 
 
-CHECKPOINT_FORMAT = {"single": "torch", "ddp": "torch", "fsdp": "fsdp", "fsdp-qlora": "fsdp",
-                     "deepspeed-zero2": "deepspeed-zero2", "deepspeed-zero3": "deepspeed-zero3"}
+CHECKPOINT_FORMAT = {
+    "single": "torch",
+    "ddp": "torch",
+    "fsdp": "fsdp",
+    "fsdp-qlora": "fsdp",
+    "deepspeed-zero2": "deepspeed-zero2",
+    "deepspeed-zero3": "deepspeed-zero3",
+}
 """What a checkpoint of each strategy holds: `torch` (adapter + optimizer.pt, readable by any world
 size), DeepSpeed's per-stage `global_stepN/` shards, FSDP's `torch.distributed.checkpoint` shards."""
 
@@ -181,8 +192,11 @@ def _fsdp2_sharded(manifest: dict[str, Any]) -> bool:
     (tests/test_fsdp_checkpoints.py). FSDP-QLoRA (packed 4-bit shards), FSDP1 and full state dicts
     are not tested on another world size and stay refused."""
     parallel = manifest.get("recipe", {}).get("parallel", {})
-    return (manifest.get("strategy") == "fsdp" and parallel.get("fsdp_version") == 2
-            and parallel.get("state_dict") == "sharded")
+    return (
+        manifest.get("strategy") == "fsdp"
+        and parallel.get("fsdp_version") == 2
+        and parallel.get("state_dict") == "sharded"
+    )
 
 
 def check_layout(manifest: dict[str, Any], strategy: str, world_size: int) -> None:
@@ -205,10 +219,13 @@ def check_layout(manifest: dict[str, Any], strategy: str, world_size: int) -> No
     if old_format == "fsdp" and _fsdp2_sharded(manifest):
         return  # any world size: torch.distributed.checkpoint reshards DTensor shards on load (FSDP2)
     if old_format != "torch" and old_world != world_size:
-        detail = ("DeepSpeed: \"Automatic adjustment of ZeRO's optimizer state partitioning with a new world "
-                  "size is not currently supported\"" if old_format.startswith("deepspeed")
-                  else "resharding is tested for FSDP2 LoRA sharded checkpoints only, not for FSDP-QLoRA, "
-                  "FSDP1 or full state dicts")
+        detail = (
+            "DeepSpeed: \"Automatic adjustment of ZeRO's optimizer state partitioning with a new world "
+            'size is not currently supported"'
+            if old_format.startswith("deepspeed")
+            else "resharding is tested for FSDP2 LoRA sharded checkpoints only, not for FSDP-QLoRA, "
+            "FSDP1 or full state dicts"
+        )
         raise TunefleetError(
             f"the checkpoint holds {old_strategy} shards written by {old_world} process(es); this run has "
             f"{world_size} ({detail})",

@@ -646,7 +646,10 @@ def _columns_to_messages(row: dict) -> list[dict] | None:
     if not isinstance(row.get("user"), str) or not isinstance(row.get("assistant"), str):
         return None
     messages = [{"role": "system", "content": row["system"]}] if isinstance(row.get("system"), str) else []
-    return messages + [{"role": "user", "content": row["user"]}, {"role": "assistant", "content": row["assistant"]}]
+    return messages + [
+        {"role": "user", "content": row["user"]},
+        {"role": "assistant", "content": row["assistant"]},
+    ]
 
 
 # ============================================================================ tokenisation
@@ -771,8 +774,9 @@ def _tokenize_untruncated(
         raw = row.get(messages_field)
         if raw is None and messages_field not in row:
             raw = _columns_to_messages(row)  # seed 003's system/user/assistant columns
-        messages = _validate_messages(raw if raw is not None else _field(row, messages_field, where, fmt),
-                                      where, messages_field)
+        messages = _validate_messages(
+            raw if raw is not None else _field(row, messages_field, where, fmt), where, messages_field
+        )
         _chat_template(tokenizer)
         if not completion_only_loss:
             text = _render(tokenizer, messages, where, add_generation_prompt=False)

@@ -70,11 +70,20 @@ def save(engine: Any, directory: Path, *, main_process: bool) -> None:
             params[name] = {k: v.detach().cpu().clone() for k, v in entry.items()}
     if main_process:
         scheduler = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
-        torch.save({"format": 1, "step": None if step is None else torch.as_tensor(step).clone(),
-                    "global_steps": engine.global_steps, "global_samples": engine.global_samples,
-                    "lr_scheduler": scheduler, "params": params,
-                    "param_groups": [{k: v for k, v in g.items() if k != "params"}
-                                     for g in zero_opt.optimizer.param_groups]}, directory / STATE_FILE)
+        torch.save(
+            {
+                "format": 1,
+                "step": None if step is None else torch.as_tensor(step).clone(),
+                "global_steps": engine.global_steps,
+                "global_samples": engine.global_samples,
+                "lr_scheduler": scheduler,
+                "params": params,
+                "param_groups": [
+                    {k: v for k, v in g.items() if k != "params"} for g in zero_opt.optimizer.param_groups
+                ],
+            },
+            directory / STATE_FILE,
+        )
 
 
 def load(engine: Any, checkpoint: str | Path) -> None:

@@ -49,12 +49,17 @@ def runtime_hardware(world_size: int, *, use_cpu: bool) -> Hardware:
     """The hardware this rank runs on, from the launcher's variables or torchrun's."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size) or world_size)
     machines = int(os.environ.get("TUNEFLEET_NUM_MACHINES", max(1, world_size // max(local, 1))))
-    return Hardware(num_processes=world_size, num_machines=machines,
-                    main_process_ip=os.environ.get("MASTER_ADDR", "localhost") if machines > 1 else None,
-                    use_cpu=use_cpu)
+    return Hardware(
+        num_processes=world_size,
+        num_machines=machines,
+        main_process_ip=os.environ.get("MASTER_ADDR", "localhost") if machines > 1 else None,
+        use_cpu=use_cpu,
+    )
 
 
-def resolve_for_runtime(recipe: Recipe, world_size: int, *, use_cpu: bool) -> tuple[Recipe, Hardware, list[str]]:
+def resolve_for_runtime(
+    recipe: Recipe, world_size: int, *, use_cpu: bool
+) -> tuple[Recipe, Hardware, list[str]]:
     """The recipe as this run carries it out (compat.resolve on the runtime hardware), with notes.
 
     A `single` recipe started on several processes by hand (torchrun) runs as `ddp`, as it
@@ -70,11 +75,16 @@ def resolve_for_runtime(recipe: Recipe, world_size: int, *, use_cpu: bool) -> tu
 
 def expectation(recipe: Recipe, hw: Hardware) -> Expectation:
     if LAUNCHED_BY_TUNEFLEET in os.environ:
-        return Expectation(distributed_type=os.environ[LAUNCHED_BY_TUNEFLEET],
-                           world_size=int(os.environ.get("TUNEFLEET_WORLD_SIZE", hw.num_processes)),
-                           source="tunefleet launch")
-    return Expectation(distributed_type=expected_distributed_type(recipe, hw), world_size=hw.num_processes,
-                       source="the recipe")
+        return Expectation(
+            distributed_type=os.environ[LAUNCHED_BY_TUNEFLEET],
+            world_size=int(os.environ.get("TUNEFLEET_WORLD_SIZE", hw.num_processes)),
+            source="tunefleet launch",
+        )
+    return Expectation(
+        distributed_type=expected_distributed_type(recipe, hw),
+        world_size=hw.num_processes,
+        source="the recipe",
+    )
 
 
 def check_distributed(state: Any, expected: Expectation, strategy: str) -> None:
@@ -82,15 +92,21 @@ def check_distributed(state: Any, expected: Expectation, strategy: str) -> None:
     got_type, got_world = state.distributed_type.value, state.num_processes
     if got_type == expected.distributed_type and got_world == expected.world_size:
         return
-    if expected.distributed_type == "NO" and got_type in ("MULTI_CPU", "MULTI_GPU") and got_world == 1 == expected.world_size:
+    if (
+        expected.distributed_type == "NO"
+        and got_type in ("MULTI_CPU", "MULTI_GPU")
+        and got_world == 1 == expected.world_size
+    ):
         return  # torchrun starts even a lone process in a process group (a 1-node, 1-process SLURM job)
     why, fix = "", FIX
     if expected.distributed_type == "FSDP" and got_type in ("MULTI_CPU", "MULTI_GPU"):
         why = " (FSDP silently became DDP: nothing would be sharded)"
         if got_type == "MULTI_CPU" and expected.source == "tunefleet launch":
-            fix = ("FSDP on CPU runs through tunefleet's layer (distributed/cpu_fsdp.py), which is off "
-                   f"({cpu_fsdp.ENV_SWITCH}=0) or no longer takes effect: unset {cpu_fsdp.ENV_SWITCH}, or use "
-                   "parallel.strategy=ddp or deepspeed-zero3")
+            fix = (
+                "FSDP on CPU runs through tunefleet's layer (distributed/cpu_fsdp.py), which is off "
+                f"({cpu_fsdp.ENV_SWITCH}=0) or no longer takes effect: unset {cpu_fsdp.ENV_SWITCH}, or use "
+                "parallel.strategy=ddp or deepspeed-zero3"
+            )
     elif expected.distributed_type == "DEEPSPEED" and got_type != "DEEPSPEED":
         why = " (DeepSpeed was not turned on: ACCELERATE_USE_CPU or a launch without its config turns it off)"
     elif got_world != expected.world_size:
@@ -114,16 +130,26 @@ def sharding_in_effect(model: Any, wrapped: Any) -> dict[str, Any]:
     trainable = [p for p in params if p.requires_grad]
     if type(wrapped).__name__ == "DeepSpeedEngine":
         stage = int(wrapped.zero_optimization_stage())
-        return {"kind": f"deepspeed-zero{stage}", "zero_stage": stage, "params": len(params),
-                "partitioned_params": sum(hasattr(p, "ds_id") for p in params),
-                "offload_optimizer": bool(wrapped.zero_cpu_offload())}
+        return {
+            "kind": f"deepspeed-zero{stage}",
+            "zero_stage": stage,
+            "params": len(params),
+            "partitioned_params": sum(hasattr(p, "ds_id") for p in params),
+            "offload_optimizer": bool(wrapped.zero_cpu_offload()),
+        }
     dtensors = [p for p in params if isinstance(p, DTensor)]
     if dtensors:
         mesh = dtensors[0].device_mesh
-        return {"kind": "fsdp2", "params": len(params), "dtensor_params": len(dtensors),
-                "trainable_dtensor_params": sum(isinstance(p, DTensor) for p in trainable),
-                "trainable_params": len(trainable), "mesh_size": mesh.size(), "mesh_device": mesh.device_type,
-                "placements": sorted({str(pl) for p in dtensors for pl in p.placements})}
+        return {
+            "kind": "fsdp2",
+            "params": len(params),
+            "dtensor_params": len(dtensors),
+            "trainable_dtensor_params": sum(isinstance(p, DTensor) for p in trainable),
+            "trainable_params": len(trainable),
+            "mesh_size": mesh.size(),
+            "mesh_device": mesh.device_type,
+            "placements": sorted({str(pl) for p in dtensors for pl in p.placements}),
+        }
     if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
         return {"kind": "ddp", "params": len(params)}
     return {"kind": "none", "params": len(params), "wrapper": type(wrapped).__name__}
@@ -135,9 +161,14 @@ def check_sharding(strategy: str, sharding: dict[str, Any], world_size: int) -> 
     if strategy in FSDP_STRATEGIES:
         if kind != "fsdp2":
             problem = f"the model is wrapped as {kind}, with no DTensor parameter"
-        elif sharding["trainable_dtensor_params"] != sharding["trainable_params"] or sharding["mesh_size"] != world_size:
-            problem = (f"{sharding['trainable_dtensor_params']} of {sharding['trainable_params']} trainable parameters "
-                       f"are sharded, on a mesh of {sharding['mesh_size']} (world size {world_size})")
+        elif (
+            sharding["trainable_dtensor_params"] != sharding["trainable_params"]
+            or sharding["mesh_size"] != world_size
+        ):
+            problem = (
+                f"{sharding['trainable_dtensor_params']} of {sharding['trainable_params']} trainable parameters "
+                f"are sharded, on a mesh of {sharding['mesh_size']} (world size {world_size})"
+            )
     elif strategy in ZERO_STAGE:
         stage = ZERO_STAGE[strategy]
         if kind != f"deepspeed-zero{stage}":
@@ -154,7 +185,12 @@ class ShardingCheck(TrainerCallback):
     """At the start of training (the model is wrapped by then): check the sharding, record it in plan.json."""
 
     def __init__(self, trainer: Any, strategy: str, world_size: int, plan_path: Path | None) -> None:
-        self.trainer, self.strategy, self.world_size, self.plan_path = trainer, strategy, world_size, plan_path
+        self.trainer, self.strategy, self.world_size, self.plan_path = (
+            trainer,
+            strategy,
+            world_size,
+            plan_path,
+        )
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         t = self.trainer

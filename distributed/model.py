@@ -11,7 +11,12 @@ import torch
 from tunefleet.launch.errors import RecipeError, TunefleetError
 from tunefleet.launch.recipe import ModelConfig, Recipe
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
+_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "uint8": torch.uint8,
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -167,7 +172,9 @@ def apply_peft(model: Any, recipe: Recipe) -> Any:
         return get_peft_model(model, LoraConfig(**lora_config_kwargs(recipe.peft)))
     except ValueError as exc:
         # e.g. target modules not found in the model
-        raise RecipeError(f"peft: {exc}", "check peft.target_modules against the model's module names") from None
+        raise RecipeError(
+            f"peft: {exc}", "check peft.target_modules against the model's module names"
+        ) from None
 
 
 def save_adapter(model: Any, tokenizer: Any, out_dir: Path, state_dict: dict[str, Any] | None = None) -> None:

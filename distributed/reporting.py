@@ -24,7 +24,9 @@ class MetricsCallback(TrainerCallback):
         self.path = path
         self.start = time.monotonic()
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         if not state.is_world_process_zero or not logs:
             return
         row: dict[str, Any] = {"step": state.global_step}
@@ -77,14 +79,18 @@ class ProgressCallback(TrainerCallback):
             TextColumn("{task.fields[loss]}"),
         )
         self.progress.start()
-        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, loss="")
+        self.task = self.progress.add_task(
+            "train", total=state.max_steps, completed=state.global_step, loss=""
+        )
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.progress is not None:
             loss = "" if self.last_loss is None else f"loss {self.last_loss:.4f}"
             self.progress.update(self.task, completed=state.global_step, loss=loss)
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         if logs and "loss" in logs:
             self.last_loss = float(logs["loss"])
 

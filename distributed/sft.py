@@ -1,8 +1,8 @@
 """The shared SFT entrypoint: one module trains every recipe.
 
-    python -m tunefleet.distributed.sft --recipe FILE [--set key=value ...]
-    accelerate launch ... -m tunefleet.distributed.sft --recipe FILE
-    torchrun --nproc_per_node N -m tunefleet.distributed.sft --recipe FILE
+python -m tunefleet.distributed.sft --recipe FILE [--set key=value ...]
+accelerate launch ... -m tunefleet.distributed.sft --recipe FILE
+torchrun --nproc_per_node N -m tunefleet.distributed.sft --recipe FILE
 """
 
 from __future__ import annotations
@@ -30,8 +30,11 @@ FINAL_DIR = "final"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tunefleet.distributed.sft", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m tunefleet.distributed.sft",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_run_arguments(p)
     p.add_argument("--recipe", required=True, help="recipe YAML file")
     return p
@@ -54,8 +57,9 @@ def inspect_output_dir(path: Path) -> RunDirState:
     if not path.exists():
         return RunDirState(False, False, None, False)
     if not path.is_dir():
-        raise TunefleetError(f"output_dir {str(path)!r} exists and is not a directory",
-                             "choose another output_dir")
+        raise TunefleetError(
+            f"output_dir {str(path)!r} exists and is not a directory", "choose another output_dir"
+        )
     from tunefleet.distributed import checkpoint as ckpt
 
     # LAUNCH_DIR: the configs `tunefleet launch` writes before the ranks start
@@ -84,8 +88,10 @@ def decide_start(
                 "to continue from the newest complete one",
             )
         if state.finished:
-            raise TunefleetError(f"output_dir {str(path)!r} already holds a finished run ({FINAL_DIR}/ exists)",
-                                 "choose a new output_dir to continue from that checkpoint")
+            raise TunefleetError(
+                f"output_dir {str(path)!r} already holds a finished run ({FINAL_DIR}/ exists)",
+                "choose a new output_dir to continue from that checkpoint",
+            )
         return "resume", str(resume)
     if overwrite:
         return ("overwrite" if state.exists and any(path.iterdir()) else "fresh"), None
@@ -171,8 +177,9 @@ def in_effect(trainer: Any, precision: Any) -> dict[str, Any]:
     }
 
 
-def run_plan(recipe: Recipe, *, model_path: str, world_size: int, train_examples: int,
-             eval_rows: int) -> dict[str, Any]:
+def run_plan(
+    recipe: Recipe, *, model_path: str, world_size: int, train_examples: int, eval_rows: int
+) -> dict[str, Any]:
     """The plan this run actually runs with (runtime world size, real example count).
 
     Built before the training arguments exist: once they do, a DeepSpeed ZeRO-3 config is active
@@ -192,8 +199,9 @@ def run_plan(recipe: Recipe, *, model_path: str, world_size: int, train_examples
     )
 
 
-def write_plan(path: Path, plan: dict[str, Any], *, train_examples: int, steps_per_epoch: int,
-               in_effect: dict[str, Any]) -> None:
+def write_plan(
+    path: Path, plan: dict[str, Any], *, train_examples: int, steps_per_epoch: int, in_effect: dict[str, Any]
+) -> None:
     """plan.json: the run's plan and what is in effect."""
     import json
 
@@ -236,8 +244,9 @@ def training_arguments(recipe: Recipe, *, grad_accum_steps: int, precision: Any,
         use_cpu=precision.use_cpu,
         # `fsdp`: accelerate checkpoints each FSDP unit itself, the trainer's switch stays off
         activation_checkpointing=checkpointing.where == "trainer",
-        activation_checkpointing_kwargs=({"use_reentrant": checkpointing.use_reentrant}
-                                         if checkpointing.where == "trainer" else None),
+        activation_checkpointing_kwargs=(
+            {"use_reentrant": checkpointing.use_reentrant} if checkpointing.where == "trainer" else None
+        ),
         logging_steps=t.logging_steps,
         save_strategy="steps" if save else "no",
         save_steps=t.save_steps if save else 500,
@@ -258,7 +267,9 @@ def training_arguments(recipe: Recipe, *, grad_accum_steps: int, precision: Any,
     )
 
 
-def run(recipe: Recipe, *, overwrite: bool = False, no_resume: bool = False, resume: str | None = None) -> int:
+def run(
+    recipe: Recipe, *, overwrite: bool = False, no_resume: bool = False, resume: str | None = None
+) -> int:
     """Train one recipe in this process (one rank of a launched job, or alone)."""
     rank, world_size = _rank_env()
     main_process = rank == 0
@@ -295,7 +306,9 @@ def run(recipe: Recipe, *, overwrite: bool = False, no_resume: bool = False, res
     from tunefleet.distributed.trainer import StopFlag, TunefleetTrainer
 
     # the recipe as this run carries it out on this hardware (compat matrix, as the launcher did)
-    recipe, hw, compat_notes = guard.resolve_for_runtime(recipe, world_size, use_cpu=not torch.cuda.is_available())
+    recipe, hw, compat_notes = guard.resolve_for_runtime(
+        recipe, world_size, use_cpu=not torch.cuda.is_available()
+    )
     expected = guard.expectation(recipe, hw)
     resume_notes = check_resume(checkpoint, recipe) if checkpoint else []
     if checkpoint:
@@ -334,12 +347,25 @@ def run(recipe: Recipe, *, overwrite: bool = False, no_resume: bool = False, res
     )
 
     tracking.check_installed(list(recipe.train.report_to))
-    plan = run_plan(recipe, model_path=model_path, world_size=world_size, train_examples=len(train_examples),
-                    eval_rows=prepared.eval_row_count if d.eval_ratio else 0) if main_process else {}
+    plan = (
+        run_plan(
+            recipe,
+            model_path=model_path,
+            world_size=world_size,
+            train_examples=len(train_examples),
+            eval_rows=prepared.eval_row_count if d.eval_ratio else 0,
+        )
+        if main_process
+        else {}
+    )
     if cpu_fsdp.wanted(recipe.parallel.strategy, cuda_available=torch.cuda.is_available()):
         cpu_fsdp.enable()  # FSDP2 on CPU/gloo; accelerate alone would silently run DDP (see cpu_fsdp.py)
-    args = training_arguments(recipe, grad_accum_steps=batch_plan.grad_accum_steps, precision=precision,
-                              has_eval=bool(eval_examples))
+    args = training_arguments(
+        recipe,
+        grad_accum_steps=batch_plan.grad_accum_steps,
+        precision=precision,
+        has_eval=bool(eval_examples),
+    )
     # the process group exists now (the trainer arguments initialise it): prepare the directory
     from accelerate import PartialState
 
@@ -363,12 +389,18 @@ def run(recipe: Recipe, *, overwrite: bool = False, no_resume: bool = False, res
         )
         removed = ckpt.cleanup_incomplete(out)
         if removed:
-            print(f"removed {len(removed)} incomplete checkpoint(s): {', '.join(p.name for p in removed)}", flush=True)
+            print(
+                f"removed {len(removed)} incomplete checkpoint(s): {', '.join(p.name for p in removed)}",
+                flush=True,
+            )
         if mode == "resume":
             truncate_metrics(out / METRICS_FILE, checkpoint)
             m = ckpt.read_manifest(Path(checkpoint))  # type: ignore[arg-type]
-            print(f"resuming from {checkpoint}: step {m['step']}, {m['samples_seen']:,} samples seen "
-                  f"(written by {m['world_size']} process(es), now {world_size})", flush=True)
+            print(
+                f"resuming from {checkpoint}: step {m['step']}, {m['samples_seen']:,} samples seen "
+                f"(written by {m['world_size']} process(es), now {world_size})",
+                flush=True,
+            )
             for note in resume_notes:
                 print(f"  changed since that checkpoint (harmless): {note}", flush=True)
     dist_state.wait_for_everyone()
@@ -416,43 +448,80 @@ def run(recipe: Recipe, *, overwrite: bool = False, no_resume: bool = False, res
                 param.data = param.data.float()
     # no silent fallback: the distributed type and world size now, the sharding once the model is wrapped
     guard.check_distributed(trainer.accelerator.state, expected, recipe.parallel.strategy)
-    trainer.add_callback(guard.ShardingCheck(trainer, recipe.parallel.strategy, world_size,
-                                             out / PLAN_FILE if main_process else None))
+    trainer.add_callback(
+        guard.ShardingCheck(
+            trainer, recipe.parallel.strategy, world_size, out / PLAN_FILE if main_process else None
+        )
+    )
     if main_process:
-        method = {"lora": "LoRA", "dora": "DoRA"}[recipe.peft.method] + (" + rsLoRA" if recipe.peft.use_rslora else "")
+        method = {"lora": "LoRA", "dora": "DoRA"}[recipe.peft.method] + (
+            " + rsLoRA" if recipe.peft.use_rslora else ""
+        )
         if recipe.model.quantization != "none":
             method = f"Q{method} ({recipe.model.quantization})"
         dropped = len(train_examples) - steps_per_epoch * batch_plan.global_batch_size
-        print_table("tunefleet run", [
-            ("model", f"{recipe.model.name_or_path} ({precision.dtype}, {precision.mode}, "
-                      f"{'CPU' if precision.use_cpu else 'GPU'})"),
-            ("method", f"{method} r={recipe.peft.r} alpha={recipe.peft.alpha:g} targets={recipe.peft.target_modules}"),
-            ("parameters", f"{trainable:,} trainable of {total:,} ({100 * trainable / total:.3f}%)"),
-            ("data", f"{d.path} [{d.format}]: {train_stats['rows']} rows -> {len(train_examples)} examples"
-                     + (f", {len(eval_examples)} eval" if eval_examples else "")),
-            ("batch", f"micro {batch_plan.micro_batch_size} x accum {batch_plan.grad_accum_steps} x world "
-                      f"{world_size} = global {batch_plan.global_batch_size} samples/step"),
-            ("schedule", f"{steps_per_epoch} steps/epoch ({dropped} samples of the last incomplete global "
-                         f"batch dropped per epoch), max_steps={recipe.train.max_steps}, "
-                         f"epochs={recipe.train.epochs}"),
-            ("distributed", f"{expected.distributed_type} x {world_size} ({expected.source}; sharding checked "
-                            "when training starts, recorded in plan.json)"),
-            *[("compat", note) for note in compat_notes],
-            ("output", str(out)),
-        ])
+        print_table(
+            "tunefleet run",
+            [
+                (
+                    "model",
+                    f"{recipe.model.name_or_path} ({precision.dtype}, {precision.mode}, "
+                    f"{'CPU' if precision.use_cpu else 'GPU'})",
+                ),
+                (
+                    "method",
+                    f"{method} r={recipe.peft.r} alpha={recipe.peft.alpha:g} targets={recipe.peft.target_modules}",
+                ),
+                ("parameters", f"{trainable:,} trainable of {total:,} ({100 * trainable / total:.3f}%)"),
+                (
+                    "data",
+                    f"{d.path} [{d.format}]: {train_stats['rows']} rows -> {len(train_examples)} examples"
+                    + (f", {len(eval_examples)} eval" if eval_examples else ""),
+                ),
+                (
+                    "batch",
+                    f"micro {batch_plan.micro_batch_size} x accum {batch_plan.grad_accum_steps} x world "
+                    f"{world_size} = global {batch_plan.global_batch_size} samples/step",
+                ),
+                (
+                    "schedule",
+                    f"{steps_per_epoch} steps/epoch ({dropped} samples of the last incomplete global "
+                    f"batch dropped per epoch), max_steps={recipe.train.max_steps}, "
+                    f"epochs={recipe.train.epochs}",
+                ),
+                (
+                    "distributed",
+                    f"{expected.distributed_type} x {world_size} ({expected.source}; sharding checked "
+                    "when training starts, recorded in plan.json)",
+                ),
+                *[("compat", note) for note in compat_notes],
+                ("output", str(out)),
+            ],
+        )
     if main_process:
-        write_plan(out / PLAN_FILE, plan, train_examples=len(train_examples), steps_per_epoch=steps_per_epoch,
-                   in_effect={**in_effect(trainer, precision), "strategy": recipe.parallel.strategy,
-                              "cpu_fsdp_layer": cpu_fsdp.is_enabled() and trainer.is_fsdp_enabled,
-                              "compat_notes": compat_notes})
+        write_plan(
+            out / PLAN_FILE,
+            plan,
+            train_examples=len(train_examples),
+            steps_per_epoch=steps_per_epoch,
+            in_effect={
+                **in_effect(trainer, precision),
+                "strategy": recipe.parallel.strategy,
+                "cpu_fsdp_layer": cpu_fsdp.is_enabled() and trainer.is_fsdp_enabled,
+                "compat_notes": compat_notes,
+            },
+        )
     stop.install()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     if trainer.tf_stopped:
         if main_process:
             newest = ckpt.latest(out)
-            print(f"stopped by {signal.Signals(stop.signal or signal.SIGTERM).name} after step "
-                  f"{trainer.state.global_step}: checkpoint {newest} is complete; exit {REQUEUE_EXIT_CODE} "
-                  "asks the scheduler to requeue (rerun the same command to continue)", flush=True)
+            print(
+                f"stopped by {signal.Signals(stop.signal or signal.SIGTERM).name} after step "
+                f"{trainer.state.global_step}: checkpoint {newest} is complete; exit {REQUEUE_EXIT_CODE} "
+                "asks the scheduler to requeue (rerun the same command to continue)",
+                flush=True,
+            )
         dist_state.wait_for_everyone()
         return REQUEUE_EXIT_CODE
 
@@ -462,22 +531,26 @@ def run(recipe: Recipe, *, overwrite: bool = False, no_resume: bool = False, res
     save_final_adapter(trainer, tokenizer, final)  # every rank: FSDP / ZeRO-3 gather the adapter first
     if main_process:
         plot_loss(out / METRICS_FILE, out / LOSS_PLOT)
-        samples = write_samples(trainer.model, tokenizer, recipe, eval_rows=eval_rows, train_rows=rows,
-                                path=out / SAMPLES_FILE)
+        samples = write_samples(
+            trainer.model, tokenizer, recipe, eval_rows=eval_rows, train_rows=rows, path=out / SAMPLES_FILE
+        )
         eval_loss = final_eval_loss(trainer.state.log_history)
         elapsed = time.monotonic() - started
         train_s = result.metrics.get("train_runtime", elapsed)
         tokens = trainer.state.num_input_tokens_seen
-        print_table("tunefleet done", [
-            ("steps", f"{trainer.state.global_step}"),
-            ("final loss", f"{result.training_loss:.4f} (mean over the run)"),
-            ("time", f"{elapsed:.1f} s total, {train_s:.1f} s training"),
-            ("throughput", f"{tokens / max(train_s, 1e-9):,.0f} tokens/s ({tokens:,} tokens)"),
-            *([("eval loss", f"{eval_loss:.4f} (last evaluation)")] if eval_loss is not None else []),
-            ("adapter", str(final)),
-            ("metrics", f"{out / METRICS_FILE}, {out / LOSS_PLOT}"),
-            ("samples", samples),
-        ])
+        print_table(
+            "tunefleet done",
+            [
+                ("steps", f"{trainer.state.global_step}"),
+                ("final loss", f"{result.training_loss:.4f} (mean over the run)"),
+                ("time", f"{elapsed:.1f} s total, {train_s:.1f} s training"),
+                ("throughput", f"{tokens / max(train_s, 1e-9):,.0f} tokens/s ({tokens:,} tokens)"),
+                *([("eval loss", f"{eval_loss:.4f} (last evaluation)")] if eval_loss is not None else []),
+                ("adapter", str(final)),
+                ("metrics", f"{out / METRICS_FILE}, {out / LOSS_PLOT}"),
+                ("samples", samples),
+            ],
+        )
     dist_state.wait_for_everyone()
     return 0
 

@@ -73,7 +73,9 @@ class StopFlag:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signal is None:
             self.signal = signum
-            print(f"received {signal.Signals(signum).name}: checkpointing at the end of this step", flush=True)
+            print(
+                f"received {signal.Signals(signum).name}: checkpointing at the end of this step", flush=True
+            )
 
     @property
     def raised(self) -> bool:
@@ -130,8 +132,11 @@ class TunefleetTrainer(SFTTrainer):
         self.tf_loss_norm = debug_loss_norm()
         super().__init__(*args, **kwargs)
         if self.tf_loss_norm != "global" and self.args.process_index == 0:
-            print(f"WARNING: {DEBUG_LOSS_NORM_ENV}={self.tf_loss_norm}: the loss is normalised per micro batch "
-                  "(a debug switch for tests; results depend on the micro batch / world size split)", flush=True)
+            print(
+                f"WARNING: {DEBUG_LOSS_NORM_ENV}={self.tf_loss_norm}: the loss is normalised per micro batch "
+                "(a debug switch for tests; results depend on the micro batch / world size split)",
+                flush=True,
+            )
         self.tf_steps_per_epoch = len(self.train_dataset) // global_batch_size  # type: ignore[arg-type]
         self.add_callback(StepBoundary(self))
 
@@ -154,8 +159,14 @@ class TunefleetTrainer(SFTTrainer):
             pin_memory=self.args.dataloader_pin_memory and not self.args.use_cpu,
         )
 
-    def _init_training_state(self, max_steps: int, num_update_steps_per_epoch: int, num_train_epochs: int,
-                             resume_from_checkpoint: Any, trial: Any) -> tuple[int, int]:
+    def _init_training_state(
+        self,
+        max_steps: int,
+        num_update_steps_per_epoch: int,
+        num_train_epochs: int,
+        resume_from_checkpoint: Any,
+        trial: Any,
+    ) -> tuple[int, int]:
         epochs_trained, _ = super()._init_training_state(
             max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
         )
@@ -163,14 +174,21 @@ class TunefleetTrainer(SFTTrainer):
         self.state.compute_steps(self.args, max_steps)
         if resume_from_checkpoint is not None and self.tf_sampler is not None:
             # seek to the exact sample position; 0 batches for the trainer to skip (no replay)
-            self.tf_sampler.seek(epoch=epochs_trained,
-                                 step_in_epoch=self.state.global_step % self.tf_steps_per_epoch)
+            self.tf_sampler.seek(
+                epoch=epochs_trained, step_in_epoch=self.state.global_step % self.tf_steps_per_epoch
+            )
         return epochs_trained, 0
 
-    def _prepare_for_training(self, max_steps: int, train_dataloader: Any, resume_from_checkpoint: Any) -> Any:
+    def _prepare_for_training(
+        self, max_steps: int, train_dataloader: Any, resume_from_checkpoint: Any
+    ) -> Any:
         """A ZeRO checkpoint from another world size: `ds_reshard.load` instead of DeepSpeed's loader."""
-        if not (resume_from_checkpoint is not None and self.is_deepspeed_enabled
-                and int(ckpt.read_manifest(Path(resume_from_checkpoint)).get("world_size", 1)) != self.args.world_size):
+        if not (
+            resume_from_checkpoint is not None
+            and self.is_deepspeed_enabled
+            and int(ckpt.read_manifest(Path(resume_from_checkpoint)).get("world_size", 1))
+            != self.args.world_size
+        ):
             return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
         import transformers.trainer as hf_trainer
 
@@ -204,7 +222,9 @@ class TunefleetTrainer(SFTTrainer):
         self._save_scaler(str(tmp))
         self._save_rng_state(str(tmp))
         if self.args.should_save:
-            for cb in [c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)]:
+            for cb in [
+                c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)
+            ]:
                 self.state.stateful_callbacks[cb.__class__.__name__] = cb.state()  # type: ignore[index,call-overload]
             self.state.save_to_json(str(tmp / TRAINER_STATE_NAME))
         if tmp.exists():
@@ -215,15 +235,19 @@ class TunefleetTrainer(SFTTrainer):
 
         if self.args.should_save:
             save_s = time.monotonic() - started
-            ckpt.finalize(tmp, final, {
-                **self.tf_manifest,
-                "step": step,
-                "epoch": step / self.tf_steps_per_epoch,
-                "samples_seen": step * self.tf_global_batch_size,
-                "tokens_seen": self.state.num_input_tokens_seen,
-                "save_s": round(save_s, 3),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            })
+            ckpt.finalize(
+                tmp,
+                final,
+                {
+                    **self.tf_manifest,
+                    "step": step,
+                    "epoch": step / self.tf_steps_per_epoch,
+                    "samples_seen": step * self.tf_global_batch_size,
+                    "tokens_seen": self.state.num_input_tokens_seen,
+                    "save_s": round(save_s, 3),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                },
+            )
             ckpt.apply_retention(run_dir, self.tf_keep_last)
             self.tf_save_times_s.append(save_s)
             print(f"checkpoint {final.name} complete ({save_s:.2f} s)", flush=True)

@@ -151,7 +151,9 @@ def _division_choices(
     """The valid alternatives to a global batch that micro batch x world size does not divide."""
     unit = micro_batch_size * world_size
     micros = _divisors(global_batch_size // world_size) if global_batch_size % world_size == 0 else []
-    worlds = _divisors(global_batch_size // micro_batch_size) if global_batch_size % micro_batch_size == 0 else []
+    worlds = (
+        _divisors(global_batch_size // micro_batch_size) if global_batch_size % micro_batch_size == 0 else []
+    )
     choices = [
         f"nearest valid global batches: {_listed(_nearest_multiples(global_batch_size, unit))}",
         f"micro batch sizes that divide it on world size {world_size}: {_listed(micros)}",
@@ -374,4 +376,8 @@ def lr_points(schedule: Schedule, *, lr: float, scheduler_name: str) -> list[tup
     """(step, LR) at the key steps: start, end of warm-up, quarter points and the last step."""
     n, w = schedule.total_steps, schedule.warmup_steps
     steps = {0, w, n // 4, n // 2, 3 * n // 4, n - 1}
-    return [(s, lr_at(s, schedule=schedule, lr=lr, scheduler_name=scheduler_name)) for s in sorted(steps) if 0 <= s < n]
+    return [
+        (s, lr_at(s, schedule=schedule, lr=lr, scheduler_name=scheduler_name))
+        for s in sorted(steps)
+        if 0 <= s < n
+    ]

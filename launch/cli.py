@@ -18,19 +18,33 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def add_overrides(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe value, e.g. --set train.max_steps=100 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. --set train.max_steps=100 (repeatable)",
+    )
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments shared by `tunefleet train` and `python -m tunefleet.distributed.sft`."""
     add_overrides(p)
-    p.add_argument("--overwrite", action="store_true",
-                   help="start over in an output_dir that holds a run (the old one is moved aside, not deleted)")
-    p.add_argument("--no-resume", action="store_true",
-                   help="refuse to continue an unfinished run found in output_dir")
-    p.add_argument("--resume", metavar="CHECKPOINT", default=None,
-                   help="continue from this complete checkpoint (default: the newest one in output_dir)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an output_dir that holds a run (the old one is moved aside, not deleted)",
+    )
+    p.add_argument(
+        "--no-resume", action="store_true", help="refuse to continue an unfinished run found in output_dir"
+    )
+    p.add_argument(
+        "--resume",
+        metavar="CHECKPOINT",
+        default=None,
+        help="continue from this complete checkpoint (default: the newest one in output_dir)",
+    )
 
 
 def _launch(args: argparse.Namespace) -> int:
@@ -41,13 +55,25 @@ def _launch(args: argparse.Namespace) -> int:
         import torch  # only to count the GPUs
 
         visible_gpus = torch.cuda.device_count()
-    hw = ws.hardware(nproc=args.nproc, gpus=args.gpus, visible_gpus=visible_gpus,
-                     main_port=args.main_port or ws.free_port())
+    hw = ws.hardware(
+        nproc=args.nproc,
+        gpus=args.gpus,
+        visible_gpus=visible_gpus,
+        main_port=args.main_port or ws.free_port(),
+    )
     if args.gpus is not None and not args.dry_run and visible_gpus < args.gpus:
-        raise TunefleetError(f"--gpus {args.gpus}: {visible_gpus} GPU(s) visible here",
-                             "use --nproc N for CPU processes, or --dry-run to only render the files")
-    plan = ws.prepare_launch(args.recipe, args.overrides, hw, overwrite=args.overwrite, no_resume=args.no_resume,
-                             resume=args.resume)
+        raise TunefleetError(
+            f"--gpus {args.gpus}: {visible_gpus} GPU(s) visible here",
+            "use --nproc N for CPU processes, or --dry-run to only render the files",
+        )
+    plan = ws.prepare_launch(
+        args.recipe,
+        args.overrides,
+        hw,
+        overwrite=args.overwrite,
+        no_resume=args.no_resume,
+        resume=args.resume,
+    )
     if not args.dry_run:
         ws.write_launch_files(plan)
     print(ws.summary(plan, dry_run=args.dry_run), flush=True)
@@ -63,8 +89,14 @@ def _plan(args: argparse.Namespace) -> int:
 
     from tunefleet.launch.plan import make_plan, render_plan
 
-    plan = make_plan(args.recipe, args.overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                     model_config_path=args.model_config, gpu_memory_gib=args.gpu_memory_gib)
+    plan = make_plan(
+        args.recipe,
+        args.overrides,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        model_config_path=args.model_config,
+        gpu_memory_gib=args.gpu_memory_gib,
+    )
     print(json.dumps(plan, indent=2) if args.json else render_plan(plan))
     return 0
 
@@ -72,15 +104,20 @@ def _plan(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from tunefleet.distributed.merge import merge
 
-    result = merge(args.run, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                   check=not args.no_check)
+    result = merge(
+        args.run, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size, check=not args.no_check
+    )
     for note in result.notes:
         print(f"note: {note}")
     if result.max_logit_diff is not None:
-        print(f"check: merged vs base+adapter on a probe prompt, max |logit difference| = "
-              f"{result.max_logit_diff:.3g} ({result.dtype})")
-    print(f"merged {result.adapter_dir} into its base: {result.out_dir} ({result.dtype}); load it with "
-          f"AutoModelForCausalLM.from_pretrained({str(result.out_dir)!r})")
+        print(
+            f"check: merged vs base+adapter on a probe prompt, max |logit difference| = "
+            f"{result.max_logit_diff:.3g} ({result.dtype})"
+        )
+    print(
+        f"merged {result.adapter_dir} into its base: {result.out_dir} ({result.dtype}); load it with "
+        f"AutoModelForCausalLM.from_pretrained({str(result.out_dir)!r})"
+    )
     return 0
 
 
@@ -93,11 +130,18 @@ def _generate(args: argparse.Namespace) -> int:
     if not items:
         raise TunefleetError("no prompts given", "pass --prompt TEXT (repeatable) or --prompts-file FILE")
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.temperature < 0:
-        raise TunefleetError("--batch-size and --max-new-tokens must be >= 1, --temperature >= 0",
-                             "e.g. --batch-size 8 --max-new-tokens 256 --temperature 0")
-    adapter, results = gen.generate_for_run(args.run, items, compare_base=args.compare_base,
-                                            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                            batch_size=args.batch_size)
+        raise TunefleetError(
+            "--batch-size and --max-new-tokens must be >= 1, --temperature >= 0",
+            "e.g. --batch-size 8 --max-new-tokens 256 --temperature 0",
+        )
+    adapter, results = gen.generate_for_run(
+        args.run,
+        items,
+        compare_base=args.compare_base,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        batch_size=args.batch_size,
+    )
     gen.print_results(adapter, results, as_jsonl=args.jsonl)
     return 0
 
@@ -109,65 +153,114 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("train", help="train a recipe in this process (one CPU or GPU)",
-                       description="Train a recipe in this process. Multi-GPU: see `tunefleet launch`.")
+    p = sub.add_parser(
+        "train",
+        help="train a recipe in this process (one CPU or GPU)",
+        description="Train a recipe in this process. Multi-GPU: see `tunefleet launch`.",
+    )
     p.add_argument("recipe", help="recipe YAML file (e.g. recipes/demo.yaml)")
     add_run_arguments(p)
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("launch", help="train a recipe on N CPU processes or GPUs of this machine (accelerate launch)",
-                       description="Resolve the recipe for the hardware (compatibility matrix), write the accelerate "
-                                   "and DeepSpeed configs, the resolved recipe and the exact command into "
-                                   "<output_dir>/launch/, print them, then run `accelerate launch`. Exits with the "
-                                   "run's code (75: checkpointed, requeue; 2: refused).")
+    p = sub.add_parser(
+        "launch",
+        help="train a recipe on N CPU processes or GPUs of this machine (accelerate launch)",
+        description="Resolve the recipe for the hardware (compatibility matrix), write the accelerate "
+        "and DeepSpeed configs, the resolved recipe and the exact command into "
+        "<output_dir>/launch/, print them, then run `accelerate launch`. Exits with the "
+        "run's code (75: checkpointed, requeue; 2: refused).",
+    )
     p.add_argument("recipe", help="recipe YAML file")
     add_run_arguments(p)
     procs = p.add_mutually_exclusive_group()
     procs.add_argument("--nproc", type=int, default=None, metavar="N", help="N CPU processes (gloo)")
-    procs.add_argument("--gpus", type=int, default=None, metavar="N",
-                       help="N GPU processes (default: every visible GPU; 1 CPU process without GPUs)")
-    p.add_argument("--main-port", type=int, default=None, metavar="PORT",
-                   help="rendezvous port (default: a free port)")
-    p.add_argument("--dry-run", action="store_true", help="print the configs and the command; write and run nothing")
+    procs.add_argument(
+        "--gpus",
+        type=int,
+        default=None,
+        metavar="N",
+        help="N GPU processes (default: every visible GPU; 1 CPU process without GPUs)",
+    )
+    p.add_argument(
+        "--main-port", type=int, default=None, metavar="PORT", help="rendezvous port (default: a free port)"
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the configs and the command; write and run nothing"
+    )
     p.set_defaults(func=_launch)
 
-    p = sub.add_parser("plan", help="explain the batch math, schedule, parameters and memory of a recipe",
-                       description="Print world size, accumulation, steps, warm-up, LR points, trainable/total "
-                                   "parameters (model built on the meta device: nothing downloaded), a memory "
-                                   "estimate per GPU and the launch command. Loads no weights.")
+    p = sub.add_parser(
+        "plan",
+        help="explain the batch math, schedule, parameters and memory of a recipe",
+        description="Print world size, accumulation, steps, warm-up, LR points, trainable/total "
+        "parameters (model built on the meta device: nothing downloaded), a memory "
+        "estimate per GPU and the launch command. Loads no weights.",
+    )
     p.add_argument("recipe", help="recipe YAML file")
     add_overrides(p)
     p.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
     p.add_argument("--gpus-per-node", type=int, default=1, help="processes (GPUs) per node (default 1)")
-    p.add_argument("--model-config", default=None, metavar="CONFIG_JSON",
-                   help="the model's config.json, when the model is not available locally")
+    p.add_argument(
+        "--model-config",
+        default=None,
+        metavar="CONFIG_JSON",
+        help="the model's config.json, when the model is not available locally",
+    )
     p.add_argument("--gpu-memory-gib", type=float, default=None, help="warn when the estimate exceeds this")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_plan)
 
-    p = sub.add_parser("merge", help="merge a run's adapter into its base model and save one model",
-                       description="Merge the LoRA/DoRA adapter of a run (its final/ adapter, else its newest "
-                                   "complete checkpoint), a final/ directory or a checkpoint-N directory into the "
-                                   "base model; save safetensors (sharded) + tokenizer. QLoRA runs merge into the "
-                                   "unquantized base at the recipe's dtype.")
-    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="run output_dir, its final/ or a checkpoint-N directory")
+    p = sub.add_parser(
+        "merge",
+        help="merge a run's adapter into its base model and save one model",
+        description="Merge the LoRA/DoRA adapter of a run (its final/ adapter, else its newest "
+        "complete checkpoint), a final/ directory or a checkpoint-N directory into the "
+        "base model; save safetensors (sharded) + tokenizer. QLoRA runs merge into the "
+        "unquantized base at the recipe's dtype.",
+    )
+    p.add_argument(
+        "run", metavar="RUN_OR_CHECKPOINT", help="run output_dir, its final/ or a checkpoint-N directory"
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="new directory for the merged model")
-    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default=None,
-                   help="dtype of the merged weights (default: model.dtype of the recipe, else its precision)")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        default=None,
+        help="dtype of the merged weights (default: model.dtype of the recipe, else its precision)",
+    )
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
-    p.add_argument("--no-check", action="store_true",
-                   help="skip comparing merged and base+adapter logits on a probe prompt")
+    p.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip comparing merged and base+adapter logits on a probe prompt",
+    )
     p.set_defaults(func=_merge)
 
-    p = sub.add_parser("generate", help="answer prompts with a run's adapter (and the base model)",
-                       description="Render prompts in the run's own format (alpaca template or chat template "
-                                   "with the generation prompt), decode greedily, stop at the end-of-turn token.")
-    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="run output_dir, its final/ or a checkpoint-N directory")
-    p.add_argument("--prompt", dest="prompts", action="append", default=[], metavar="TEXT",
-                   help="a prompt: the instruction (alpaca), the user message (chat) or the prompt (repeatable)")
-    p.add_argument("--prompts-file", metavar="FILE",
-                   help="one prompt per line, or a .jsonl/.json/.parquet file of rows in the run's data format")
-    p.add_argument("--compare-base", action="store_true", help="also answer with the base model (adapter off)")
+    p = sub.add_parser(
+        "generate",
+        help="answer prompts with a run's adapter (and the base model)",
+        description="Render prompts in the run's own format (alpaca template or chat template "
+        "with the generation prompt), decode greedily, stop at the end-of-turn token.",
+    )
+    p.add_argument(
+        "run", metavar="RUN_OR_CHECKPOINT", help="run output_dir, its final/ or a checkpoint-N directory"
+    )
+    p.add_argument(
+        "--prompt",
+        dest="prompts",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="a prompt: the instruction (alpaca), the user message (chat) or the prompt (repeatable)",
+    )
+    p.add_argument(
+        "--prompts-file",
+        metavar="FILE",
+        help="one prompt per line, or a .jsonl/.json/.parquet file of rows in the run's data format",
+    )
+    p.add_argument(
+        "--compare-base", action="store_true", help="also answer with the base model (adapter off)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")

@@ -69,10 +69,18 @@ def build_launch_command(
     try:
         accelerate_config = config_paths[ACCELERATE_FILE]
     except KeyError:
-        raise TunefleetError(f"no {ACCELERATE_FILE} among the rendered configs {sorted(config_paths)}",
-                             "render the configs with templates.render_files first") from None
-    argv = [python or sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch",
-            "--config_file", accelerate_config]
+        raise TunefleetError(
+            f"no {ACCELERATE_FILE} among the rendered configs {sorted(config_paths)}",
+            "render the configs with templates.render_files first",
+        ) from None
+    argv = [
+        python or sys.executable,
+        "-m",
+        "accelerate.commands.accelerate_cli",
+        "launch",
+        "--config_file",
+        accelerate_config,
+    ]
     if hw.use_cpu and recipe.parallel.strategy == "ddp" and hw.num_processes > 1:
         # The config says MULTI_GPU already; the flags make the one incantation that starts N
         # CPU ranks explicit. Never for DeepSpeed/FSDP: --multi_gpu would override their type.
@@ -150,8 +158,11 @@ def forward_signal(child_pid: int, signum: int) -> list[int]:
             except ProcessLookupError:
                 pass
     if not sent:
-        print(f"tunefleet: {signal.Signals(signum).name} not forwarded: no process of the run handles it (yet)",
-              file=sys.stderr, flush=True)
+        print(
+            f"tunefleet: {signal.Signals(signum).name} not forwarded: no process of the run handles it (yet)",
+            file=sys.stderr,
+            flush=True,
+        )
     return sent
 
 
@@ -159,8 +170,10 @@ def run_command(argv: Sequence[str], env: Mapping[str, str]) -> int:
     """Run the launch in its own process group, forward SIGINT/SIGTERM/SIGUSR1 to it, and return
     its exit code (128+N when it died of signal N, as a shell reports it). Main thread only."""
     proc = subprocess.Popen(list(argv), env={**os.environ, **env}, start_new_session=True)
-    previous = {sig: signal.signal(sig, lambda signum, _frame: forward_signal(proc.pid, signum))
-                for sig in FORWARDED_SIGNALS}
+    previous = {
+        sig: signal.signal(sig, lambda signum, _frame: forward_signal(proc.pid, signum))
+        for sig in FORWARDED_SIGNALS
+    }
     try:
         code = proc.wait()
     finally:

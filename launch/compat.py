@@ -59,7 +59,9 @@ def model_quant_method(recipe: Recipe, model_config: Mapping[str, Any] | None = 
     return None
 
 
-def _resolve(recipe: Recipe, hw: Hardware, model_config: Mapping[str, Any] | None) -> tuple[Recipe, list[str]]:
+def _resolve(
+    recipe: Recipe, hw: Hardware, model_config: Mapping[str, Any] | None
+) -> tuple[Recipe, list[str]]:
     notes: list[str] = []
     m, p, t, par = recipe.model, recipe.peft, recipe.train, recipe.parallel
     s = par.strategy
@@ -67,8 +69,11 @@ def _resolve(recipe: Recipe, hw: Hardware, model_config: Mapping[str, Any] | Non
 
     # --- processes
     if s == "single" and n > 1:
-        raise _fail("parallel.strategy", f"`single` runs one process, but {n} were asked for",
-                    "use parallel.strategy=ddp (or another multi-process strategy), or launch 1 process")
+        raise _fail(
+            "parallel.strategy",
+            f"`single` runs one process, but {n} were asked for",
+            "use parallel.strategy=ddp (or another multi-process strategy), or launch 1 process",
+        )
     if s == "ddp" and n == 1:
         par = dataclasses.replace(par, strategy="single")
         s = "single"
@@ -80,62 +85,100 @@ def _resolve(recipe: Recipe, hw: Hardware, model_config: Mapping[str, Any] | Non
     # its sync_module_states looks up a GPU, and it segfaulted gathering a full state dict here.
     if s in FSDP_STRATEGIES and hw.use_cpu:
         if par.fsdp_version == 1:
-            raise _fail("parallel.fsdp_version", f"{s} with FSDP1 needs GPUs (on CPU accelerate looks up a GPU for "
-                        "sync_module_states, and FSDP1 crashed gathering a full state dict here)",
-                        "use parallel.fsdp_version=2 (runs on CPU), or run on GPUs")
-        notes.append(f"parallel.strategy: {s} on CPU runs FSDP2 through tunefleet's compatibility layer "
-                     "(distributed/cpu_fsdp.py: accelerate alone would silently run DDP)")
+            raise _fail(
+                "parallel.fsdp_version",
+                f"{s} with FSDP1 needs GPUs (on CPU accelerate looks up a GPU for "
+                "sync_module_states, and FSDP1 crashed gathering a full state dict here)",
+                "use parallel.fsdp_version=2 (runs on CPU), or run on GPUs",
+            )
+        notes.append(
+            f"parallel.strategy: {s} on CPU runs FSDP2 through tunefleet's compatibility layer "
+            "(distributed/cpu_fsdp.py: accelerate alone would silently run DDP)"
+        )
 
     # --- pre-quantized checkpoints
     shipped = model_quant_method(recipe, model_config)
     if shipped == "mxfp4" and m.quantization in BNB:
-        raise _fail("model.quantization", f"{m.name_or_path!r} ships MXFP4 weights (gpt-oss); bitsandbytes "
-                    f"{m.quantization} cannot re-quantize them (transformers refuses a BitsAndBytesConfig "
-                    "for an Mxfp4 checkpoint, after the download)",
-                    "set model.quantization=mxfp4 (dequantized to model.dtype at load)")
+        raise _fail(
+            "model.quantization",
+            f"{m.name_or_path!r} ships MXFP4 weights (gpt-oss); bitsandbytes "
+            f"{m.quantization} cannot re-quantize them (transformers refuses a BitsAndBytesConfig "
+            "for an Mxfp4 checkpoint, after the download)",
+            "set model.quantization=mxfp4 (dequantized to model.dtype at load)",
+        )
     if shipped in ("gptq", "awq") and m.quantization in BNB:
-        raise _fail("model.quantization", f"{m.name_or_path!r} is already {shipped.upper()}-quantized; "
-                    f"bitsandbytes {m.quantization} cannot quantize it again",
-                    "set model.quantization=none (the checkpoint loads in its own format)")
+        raise _fail(
+            "model.quantization",
+            f"{m.name_or_path!r} is already {shipped.upper()}-quantized; "
+            f"bitsandbytes {m.quantization} cannot quantize it again",
+            "set model.quantization=none (the checkpoint loads in its own format)",
+        )
     if shipped in ("gptq", "awq") and s in FSDP_STRATEGIES:
-        raise _fail("parallel.strategy", f"{s} cannot shard a pre-quantized {shipped.upper()} model: its packed "
-                    "int32 weights are buffers, which FSDP neither shards nor flattens with float parameters",
-                    "use ddp or deepspeed-zero2, or a bf16 checkpoint with fsdp-qlora")
+        raise _fail(
+            "parallel.strategy",
+            f"{s} cannot shard a pre-quantized {shipped.upper()} model: its packed "
+            "int32 weights are buffers, which FSDP neither shards nor flattens with float parameters",
+            "use ddp or deepspeed-zero2, or a bf16 checkpoint with fsdp-qlora",
+        )
     if m.quantization == "mxfp4" and not m.mxfp4_dequantize:
-        raise _fail("model.mxfp4_dequantize", "training needs the MXFP4 weights dequantized "
-                    "(transformers' Mxfp4 quantizer is not trainable)", "set model.mxfp4_dequantize=true")
+        raise _fail(
+            "model.mxfp4_dequantize",
+            "training needs the MXFP4 weights dequantized (transformers' Mxfp4 quantizer is not trainable)",
+            "set model.mxfp4_dequantize=true",
+        )
 
     # --- bitsandbytes under FSDP
     if s == "fsdp" and m.quantization in BNB_4BIT:
-        raise _fail("parallel.strategy", f"fsdp with a {m.quantization} base needs the FSDP-QLoRA settings "
-                    "(4-bit storage dtype, auto-wrap, checkpointing)", "use parallel.strategy=fsdp-qlora")
+        raise _fail(
+            "parallel.strategy",
+            f"fsdp with a {m.quantization} base needs the FSDP-QLoRA settings "
+            "(4-bit storage dtype, auto-wrap, checkpointing)",
+            "use parallel.strategy=fsdp-qlora",
+        )
     if s == "fsdp-qlora" and m.quantization not in BNB_4BIT:
-        raise _fail("model.quantization", f"fsdp-qlora shards a bitsandbytes 4-bit base, but model.quantization="
-                    f"{m.quantization!r}", "set model.quantization=nf4, or use parallel.strategy=fsdp")
+        raise _fail(
+            "model.quantization",
+            f"fsdp-qlora shards a bitsandbytes 4-bit base, but model.quantization={m.quantization!r}",
+            "set model.quantization=nf4, or use parallel.strategy=fsdp",
+        )
     if s in FSDP_STRATEGIES and m.quantization == "int8":
-        raise _fail("model.quantization", "FSDP cannot shard bitsandbytes int8 weights (int8 tensors have no "
-                    "floating storage dtype; the PEFT docs flag 8-bit + FSDP as broken)",
-                    "use model.quantization=nf4 with parallel.strategy=fsdp-qlora, or int8 with ddp/deepspeed")
+        raise _fail(
+            "model.quantization",
+            "FSDP cannot shard bitsandbytes int8 weights (int8 tensors have no "
+            "floating storage dtype; the PEFT docs flag 8-bit + FSDP as broken)",
+            "use model.quantization=nf4 with parallel.strategy=fsdp-qlora, or int8 with ddp/deepspeed",
+        )
     if s == "fsdp-qlora" and t.optimizer == "paged_adamw_8bit":
-        raise _fail("train.optimizer", "paged_adamw_8bit fails when an FSDP-QLoRA checkpoint is saved (PEFT "
-                    "docs, FSDP caveats)", "use train.optimizer=adamw_torch (FSDP already shards its state)")
+        raise _fail(
+            "train.optimizer",
+            "paged_adamw_8bit fails when an FSDP-QLoRA checkpoint is saved (PEFT docs, FSDP caveats)",
+            "use train.optimizer=adamw_torch (FSDP already shards its state)",
+        )
 
     # --- DoRA. Measured: QDoRA (4-bit + use_dora) under ZeRO-3 fails in the first forward
     # ('Params4bit' object has no attribute 'ds_status'); DoRA under ZeRO-2/ZeRO-3 unquantized and
     # QDoRA under ZeRO-2 trained and matched DDP losses exactly.
     if p.method == "dora" and m.quantization in BNB_4BIT and s == "deepspeed-zero3":
-        raise _fail("peft.method", "DoRA on a 4-bit base crashes under ZeRO-3 (measured: 'Params4bit' object "
-                    "has no attribute 'ds_status' in the first forward)",
-                    "use peft.method=lora, or deepspeed-zero2 / fsdp-qlora for QDoRA")
+        raise _fail(
+            "peft.method",
+            "DoRA on a 4-bit base crashes under ZeRO-3 (measured: 'Params4bit' object "
+            "has no attribute 'ds_status' in the first forward)",
+            "use peft.method=lora, or deepspeed-zero2 / fsdp-qlora for QDoRA",
+        )
 
     # --- ZeRO optimizer offload swaps the optimizer (accelerate map_pytorch_optim_to_deepspeed)
     if s in DEEPSPEED_STRATEGIES and par.offload != "none" and t.optimizer not in OFFLOAD_OPTIMIZERS:
-        raise _fail("train.optimizer", f"with parallel.offload={par.offload} accelerate replaces {t.optimizer} by "
-                    "DeepSpeed's CPU Adam without saying so (Adam, not AdamW, for it)",
-                    "use train.optimizer=adamw_torch, or parallel.offload=none")
+        raise _fail(
+            "train.optimizer",
+            f"with parallel.offload={par.offload} accelerate replaces {t.optimizer} by "
+            "DeepSpeed's CPU Adam without saying so (Adam, not AdamW, for it)",
+            "use train.optimizer=adamw_torch, or parallel.offload=none",
+        )
     if s in DEEPSPEED_STRATEGIES and par.offload != "none":
-        notes.append(f"train.optimizer: {t.optimizer} runs as DeepSpeedCPUAdam (AdamW mode, same hyper-"
-                     "parameters) because ZeRO offloads the optimizer")
+        notes.append(
+            f"train.optimizer: {t.optimizer} runs as DeepSpeedCPUAdam (AdamW mode, same hyper-"
+            "parameters) because ZeRO offloads the optimizer"
+        )
 
     # --- 4-bit storage dtype = the dtype FSDP / ZeRO-3 hold parameters in = the model dtype.
     # FSDP1 flattens a layer's tensors into one (uniform dtype required); FSDP2 casts to the
@@ -149,16 +192,25 @@ def _resolve(recipe: Recipe, hw: Hardware, model_config: Mapping[str, Any] | Non
             precision = "fp32" if hw.use_cpu else "bf16"
             t = dataclasses.replace(t, precision=precision)
             hint = "" if hw.use_cpu else "; set train.precision=fp16 on GPUs without bf16"
-            notes.append(f"train.precision: auto -> {precision} ({s} stores the 4-bit weights in the "
-                         f"mixed-precision dtype, so it is fixed before launch{hint})")
+            notes.append(
+                f"train.precision: auto -> {precision} ({s} stores the 4-bit weights in the "
+                f"mixed-precision dtype, so it is fixed before launch{hint})"
+            )
         dtype = PRECISION_DTYPE[precision]
         if strict and m.dtype not in ("auto", dtype):
-            raise _fail("model.dtype", f"{s} needs the model dtype equal to the mixed-precision dtype {dtype} "
-                        f"(train.precision={precision}), got {m.dtype}", f"drop model.dtype or set it to {dtype}")
+            raise _fail(
+                "model.dtype",
+                f"{s} needs the model dtype equal to the mixed-precision dtype {dtype} "
+                f"(train.precision={precision}), got {m.dtype}",
+                f"drop model.dtype or set it to {dtype}",
+            )
         if strict and m.quant_storage_dtype not in (None, dtype):
-            raise _fail("model.quant_storage_dtype", f"{s} stores the 4-bit weights in the parameter dtype "
-                        f"{dtype}; it is set automatically and {m.quant_storage_dtype} would break sharding",
-                        "drop model.quant_storage_dtype")
+            raise _fail(
+                "model.quant_storage_dtype",
+                f"{s} stores the 4-bit weights in the parameter dtype "
+                f"{dtype}; it is set automatically and {m.quant_storage_dtype} would break sharding",
+                "drop model.quant_storage_dtype",
+            )
         changed = {}
         if m.dtype == "auto":
             changed["dtype"] = dtype
@@ -166,17 +218,25 @@ def _resolve(recipe: Recipe, hw: Hardware, model_config: Mapping[str, Any] | Non
             changed["quant_storage_dtype"] = dtype
         if changed:
             m = dataclasses.replace(m, **changed)
-            why = ("FSDP shards 4-bit weights only when they are stored in the dtype it holds parameters in"
-                   if strict else "the HF ZeRO-3 QLoRA recipe stores 4-bit weights in the parameter dtype")
-            notes.append(f"{', '.join(f'model.{k}={v}' for k, v in changed.items())}: {why} "
-                         "(bnb_4bit_quant_storage = mixed precision = model dtype)")
+            why = (
+                "FSDP shards 4-bit weights only when they are stored in the dtype it holds parameters in"
+                if strict
+                else "the HF ZeRO-3 QLoRA recipe stores 4-bit weights in the parameter dtype"
+            )
+            notes.append(
+                f"{', '.join(f'model.{k}={v}' for k, v in changed.items())}: {why} "
+                "(bnb_4bit_quant_storage = mixed precision = model dtype)"
+            )
 
     out = dataclasses.replace(recipe, model=m, train=t, parallel=par)
     return out, notes
 
 
-def resolve_with_notes(recipe: Recipe, hw: Hardware, model_config: Mapping[str, Any] | None = None,
-                       ) -> tuple[Recipe, list[str]]:
+def resolve_with_notes(
+    recipe: Recipe,
+    hw: Hardware,
+    model_config: Mapping[str, Any] | None = None,
+) -> tuple[Recipe, list[str]]:
     """The adjusted recipe and one line per adjustment; raises RecipeError for forbidden combinations."""
     return _resolve(recipe, hw, model_config)
 

@@ -102,7 +102,9 @@ class ModelShape:
                 intermediate_size=int(width or c["intermediate_size"]),
                 vocab_size=int(c["vocab_size"]),
                 experts_per_token=experts,
-                tie_word_embeddings=bool(c.get("tie_word_embeddings", config.get("tie_word_embeddings", False))),
+                tie_word_embeddings=bool(
+                    c.get("tie_word_embeddings", config.get("tie_word_embeddings", False))
+                ),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise RecipeError(
@@ -210,8 +212,13 @@ def activation_bytes_per_token_per_layer(
         elif name == "o_proj" and attn_implementation != "eager":
             pass  # its input is the attention output, which SDPA keeps already
         else:
-            group = "qkv" if name in ("q_proj", "k_proj", "v_proj") else "gate_up" if name in (
-                "gate_proj", "up_proj") else name
+            group = (
+                "qkv"
+                if name in ("q_proj", "k_proj", "v_proj")
+                else "gate_up"
+                if name in ("gate_proj", "up_proj")
+                else name
+            )
             if group not in shared_inputs:
                 shared_inputs.add(group)
                 lora += width * a
@@ -259,11 +266,15 @@ def estimate_memory(
     base parameters `quantization` stores in low precision (0 for none, or for dequantized MXFP4).
     """
     if offload_params and strategy not in ("fsdp", "fsdp-qlora", "deepspeed-zero3"):
-        raise RecipeError(f"parameter offload needs FSDP or ZeRO-3, not parallel.strategy={strategy}",
-                          "use parallel.strategy=deepspeed-zero3 or fsdp, or turn parameter offload off")
+        raise RecipeError(
+            f"parameter offload needs FSDP or ZeRO-3, not parallel.strategy={strategy}",
+            "use parallel.strategy=deepspeed-zero3 or fsdp, or turn parameter offload off",
+        )
     if offload_optimizer and strategy not in SHARDED_STATES:
-        raise RecipeError(f"optimizer offload needs FSDP or ZeRO-2/3, not parallel.strategy={strategy}",
-                          "use a sharded strategy, or turn optimizer offload off")
+        raise RecipeError(
+            f"optimizer offload needs FSDP or ZeRO-2/3, not parallel.strategy={strategy}",
+            "use a sharded strategy, or turn optimizer offload off",
+        )
     if precision not in ("bf16", "fp16", "fp32"):
         raise ValueError(f"precision must be bf16, fp16 or fp32, got {precision!r}")
     compute = 4 if precision == "fp32" else 2
@@ -277,64 +288,113 @@ def estimate_memory(
 
     # weights
     plain_bytes = 4 if kbit else weight_bytes
-    stored = quantized_params * (quantized_bits(quantization, double_quant=double_quant) / 8 if quantized_params else 0)
+    stored = quantized_params * (
+        quantized_bits(quantization, double_quant=double_quant) / 8 if quantized_params else 0
+    )
     stored += (base_params - quantized_params) * plain_bytes
     where = f"/ {shard_weights} ranks" if shard_weights > 1 else "replicated"
-    quant_note = (f"{quantized_params:,} params at {quantized_bits(quantization, double_quant=double_quant):.3f} "
-                  f"bits, the rest at {plain_bytes} bytes" if quantized_params else f"{plain_bytes} bytes per param")
+    quant_note = (
+        f"{quantized_params:,} params at {quantized_bits(quantization, double_quant=double_quant):.3f} "
+        f"bits, the rest at {plain_bytes} bytes"
+        if quantized_params
+        else f"{plain_bytes} bytes per param"
+    )
     if offload_params:
         add("base weights", 0, f"offloaded to CPU ({stored / GIB:.1f} GiB there)")
     else:
         add("base weights", stored / shard_weights, f"{quant_note}; {where}")
     deepspeed = strategy in DEEPSPEED
     adapter_bytes = compute if deepspeed else 4
-    add("adapter weights", 0 if offload_params else adapter_params * adapter_bytes / shard_weights,
-        f"{adapter_params:,} params at {adapter_bytes} bytes; {where}")
+    add(
+        "adapter weights",
+        0 if offload_params else adapter_params * adapter_bytes / shard_weights,
+        f"{adapter_params:,} params at {adapter_bytes} bytes; {where}",
+    )
     if deepspeed and compute < 4:
-        add("fp32 master weights", 0 if offload_optimizer else trainable_params * 4 / shard_states,
-            "DeepSpeed's fp32 copy of the trainable params" + ("; offloaded" if offload_optimizer else f" / {shard_states}"))
+        add(
+            "fp32 master weights",
+            0 if offload_optimizer else trainable_params * 4 / shard_states,
+            "DeepSpeed's fp32 copy of the trainable params"
+            + ("; offloaded" if offload_optimizer else f" / {shard_states}"),
+        )
     # gradients and optimizer
     if offload_params and strategy in ("fsdp", "fsdp-qlora"):
         # FSDP's CPU offload moves each layer's reduce-scattered gradients to the CPU as it goes:
         # the GPU holds one layer's full-size gradients at a time
         layers = max(1, shape.num_layers)
-        add("gradients", trainable_params * 4 / layers, "one layer's fp32 gradients at a time; the rest offloaded")
+        add(
+            "gradients",
+            trainable_params * 4 / layers,
+            "one layer's fp32 gradients at a time; the rest offloaded",
+        )
     else:
-        add("gradients", trainable_params * 4 / shard_states,
-            f"fp32, {trainable_params:,} trainable params" + (f" / {shard_states}" if shard_states > 1 else ""))
+        add(
+            "gradients",
+            trainable_params * 4 / shard_states,
+            f"fp32, {trainable_params:,} trainable params"
+            + (f" / {shard_states}" if shard_states > 1 else ""),
+        )
     if strategy == "ddp":
         add("DDP gradient buckets", trainable_params * 4, "a second copy of the gradients for the all-reduce")
     state = OPTIMIZER_STATE_BYTES.get(optimizer)
     if state is None:
         raise ValueError(f"unknown optimizer {optimizer!r}")
-    add("optimizer state", 0 if offload_optimizer else trainable_params * state / shard_states,
-        f"{optimizer}: {state} bytes per trainable param" + ("; offloaded to CPU" if offload_optimizer else
-                                                            f" / {shard_states}" if shard_states > 1 else ""))
+    add(
+        "optimizer state",
+        0 if offload_optimizer else trainable_params * state / shard_states,
+        f"{optimizer}: {state} bytes per trainable param"
+        + ("; offloaded to CPU" if offload_optimizer else f" / {shard_states}" if shard_states > 1 else ""),
+    )
     # activations
     tokens = micro_batch_size * max_length
     layer = activation_bytes_per_token_per_layer(
-        shape, seq_len=max_length, compute_bytes=compute, mixed_precision=precision != "fp32",
-        lora_targets=lora_targets, lora_rank=lora_rank, lora_dropout=lora_dropout,
-        attn_implementation=attn_implementation, quantization=quantization,
+        shape,
+        seq_len=max_length,
+        compute_bytes=compute,
+        mixed_precision=precision != "fp32",
+        lora_targets=lora_targets,
+        lora_rank=lora_rank,
+        lora_dropout=lora_dropout,
+        attn_implementation=attn_implementation,
+        quantization=quantization,
     )
     if gradient_checkpointing:
-        add("activations", tokens * (shape.num_layers * shape.hidden_size * compute + layer),
+        add(
+            "activations",
+            tokens * (shape.num_layers * shape.hidden_size * compute + layer),
             f"checkpointed: each layer's input ({shape.num_layers} x {shape.hidden_size} x {compute} bytes) "
-            f"+ one layer recomputed ({layer:,} bytes) per token, {tokens:,} tokens")
+            f"+ one layer recomputed ({layer:,} bytes) per token, {tokens:,} tokens",
+        )
     else:
-        add("activations", tokens * shape.num_layers * layer,
+        add(
+            "activations",
+            tokens * shape.num_layers * layer,
             f"{shape.num_layers} layers x {layer:,} bytes per token, {tokens:,} tokens "
-            f"(micro batch {micro_batch_size} x {max_length})")
-    add("logits and loss", tokens * logits_bytes_per_token(shape, compute_bytes=compute),
-        f"vocab {shape.vocab_size:,}: {compute}-byte logits, fp32 log-softmax and its gradient")
+            f"(micro batch {micro_batch_size} x {max_length})",
+        )
+    add(
+        "logits and loss",
+        tokens * logits_bytes_per_token(shape, compute_bytes=compute),
+        f"vocab {shape.vocab_size:,}: {compute}-byte logits, fp32 log-softmax and its gradient",
+    )
     # transient working sets
     embed = shape.vocab_size * shape.hidden_size * (1 if shape.tie_word_embeddings else 2)
     per_layer = max(0, base_params - embed) / shape.num_layers
     if shard_weights > 1:
-        add("gathered layer", 2 * per_layer * (stored / base_params),
-            "one layer's full weights all-gathered, plus the next one prefetched")
+        add(
+            "gathered layer",
+            2 * per_layer * (stored / base_params),
+            "one layer's full weights all-gathered, plus the next one prefetched",
+        )
     if quantization in ("nf4", "fp4"):
-        add("dequantized weight", shape.hidden_size * shape.intermediate_size * compute,
-            "the largest 4-bit weight dequantized for a backward matmul")
-    add("CUDA context and workspace", CONTEXT_BYTES, "allowance: context, cuBLAS/NCCL workspaces, fragmentation")
+        add(
+            "dequantized weight",
+            shape.hidden_size * shape.intermediate_size * compute,
+            "the largest 4-bit weight dequantized for a backward matmul",
+        )
+    add(
+        "CUDA context and workspace",
+        CONTEXT_BYTES,
+        "allowance: context, cuBLAS/NCCL workspaces, fragmentation",
+    )
     return MemoryEstimate(parts=tuple(parts))

@@ -48,7 +48,9 @@ def lora_config_kwargs(peft: PeftConfig) -> dict[str, Any]:
         "lora_alpha": peft.alpha,
         "lora_dropout": peft.dropout,
         "bias": peft.bias,
-        "target_modules": list(peft.target_modules) if isinstance(peft.target_modules, list) else peft.target_modules,
+        "target_modules": list(peft.target_modules)
+        if isinstance(peft.target_modules, list)
+        else peft.target_modules,
         "modules_to_save": list(peft.modules_to_save) if peft.modules_to_save else None,
         "use_dora": peft.method == "dora",
         "use_rslora": peft.use_rslora,
@@ -92,7 +94,9 @@ def read_model_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise RecipeError(f"model config {str(path)!r} does not exist", "pass a config.json or its directory") from None
+        raise RecipeError(
+            f"model config {str(path)!r} does not exist", "pass a config.json or its directory"
+        ) from None
     except (OSError, ValueError) as exc:
         raise RecipeError(f"model config {str(path)!r} cannot be read: {exc}", None) from None
 
@@ -172,9 +176,7 @@ def param_counts(
                     f"peft: {exc}", "check peft.target_modules against the model's module names"
                 ) from None
             trainable, total = peft_model.get_nb_trainable_parameters()
-    return ParamCounts(
-        trainable=trainable, total=total, base=base, adapter=total - base, quantized=quantized
-    )
+    return ParamCounts(trainable=trainable, total=total, base=base, adapter=total - base, quantized=quantized)
 
 
 def count_params(

@@ -47,15 +47,19 @@ def find_model_config(model: ModelConfig) -> dict[str, Any]:
         from tunefleet.distributed.demo_model import TINY_LLAMA_ID, ensure_tiny_llama
 
         if name != TINY_LLAMA_ID:
-            raise RecipeError(f"model.name_or_path: unknown built-in model {name!r}",
-                              f"the built-in model is {TINY_LLAMA_ID!r}")
+            raise RecipeError(
+                f"model.name_or_path: unknown built-in model {name!r}",
+                f"the built-in model is {TINY_LLAMA_ID!r}",
+            )
         name = str(ensure_tiny_llama())  # built locally once (seconds), then cached
     local = Path(name).expanduser()
     if local.is_dir():
         path = local / "config.json"
         if not path.is_file():
-            raise RecipeError(f"model.name_or_path={name!r} is a directory without a config.json",
-                              "point model.name_or_path at a saved model directory")
+            raise RecipeError(
+                f"model.name_or_path={name!r} is a directory without a config.json",
+                "point model.name_or_path at a saved model directory",
+            )
         return json.loads(path.read_text(encoding="utf-8"))
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -72,7 +76,9 @@ def find_model_config(model: ModelConfig) -> dict[str, Any]:
     )
 
 
-def count_dataset_rows(data: DataConfig, *, base_dir: str | Path | None = None) -> tuple[int | None, str | None]:
+def count_dataset_rows(
+    data: DataConfig, *, base_dir: str | Path | None = None
+) -> tuple[int | None, str | None]:
     """Rows in `data.path` before `limit` and the evaluation hold-out, counted cheaply, or
     (None, why not). JSON Lines: non-blank lines; JSON: the list's length; Parquet: the row count
     in its footer; a directory: as the trainer reads it. A relative path is looked up in the
@@ -119,7 +125,9 @@ def _precision(recipe: Recipe) -> tuple[str, str | None]:
     return mode, None
 
 
-def node_commands(recipe_path: str, overrides: Sequence[str], *, nodes: int, procs_per_node: int) -> list[str]:
+def node_commands(
+    recipe_path: str, overrides: Sequence[str], *, nodes: int, procs_per_node: int
+) -> list[str]:
     """The command each node runs: torchrun starting `procs_per_node` processes of the entrypoint."""
     q = shlex.quote
     tail = f"-m {ENTRYPOINT} --recipe {q(recipe_path)}" + "".join(f" --set {q(o)}" for o in overrides)
@@ -185,8 +193,10 @@ def build_plan(
         "batch_target": bp.target,
     }
     if bp.target == "tokens":
-        out_notes.append(f"global batch set by batch.global_batch_tokens={b.global_batch_tokens}: "
-                         f"{bp.global_batch_size} samples of {d.max_length} tokens")
+        out_notes.append(
+            f"global batch set by batch.global_batch_tokens={b.global_batch_tokens}: "
+            f"{bp.global_batch_size} samples of {d.max_length} tokens"
+        )
     if previous_batch is not None:
         try:
             warnings += batch_mod.check_resume(previous_batch, bp)
@@ -197,103 +207,163 @@ def build_plan(
     train_rows = eval_rows = None
     if dataset_rows is not None:
         limit_rows = min(dataset_rows, d.limit) if d.limit else dataset_rows
-        train_rows, eval_rows = batch_mod.split_rows(dataset_rows, limit=d.limit, eval_ratio=0 if d.eval_path else d.eval_ratio)
+        train_rows, eval_rows = batch_mod.split_rows(
+            dataset_rows, limit=d.limit, eval_ratio=0 if d.eval_path else d.eval_ratio
+        )
         if d.eval_ratio and not d.eval_path and eval_rows == 0:
-            warnings.append(f"data.eval_ratio={d.eval_ratio} of {limit_rows} rows holds out no evaluation row")
-        out_notes.append("rows are counted before tokenisation: examples that lose every answer token to "
-                         "truncation are dropped when training starts, which can lower the step counts")
+            warnings.append(
+                f"data.eval_ratio={d.eval_ratio} of {limit_rows} rows holds out no evaluation row"
+            )
+        out_notes.append(
+            "rows are counted before tokenisation: examples that lose every answer token to "
+            "truncation are dropped when training starts, which can lower the step counts"
+        )
     plan.update({"source_rows": dataset_rows, "dataset_rows": train_rows, "eval_rows": eval_rows})
     schedule = None
     if train_rows is not None:
         schedule = batch_mod.plan_schedule(
-            dataset_rows=train_rows, global_batch_size=bp.global_batch_size, epochs=t.epochs,
-            max_steps=t.max_steps, warmup_ratio=t.warmup_ratio,
+            dataset_rows=train_rows,
+            global_batch_size=bp.global_batch_size,
+            epochs=t.epochs,
+            max_steps=t.max_steps,
+            warmup_ratio=t.warmup_ratio,
         )
     elif t.max_steps > 0:
         schedule = batch_mod.Schedule(
-            dataset_rows=0, global_batch_size=bp.global_batch_size, last_batch="drop", steps_per_epoch=0,
-            total_steps=t.max_steps, warmup_steps=batch_mod.count_warmup_steps(t.max_steps, t.warmup_ratio),
-            dropped_rows_per_epoch=0, short_last_batch_samples=0, epochs=0.0,
+            dataset_rows=0,
+            global_batch_size=bp.global_batch_size,
+            last_batch="drop",
+            steps_per_epoch=0,
+            total_steps=t.max_steps,
+            warmup_steps=batch_mod.count_warmup_steps(t.max_steps, t.warmup_ratio),
+            dropped_rows_per_epoch=0,
+            short_last_batch_samples=0,
+            epochs=0.0,
         )
         out_notes.append("dataset rows unknown: total steps come from train.max_steps alone")
     else:
         out_notes.append("dataset rows unknown and train.max_steps unset: steps cannot be planned")
     known_rows = train_rows is not None
-    plan.update({
-        "steps_per_epoch": schedule.steps_per_epoch if schedule and known_rows else None,
-        "total_steps": schedule.total_steps if schedule else None,
-        "warmup_steps": schedule.warmup_steps if schedule else None,
-        "epochs": round(schedule.epochs, 4) if schedule and known_rows else None,
-        "last_batch": "drop",
-        "dropped_rows_per_epoch": schedule.dropped_rows_per_epoch if schedule and known_rows else None,
-        "lr_schedule": None,
-    })
+    plan.update(
+        {
+            "steps_per_epoch": schedule.steps_per_epoch if schedule and known_rows else None,
+            "total_steps": schedule.total_steps if schedule else None,
+            "warmup_steps": schedule.warmup_steps if schedule else None,
+            "epochs": round(schedule.epochs, 4) if schedule and known_rows else None,
+            "last_batch": "drop",
+            "dropped_rows_per_epoch": schedule.dropped_rows_per_epoch if schedule and known_rows else None,
+            "lr_schedule": None,
+        }
+    )
     if schedule is not None:
         plan["lr_schedule"] = {
             "scheduler": t.lr_scheduler,
             "lr": t.lr,
             "kwargs": batch_mod.SCHEDULER_KWARGS[t.lr_scheduler],
-            "points": [[s, lr] for s, lr in batch_mod.lr_points(schedule, lr=t.lr, scheduler_name=t.lr_scheduler)],
+            "points": [
+                [s, lr] for s, lr in batch_mod.lr_points(schedule, lr=t.lr, scheduler_name=t.lr_scheduler)
+            ],
         }
         if schedule.total_steps < FEW_STEPS:
             warnings.append(f"only {schedule.total_steps} optimizer steps in the whole run")
         if known_rows and schedule.dropped_rows_per_epoch:
-            out_notes.append(f"{schedule.dropped_rows_per_epoch} rows (the incomplete last global batch) are "
-                             "skipped each epoch; the order is reshuffled per epoch, so different rows each time")
+            out_notes.append(
+                f"{schedule.dropped_rows_per_epoch} rows (the incomplete last global batch) are "
+                "skipped each epoch; the order is reshuffled per epoch, so different rows each time"
+            )
     if t.lr_scheduler == "constant" and t.warmup_ratio > 0:
-        warnings.append("train.lr_scheduler=constant has no warm-up in transformers (warmup_ratio is ignored); "
-                        "use constant_with_warmup to warm up")
+        warnings.append(
+            "train.lr_scheduler=constant has no warm-up in transformers (warmup_ratio is ignored); "
+            "use constant_with_warmup to warm up"
+        )
     if bp.grad_accum_steps > MAX_ACCUM_STEPS:
-        warnings.append(f"{bp.grad_accum_steps} accumulation steps (> {MAX_ACCUM_STEPS}): every optimizer step "
-                        "runs that many micro batches one after another; raise batch.micro_batch_size or add GPUs")
+        warnings.append(
+            f"{bp.grad_accum_steps} accumulation steps (> {MAX_ACCUM_STEPS}): every optimizer step "
+            "runs that many micro batches one after another; raise batch.micro_batch_size or add GPUs"
+        )
     if world > 1 and recipe.parallel.strategy == "single":
         warnings.append(f"parallel.strategy=single on {world} processes: use ddp (or a sharded strategy)")
     if world == 1 and recipe.parallel.strategy not in ("single", "ddp"):
         warnings.append(f"parallel.strategy={recipe.parallel.strategy} on one process shards nothing")
 
     # parameters and memory
-    plan.update({"trainable_params": None, "total_params": None, "trainable_percent": None,
-                 "base_params": None, "quantized_params": None, "memory": None})
+    plan.update(
+        {
+            "trainable_params": None,
+            "total_params": None,
+            "trainable_percent": None,
+            "base_params": None,
+            "quantized_params": None,
+            "memory": None,
+        }
+    )
     if model_config is not None:
         effective_quant = "none" if m.quantization == "mxfp4" and m.mxfp4_dequantize else m.quantization
         if counts is None:
             from tunefleet.launch.params import param_counts
 
-            counts = param_counts(model_config, recipe.peft, effective_quant,
-                                  trust_remote_code=m.trust_remote_code).to_dict()
-        plan.update({
-            "trainable_params": counts["trainable"],
-            "total_params": counts["total"],
-            "trainable_percent": round(100 * counts["trainable"] / counts["total"], 4),
-            "base_params": counts["base"],
-            "quantized_params": counts["quantized"],
-        })
+            counts = param_counts(
+                model_config, recipe.peft, effective_quant, trust_remote_code=m.trust_remote_code
+            ).to_dict()
+        plan.update(
+            {
+                "trainable_params": counts["trainable"],
+                "total_params": counts["total"],
+                "trainable_percent": round(100 * counts["trainable"] / counts["total"], 4),
+                "base_params": counts["base"],
+                "quantized_params": counts["quantized"],
+            }
+        )
         precision, assumed = _precision(recipe)
         if assumed:
             out_notes.append(assumed)
-        weight_dtype = m.dtype if m.dtype != "auto" else {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision]
+        weight_dtype = (
+            m.dtype
+            if m.dtype != "auto"
+            else {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision]
+        )
         estimate = estimate_memory(
             shape=ModelShape.from_config(model_config),
-            base_params=counts["base"], adapter_params=counts["adapter"], trainable_params=counts["trainable"],
-            quantized_params=counts["quantized"], quantization=effective_quant, double_quant=m.double_quant,
-            precision=precision, weight_bytes=_DTYPE_BYTES[weight_dtype], strategy=recipe.parallel.strategy,
-            world_size=world, micro_batch_size=bp.micro_batch_size, max_length=d.max_length,
-            gradient_checkpointing=t.gradient_checkpointing, optimizer=t.optimizer,
-            lora_targets=recipe.peft.target_modules, lora_rank=recipe.peft.r, lora_dropout=recipe.peft.dropout,
+            base_params=counts["base"],
+            adapter_params=counts["adapter"],
+            trainable_params=counts["trainable"],
+            quantized_params=counts["quantized"],
+            quantization=effective_quant,
+            double_quant=m.double_quant,
+            precision=precision,
+            weight_bytes=_DTYPE_BYTES[weight_dtype],
+            strategy=recipe.parallel.strategy,
+            world_size=world,
+            micro_batch_size=bp.micro_batch_size,
+            max_length=d.max_length,
+            gradient_checkpointing=t.gradient_checkpointing,
+            optimizer=t.optimizer,
+            lora_targets=recipe.peft.target_modules,
+            lora_rank=recipe.peft.r,
+            lora_dropout=recipe.peft.dropout,
             attn_implementation=m.attn_implementation,
             offload_params=recipe.parallel.offload == "optimizer+params",
             offload_optimizer=recipe.parallel.offload != "none",
         )
         plan["memory"] = estimate.to_dict()
-        out_notes.append(f"memory is estimated at data.max_length={d.max_length} for every sample (the worst "
-                         "case: batches padded to their longest sequence use less)")
+        out_notes.append(
+            f"memory is estimated at data.max_length={d.max_length} for every sample (the worst "
+            "case: batches padded to their longest sequence use less)"
+        )
         if gpu_memory_gib is not None and estimate.total_bytes > gpu_memory_gib * GIB:
-            warnings.append(f"estimated {estimate.total_bytes / GIB:.1f} GiB per GPU exceeds {gpu_memory_gib:g} GiB: "
-                            "turn on train.gradient_checkpointing, lower batch.micro_batch_size or data.max_length, "
-                            "quantize, or shard (fsdp / deepspeed-zero3)")
+            warnings.append(
+                f"estimated {estimate.total_bytes / GIB:.1f} GiB per GPU exceeds {gpu_memory_gib:g} GiB: "
+                "turn on train.gradient_checkpointing, lower batch.micro_batch_size or data.max_length, "
+                "quantize, or shard (fsdp / deepspeed-zero3)"
+            )
 
-    plan["launch_commands"] = list(launch_commands) if launch_commands is not None else node_commands(
-        recipe_path or "RECIPE.yaml", overrides, nodes=nodes, procs_per_node=procs_per_node)
+    plan["launch_commands"] = (
+        list(launch_commands)
+        if launch_commands is not None
+        else node_commands(
+            recipe_path or "RECIPE.yaml", overrides, nodes=nodes, procs_per_node=procs_per_node
+        )
+    )
     plan["warnings"] = warnings
     plan["notes"] = out_notes
     return plan
@@ -311,22 +381,36 @@ def render_plan(plan: Mapping[str, Any]) -> str:
     rows: list[tuple[str, str]] = [
         ("model", f"{plan['model']} (quantization {plan['quantization']}, strategy {plan['strategy']})"),
         ("world", f"{plan['nodes']} node(s) x {plan['procs_per_node']} process(es) = {plan['world_size']}"),
-        ("batch", f"micro {plan['micro_batch_size']} x accumulation {plan['grad_accum_steps']} x world "
-                  f"{plan['world_size']} = global {plan['global_batch_size']} samples/step "
-                  f"({plan['global_batch_tokens']:,} tokens at max length {plan['max_length']:,})"),
-        ("data", f"{_n(plan['source_rows'])} rows -> {_n(plan['dataset_rows'])} for training"
-                 + (f", {plan['eval_rows']:,} held out" if plan.get("eval_rows") else "")),
-        ("schedule", f"{_n(plan['steps_per_epoch'])} steps/epoch, {_n(plan['total_steps'])} steps in total "
-                     f"({_n(plan['epochs'])} epochs), {_n(plan['warmup_steps'])} warm-up steps; last incomplete "
-                     f"global batch dropped ({_n(plan['dropped_rows_per_epoch'])} rows/epoch)"),
+        (
+            "batch",
+            f"micro {plan['micro_batch_size']} x accumulation {plan['grad_accum_steps']} x world "
+            f"{plan['world_size']} = global {plan['global_batch_size']} samples/step "
+            f"({plan['global_batch_tokens']:,} tokens at max length {plan['max_length']:,})",
+        ),
+        (
+            "data",
+            f"{_n(plan['source_rows'])} rows -> {_n(plan['dataset_rows'])} for training"
+            + (f", {plan['eval_rows']:,} held out" if plan.get("eval_rows") else ""),
+        ),
+        (
+            "schedule",
+            f"{_n(plan['steps_per_epoch'])} steps/epoch, {_n(plan['total_steps'])} steps in total "
+            f"({_n(plan['epochs'])} epochs), {_n(plan['warmup_steps'])} warm-up steps; last incomplete "
+            f"global batch dropped ({_n(plan['dropped_rows_per_epoch'])} rows/epoch)",
+        ),
     ]
     lr = plan.get("lr_schedule")
     if lr:
         points = ", ".join(f"step {s}: {v:.3g}" for s, v in lr["points"])
         rows.append(("learning rate", f"{lr['scheduler']} from {lr['lr']:g}: {points}"))
     if plan["total_params"] is not None:
-        rows.append(("parameters", f"{plan['trainable_params']:,} trainable of {plan['total_params']:,} "
-                                   f"({plan['trainable_percent']:.4f}%)"))
+        rows.append(
+            (
+                "parameters",
+                f"{plan['trainable_params']:,} trainable of {plan['total_params']:,} "
+                f"({plan['trainable_percent']:.4f}%)",
+            )
+        )
     else:
         rows.append(("parameters", "? (the model's config.json is not available)"))
     mem = plan.get("memory")
@@ -390,7 +474,14 @@ def make_plan(
     if why:
         notes.append(f"dataset rows unknown: {why}")
     return build_plan(
-        recipe, nodes=nodes, procs_per_node=gpus_per_node, dataset_rows=rows, model_config=model_config,
-        recipe_path=recipe_path, overrides=overrides, previous_batch=_previous_batch(recipe),
-        gpu_memory_gib=gpu_memory_gib, notes=notes,
+        recipe,
+        nodes=nodes,
+        procs_per_node=gpus_per_node,
+        dataset_rows=rows,
+        model_config=model_config,
+        recipe_path=recipe_path,
+        overrides=overrides,
+        previous_batch=_previous_batch(recipe),
+        gpu_memory_gib=gpu_memory_gib,
+        notes=notes,
     )

@@ -26,9 +26,7 @@ from tunefleet.launch.errors import RecipeError
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 Quantization = Literal["none", "nf4", "fp4", "int8", "mxfp4"]
 DataFormat = Literal["alpaca", "messages", "text", "prompt-completion"]
-Strategy = Literal[
-    "single", "ddp", "fsdp", "fsdp-qlora", "deepspeed-zero2", "deepspeed-zero3"
-]
+Strategy = Literal["single", "ddp", "fsdp", "fsdp-qlora", "deepspeed-zero2", "deepspeed-zero3"]
 Optimizer = Literal[
     "adamw_torch",
     "adamw_torch_fused",
@@ -466,57 +464,123 @@ def validate(recipe: Recipe) -> Recipe:
     _check(p.alpha > 0, "peft.alpha", f"must be > 0, got {p.alpha}", "use e.g. peft.alpha=32")
     _check(0 <= p.dropout < 1, "peft.dropout", f"must be in [0, 1), got {p.dropout}", "use e.g. 0.05")
     if isinstance(p.target_modules, list):
-        _check(bool(p.target_modules), "peft.target_modules", "is an empty list",
-               "list module names (e.g. [q_proj, v_proj]) or write all-linear")
+        _check(
+            bool(p.target_modules),
+            "peft.target_modules",
+            "is an empty list",
+            "list module names (e.g. [q_proj, v_proj]) or write all-linear",
+        )
     if p.init == "loftq":
-        _check(m.quantization == "none", "peft.init", "loftq needs an unquantized base "
-               f"(it quantizes the base itself), but model.quantization={m.quantization!r}",
-               "set model.quantization=none or choose another peft.init")
+        _check(
+            m.quantization == "none",
+            "peft.init",
+            "loftq needs an unquantized base "
+            f"(it quantizes the base itself), but model.quantization={m.quantization!r}",
+            "set model.quantization=none or choose another peft.init",
+        )
     if p.init in ("pissa", "olora"):
-        _check(m.quantization in ("none", "mxfp4"), "peft.init",
-               f"{p.init} decomposes the base weights and cannot start from bitsandbytes "
-               f"{m.quantization} weights", "set model.quantization=none or peft.init=default")
+        _check(
+            m.quantization in ("none", "mxfp4"),
+            "peft.init",
+            f"{p.init} decomposes the base weights and cannot start from bitsandbytes "
+            f"{m.quantization} weights",
+            "set model.quantization=none or peft.init=default",
+        )
     _check(d.max_length > 0, "data.max_length", f"must be > 0, got {d.max_length}", "use e.g. 2048")
-    _check(0 <= d.eval_ratio < 1, "data.eval_ratio", f"must be in [0, 1), got {d.eval_ratio}",
-           "use e.g. 0.1 (10% held out)")
-    _check(not (d.eval_path and d.eval_ratio), "data.eval_ratio",
-           "both data.eval_path and data.eval_ratio are set", "keep one of them")
-    _check(d.limit is None or d.limit > 0, "data.limit", f"must be > 0, got {d.limit}", "drop it or use a positive count")
+    _check(
+        0 <= d.eval_ratio < 1,
+        "data.eval_ratio",
+        f"must be in [0, 1), got {d.eval_ratio}",
+        "use e.g. 0.1 (10% held out)",
+    )
+    _check(
+        not (d.eval_path and d.eval_ratio),
+        "data.eval_ratio",
+        "both data.eval_path and data.eval_ratio are set",
+        "keep one of them",
+    )
+    _check(
+        d.limit is None or d.limit > 0,
+        "data.limit",
+        f"must be > 0, got {d.limit}",
+        "drop it or use a positive count",
+    )
     _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}", "use e.g. 2e-4")
-    _check(0 <= t.warmup_ratio < 1, "train.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}", "use e.g. 0.03")
+    _check(
+        0 <= t.warmup_ratio < 1,
+        "train.warmup_ratio",
+        f"must be in [0, 1), got {t.warmup_ratio}",
+        "use e.g. 0.03",
+    )
     _check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}", "use e.g. 0.0")
-    _check(t.max_grad_norm >= 0, "train.max_grad_norm", f"must be >= 0, got {t.max_grad_norm}", "use e.g. 1.0")
-    _check(t.max_steps == -1 or t.max_steps > 0, "train.max_steps",
-           f"must be -1 (use epochs) or > 0, got {t.max_steps}", "use e.g. 100")
-    _check(t.max_steps > 0 or t.epochs > 0, "train.epochs", f"must be > 0, got {t.epochs}",
-           "use e.g. train.epochs=3 or set train.max_steps")
+    _check(
+        t.max_grad_norm >= 0, "train.max_grad_norm", f"must be >= 0, got {t.max_grad_norm}", "use e.g. 1.0"
+    )
+    _check(
+        t.max_steps == -1 or t.max_steps > 0,
+        "train.max_steps",
+        f"must be -1 (use epochs) or > 0, got {t.max_steps}",
+        "use e.g. 100",
+    )
+    _check(
+        t.max_steps > 0 or t.epochs > 0,
+        "train.epochs",
+        f"must be > 0, got {t.epochs}",
+        "use e.g. train.epochs=3 or set train.max_steps",
+    )
     for name in ("logging_steps", "save_steps", "eval_steps"):
         value = getattr(t, name)
-        _check(value >= (1 if name == "logging_steps" else 0), f"train.{name}",
-               f"must be {'>= 1' if name == 'logging_steps' else '>= 0'}, got {value}", "use e.g. 10")
-    _check(b.micro_batch_size > 0, "batch.micro_batch_size", f"must be > 0, got {b.micro_batch_size}", "use e.g. 1")
+        _check(
+            value >= (1 if name == "logging_steps" else 0),
+            f"train.{name}",
+            f"must be {'>= 1' if name == 'logging_steps' else '>= 0'}, got {value}",
+            "use e.g. 10",
+        )
+    _check(
+        b.micro_batch_size > 0,
+        "batch.micro_batch_size",
+        f"must be > 0, got {b.micro_batch_size}",
+        "use e.g. 1",
+    )
     if b.global_batch_tokens is not None:
         tokens = b.global_batch_tokens
         _check(tokens > 0, "batch.global_batch_tokens", f"must be > 0, got {tokens}", "use e.g. 65536")
-        _check(tokens % d.max_length == 0, "batch.global_batch_tokens",
-               f"{tokens} is not a multiple of data.max_length={d.max_length}, so the global batch "
-               f"({tokens} // {d.max_length} samples) would drop part of the budget",
-               f"use {tokens // d.max_length * d.max_length or d.max_length} or "
-               f"{(tokens // d.max_length + 1) * d.max_length}")
+        _check(
+            tokens % d.max_length == 0,
+            "batch.global_batch_tokens",
+            f"{tokens} is not a multiple of data.max_length={d.max_length}, so the global batch "
+            f"({tokens} // {d.max_length} samples) would drop part of the budget",
+            f"use {tokens // d.max_length * d.max_length or d.max_length} or "
+            f"{(tokens // d.max_length + 1) * d.max_length}",
+        )
         derived = tokens // d.max_length
         default = next(f.default for f in dataclasses.fields(BatchConfig) if f.name == "global_batch_size")
-        _check(b.global_batch_size in (derived, default), "batch.global_batch_size",
-               f"{b.global_batch_size} disagrees with batch.global_batch_tokens={tokens} "
-               f"(= {derived} samples of data.max_length={d.max_length})", "set only one of them")
+        _check(
+            b.global_batch_size in (derived, default),
+            "batch.global_batch_size",
+            f"{b.global_batch_size} disagrees with batch.global_batch_tokens={tokens} "
+            f"(= {derived} samples of data.max_length={d.max_length})",
+            "set only one of them",
+        )
         b.global_batch_size = derived  # one meaning downstream: samples per optimizer step
-    _check(b.global_batch_size > 0, "batch.global_batch_size", f"must be > 0, got {b.global_batch_size}", "use e.g. 16")
-    _check(b.global_batch_size % b.micro_batch_size == 0, "batch.global_batch_size",
-           f"{b.global_batch_size} is not a multiple of batch.micro_batch_size={b.micro_batch_size}",
-           "choose a global batch that micro batch x accumulation x world size can reach")
+    _check(
+        b.global_batch_size > 0,
+        "batch.global_batch_size",
+        f"must be > 0, got {b.global_batch_size}",
+        "use e.g. 16",
+    )
+    _check(
+        b.global_batch_size % b.micro_batch_size == 0,
+        "batch.global_batch_size",
+        f"{b.global_batch_size} is not a multiple of batch.micro_batch_size={b.micro_batch_size}",
+        "choose a global batch that micro batch x accumulation x world size can reach",
+    )
     k = recipe.checkpoint.keep_last
     _check(k is None or k >= 1, "checkpoint.keep_last", f"must be >= 1 or null, got {k}", "use e.g. 2")
     if m.quantization == "mxfp4":
-        _check(p.init != "loftq", "peft.init", "loftq cannot start from MXFP4 weights", "use peft.init=default")
+        _check(
+            p.init != "loftq", "peft.init", "loftq cannot start from MXFP4 weights", "use peft.init=default"
+        )
     _validate_parallel(recipe.parallel)
     return recipe
 
@@ -526,26 +590,51 @@ def _validate_parallel(par: ParallelConfig) -> None:
     Hardware- and model-dependent rules live in tunefleet.launch.compat."""
     s = par.strategy
     fsdp = s in ("fsdp", "fsdp-qlora")
-    _check(fsdp or par.fsdp_version == 2, "parallel.fsdp_version",
-           f"only the fsdp strategies read it, but parallel.strategy={s!r}", "drop parallel.fsdp_version")
-    _check(fsdp or par.state_dict == "sharded", "parallel.state_dict",
-           f"only the fsdp strategies read it, but parallel.strategy={s!r}", "drop parallel.state_dict")
-    _check(fsdp or par.fsdp_wrap_classes is None, "parallel.fsdp_wrap_classes",
-           f"only the fsdp strategies read it, but parallel.strategy={s!r}", "drop parallel.fsdp_wrap_classes")
+    _check(
+        fsdp or par.fsdp_version == 2,
+        "parallel.fsdp_version",
+        f"only the fsdp strategies read it, but parallel.strategy={s!r}",
+        "drop parallel.fsdp_version",
+    )
+    _check(
+        fsdp or par.state_dict == "sharded",
+        "parallel.state_dict",
+        f"only the fsdp strategies read it, but parallel.strategy={s!r}",
+        "drop parallel.state_dict",
+    )
+    _check(
+        fsdp or par.fsdp_wrap_classes is None,
+        "parallel.fsdp_wrap_classes",
+        f"only the fsdp strategies read it, but parallel.strategy={s!r}",
+        "drop parallel.fsdp_wrap_classes",
+    )
     if par.fsdp_wrap_classes is not None:
-        _check(bool(par.fsdp_wrap_classes) and all(c.strip() for c in par.fsdp_wrap_classes),
-               "parallel.fsdp_wrap_classes", "is empty or holds an empty name",
-               "list class names (e.g. [LlamaDecoderLayer]) or drop it to use the model's own")
+        _check(
+            bool(par.fsdp_wrap_classes) and all(c.strip() for c in par.fsdp_wrap_classes),
+            "parallel.fsdp_wrap_classes",
+            "is empty or holds an empty name",
+            "list class names (e.g. [LlamaDecoderLayer]) or drop it to use the model's own",
+        )
     if par.offload != "none":
-        _check(s in ("fsdp", "fsdp-qlora", "deepspeed-zero2", "deepspeed-zero3"), "parallel.offload",
-               f"{par.offload!r} needs a sharding strategy, but parallel.strategy={s!r}",
-               "use parallel.strategy=deepspeed-zero3 (or fsdp), or parallel.offload=none")
-    _check(not (s == "deepspeed-zero2" and par.offload == "optimizer+params"), "parallel.offload",
-           "ZeRO-2 does not partition parameters, so it cannot offload them",
-           "use parallel.offload=optimizer, or parallel.strategy=deepspeed-zero3")
-    _check(not (fsdp and par.offload == "optimizer"), "parallel.offload",
-           "FSDP cannot offload the optimizer alone: its CPU offload moves parameters, gradients and "
-           "the optimizer step together", "use parallel.offload=optimizer+params (or none)")
+        _check(
+            s in ("fsdp", "fsdp-qlora", "deepspeed-zero2", "deepspeed-zero3"),
+            "parallel.offload",
+            f"{par.offload!r} needs a sharding strategy, but parallel.strategy={s!r}",
+            "use parallel.strategy=deepspeed-zero3 (or fsdp), or parallel.offload=none",
+        )
+    _check(
+        not (s == "deepspeed-zero2" and par.offload == "optimizer+params"),
+        "parallel.offload",
+        "ZeRO-2 does not partition parameters, so it cannot offload them",
+        "use parallel.offload=optimizer, or parallel.strategy=deepspeed-zero3",
+    )
+    _check(
+        not (fsdp and par.offload == "optimizer"),
+        "parallel.offload",
+        "FSDP cannot offload the optimizer alone: its CPU offload moves parameters, gradients and "
+        "the optimizer step together",
+        "use parallel.offload=optimizer+params (or none)",
+    )
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -554,8 +643,9 @@ def _validate_parallel(par: ParallelConfig) -> None:
 def from_dict(raw: Any, overrides: list[str] | None = None) -> Recipe:
     """Build and validate a recipe from a plain mapping and `--set` overrides."""
     if not isinstance(raw, dict):
-        raise RecipeError(f"a recipe is a mapping of sections, got {type(raw).__name__}",
-                          "start from recipes/demo.yaml")
+        raise RecipeError(
+            f"a recipe is a mapping of sections, got {type(raw).__name__}", "start from recipes/demo.yaml"
+        )
     raw = apply_overrides(raw, overrides or [])
     return validate(_build(Recipe, raw, ""))
 
@@ -566,8 +656,10 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise RecipeError(f"recipe file {str(path)!r} does not exist",
-                          "pass the path of a YAML recipe, e.g. recipes/demo.yaml") from None
+        raise RecipeError(
+            f"recipe file {str(path)!r} does not exist",
+            "pass the path of a YAML recipe, e.g. recipes/demo.yaml",
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"recipe file {str(path)!r} cannot be read: {exc}", None) from None
     try:

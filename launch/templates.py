@@ -53,20 +53,30 @@ class Hardware:
 
     def __post_init__(self) -> None:
         if self.num_processes < 1 or self.num_machines < 1:
-            raise TunefleetError(f"hardware: {self.num_processes} process(es) on {self.num_machines} machine(s)",
-                                 "ask for at least 1 process on at least 1 machine")
+            raise TunefleetError(
+                f"hardware: {self.num_processes} process(es) on {self.num_machines} machine(s)",
+                "ask for at least 1 process on at least 1 machine",
+            )
         if self.num_processes % self.num_machines:
-            raise TunefleetError(f"hardware: {self.num_processes} processes do not split evenly over "
-                                 f"{self.num_machines} machines", "use a multiple of the machine count")
+            raise TunefleetError(
+                f"hardware: {self.num_processes} processes do not split evenly over "
+                f"{self.num_machines} machines",
+                "use a multiple of the machine count",
+            )
         if not 0 <= self.machine_rank < self.num_machines:
-            raise TunefleetError(f"hardware: machine_rank {self.machine_rank} is not in 0..{self.num_machines - 1}",
-                                 "number machines from 0")
+            raise TunefleetError(
+                f"hardware: machine_rank {self.machine_rank} is not in 0..{self.num_machines - 1}",
+                "number machines from 0",
+            )
         if self.num_machines > 1 and not self.main_process_ip:
-            raise TunefleetError("hardware: several machines need main_process_ip (the address of machine 0)",
-                                 "pass the address of the first machine")
+            raise TunefleetError(
+                "hardware: several machines need main_process_ip (the address of machine 0)",
+                "pass the address of the first machine",
+            )
         if not 0 < self.main_process_port < 65536:
-            raise TunefleetError(f"hardware: main_process_port {self.main_process_port} is not a TCP port",
-                                 "use e.g. 29500")
+            raise TunefleetError(
+                f"hardware: main_process_port {self.main_process_port} is not a TCP port", "use e.g. 29500"
+            )
 
     @property
     def procs_per_machine(self) -> int:
@@ -141,8 +151,12 @@ def _fsdp_config(recipe: Recipe, hw: Hardware) -> dict[str, Any]:
     return cfg
 
 
-def render_accelerate_config(recipe: Recipe, hw: Hardware, *, deepspeed_config_file: str = DEEPSPEED_FILE,
-                             ) -> dict[str, Any]:
+def render_accelerate_config(
+    recipe: Recipe,
+    hw: Hardware,
+    *,
+    deepspeed_config_file: str = DEEPSPEED_FILE,
+) -> dict[str, Any]:
     """The accelerate config (`accelerate launch --config_file`) as a dict.
 
     `deepspeed_config_file`: where the DeepSpeed JSON will be (the launcher passes its absolute
@@ -219,7 +233,9 @@ def _header(recipe: Recipe, hw: Hardware, what: str) -> str:
 def accelerate_yaml_text(recipe: Recipe, hw: Hardware, *, deepspeed_config_file: str = DEEPSPEED_FILE) -> str:
     """The accelerate config file's text (YAML, with a header comment)."""
     cfg = render_accelerate_config(recipe, hw, deepspeed_config_file=deepspeed_config_file)
-    return _header(recipe, hw, "accelerate config") + yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False)
+    return _header(recipe, hw, "accelerate config") + yaml.safe_dump(
+        cfg, sort_keys=False, default_flow_style=False
+    )
 
 
 def deepspeed_json_text(recipe: Recipe, hw: Hardware) -> str | None:

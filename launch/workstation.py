@@ -57,7 +57,9 @@ class LaunchPlan:
 def hardware(*, nproc: int | None, gpus: int | None, visible_gpus: int, main_port: int) -> Hardware:
     """`--nproc N`: N CPU processes; `--gpus N`: N GPU processes; neither: every visible GPU, else 1 CPU process."""
     if nproc is not None and gpus is not None:
-        raise TunefleetError("--nproc and --gpus exclude each other", "--nproc N for CPU processes, --gpus N for GPUs")
+        raise TunefleetError(
+            "--nproc and --gpus exclude each other", "--nproc N for CPU processes, --gpus N for GPUs"
+        )
     for flag, value in (("--nproc", nproc), ("--gpus", gpus)):
         if value is not None and value < 1:
             raise TunefleetError(f"{flag} {value}: at least 1 process", f"use e.g. {flag} 2")
@@ -91,8 +93,16 @@ def _start(recipe: Recipe, hw: Hardware, *, overwrite: bool, no_resume: bool, re
     return mode
 
 
-def prepare_launch(recipe_path: str, overrides: list[str], hw: Hardware, *, overwrite: bool = False,
-                   no_resume: bool = False, resume: str | None = None, python: str | None = None) -> LaunchPlan:
+def prepare_launch(
+    recipe_path: str,
+    overrides: list[str],
+    hw: Hardware,
+    *,
+    overwrite: bool = False,
+    no_resume: bool = False,
+    resume: str | None = None,
+    python: str | None = None,
+) -> LaunchPlan:
     """Everything `tunefleet launch` writes and runs, computed without starting anything."""
     recipe = recipe_mod.load(recipe_path, overrides)
     recipe, notes = compat.resolve_with_notes(recipe, hw)
@@ -108,8 +118,9 @@ def prepare_launch(recipe_path: str, overrides: list[str], hw: Hardware, *, over
     argv += run_args
     env[EXIT_FILE_ENV] = str(config_dir / EXIT_FILE)
     files[COMMAND_FILE] = "".join(f"# note: {n}\n" for n in notes) + format_command(argv, env) + "\n"
-    return LaunchPlan(recipe=recipe, hw=hw, notes=notes, config_dir=config_dir, files=files, argv=argv, env=env,
-                      start=start)
+    return LaunchPlan(
+        recipe=recipe, hw=hw, notes=notes, config_dir=config_dir, files=files, argv=argv, env=env, start=start
+    )
 
 
 def write_launch_files(plan: LaunchPlan) -> None:
@@ -144,10 +155,15 @@ def summary(plan: LaunchPlan, *, dry_run: bool = False) -> str:
     """What is printed before the launch (and by --dry-run)."""
     hw = plan.hw
     where = "CPU (gloo)" if hw.use_cpu else "GPU"
-    start = {"fresh": "new run", "resume": "continues its newest checkpoint",
-             "overwrite": "the old run is moved aside"}.get(plan.start, plan.start)
-    lines = [f"tunefleet launch: parallel.strategy={plan.recipe.parallel.strategy}, {hw.num_processes} {where} "
-             f"process(es), output_dir={plan.recipe.output_dir} ({start})"]
+    start = {
+        "fresh": "new run",
+        "resume": "continues its newest checkpoint",
+        "overwrite": "the old run is moved aside",
+    }.get(plan.start, plan.start)
+    lines = [
+        f"tunefleet launch: parallel.strategy={plan.recipe.parallel.strategy}, {hw.num_processes} {where} "
+        f"process(es), output_dir={plan.recipe.output_dir} ({start})"
+    ]
     lines += [f"  note: {n}" for n in plan.notes]
     lines += [f"  {'would write' if dry_run else 'wrote'} {plan.config_dir / name}" for name in plan.files]
     lines += ["", plan.files[COMMAND_FILE].splitlines()[-1]]

@@ -31,7 +31,9 @@ from tunefleet.launch.errors import RecipeError
 def test_accumulation_divides(micro: int, global_: int, world: int, accum: int) -> None:
     plan = plan_batch(micro_batch_size=micro, global_batch_size=global_, max_length=512, world_size=world)
     assert plan.grad_accum_steps == accum
-    assert plan.micro_batch_size * plan.grad_accum_steps * plan.world_size == plan.global_batch_size == global_
+    assert (
+        plan.micro_batch_size * plan.grad_accum_steps * plan.world_size == plan.global_batch_size == global_
+    )
     assert plan.global_batch_tokens == global_ * 512
     assert plan.target == "samples"
 
@@ -114,14 +116,23 @@ def test_resume_keeps_the_global_batch() -> None:
 
 
 def _recipe(**batch: object) -> R.Recipe:
-    return R.from_dict({"output_dir": "o", "model": {"name_or_path": "m"},
-                        "data": {"path": "d.jsonl", "max_length": 1024}, "batch": batch})
+    return R.from_dict(
+        {
+            "output_dir": "o",
+            "model": {"name_or_path": "m"},
+            "data": {"path": "d.jsonl", "max_length": 1024},
+            "batch": batch,
+        }
+    )
 
 
 def test_recipe_token_budget_resolves_the_global_batch() -> None:
     r = _recipe(micro_batch_size=2, global_batch_tokens=32768)
     assert r.batch.global_batch_size == 32  # one meaning downstream: samples per optimizer step
-    assert _recipe(micro_batch_size=2, global_batch_size=32, global_batch_tokens=32768).batch.global_batch_size == 32
+    assert (
+        _recipe(micro_batch_size=2, global_batch_size=32, global_batch_tokens=32768).batch.global_batch_size
+        == 32
+    )
     with pytest.raises(RecipeError, match="disagrees with batch.global_batch_tokens"):
         _recipe(micro_batch_size=2, global_batch_size=16, global_batch_tokens=32768)
     with pytest.raises(RecipeError, match="not a multiple of data.max_length=1024"):
@@ -141,9 +152,15 @@ def test_schedule_drops_the_incomplete_last_batch() -> None:
 
 
 def test_schedule_keep_is_the_stock_trainer_ceil() -> None:
-    s = plan_schedule(dataset_rows=1000, global_batch_size=16, epochs=3, max_steps=-1, warmup_ratio=0.03,
-                      last_batch="keep")
-    assert (s.steps_per_epoch, s.total_steps, s.short_last_batch_samples, s.dropped_rows_per_epoch) == (63, 189, 8, 0)
+    s = plan_schedule(
+        dataset_rows=1000, global_batch_size=16, epochs=3, max_steps=-1, warmup_ratio=0.03, last_batch="keep"
+    )
+    assert (s.steps_per_epoch, s.total_steps, s.short_last_batch_samples, s.dropped_rows_per_epoch) == (
+        63,
+        189,
+        8,
+        0,
+    )
 
 
 def test_schedule_fractional_epochs_and_max_steps() -> None:
@@ -163,11 +180,15 @@ def test_steps_match_the_trainer_sampler() -> None:
     from tunefleet.distributed.sampler import GlobalBatchSampler
 
     for rows, global_, micro, world in [(1000, 16, 4, 1), (999, 32, 2, 4), (64, 64, 8, 8)]:
-        sampler = GlobalBatchSampler(rows, global_batch_size=global_, micro_batch_size=micro,
-                                     world_size=world, rank=0, seed=1)
-        s = plan_schedule(dataset_rows=rows, global_batch_size=global_, epochs=1, max_steps=-1, warmup_ratio=0)
-        accum = plan_batch(micro_batch_size=micro, global_batch_size=global_, max_length=8,
-                           world_size=world).grad_accum_steps
+        sampler = GlobalBatchSampler(
+            rows, global_batch_size=global_, micro_batch_size=micro, world_size=world, rank=0, seed=1
+        )
+        s = plan_schedule(
+            dataset_rows=rows, global_batch_size=global_, epochs=1, max_steps=-1, warmup_ratio=0
+        )
+        accum = plan_batch(
+            micro_batch_size=micro, global_batch_size=global_, max_length=8, world_size=world
+        ).grad_accum_steps
         assert sampler.steps_per_epoch == s.steps_per_epoch
         assert len(sampler) == s.steps_per_epoch * accum  # what the HF Trainer divides by accumulation
         assert sum(len(b) for b in sampler) * world == rows - s.dropped_rows_per_epoch
@@ -200,8 +221,13 @@ def test_lr_at_equals_the_transformers_scheduler_at_every_step(name: str) -> Non
     for rows, ratio in [(1000, 0.03), (7 * 16, 0.5), (16, 0.0), (333, 0.1)]:
         s = plan_schedule(dataset_rows=rows, global_batch_size=16, epochs=3, max_steps=-1, warmup_ratio=ratio)
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
-        sched = get_scheduler(name, opt, num_warmup_steps=s.warmup_steps, num_training_steps=s.total_steps,
-                              scheduler_specific_kwargs=SCHEDULER_KWARGS[name] or None)
+        sched = get_scheduler(
+            name,
+            opt,
+            num_warmup_steps=s.warmup_steps,
+            num_training_steps=s.total_steps,
+            scheduler_specific_kwargs=SCHEDULER_KWARGS[name] or None,
+        )
         for step in range(s.total_steps):
             assert lr_at(step, schedule=s, lr=lr, scheduler_name=name) == sched.get_last_lr()[0], (name, step)
             opt.step()

@@ -107,8 +107,16 @@ def launch(out: Path, *, world: int, micro: int, loss_norm: str = "global") -> R
     if world > 1:
         port = free_port()
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        cmd += ["-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_addr", "127.0.0.1",
-                "--master_port", str(port)]
+        cmd += [
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(world),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+        ]
     cmd += ["-m", "tunefleet.distributed.sft", "--recipe", str(DEMO)]
     for o in overrides(out, micro):
         cmd += ["--set", o]
@@ -163,9 +171,11 @@ def report(rows: list[tuple[Run, Run, dict[str, float]]]) -> str:
     lines = []
     for a, b, d in rows:
         w = max(v for k, v in d.items() if k.startswith("weights"))
-        lines.append(f"{a.name} vs {b.name}: weights@1 {d['weights@1']:.2e} weights@3 {d['weights@3']:.2e} "
-                     f"weights(all steps) {w:.2e} loss {d['loss']:.2e} grad_norm {d['grad_norm']:.2e} "
-                     f"[{a.seconds:.1f} s, {b.seconds:.1f} s]")
+        lines.append(
+            f"{a.name} vs {b.name}: weights@1 {d['weights@1']:.2e} weights@3 {d['weights@3']:.2e} "
+            f"weights(all steps) {w:.2e} loss {d['loss']:.2e} grad_norm {d['grad_norm']:.2e} "
+            f"[{a.seconds:.1f} s, {b.seconds:.1f} s]"
+        )
     return "\n".join(lines)
 
 
@@ -238,7 +248,9 @@ def test_logged_loss_is_global_token_mean(runs: Runs, tiny_model_dir: Path) -> N
         # the premise: variable lengths (padding in micro batches > 1) and prompt tokens masked out
         lengths = {len(examples[i]["input_ids"]) for i in batch}
         assert len(lengths) > 1
-        assert all(-100 in examples[i]["labels"] and any(t != -100 for t in examples[i]["labels"]) for i in batch)
+        assert all(
+            -100 in examples[i]["labels"] and any(t != -100 for t in examples[i]["labels"]) for i in batch
+        )
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         if weights is not None:
             model = PeftModel.from_pretrained(model, weights)

@@ -59,8 +59,15 @@ def _files(d: Path) -> dict[str, bytes]:
 def test_layout_and_size(built):
     assert built.name == f"tiny-llama-{demo_model.build_hash()}"
     names = {p.name for p in built.iterdir()}
-    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-            "tokenizer_config.json", "chat_template.jinja", MARKER_FILE} <= names
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        MARKER_FILE,
+    } <= names
     assert not any(n.endswith(".bin") for n in names)
     total = sum(p.stat().st_size for p in built.iterdir())
     assert 500_000 < total < 5_000_000
@@ -73,8 +80,14 @@ def test_loadable(built, tokenizer):
     assert type(model).__name__ == "LlamaForCausalLM"
     assert model.dtype == torch.float32
     cfg = model.config
-    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
-            cfg.intermediate_size, cfg.max_position_embeddings) == (64, 2, 4, 2, 176, 1024)
+    assert (
+        cfg.hidden_size,
+        cfg.num_hidden_layers,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.intermediate_size,
+        cfg.max_position_embeddings,
+    ) == (64, 2, 4, 2, 176, 1024)
     assert cfg.tie_word_embeddings is False
     assert cfg.vocab_size == len(tokenizer) == 2000
     assert cfg.bos_token_id == tokenizer.bos_token_id
@@ -188,7 +201,11 @@ def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
 def test_fresh_process_build_is_quiet_and_identical(built, tmp_path):
     code = "from tunefleet.distributed.demo_model import ensure_tiny_llama; ensure_tiny_llama()"
     env = {**os.environ, "TUNEFLEET_CACHE": str(tmp_path)}
-    for quietening in ("TOKENIZERS_PARALLELISM", "TRANSFORMERS_NO_ADVISORY_WARNINGS", "TRANSFORMERS_VERBOSITY"):
+    for quietening in (
+        "TOKENIZERS_PARALLELISM",
+        "TRANSFORMERS_NO_ADVISORY_WARNINGS",
+        "TRANSFORMERS_VERBOSITY",
+    ):
         env.pop(quietening, None)  # conftest sets some: the build must be quiet without them
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -309,4 +326,6 @@ def test_data_small_and_reproducible(tmp_path):
     spec.loader.exec_module(gen)
     rendered = gen.render()
     for f in files:
-        assert rendered[f].encode("utf-8") == (data / f).read_bytes(), f"{f} is stale: run tools/make_demo_data.py"
+        assert rendered[f].encode("utf-8") == (data / f).read_bytes(), (
+            f"{f} is stale: run tools/make_demo_data.py"
+        )

@@ -20,13 +20,22 @@ from tunefleet.launch import recipe as R
 pytestmark = pytest.mark.gpu
 
 DEMO = Path(str(resources.files("tunefleet.recipes"))) / "demo.yaml"
-QUICK = ["train.max_steps=4", "train.logging_steps=1", "train.save_steps=0", "batch.micro_batch_size=4",
-         "batch.global_batch_size=8", "data.max_length=128"]
+QUICK = [
+    "train.max_steps=4",
+    "train.logging_steps=1",
+    "train.save_steps=0",
+    "batch.micro_batch_size=4",
+    "batch.global_batch_size=8",
+    "data.max_length=128",
+]
 
 
 def losses(out: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
-            if "loss" in json.loads(line)]
+    return [
+        json.loads(line)["loss"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
 
 
 @pytest.mark.parametrize(
@@ -41,7 +50,9 @@ def losses(out: Path) -> list[float]:
 def test_quantized_training_on_cuda(tmp_path: Path, extra: list[str]) -> None:
     """bitsandbytes CUDA kernels and paged optimizers: trains in bf16, finite losses, adapter saved."""
     out = tmp_path / "run"
-    recipe = R.load(DEMO, [f"output_dir={out}", *QUICK, "train.precision=bf16", "model.dtype=bfloat16", *extra])
+    recipe = R.load(
+        DEMO, [f"output_dir={out}", *QUICK, "train.precision=bf16", "model.dtype=bfloat16", *extra]
+    )
     assert sft.run(recipe) == 0
     values = losses(out)
     assert len(values) == 4 and all(v == v for v in values)
@@ -55,8 +66,19 @@ def test_nccl_ddp_two_gpus(tmp_path: Path) -> None:
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs for an NCCL run")
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "tunefleet.launch.cli", "launch", str(DEMO), "--gpus", "2",
-           "--set", f"output_dir={out}", "--set", "parallel.strategy=ddp"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tunefleet.launch.cli",
+        "launch",
+        str(DEMO),
+        "--gpus",
+        "2",
+        "--set",
+        f"output_dir={out}",
+        "--set",
+        "parallel.strategy=ddp",
+    ]
     for o in QUICK:
         cmd += ["--set", o]
     subprocess.run(cmd, check=True, timeout=600)

@@ -45,9 +45,19 @@ the first steps whatever its tiny value, so last-bit differences in ZeRO-3's red
 ~1e-5 differences in a few lora_B elements (measured 6e-6 for ZeRO-3, 4e-5 for ZeRO-3 + QLoRA, set
 at step 1-2 and not growing; DDP/ZeRO-2 4e-7) while the losses agree to 1e-6."""
 STEPS = 4
-BASE = ["data.limit=32", "data.max_length=64", "batch.micro_batch_size=2", "batch.global_batch_size=8",
-        f"train.max_steps={STEPS}", "train.logging_steps=1", "train.save_steps=2", "train.warmup_ratio=0",
-        "peft.dropout=0.0", "train.precision=fp32", "checkpoint.keep_last=null"]
+BASE = [
+    "data.limit=32",
+    "data.max_length=64",
+    "batch.micro_batch_size=2",
+    "batch.global_batch_size=8",
+    f"train.max_steps={STEPS}",
+    "train.logging_steps=1",
+    "train.save_steps=2",
+    "train.warmup_ratio=0",
+    "peft.dropout=0.0",
+    "train.precision=fp32",
+    "checkpoint.keep_last=null",
+]
 QLORA = ["model.quantization=nf4"]
 EXTENSIONS = Path.home() / ".cache" / "tunefleet" / "torch_extensions"
 """DeepSpeed JIT-compiles its shared-memory op once into this cache (g++ and ninja needed)."""
@@ -58,8 +68,17 @@ def sets(*overrides: str) -> list[str]:
 
 
 def launch_argv(out: Path, nproc: int, *overrides: str, extra: tuple[str, ...] = ()) -> list[str]:
-    return [sys.executable, "-m", "tunefleet.launch.cli", "launch", str(DEMO), "--nproc", str(nproc),
-            *sets(f"output_dir={out}", *overrides), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "tunefleet.launch.cli",
+        "launch",
+        str(DEMO),
+        "--nproc",
+        str(nproc),
+        *sets(f"output_dir={out}", *overrides),
+        *extra,
+    ]
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -90,9 +109,15 @@ def max_diff(a: dict[int, float], b: dict[int, float]) -> float:
 
 def test_dry_run_prints_and_writes_nothing(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = subprocess.run(launch_argv(out, 2, "parallel.strategy=deepspeed-zero3", *QLORA,
-                                      extra=("--dry-run", "--main-port", "29533")),
-                          capture_output=True, text=True, env=env(), timeout=120)
+    proc = subprocess.run(
+        launch_argv(
+            out, 2, "parallel.strategy=deepspeed-zero3", *QLORA, extra=("--dry-run", "--main-port", "29533")
+        ),
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
     assert not out.exists(), "--dry-run wrote files"
@@ -100,7 +125,9 @@ def test_dry_run_prints_and_writes_nothing(tmp_path: Path) -> None:
     assert "note: model.quant_storage_dtype=float32" in text  # compat's adjustment is shown
     for name in ("accelerate.yaml", "deepspeed.json", "recipe.yaml", "command.txt"):
         assert f"would write {out / 'launch' / name}" in text and f"--- {out / 'launch' / name}" in text
-    assert "distributed_type: DEEPSPEED" in text and '"stage": 3' in text and "main_process_port: 29533" in text
+    assert (
+        "distributed_type: DEEPSPEED" in text and '"stage": 3' in text and "main_process_port: 29533" in text
+    )
     command = [line for line in text.splitlines() if line.startswith("env ")]
     assert command and "accelerate.commands.accelerate_cli launch --config_file" in command[0]
     assert "TUNEFLEET_DISTRIBUTED_TYPE=DEEPSPEED" in command[0] and "ACCELERATE_USE_CPU" not in command[0]
@@ -108,11 +135,13 @@ def test_dry_run_prints_and_writes_nothing(tmp_path: Path) -> None:
 
 
 def test_launcher_imports_no_torch(tmp_path: Path) -> None:
-    code = ("import sys\nfrom tunefleet.launch import workstation as ws\n"
-            "hw = ws.hardware(nproc=2, gpus=None, visible_gpus=0, main_port=29500)\n"
-            f"ws.prepare_launch({str(DEMO)!r}, ['output_dir={tmp_path / 'r'}', 'parallel.strategy=fsdp'], hw)\n"
-            "heavy = [m for m in ('torch', 'transformers', 'accelerate', 'deepspeed') if m in sys.modules]\n"
-            "assert not heavy, heavy\n")
+    code = (
+        "import sys\nfrom tunefleet.launch import workstation as ws\n"
+        "hw = ws.hardware(nproc=2, gpus=None, visible_gpus=0, main_port=29500)\n"
+        f"ws.prepare_launch({str(DEMO)!r}, ['output_dir={tmp_path / 'r'}', 'parallel.strategy=fsdp'], hw)\n"
+        "heavy = [m for m in ('torch', 'transformers', 'accelerate', 'deepspeed') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
 
@@ -123,8 +152,9 @@ def test_written_files_are_what_is_launched(tmp_path: Path) -> None:
 
     out = tmp_path / "run"
     hw = ws.hardware(nproc=2, gpus=None, visible_gpus=0, main_port=29534)
-    plan = ws.prepare_launch(str(DEMO), [f"output_dir={out}", "parallel.strategy=fsdp-qlora", *QLORA], hw,
-                             python="python")
+    plan = ws.prepare_launch(
+        str(DEMO), [f"output_dir={out}", "parallel.strategy=fsdp-qlora", *QLORA], hw, python="python"
+    )
     ws.write_launch_files(plan)
     launch_dir = out / "launch"
     assert sorted(p.name for p in launch_dir.iterdir()) == ["accelerate.yaml", "command.txt", "recipe.yaml"]
@@ -139,11 +169,16 @@ def test_written_files_are_what_is_launched(tmp_path: Path) -> None:
     # the entrypoint sees a fresh run, not a foreign directory
     from tunefleet.distributed import sft
 
-    assert sft.decide_start(out, sft.inspect_output_dir(out), overwrite=False, no_resume=False) == ("fresh", None)
+    assert sft.decide_start(out, sft.inspect_output_dir(out), overwrite=False, no_resume=False) == (
+        "fresh",
+        None,
+    )
 
 
 def test_hardware_choice() -> None:
-    assert ws.hardware(nproc=None, gpus=None, visible_gpus=0, main_port=1) == Hardware(use_cpu=True, main_process_port=1)
+    assert ws.hardware(nproc=None, gpus=None, visible_gpus=0, main_port=1) == Hardware(
+        use_cpu=True, main_process_port=1
+    )
     assert ws.hardware(nproc=None, gpus=None, visible_gpus=4, main_port=1).num_processes == 4
     assert ws.hardware(nproc=3, gpus=None, visible_gpus=4, main_port=1).use_cpu
     gpus = ws.hardware(nproc=None, gpus=2, visible_gpus=0, main_port=1)
@@ -157,8 +192,11 @@ def test_refusals_before_anything_starts(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="`single` runs one process"):
         ws.prepare_launch(str(DEMO), [f"output_dir={tmp_path / 'a'}"], hw2)
     with pytest.raises(RecipeError, match="FSDP1 needs GPUs"):
-        ws.prepare_launch(str(DEMO), [f"output_dir={tmp_path / 'a'}", "parallel.strategy=fsdp",
-                                      "parallel.fsdp_version=1"], hw2)
+        ws.prepare_launch(
+            str(DEMO),
+            [f"output_dir={tmp_path / 'a'}", "parallel.strategy=fsdp", "parallel.fsdp_version=1"],
+            hw2,
+        )
     finished = tmp_path / "done"
     (finished / "final").mkdir(parents=True)
     (finished / "recipe.yaml").write_text("x")
@@ -166,7 +204,9 @@ def test_refusals_before_anything_starts(tmp_path: Path) -> None:
         ws.prepare_launch(str(DEMO), [f"output_dir={finished}", "parallel.strategy=ddp"], hw2)
     assert sorted(p.name for p in finished.iterdir()) == ["final", "recipe.yaml"]  # nothing written
     # --overwrite: the old run is moved aside by the launcher, before the new files are written
-    plan = ws.prepare_launch(str(DEMO), [f"output_dir={finished}", "parallel.strategy=ddp"], hw2, overwrite=True)
+    plan = ws.prepare_launch(
+        str(DEMO), [f"output_dir={finished}", "parallel.strategy=ddp"], hw2, overwrite=True
+    )
     assert plan.start == "overwrite"
     ws.write_launch_files(plan)
     assert [p.name for p in finished.iterdir()] == ["launch"]
@@ -180,13 +220,18 @@ def test_checkpoint_layout_refusals() -> None:
         ckpt.check_layout(zero2, "deepspeed-zero2", 3)
     with pytest.raises(TunefleetError, match="cannot read it"):
         ckpt.check_layout(zero2, "deepspeed-zero3", 2)
-    fsdp2 = {"strategy": "fsdp", "world_size": 2,
-             "recipe": {"parallel": {"fsdp_version": 2, "state_dict": "sharded"}}}
+    fsdp2 = {
+        "strategy": "fsdp",
+        "world_size": 2,
+        "recipe": {"parallel": {"fsdp_version": 2, "state_dict": "sharded"}},
+    }
     ckpt.check_layout(fsdp2, "fsdp", 3)  # DCP reshards FSDP2 LoRA shards (tests/test_fsdp_checkpoints.py)
     with pytest.raises(TunefleetError, match="resharding is tested for FSDP2 LoRA sharded checkpoints only"):
         ckpt.check_layout({**fsdp2, "strategy": "fsdp-qlora"}, "fsdp-qlora", 4)
     with pytest.raises(TunefleetError, match="resharding is tested for FSDP2 LoRA sharded checkpoints only"):
-        ckpt.check_layout({**fsdp2, "recipe": {"parallel": {"fsdp_version": 2, "state_dict": "full"}}}, "fsdp", 4)
+        ckpt.check_layout(
+            {**fsdp2, "recipe": {"parallel": {"fsdp_version": 2, "state_dict": "full"}}}, "fsdp", 4
+        )
     ckpt.check_layout({"strategy": "ddp", "world_size": 2}, "single", 1)  # torch checkpoints: any world size
     with pytest.raises(TunefleetError, match="cannot read it"):
         ckpt.check_layout({"strategy": "single", "world_size": 1}, "fsdp", 2)
@@ -196,8 +241,16 @@ def test_exit_code_relay(tmp_path: Path) -> None:
     """accelerate's launchers turn every failure into 1; rank 0's code (75: requeue) comes through."""
     exit_file = tmp_path / ws.EXIT_FILE
     script = f"import pathlib, sys; pathlib.Path({str(exit_file)!r}).write_text(sys.argv[1]); sys.exit(1)"
-    plan = ws.LaunchPlan(recipe=None, hw=Hardware(), notes=[], config_dir=tmp_path, files={},  # type: ignore[arg-type]
-                         argv=[sys.executable, "-c", script, "75"], env={}, start="fresh")
+    plan = ws.LaunchPlan(
+        recipe=None,
+        hw=Hardware(),
+        notes=[],
+        config_dir=tmp_path,
+        files={},  # type: ignore[arg-type]
+        argv=[sys.executable, "-c", script, "75"],
+        env={},
+        start="fresh",
+    )
     assert ws.run_launch(plan) == 75
     plan = ws.LaunchPlan(**{**plan.__dict__, "argv": [sys.executable, "-c", script, "0"]})
     assert ws.run_launch(plan) == 1  # rank 0 finished, another rank failed: the launcher's code
@@ -222,24 +275,32 @@ def test_guard_stops_silent_fallbacks(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(TunefleetError, match="DeepSpeed was not turned on"):
         guard.check_distributed(_State("MULTI_CPU", 2), zero, "deepspeed-zero2")
     with pytest.raises(TunefleetError, match="did not join one world"):
-        guard.check_distributed(_State("MULTI_CPU", 1), guard.Expectation(
-            distributed_type="MULTI_CPU", world_size=2, source="the recipe"), "ddp")
+        guard.check_distributed(
+            _State("MULTI_CPU", 1),
+            guard.Expectation(distributed_type="MULTI_CPU", world_size=2, source="the recipe"),
+            "ddp",
+        )
     with pytest.raises(TunefleetError, match="no DTensor parameter"):
         guard.check_sharding("fsdp", {"kind": "ddp", "params": 3}, 2)
     with pytest.raises(TunefleetError, match="only 1 of 3 parameters are ZeRO-3 partitioned"):
-        guard.check_sharding("deepspeed-zero3", {"kind": "deepspeed-zero3", "params": 3, "partitioned_params": 1}, 2)
+        guard.check_sharding(
+            "deepspeed-zero3", {"kind": "deepspeed-zero3", "params": 3, "partitioned_params": 1}, 2
+        )
     # launched by hand: the expectation comes from the recipe and WORLD_SIZE
     from tunefleet.launch import recipe as R
 
     monkeypatch.delenv(guard.LAUNCHED_BY_TUNEFLEET, raising=False)
     recipe, hw, notes = guard.resolve_for_runtime(R.load(DEMO, ["output_dir=x"]), 2, use_cpu=True)
     assert recipe.parallel.strategy == "ddp" and "by hand runs as ddp" in notes[0]
-    assert guard.expectation(recipe, hw) == guard.Expectation(distributed_type="MULTI_CPU", world_size=2,
-                                                              source="the recipe")
+    assert guard.expectation(recipe, hw) == guard.Expectation(
+        distributed_type="MULTI_CPU", world_size=2, source="the recipe"
+    )
 
 
 def test_cpu_fsdp_switch(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert cpu_fsdp.wanted("fsdp", cuda_available=False) and cpu_fsdp.wanted("fsdp-qlora", cuda_available=False)
+    assert cpu_fsdp.wanted("fsdp", cuda_available=False) and cpu_fsdp.wanted(
+        "fsdp-qlora", cuda_available=False
+    )
     assert not cpu_fsdp.wanted("fsdp", cuda_available=True)
     assert not cpu_fsdp.wanted("deepspeed-zero3", cuda_available=False)
     monkeypatch.setenv(cpu_fsdp.ENV_SWITCH, "0")
@@ -259,11 +320,22 @@ CASES: dict[str, tuple[int, list[str], str, str, str]] = {
     "ddp": (2, ["parallel.strategy=ddp"], "lora-8", "MULTI_CPU", "ddp"),
     "zero2": (2, ["parallel.strategy=deepspeed-zero2"], "lora-8", "DEEPSPEED", "deepspeed-zero2"),
     "zero3": (2, ["parallel.strategy=deepspeed-zero3"], "lora-8", "DEEPSPEED", "deepspeed-zero3"),
-    "zero3-qlora": (2, ["parallel.strategy=deepspeed-zero3", *QLORA], "qlora-8", "DEEPSPEED", "deepspeed-zero3"),
+    "zero3-qlora": (
+        2,
+        ["parallel.strategy=deepspeed-zero3", *QLORA],
+        "qlora-8",
+        "DEEPSPEED",
+        "deepspeed-zero3",
+    ),
     "fsdp": (2, ["parallel.strategy=fsdp"], "lora-8", "FSDP", "fsdp2"),
     "fsdp-qlora": (2, ["parallel.strategy=fsdp-qlora", *QLORA], "qlora-8", "FSDP", "fsdp2"),
-    "zero2-3proc": (3, ["parallel.strategy=deepspeed-zero2", "batch.global_batch_size=6"], "lora-6", "DEEPSPEED",
-                    "deepspeed-zero2"),
+    "zero2-3proc": (
+        3,
+        ["parallel.strategy=deepspeed-zero2", "batch.global_batch_size=6"],
+        "lora-6",
+        "DEEPSPEED",
+        "deepspeed-zero2",
+    ),
 }
 
 
@@ -287,12 +359,18 @@ def reference(workdir: Path, name: str) -> Path:
     return _done[name]
 
 
-def run_launch(out: Path, nproc: int, overrides: list[str], *, extra: tuple[str, ...] = (),
-               **env_extra: str) -> subprocess.CompletedProcess:
+def run_launch(
+    out: Path, nproc: int, overrides: list[str], *, extra: tuple[str, ...] = (), **env_extra: str
+) -> subprocess.CompletedProcess:
     log = out.parent / f"{out.name}.log"
     with log.open("w") as f:
-        proc = subprocess.run(launch_argv(out, nproc, *overrides, extra=extra), env=env(**env_extra), stdout=f,
-                              stderr=subprocess.STDOUT, timeout=420)
+        proc = subprocess.run(
+            launch_argv(out, nproc, *overrides, extra=extra),
+            env=env(**env_extra),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            timeout=420,
+        )
     proc.stdout = log.read_text()  # type: ignore[assignment]
     return proc
 
@@ -393,9 +471,19 @@ def test_sigusr1_checkpoints_and_the_launcher_exits_75(workdir: Path) -> None:
     out = workdir / "preempted"
     log = workdir / "preempted.log"
     with log.open("w") as f:
-        proc = subprocess.Popen(launch_argv(out, 2, "parallel.strategy=ddp", "train.max_steps=200",
-                                            "train.save_steps=1", "checkpoint.keep_last=1"),
-                                env=env(), stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            launch_argv(
+                out,
+                2,
+                "parallel.strategy=ddp",
+                "train.max_steps=200",
+                "train.save_steps=1",
+                "checkpoint.keep_last=1",
+            ),
+            env=env(),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 240
         while ckpt.latest(out) is None:

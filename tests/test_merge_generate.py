@@ -278,8 +278,18 @@ def test_qlora_merges_into_dequantized_base(tmp_path: Path) -> None:
     # equal to the unquantized bf16 base + adapter, within bf16 rounding of the merged weights
     _assert_merge_equal(tmp_path / "merged", run / "final", torch.bfloat16, atol=0.05, rtol=0.02)
     # generation from the QLoRA run works on CPU (the base is loaded unquantized there, and says so)
-    cmd = [sys.executable, "-m", "tunefleet.launch.cli", "generate", str(run), "--prompt", "Spell cat.",
-           "--max-new-tokens", "8", "--jsonl"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tunefleet.launch.cli",
+        "generate",
+        str(run),
+        "--prompt",
+        "Spell cat.",
+        "--max-new-tokens",
+        "8",
+        "--jsonl",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "loads the nf4 base unquantized" in proc.stderr

@@ -24,8 +24,15 @@ ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "dow
 def _tiny_llama_config(**overrides: object):
     from transformers import LlamaConfig
 
-    settings = dict(vocab_size=320, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    settings = dict(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     return LlamaConfig(**{**settings, **overrides})
 
 
@@ -33,18 +40,36 @@ def _tiny_llama_config(**overrides: object):
 
 
 def test_lora_config_kwargs_maps_every_field() -> None:
-    peft = PeftConfig(method="dora", use_rslora=True, init="gaussian", r=8, alpha=16, dropout=0.1,
-                      bias="lora_only", target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    peft = PeftConfig(
+        method="dora",
+        use_rslora=True,
+        init="gaussian",
+        r=8,
+        alpha=16,
+        dropout=0.1,
+        bias="lora_only",
+        target_modules=["q_proj", "v_proj"],
+        modules_to_save=["lm_head"],
+    )
     assert lora_config_kwargs(peft) == {
-        "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "bias": "lora_only",
-        "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"], "use_dora": True,
-        "use_rslora": True, "init_lora_weights": "gaussian",
+        "task_type": "CAUSAL_LM",
+        "r": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.1,
+        "bias": "lora_only",
+        "target_modules": ["q_proj", "v_proj"],
+        "modules_to_save": ["lm_head"],
+        "use_dora": True,
+        "use_rslora": True,
+        "init_lora_weights": "gaussian",
     }
     defaults = lora_config_kwargs(PeftConfig())
     assert defaults["init_lora_weights"] is True and defaults["target_modules"] == "all-linear"
     assert defaults["use_dora"] is False and defaults["modules_to_save"] is None
     assert {lora_config_kwargs(PeftConfig(init=i))["init_lora_weights"] for i in ("pissa", "olora")} == {
-        "pissa", "olora"}
+        "pissa",
+        "olora",
+    }
     loftq = lora_config_kwargs(PeftConfig(init="loftq"))
     assert loftq["init_lora_weights"] == "loftq" and loftq["loftq_config"] == LOFTQ_CONFIG
 
@@ -55,7 +80,11 @@ def test_lora_config_kwargs_are_accepted_by_peft() -> None:
     assert LOFTQ_CONFIG == vars(LoftQConfig())
     for peft in (PeftConfig(), PeftConfig(method="dora", init="pissa", modules_to_save=["embed_tokens"])):
         config = LoraConfig(**lora_config_kwargs(peft))
-        assert config.r == peft.r and config.lora_alpha == peft.alpha and config.use_dora == (peft.method == "dora")
+        assert (
+            config.r == peft.r
+            and config.lora_alpha == peft.alpha
+            and config.use_dora == (peft.method == "dora")
+        )
 
 
 # ----------------------------------------------------------------------------- counts vs PEFT
@@ -97,8 +126,12 @@ def test_counts_equal_peft_on_a_4bit_model(tmp_path: Path) -> None:
     config = _tiny_llama_config()
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.bfloat16)
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bnb, dtype=torch.bfloat16)
@@ -114,11 +147,21 @@ def test_counts_equal_peft_on_a_4bit_model(tmp_path: Path) -> None:
 def _closed_form_lora(config: dict, r: int, targets: list[str]) -> int:
     """r x (in + out) per adapted projection per layer, from the config alone (independent of PEFT)."""
     h = config["hidden_size"]
-    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
+    heads, kv = (
+        config["num_attention_heads"],
+        config.get("num_key_value_heads", config["num_attention_heads"]),
+    )
     d = config.get("head_dim") or h // heads
     i = config["intermediate_size"]
-    shapes = {"q_proj": (h, heads * d), "k_proj": (h, kv * d), "v_proj": (h, kv * d), "o_proj": (heads * d, h),
-              "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    shapes = {
+        "q_proj": (h, heads * d),
+        "k_proj": (h, kv * d),
+        "v_proj": (h, kv * d),
+        "o_proj": (heads * d, h),
+        "gate_proj": (h, i),
+        "up_proj": (h, i),
+        "down_proj": (i, h),
+    }
     return config["num_hidden_layers"] * sum(r * sum(shapes[t]) for t in targets)
 
 
@@ -141,8 +184,10 @@ def test_fixture_models_on_the_meta_device(name: str) -> None:
         names = ALL_PROJ if targets == "all-linear" else targets
         assert counts.trainable == _closed_form_lora(config, r, names)
     # all-linear = the seven projections on these architectures
-    assert count_params(config, PeftConfig(r=r, alpha=alpha, target_modules="all-linear"))[0] == count_params(
-        config, PeftConfig(r=r, alpha=alpha, target_modules=ALL_PROJ))[0]
+    assert (
+        count_params(config, PeftConfig(r=r, alpha=alpha, target_modules="all-linear"))[0]
+        == count_params(config, PeftConfig(r=r, alpha=alpha, target_modules=ALL_PROJ))[0]
+    )
 
 
 def test_quantized_parameter_counts() -> None:
@@ -179,11 +224,16 @@ def _saved_activation_bytes(layers: int, *, attn: str, dropout: float, targets, 
     torch.manual_seed(0)
     config = _tiny_llama_config(num_hidden_layers=layers, hidden_size=128, intermediate_size=352)
     model = AutoModelForCausalLM.from_config(
-        config, dtype=torch.bfloat16 if mixed else torch.float32, attn_implementation=attn)
+        config, dtype=torch.bfloat16 if mixed else torch.float32, attn_implementation=attn
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=targets,
-                                                 task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=8, lora_alpha=16, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM"
+            ),
+        )
     model.train()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     shapes = {tuple(p.shape) for p in model.parameters()} | {tuple(p.shape)[::-1] for p in model.parameters()}
@@ -196,8 +246,10 @@ def _saved_activation_bytes(layers: int, *, attn: str, dropout: float, targets, 
         return t
 
     ids = torch.randint(0, config.vocab_size, (2, 50))  # 100 tokens: no activation looks like a weight
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed), torch.autograd.graph.saved_tensors_hooks(
-            pack, lambda t: t):
+    with (
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+    ):
         out = model(input_ids=ids, labels=ids)
     del out
     return sum(seen.values())
@@ -216,23 +268,51 @@ def _saved_activation_bytes(layers: int, *, attn: str, dropout: float, targets, 
     ],
 )
 def test_activation_formula_matches_autograd(attn: str, dropout: float, targets, mixed: bool) -> None:
-    per_layer = _saved_activation_bytes(3, attn=attn, dropout=dropout, targets=targets, mixed=mixed) - \
-        _saved_activation_bytes(2, attn=attn, dropout=dropout, targets=targets, mixed=mixed)
-    shape = ModelShape(hidden_size=128, num_layers=1, num_attention_heads=4, num_kv_heads=2, head_dim=32,
-                       intermediate_size=352, vocab_size=320)
+    per_layer = _saved_activation_bytes(
+        3, attn=attn, dropout=dropout, targets=targets, mixed=mixed
+    ) - _saved_activation_bytes(2, attn=attn, dropout=dropout, targets=targets, mixed=mixed)
+    shape = ModelShape(
+        hidden_size=128,
+        num_layers=1,
+        num_attention_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        intermediate_size=352,
+        vocab_size=320,
+    )
     predicted = activation_bytes_per_token_per_layer(
-        shape, seq_len=50, compute_bytes=2 if mixed else 4, mixed_precision=mixed, lora_targets=targets,
-        lora_rank=8, lora_dropout=dropout, attn_implementation=attn,
+        shape,
+        seq_len=50,
+        compute_bytes=2 if mixed else 4,
+        mixed_precision=mixed,
+        lora_targets=targets,
+        lora_rank=8,
+        lora_dropout=dropout,
+        attn_implementation=attn,
         dropout_mask_bytes=4,  # CPU dropout keeps its mask in the input dtype (fp32 adapter input); CUDA: bool
     )
     assert per_layer == predicted * 100
 
 
 QWEN3 = ModelShape.from_config(json.loads((FIXTURES / "qwen3-14b" / "config.json").read_text()))
-COMMON = dict(shape=QWEN3, base_params=14_768_307_200, adapter_params=64_225_280, trainable_params=64_225_280,
-              quantized_params=0, quantization="none", precision="bf16", weight_bytes=2, world_size=8,
-              micro_batch_size=2, max_length=2048, gradient_checkpointing=True, optimizer="adamw_torch",
-              lora_targets="all-linear", lora_rank=16, lora_dropout=0.05)
+COMMON = dict(
+    shape=QWEN3,
+    base_params=14_768_307_200,
+    adapter_params=64_225_280,
+    trainable_params=64_225_280,
+    quantized_params=0,
+    quantization="none",
+    precision="bf16",
+    weight_bytes=2,
+    world_size=8,
+    micro_batch_size=2,
+    max_length=2048,
+    gradient_checkpointing=True,
+    optimizer="adamw_torch",
+    lora_targets="all-linear",
+    lora_rank=16,
+    lora_dropout=0.05,
+)
 
 
 def _parts(**kwargs: object) -> dict[str, int]:
@@ -258,13 +338,21 @@ def test_memory_sharding_and_offload() -> None:
 def test_memory_quantization_checkpointing_optimizer() -> None:
     nf4 = _parts(strategy="single", quantization="nf4", quantized_params=13_212_057_600)
     rest = 14_768_307_200 - 13_212_057_600
-    assert nf4["base weights"] == pytest.approx(13_212_057_600 * 4.127 / 8 + rest * 4, rel=1e-3)  # kbit: rest fp32
+    assert nf4["base weights"] == pytest.approx(
+        13_212_057_600 * 4.127 / 8 + rest * 4, rel=1e-3
+    )  # kbit: rest fp32
     plain = _parts(strategy="single", gradient_checkpointing=False)
     ckpt = _parts(strategy="single")
     assert ckpt["activations"] < plain["activations"] / 10
     assert plain["activations"] == 2 * 2048 * 40 * activation_bytes_per_token_per_layer(
-        QWEN3, seq_len=2048, compute_bytes=2, mixed_precision=True, lora_targets="all-linear", lora_rank=16,
-        lora_dropout=0.05)
+        QWEN3,
+        seq_len=2048,
+        compute_bytes=2,
+        mixed_precision=True,
+        lora_targets="all-linear",
+        lora_rank=16,
+        lora_dropout=0.05,
+    )
     assert _parts(strategy="single", optimizer="paged_adamw_8bit")["optimizer state"] == 64_225_280 * 2
     total = estimate_memory(**{**COMMON, "strategy": "single"})
     assert total.total_bytes == sum(ckpt.values())
@@ -275,11 +363,21 @@ def test_memory_quantization_checkpointing_optimizer() -> None:
 
 
 def _recipe(**sections: dict) -> R.Recipe:
-    raw = {"output_dir": "runs/x", "model": {"name_or_path": "Qwen/Qwen3-14B", "quantization": "nf4"},
-           "peft": {"target_modules": ALL_PROJ}, "data": {"path": "d.jsonl", "max_length": 1024},
-           "train": {"epochs": 3, "lr": 2e-4, "warmup_ratio": 0.03, "precision": "bf16",
-                     "gradient_checkpointing": True, "optimizer": "paged_adamw_8bit"},
-           "batch": {"micro_batch_size": 4, "global_batch_size": 16}}
+    raw = {
+        "output_dir": "runs/x",
+        "model": {"name_or_path": "Qwen/Qwen3-14B", "quantization": "nf4"},
+        "peft": {"target_modules": ALL_PROJ},
+        "data": {"path": "d.jsonl", "max_length": 1024},
+        "train": {
+            "epochs": 3,
+            "lr": 2e-4,
+            "warmup_ratio": 0.03,
+            "precision": "bf16",
+            "gradient_checkpointing": True,
+            "optimizer": "paged_adamw_8bit",
+        },
+        "batch": {"micro_batch_size": 4, "global_batch_size": 16},
+    }
     for name, values in sections.items():
         raw[name] = {**raw.get(name, {}), **values}
     return R.from_dict(raw)
@@ -291,9 +389,19 @@ QWEN3_CONFIG = json.loads((FIXTURES / "qwen3-14b" / "config.json").read_text())
 def test_plan_json_has_the_contract_keys() -> None:
     plan = build_plan(_recipe(), dataset_rows=1000, model_config=QWEN3_CONFIG, recipe_path="r.yaml")
     json.dumps(plan)  # serialisable as it is
-    expected = {"world_size": 1, "micro_batch_size": 4, "grad_accum_steps": 4, "global_batch_size": 16,
-                "steps_per_epoch": 62, "total_steps": 186, "warmup_steps": 6, "trainable_params": 64_225_280,
-                "total_params": 14_832_532_480, "dropped_rows_per_epoch": 8, "global_batch_tokens": 16 * 1024}
+    expected = {
+        "world_size": 1,
+        "micro_batch_size": 4,
+        "grad_accum_steps": 4,
+        "global_batch_size": 16,
+        "steps_per_epoch": 62,
+        "total_steps": 186,
+        "warmup_steps": 6,
+        "trainable_params": 64_225_280,
+        "total_params": 14_832_532_480,
+        "dropped_rows_per_epoch": 8,
+        "global_batch_tokens": 16 * 1024,
+    }
     assert {k: plan[k] for k in expected} == expected
     assert [p for p, _ in plan["lr_schedule"]["points"]] == [0, 6, 46, 93, 139, 185]
     assert plan["memory"]["total_bytes"] > 0 and plan["launch_commands"] == ["tunefleet train r.yaml"]
@@ -303,34 +411,52 @@ def test_plan_json_has_the_contract_keys() -> None:
 
 
 def test_plan_on_several_nodes() -> None:
-    plan = build_plan(_recipe(batch={"micro_batch_size": 1, "global_batch_size": 64}, parallel={"strategy": "ddp"}),
-                      nodes=2, procs_per_node=4, dataset_rows=1000, model_config=None, recipe_path="r.yaml",
-                      overrides=["train.max_steps=10"])
+    plan = build_plan(
+        _recipe(batch={"micro_batch_size": 1, "global_batch_size": 64}, parallel={"strategy": "ddp"}),
+        nodes=2,
+        procs_per_node=4,
+        dataset_rows=1000,
+        model_config=None,
+        recipe_path="r.yaml",
+        overrides=["train.max_steps=10"],
+    )
     assert (plan["world_size"], plan["grad_accum_steps"], plan["trainable_params"]) == (8, 8, None)
     assert len(plan["launch_commands"]) == 2
     assert "--nnodes 2 --nproc_per_node 4 --node_rank 1" in plan["launch_commands"][1]
     assert plan["launch_commands"][0].endswith("--recipe r.yaml --set train.max_steps=10")
     with pytest.raises(RecipeError, match="nearest valid global batches: 48, 72"):
-        build_plan(_recipe(batch={"micro_batch_size": 4, "global_batch_size": 64}), nodes=3, procs_per_node=2,
-                   dataset_rows=1000, model_config=None)
+        build_plan(
+            _recipe(batch={"micro_batch_size": 4, "global_batch_size": 64}),
+            nodes=3,
+            procs_per_node=2,
+            dataset_rows=1000,
+            model_config=None,
+        )
 
 
 def test_plan_warnings() -> None:
-    plan = build_plan(_recipe(batch={"micro_batch_size": 1, "global_batch_size": 128},
-                              train={"lr_scheduler": "constant"}),
-                      nodes=1, procs_per_node=1, dataset_rows=1000, model_config=None,
-                      previous_batch={"global_batch_size": 64})
+    plan = build_plan(
+        _recipe(batch={"micro_batch_size": 1, "global_batch_size": 128}, train={"lr_scheduler": "constant"}),
+        nodes=1,
+        procs_per_node=1,
+        dataset_rows=1000,
+        model_config=None,
+        previous_batch={"global_batch_size": 64},
+    )
     text = " | ".join(plan["warnings"])
     assert "128 accumulation steps (> 64)" in text
     assert "constant has no warm-up" in text
     assert "started with a global batch of 64" in text
-    same = build_plan(_recipe(), dataset_rows=1000, model_config=None, previous_batch={"global_batch_size": 16})
+    same = build_plan(
+        _recipe(), dataset_rows=1000, model_config=None, previous_batch={"global_batch_size": 16}
+    )
     assert same["warnings"] == []
     plan = build_plan(_recipe(), nodes=2, procs_per_node=2, dataset_rows=None, model_config=None)
     assert "parallel.strategy=single on 4 processes" in " ".join(plan["warnings"])
     assert plan["steps_per_epoch"] is None and plan["total_steps"] is None
-    plan = build_plan(_recipe(train={"max_steps": 5}), dataset_rows=None, model_config=QWEN3_CONFIG,
-                      gpu_memory_gib=8)
+    plan = build_plan(
+        _recipe(train={"max_steps": 5}), dataset_rows=None, model_config=QWEN3_CONFIG, gpu_memory_gib=8
+    )
     assert (plan["total_steps"], plan["warmup_steps"]) == (5, 1)
     assert any("only 5 optimizer steps" in w for w in plan["warnings"])
     assert any("exceeds 8 GiB" in w for w in plan["warnings"])
@@ -375,16 +501,28 @@ def test_make_plan_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"instruction": "i", "output": "o"}) + "\n"
-                                                  for _ in range(100)))
+    (tmp_path / "train.jsonl").write_text(
+        "".join(json.dumps({"instruction": "i", "output": "o"}) + "\n" for _ in range(100))
+    )
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(json.dumps({"output_dir": str(tmp_path / "out"),
-                                  "model": {"name_or_path": "Qwen/Qwen3-14B", "quantization": "nf4"},
-                                  "data": {"path": "train.jsonl", "eval_ratio": 0.1, "max_length": 512},
-                                  "train": {"precision": "bf16"},
-                                  "batch": {"micro_batch_size": 2, "global_batch_size": 8}}))
-    plan = make_plan(str(recipe), ["train.epochs=2"], nodes=1, gpus_per_node=2,
-                     model_config_path=str(FIXTURES / "qwen3-14b"))
+    recipe.write_text(
+        json.dumps(
+            {
+                "output_dir": str(tmp_path / "out"),
+                "model": {"name_or_path": "Qwen/Qwen3-14B", "quantization": "nf4"},
+                "data": {"path": "train.jsonl", "eval_ratio": 0.1, "max_length": 512},
+                "train": {"precision": "bf16"},
+                "batch": {"micro_batch_size": 2, "global_batch_size": 8},
+            }
+        )
+    )
+    plan = make_plan(
+        str(recipe),
+        ["train.epochs=2"],
+        nodes=1,
+        gpus_per_node=2,
+        model_config_path=str(FIXTURES / "qwen3-14b"),
+    )
     assert (plan["source_rows"], plan["dataset_rows"], plan["eval_rows"]) == (100, 90, 10)
     assert (plan["grad_accum_steps"], plan["steps_per_epoch"], plan["total_steps"]) == (2, 11, 22)
     assert plan["trainable_params"] == 64_225_280
@@ -394,6 +532,8 @@ def test_make_plan_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_plan_modules_import_without_torch() -> None:
-    code = ("import sys, tunefleet.launch.plan, tunefleet.launch.params, tunefleet.launch.memory; "
-            "assert 'torch' not in sys.modules")
+    code = (
+        "import sys, tunefleet.launch.plan, tunefleet.launch.params, tunefleet.launch.memory; "
+        "assert 'torch' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -119,8 +119,17 @@ def test_incompatible_init_and_quantization() -> None:
 
 
 def test_overrides_are_typed_like_yaml() -> None:
-    r = R.from_dict(MINIMAL, ["peft.r=8", "train.lr=1e-4", "peft.target_modules=[q_proj, v_proj]",
-                              "model.trust_remote_code=true", "data.limit=null", "train.epochs=2"])
+    r = R.from_dict(
+        MINIMAL,
+        [
+            "peft.r=8",
+            "train.lr=1e-4",
+            "peft.target_modules=[q_proj, v_proj]",
+            "model.trust_remote_code=true",
+            "data.limit=null",
+            "train.epochs=2",
+        ],
+    )
     assert r.peft.r == 8 and isinstance(r.peft.r, int)
     assert r.train.lr == pytest.approx(1e-4)
     assert r.peft.target_modules == ["q_proj", "v_proj"]
@@ -161,8 +170,15 @@ def test_data_path_relative_to_recipe(tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "x.jsonl").write_text("{}\n")
     f = tmp_path / "r.yaml"
-    f.write_text(yaml.safe_dump({"output_dir": "o", "model": {"name_or_path": "m"},
-                                 "data": {"path": "data/x.jsonl", "eval_path": "org/some-dataset"}}))
+    f.write_text(
+        yaml.safe_dump(
+            {
+                "output_dir": "o",
+                "model": {"name_or_path": "m"},
+                "data": {"path": "data/x.jsonl", "eval_path": "org/some-dataset"},
+            }
+        )
+    )
     r = R.load(f)
     assert r.data.path == str((tmp_path / "data" / "x.jsonl").resolve())
     assert r.data.eval_path == "org/some-dataset"  # not a file next to the recipe: left as written

@@ -30,9 +30,16 @@ pytestmark = pytest.mark.slow
 DEMO = Path(str(resources.files("tunefleet.recipes"))) / "demo.yaml"
 STEPS = 10
 OVERRIDES = [
-    "data.limit=40", "data.max_length=96", "batch.micro_batch_size=4", "batch.global_batch_size=8",
-    "train.epochs=2", "train.logging_steps=1", "train.save_steps=1", "train.warmup_ratio=0.1",
-    "peft.dropout=0.0", "checkpoint.keep_last=null",
+    "data.limit=40",
+    "data.max_length=96",
+    "batch.micro_batch_size=4",
+    "batch.global_batch_size=8",
+    "train.epochs=2",
+    "train.logging_steps=1",
+    "train.save_steps=1",
+    "train.warmup_ratio=0.1",
+    "peft.dropout=0.0",
+    "checkpoint.keep_last=null",
 ]
 
 
@@ -84,11 +91,27 @@ def start(out: Path, *, nproc: int = 1, extra_env: dict[str, str] | None = None)
     if nproc == 1:
         cmd = [sys.executable, "-m", "tunefleet.distributed.sft"]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "tunefleet.distributed.sft"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "tunefleet.distributed.sft",
+        ]
     log = open(out.parent / f"{out.name}-{time.monotonic_ns()}.log", "w")  # noqa: SIM115
-    return subprocess.Popen(cmd + cli_args(out), env={**env(), **(extra_env or {})}, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        cmd + cli_args(out),
+        env={**env(), **(extra_env or {})},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def descendants(pid: int) -> list[int]:
@@ -136,7 +159,9 @@ def test_reference_checkpoints_are_complete(reference: Path) -> None:
     assert m["step"] == 5 and m["samples_seen"] == 40 and m["epoch"] == 1.0
     assert m["world_size"] == 1 and m["strategy"] == "single" and m["batch_plan"]["grad_accum_steps"] == 2
     assert m["recipe_hash"] == R.fingerprint(recipe(reference))
-    assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= set(m["files"])
+    assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= set(
+        m["files"]
+    )
     assert m["save_s"] > 0
 
 
@@ -157,7 +182,11 @@ def test_sigkill_at_random_moments_then_rerun(reference: Path, tmp_path: Path) -
     rng = random.Random(1234)
     # 1) in the middle of writing checkpoint 2: its temporary directory exists, no marker yet
     proc = start(out, extra_env={"TUNEFLEET_TEST_SAVE_DELAY_S": "3"})
-    wait_for(lambda: (out / f"{ckpt.TMP_PREFIX}2").is_dir() and (out / f"{ckpt.TMP_PREFIX}2" / "optimizer.pt").exists())
+    wait_for(
+        lambda: (
+            (out / f"{ckpt.TMP_PREFIX}2").is_dir() and (out / f"{ckpt.TMP_PREFIX}2" / "optimizer.pt").exists()
+        )
+    )
     kill_tree(proc)
     assert newest_step(out) == 1, "an incomplete checkpoint was counted"
     # 2) at random moments a few steps later (saves slowed a little so kills land inside them too)
@@ -178,7 +207,9 @@ def test_sigkill_at_random_moments_then_rerun(reference: Path, tmp_path: Path) -
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
-def test_signal_checkpoints_and_exits_for_requeue(reference: Path, tmp_path: Path, sig: signal.Signals) -> None:
+def test_signal_checkpoints_and_exits_for_requeue(
+    reference: Path, tmp_path: Path, sig: signal.Signals
+) -> None:
     out = tmp_path / "run"
     proc = start(out)
     wait_for(lambda: newest_step(out) >= 3)
@@ -212,12 +243,19 @@ def test_resume_on_another_world_size(reference: Path, tmp_path: Path, first: in
 
 def test_changed_recipe_is_refused_harmless_change_allowed(reference: Path, tmp_path: Path) -> None:
     with pytest.raises(TunefleetError) as err:
-        sft.run(recipe(tmp_path / "a", "peft.r=8", "batch.global_batch_size=16"),
-                resume=str(reference / "checkpoint-8"))
+        sft.run(
+            recipe(tmp_path / "a", "peft.r=8", "batch.global_batch_size=16"),
+            resume=str(reference / "checkpoint-8"),
+        )
     assert "peft.r: 16 -> 8" in str(err.value) and "batch.global_batch_size: 8 -> 16" in str(err.value)
     out = tmp_path / "b"
-    assert sft.run(recipe(out, "train.logging_steps=2", "batch.micro_batch_size=2"),
-                   resume=str(reference / "checkpoint-8")) == 0
+    assert (
+        sft.run(
+            recipe(out, "train.logging_steps=2", "batch.micro_batch_size=2"),
+            resume=str(reference / "checkpoint-8"),
+        )
+        == 0
+    )
     assert sorted(losses(out)) == [10]
 
 

@@ -51,8 +51,13 @@ def launch(out: Path, nproc: int, strategy: str, *extra: str) -> str:
     log = out.parent / f"{out.name}.log"
     started = time.monotonic()
     with log.open("w") as f:
-        proc = subprocess.run(launch_argv(out, nproc, f"parallel.strategy={strategy}", extra=extra), env=env(),
-                              stdout=f, stderr=subprocess.STDOUT, timeout=300)
+        proc = subprocess.run(
+            launch_argv(out, nproc, f"parallel.strategy={strategy}", extra=extra),
+            env=env(),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            timeout=300,
+        )
     text = log.read_text()
     assert proc.returncode == 0, text[-6000:]
     print(f"{out.name}: {time.monotonic() - started:.1f} s", flush=True)

@@ -44,8 +44,9 @@ def rank_batches(rows: int, *, global_: int, micro: int, world: int, epoch: int 
     """Every rank's micro batches of one epoch: result[rank][i] is the i-th micro batch of `rank`."""
     out = []
     for rank in range(world):
-        s = GlobalBatchSampler(rows, global_batch_size=global_, micro_batch_size=micro, world_size=world,
-                               rank=rank, seed=SEED)
+        s = GlobalBatchSampler(
+            rows, global_batch_size=global_, micro_batch_size=micro, world_size=world, rank=rank, seed=SEED
+        )
         s.set_epoch(epoch)
         out.append(list(s))
     return out
@@ -53,7 +54,7 @@ def rank_batches(rows: int, *, global_: int, micro: int, world: int, epoch: int 
 
 def step_union(per_rank: list[list[list[int]]], step: int, accum: int) -> list[int]:
     """All samples of optimizer step `step`: every rank's micro batches of its accumulation window."""
-    return sorted(i for batches in per_rank for mb in batches[step * accum:(step + 1) * accum] for i in mb)
+    return sorted(i for batches in per_rank for mb in batches[step * accum : (step + 1) * accum] for i in mb)
 
 
 @pytest.mark.parametrize(("rows", "global_", "micro", "world"), COMBOS)
@@ -86,8 +87,8 @@ def test_no_sample_repeats_and_only_the_last_incomplete_batch_is_dropped(
         assert len(seen) == steps * global_
         order = epoch_order(rows, seed=SEED, epoch=epoch)
         # the skipped rows are exactly the tail of this epoch's permutation
-        assert set(range(rows)) - set(seen) == set(order[steps * global_:])
-        assert len(order[steps * global_:]) == dropped
+        assert set(range(rows)) - set(seen) == set(order[steps * global_ :])
+        assert len(order[steps * global_ :]) == dropped
 
 
 @pytest.mark.parametrize("rows", [20, 23, 64, 101])
@@ -129,13 +130,16 @@ def test_epoch_order_is_pinned() -> None:
 def test_len_counts_micro_batches_per_epoch(rows: int, global_: int, micro: int, world: int) -> None:
     accum = global_ // (micro * world)
     for rank in range(world):
-        s = GlobalBatchSampler(rows, global_batch_size=global_, micro_batch_size=micro, world_size=world,
-                               rank=rank, seed=SEED)
+        s = GlobalBatchSampler(
+            rows, global_batch_size=global_, micro_batch_size=micro, world_size=world, rank=rank, seed=SEED
+        )
         assert len(s) == (rows // global_) * accum == len(list(s))
         assert s.grad_accum_steps == accum and s.steps_per_epoch == rows // global_
 
 
-@pytest.mark.parametrize(("rows", "global_", "micro", "world"), [(100, 16, 2, 4), (20, 8, 1, 1), (101, 12, 3, 2)])
+@pytest.mark.parametrize(
+    ("rows", "global_", "micro", "world"), [(100, 16, 2, 4), (20, 8, 1, 1), (101, 12, 3, 2)]
+)
 def test_seek_starts_at_the_exact_step_without_iterating_earlier_ones(
     rows: int, global_: int, micro: int, world: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -150,9 +154,16 @@ def test_seek_starts_at_the_exact_step_without_iterating_earlier_ones(
 
     monkeypatch.setattr(S, "micro_batch", counting_micro_batch)
     for rank in range(world):
-        def make() -> GlobalBatchSampler:
-            return GlobalBatchSampler(rows, global_batch_size=global_, micro_batch_size=micro,
-                                      world_size=world, rank=rank, seed=SEED)  # noqa: B023
+
+        def make(rank: int = rank) -> GlobalBatchSampler:
+            return GlobalBatchSampler(
+                rows,
+                global_batch_size=global_,
+                micro_batch_size=micro,
+                world_size=world,
+                rank=rank,
+                seed=SEED,
+            )
 
         for epoch in (0, 2):
             full = make()
@@ -168,7 +179,7 @@ def test_seek_starts_at_the_exact_step_without_iterating_earlier_ones(
                 s.seek(epoch=epoch, step_in_epoch=start)
                 calls.clear()
                 got = list(s)
-                assert got == everything[start * accum:]
+                assert got == everything[start * accum :]
                 assert first == (got[0] if got else None)
                 assert len(calls) == (steps - start) * accum, "earlier steps were iterated"
                 # the seek is one-shot: the next pass (next epoch) starts from its beginning
@@ -183,11 +194,12 @@ def test_seek_to_a_later_epoch_matches_that_epoch() -> None:
     s.seek(epoch=3, step_in_epoch=2)
     ref = GlobalBatchSampler(50, global_batch_size=8, micro_batch_size=2, world_size=2, rank=1, seed=SEED)
     ref.set_epoch(3)
-    assert list(s) == list(ref)[2 * 2:]
+    assert list(s) == list(ref)[2 * 2 :]
 
 
 @pytest.mark.parametrize(("global_", "micro", "world"), [(8, 3, 1), (8, 2, 3), (12, 8, 1), (6, 4, 2)])
 def test_split_that_does_not_divide_is_refused(global_: int, micro: int, world: int) -> None:
     with pytest.raises(ValueError, match="not a multiple"):
-        GlobalBatchSampler(100, global_batch_size=global_, micro_batch_size=micro, world_size=world,
-                           rank=0, seed=SEED)
+        GlobalBatchSampler(
+            100, global_batch_size=global_, micro_batch_size=micro, world_size=world, rank=0, seed=SEED
+        )

@@ -66,23 +66,48 @@ CASES: dict[str, tuple[Recipe, Hardware]] = {
     "ddp": (make_recipe(parallel={"strategy": "ddp"}, train=GC), GPU4),
     "ddp-cpu": (make_recipe(parallel={"strategy": "ddp"}), CPU2),
     "fsdp2": (make_recipe(parallel={"strategy": "fsdp"}, train=GC), GPU4),
-    "fsdp1": (make_recipe(parallel={"strategy": "fsdp", "fsdp_version": 1, "state_dict": "full",
-                                    "fsdp_wrap_classes": ["Qwen3DecoderLayer"]}, train=GC), GPU4),
+    "fsdp1": (
+        make_recipe(
+            parallel={
+                "strategy": "fsdp",
+                "fsdp_version": 1,
+                "state_dict": "full",
+                "fsdp_wrap_classes": ["Qwen3DecoderLayer"],
+            },
+            train=GC,
+        ),
+        GPU4,
+    ),
     "fsdp2-offload": (make_recipe(parallel={"strategy": "fsdp", "offload": "optimizer+params"}), GPU4),
-    "fsdp-qlora": (make_recipe(model=QLORA, parallel={"strategy": "fsdp-qlora"}, train=GC), Hardware(num_processes=2)),
-    "fsdp-qlora-1gpu": (make_recipe(model=QLORA, parallel={"strategy": "fsdp-qlora", "offload": "optimizer+params"}),
-                        Hardware()),
+    "fsdp-qlora": (
+        make_recipe(model=QLORA, parallel={"strategy": "fsdp-qlora"}, train=GC),
+        Hardware(num_processes=2),
+    ),
+    "fsdp-qlora-1gpu": (
+        make_recipe(model=QLORA, parallel={"strategy": "fsdp-qlora", "offload": "optimizer+params"}),
+        Hardware(),
+    ),
     "zero2": (make_recipe(parallel={"strategy": "deepspeed-zero2"}, train=GC), GPU4),
     "zero2-cpu": (make_recipe(parallel={"strategy": "deepspeed-zero2"}), CPU2),
     "zero3": (make_recipe(parallel={"strategy": "deepspeed-zero3"}, train=GC), GPU4),
-    "zero3-offload": (make_recipe(parallel={"strategy": "deepspeed-zero3", "offload": "optimizer+params"}), GPU4),
+    "zero3-offload": (
+        make_recipe(parallel={"strategy": "deepspeed-zero3", "offload": "optimizer+params"}),
+        GPU4,
+    ),
     "zero3-qlora-cpu": (make_recipe(model=QLORA, parallel={"strategy": "deepspeed-zero3"}), CPU2),
     # FSDP2 on CPU runs through distributed/cpu_fsdp.py (tests/test_launch.py trains with these)
     "fsdp2-cpu": (make_recipe(parallel={"strategy": "fsdp"}), CPU2),
     "fsdp-qlora-cpu": (make_recipe(model=QLORA, parallel={"strategy": "fsdp-qlora"}), CPU2),
-    "zero3-2node": (make_recipe(parallel={"strategy": "deepspeed-zero3"}, train=GC),
-                    Hardware(num_processes=16, num_machines=2, machine_rank=1, main_process_ip="10.0.0.1",
-                             main_process_port=29400)),
+    "zero3-2node": (
+        make_recipe(parallel={"strategy": "deepspeed-zero3"}, train=GC),
+        Hardware(
+            num_processes=16,
+            num_machines=2,
+            machine_rank=1,
+            main_process_ip="10.0.0.1",
+            main_process_port=29400,
+        ),
+    ),
 }
 
 
@@ -99,7 +124,9 @@ def check_golden(filename: str, text: str) -> None:
         path.write_text(text)
         return
     assert path.exists(), f"missing golden file {path}: run UPDATE_GOLDEN=1 pytest tests/test_templates.py"
-    assert text == path.read_text(), f"{path} differs: review the change, then regenerate with UPDATE_GOLDEN=1"
+    assert text == path.read_text(), (
+        f"{path} differs: review the change, then regenerate with UPDATE_GOLDEN=1"
+    )
 
 
 def write_configs(name: str, directory: Path) -> dict[str, str]:
@@ -122,8 +149,9 @@ def test_golden(name: str) -> None:
     if DEEPSPEED_FILE in files:
         check_golden(f"{name}.deepspeed.json", files[DEEPSPEED_FILE])
     paths = {f: f"/run/configs/{f}" for f in files}
-    argv, env = build_launch_command("/run/recipe.yaml", paths, hw, ["train.max_steps=10"], recipe=recipe,
-                                     python="python")
+    argv, env = build_launch_command(
+        "/run/recipe.yaml", paths, hw, ["train.max_steps=10"], recipe=recipe, python="python"
+    )
     summary = "".join(f"# note: {n}\n" for n in notes) + format_command(argv, env) + "\n"
     check_golden(f"{name}.command.txt", summary)
 
@@ -197,14 +225,19 @@ def test_accelerate_accepts(name: str, tmp_path: Path, monkeypatch: pytest.Monke
             return
         par = recipe.parallel
         assert plugin.fsdp_version == par.fsdp_version
-        assert plugin.state_dict_type.name == ("FULL_STATE_DICT" if par.state_dict == "full" else "SHARDED_STATE_DICT")
+        assert plugin.state_dict_type.name == (
+            "FULL_STATE_DICT" if par.state_dict == "full" else "SHARDED_STATE_DICT"
+        )
         assert plugin.auto_wrap_policy.__name__ == "transformer_auto_wrap_policy"
         assert plugin.cpu_ram_efficient_loading == (hw.num_processes > 1)
         assert plugin.activation_checkpointing == (activation_checkpointing(recipe).where == "fsdp")
         if par.fsdp_version == 1:
             assert plugin.use_orig_params is False
-        offloaded = type(plugin.cpu_offload).__name__ == "CPUOffloadPolicy" if par.fsdp_version == 2 \
+        offloaded = (
+            type(plugin.cpu_offload).__name__ == "CPUOffloadPolicy"
+            if par.fsdp_version == 2
             else plugin.cpu_offload.offload_params
+        )
         assert offloaded == (par.offload == "optimizer+params")
     elif kind == "DEEPSPEED":
         assert args.use_deepspeed and not args.multi_gpu
@@ -239,9 +272,15 @@ def test_deepspeed_accepts(name: str, tmp_path: Path) -> None:
     recipe, hw, _ = resolved(name)
     ds = render_deepspeed_config(recipe, hw)
     assert ds is not None
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=3,
-                             max_grad_norm=recipe.train.max_grad_norm, use_cpu=True,
-                             bf16=recipe.train.precision == "bf16", report_to=[])
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=3,
+        max_grad_norm=recipe.train.max_grad_norm,
+        use_cpu=True,
+        bf16=recipe.train.precision == "bf16",
+        report_to=[],
+    )
     hf = HfTrainerDeepSpeedConfig(copy.deepcopy(ds))
     hf.trainer_config_process(args)
     assert "auto" not in json.dumps(hf.config), "a key the HF trainer does not fill was left to auto"
@@ -265,35 +304,115 @@ QWEN3 = json.loads((FIXTURES / "qwen3-14b" / "config.json").read_text())
 REJECTED: list[tuple[str, dict[str, Any], Hardware, dict | None, str]] = [
     ("single-many", dict(parallel={"strategy": "single"}), GPU4, None, "`single` runs one process"),
     ("fsdp1-on-cpu", dict(parallel={"strategy": "fsdp", "fsdp_version": 1}), CPU2, None, "FSDP1 needs GPUs"),
-    ("fsdp-qlora1-on-cpu", dict(model=QLORA, parallel={"strategy": "fsdp-qlora", "fsdp_version": 1}), CPU2, None,
-     "needs GPUs"),
-    ("gpt-oss-bnb-config", dict(model={"name_or_path": "/models/oss", "quantization": "nf4"}), GPU1, GPT_OSS,
-     "ships MXFP4 weights"),
-    ("gpt-oss-bnb-name", dict(model={"name_or_path": "openai/gpt-oss-20b", "quantization": "int8"}), GPU1, None,
-     "ships MXFP4 weights"),
-    ("gptq-bnb", dict(model={"name_or_path": "TheBloke/Llama-2-7B-GPTQ", "quantization": "nf4"}), GPU1, None,
-     "already GPTQ-quantized"),
-    ("gptq-fsdp", dict(model={"name_or_path": "TheBloke/Llama-2-7B-GPTQ"}, parallel={"strategy": "fsdp"}), GPU4,
-     None, "cannot shard a pre-quantized GPTQ model"),
-    ("awq-fsdp-config", dict(model={"name_or_path": "/models/x"}, parallel={"strategy": "fsdp"}), GPU4,
-     {"quantization_config": {"quant_method": "awq"}}, "pre-quantized AWQ"),
-    ("mxfp4-not-dequantized", dict(model={"name_or_path": "openai/gpt-oss-20b", "quantization": "mxfp4",
-                                          "mxfp4_dequantize": False}), GPU1, None, "dequantized"),
-    ("fsdp-with-4bit", dict(model=QLORA, parallel={"strategy": "fsdp"}), GPU4, None, "use parallel.strategy=fsdp-qlora"),
-    ("fsdp-qlora-unquantized", dict(parallel={"strategy": "fsdp-qlora"}), GPU4, None, "shards a bitsandbytes 4-bit"),
+    (
+        "fsdp-qlora1-on-cpu",
+        dict(model=QLORA, parallel={"strategy": "fsdp-qlora", "fsdp_version": 1}),
+        CPU2,
+        None,
+        "needs GPUs",
+    ),
+    (
+        "gpt-oss-bnb-config",
+        dict(model={"name_or_path": "/models/oss", "quantization": "nf4"}),
+        GPU1,
+        GPT_OSS,
+        "ships MXFP4 weights",
+    ),
+    (
+        "gpt-oss-bnb-name",
+        dict(model={"name_or_path": "openai/gpt-oss-20b", "quantization": "int8"}),
+        GPU1,
+        None,
+        "ships MXFP4 weights",
+    ),
+    (
+        "gptq-bnb",
+        dict(model={"name_or_path": "TheBloke/Llama-2-7B-GPTQ", "quantization": "nf4"}),
+        GPU1,
+        None,
+        "already GPTQ-quantized",
+    ),
+    (
+        "gptq-fsdp",
+        dict(model={"name_or_path": "TheBloke/Llama-2-7B-GPTQ"}, parallel={"strategy": "fsdp"}),
+        GPU4,
+        None,
+        "cannot shard a pre-quantized GPTQ model",
+    ),
+    (
+        "awq-fsdp-config",
+        dict(model={"name_or_path": "/models/x"}, parallel={"strategy": "fsdp"}),
+        GPU4,
+        {"quantization_config": {"quant_method": "awq"}},
+        "pre-quantized AWQ",
+    ),
+    (
+        "mxfp4-not-dequantized",
+        dict(
+            model={"name_or_path": "openai/gpt-oss-20b", "quantization": "mxfp4", "mxfp4_dequantize": False}
+        ),
+        GPU1,
+        None,
+        "dequantized",
+    ),
+    (
+        "fsdp-with-4bit",
+        dict(model=QLORA, parallel={"strategy": "fsdp"}),
+        GPU4,
+        None,
+        "use parallel.strategy=fsdp-qlora",
+    ),
+    (
+        "fsdp-qlora-unquantized",
+        dict(parallel={"strategy": "fsdp-qlora"}),
+        GPU4,
+        None,
+        "shards a bitsandbytes 4-bit",
+    ),
     ("fsdp-int8", dict(model={"quantization": "int8"}, parallel={"strategy": "fsdp"}), GPU4, None, "int8"),
-    ("fsdp-qlora-paged-8bit", dict(model=QLORA, parallel={"strategy": "fsdp-qlora"},
-                                   train={"optimizer": "paged_adamw_8bit"}), GPU4, None, "paged_adamw_8bit fails"),
-    ("qdora-zero3", dict(model=QLORA, peft={"method": "dora"}, parallel={"strategy": "deepspeed-zero3"}), GPU4, None,
-     "ds_status"),
-    ("offload-sgd", dict(train={"optimizer": "sgd"}, parallel={"strategy": "deepspeed-zero2", "offload": "optimizer"}),
-     GPU4, None, "DeepSpeed's CPU Adam"),
-    ("qlora-storage-mismatch", dict(model={"quantization": "nf4", "quant_storage_dtype": "uint8"},
-                                    parallel={"strategy": "fsdp-qlora"}, train={"precision": "bf16"}), GPU4, None,
-     "set automatically"),
-    ("qlora-dtype-mismatch", dict(model={"quantization": "nf4", "dtype": "float32"},
-                                  parallel={"strategy": "fsdp-qlora"}, train={"precision": "bf16"}), GPU4, None,
-     "model dtype equal to the mixed-precision dtype bfloat16"),
+    (
+        "fsdp-qlora-paged-8bit",
+        dict(model=QLORA, parallel={"strategy": "fsdp-qlora"}, train={"optimizer": "paged_adamw_8bit"}),
+        GPU4,
+        None,
+        "paged_adamw_8bit fails",
+    ),
+    (
+        "qdora-zero3",
+        dict(model=QLORA, peft={"method": "dora"}, parallel={"strategy": "deepspeed-zero3"}),
+        GPU4,
+        None,
+        "ds_status",
+    ),
+    (
+        "offload-sgd",
+        dict(train={"optimizer": "sgd"}, parallel={"strategy": "deepspeed-zero2", "offload": "optimizer"}),
+        GPU4,
+        None,
+        "DeepSpeed's CPU Adam",
+    ),
+    (
+        "qlora-storage-mismatch",
+        dict(
+            model={"quantization": "nf4", "quant_storage_dtype": "uint8"},
+            parallel={"strategy": "fsdp-qlora"},
+            train={"precision": "bf16"},
+        ),
+        GPU4,
+        None,
+        "set automatically",
+    ),
+    (
+        "qlora-dtype-mismatch",
+        dict(
+            model={"quantization": "nf4", "dtype": "float32"},
+            parallel={"strategy": "fsdp-qlora"},
+            train={"precision": "bf16"},
+        ),
+        GPU4,
+        None,
+        "model dtype equal to the mixed-precision dtype bfloat16",
+    ),
 ]
 
 
@@ -316,16 +435,37 @@ ALLOWED: list[tuple[str, dict[str, Any], Hardware]] = [
     ("qlora-zero3", dict(model=QLORA, parallel={"strategy": "deepspeed-zero3"}), CPU2),
     ("int8-zero3", dict(model={"quantization": "int8"}, parallel={"strategy": "deepspeed-zero3"}), CPU2),
     ("dora-zero3", dict(peft={"method": "dora"}, parallel={"strategy": "deepspeed-zero3"}), CPU2),
-    ("qdora-zero2", dict(model=QLORA, peft={"method": "dora"}, parallel={"strategy": "deepspeed-zero2"}), CPU2),
-    ("zero3-offload-cpu", dict(parallel={"strategy": "deepspeed-zero3", "offload": "optimizer+params"}), CPU2),
-    ("qlora-zero3-uint8", dict(model={**QLORA, "quant_storage_dtype": "uint8"}, parallel={"strategy": "deepspeed-zero3"}),
-     CPU2),
+    (
+        "qdora-zero2",
+        dict(model=QLORA, peft={"method": "dora"}, parallel={"strategy": "deepspeed-zero2"}),
+        CPU2,
+    ),
+    (
+        "zero3-offload-cpu",
+        dict(parallel={"strategy": "deepspeed-zero3", "offload": "optimizer+params"}),
+        CPU2,
+    ),
+    (
+        "qlora-zero3-uint8",
+        dict(model={**QLORA, "quant_storage_dtype": "uint8"}, parallel={"strategy": "deepspeed-zero3"}),
+        CPU2,
+    ),
     # per the PEFT FSDP guide (GPU only, not runnable here)
     ("qdora-fsdp", dict(model=QLORA, peft={"method": "dora"}, parallel={"strategy": "fsdp-qlora"}), GPU4),
-    ("gptq-ddp", dict(model={"name_or_path": "TheBloke/Llama-2-7B-GPTQ"}, parallel={"strategy": "ddp"}), GPU4),
+    (
+        "gptq-ddp",
+        dict(model={"name_or_path": "TheBloke/Llama-2-7B-GPTQ"}, parallel={"strategy": "ddp"}),
+        GPU4,
+    ),
     ("qwen3-config-nf4", dict(model={"name_or_path": "/models/qwen3", "quantization": "nf4"}), Hardware()),
-    ("mxfp4-dequantized-fsdp", dict(model={"name_or_path": "openai/gpt-oss-20b", "quantization": "mxfp4"},
-                                    parallel={"strategy": "fsdp"}), GPU4),
+    (
+        "mxfp4-dequantized-fsdp",
+        dict(
+            model={"name_or_path": "openai/gpt-oss-20b", "quantization": "mxfp4"},
+            parallel={"strategy": "fsdp"},
+        ),
+        GPU4,
+    ),
 ]
 
 
@@ -348,10 +488,17 @@ def test_quant_storage_set_with_a_note() -> None:
     # on CPU auto means fp32, and ZeRO-3 follows the same rule
     cpu = make_recipe(model=QLORA, parallel={"strategy": "deepspeed-zero3"})
     out = compat.resolve(cpu, CPU2)
-    assert (out.train.precision, out.model.dtype, out.model.quant_storage_dtype) == ("fp32", "float32", "float32")
+    assert (out.train.precision, out.model.dtype, out.model.quant_storage_dtype) == (
+        "fp32",
+        "float32",
+        "float32",
+    )
     # an explicit, matching value is kept without a note about it
-    explicit = make_recipe(model={**QLORA, "quant_storage_dtype": "bfloat16", "dtype": "bfloat16"},
-                           parallel={"strategy": "fsdp-qlora"}, train={"precision": "bf16"})
+    explicit = make_recipe(
+        model={**QLORA, "quant_storage_dtype": "bfloat16", "dtype": "bfloat16"},
+        parallel={"strategy": "fsdp-qlora"},
+        train={"precision": "bf16"},
+    )
     assert compat.check_compat(explicit, GPU4) == []
 
 
@@ -361,7 +508,9 @@ def test_ddp_on_one_process_becomes_single() -> None:
 
 
 def test_offload_notes_the_optimizer_swap() -> None:
-    notes = compat.check_compat(make_recipe(parallel={"strategy": "deepspeed-zero3", "offload": "optimizer"}), GPU4)
+    notes = compat.check_compat(
+        make_recipe(parallel={"strategy": "deepspeed-zero3", "offload": "optimizer"}), GPU4
+    )
     assert any("DeepSpeedCPUAdam" in n for n in notes)
 
 
@@ -407,16 +556,33 @@ def test_checkpointing_plan() -> None:
 
 def test_command_shape() -> None:
     recipe, hw, _ = resolved("ddp-cpu")
-    argv, env = build_launch_command("r.yaml", {ACCELERATE_FILE: "/c/a.yaml"}, hw, ["peft.r=8", "a b=c"],
-                                     recipe=recipe, python="py")
-    assert argv[:6] == ["py", "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", "/c/a.yaml"]
+    argv, env = build_launch_command(
+        "r.yaml", {ACCELERATE_FILE: "/c/a.yaml"}, hw, ["peft.r=8", "a b=c"], recipe=recipe, python="py"
+    )
+    assert argv[:6] == [
+        "py",
+        "-m",
+        "accelerate.commands.accelerate_cli",
+        "launch",
+        "--config_file",
+        "/c/a.yaml",
+    ]
     assert argv[6:9] == ["--multi_gpu", "--num_processes", "2"]
-    assert argv[9:] == ["-m", "tunefleet.distributed.sft", "--recipe", "r.yaml", "--set", "peft.r=8", "--set", "a b=c"]
+    assert argv[9:] == [
+        "-m",
+        "tunefleet.distributed.sft",
+        "--recipe",
+        "r.yaml",
+        "--set",
+        "peft.r=8",
+        "--set",
+        "a b=c",
+    ]
     assert env["ACCELERATE_USE_CPU"] == "true" and env["TUNEFLEET_DISTRIBUTED_TYPE"] == "MULTI_CPU"
     line = format_command(argv, env)
     import shlex
 
-    assert shlex.split(line)[-len(argv):] == argv
+    assert shlex.split(line)[-len(argv) :] == argv
     # DeepSpeed on CPU: the DeepSpeed launcher starts the ranks; --multi_gpu would override it
     recipe, hw, _ = resolved("zero2-cpu")
     argv, env = build_launch_command("r.yaml", {ACCELERATE_FILE: "/c/a.yaml"}, hw, recipe=recipe)
@@ -432,7 +598,9 @@ def test_command_shape() -> None:
 def test_expected_distributed_type() -> None:
     assert expected_distributed_type(make_recipe(), Hardware()) == "NO"
     assert expected_distributed_type(make_recipe(parallel={"strategy": "ddp"}), GPU4) == "MULTI_GPU"
-    assert expected_distributed_type(make_recipe(parallel={"strategy": "deepspeed-zero3"}), CPU2) == "DEEPSPEED"
+    assert (
+        expected_distributed_type(make_recipe(parallel={"strategy": "deepspeed-zero3"}), CPU2) == "DEEPSPEED"
+    )
 
 
 def test_hardware_checks() -> None:
@@ -448,7 +616,10 @@ def test_hardware_checks() -> None:
 def test_run_command_exit_codes() -> None:
     assert run_command([sys.executable, "-c", "import sys; sys.exit(7)"], {}) == 7
     assert run_command([sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"], {}) == 128 + 9
-    assert run_command([sys.executable, "-c", "import os, sys; sys.exit(os.environ['X'] != 'y')"], {"X": "y"}) == 0
+    assert (
+        run_command([sys.executable, "-c", "import os, sys; sys.exit(os.environ['X'] != 'y')"], {"X": "y"})
+        == 0
+    )
 
 
 RUNNER = """import json, sys
@@ -562,8 +733,9 @@ def test_cpu_launch_starts_n_ranks(strategy: str, tmp_path: Path) -> None:
     probe.write_text(PROBE)
     out = tmp_path / "out"
     out.mkdir()
-    argv, env = build_launch_command("/run/recipe.yaml", paths, hw, ["train.max_steps=1"], recipe=recipe,
-                                     script=str(probe))
+    argv, env = build_launch_command(
+        "/run/recipe.yaml", paths, hw, ["train.max_steps=1"], recipe=recipe, script=str(probe)
+    )
     runner = _start_runner(tmp_path, argv, {**env, "PROBE_OUT": str(out), "OMP_NUM_THREADS": "1"})
     try:
         _wait_for([out / f"rank{r}.json" for r in range(n)], runner, 150)
@@ -581,5 +753,6 @@ def test_cpu_launch_starts_n_ranks(strategy: str, tmp_path: Path) -> None:
         assert info["argv"] == ["--recipe", "/run/recipe.yaml", "--set", "train.max_steps=1"]
         assert info["use_deepspeed"] == ("true" if strategy.startswith("deepspeed") else None)
     assert [(out / f"usr1-{r}").read_text() for r in range(n)] == ["1"] * n
-    assert sorted(p.name for p in out.iterdir()) == sorted([f"rank{r}.json" for r in range(n)] +
-                                                           [f"usr1-{r}" for r in range(n)])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"rank{r}.json" for r in range(n)] + [f"usr1-{r}" for r in range(n)]
+    )

@@ -46,9 +46,15 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     demo = Path(str(resources.files("tunefleet.recipes"))) / "demo.yaml"
     every = max(1, args.steps // 20)
-    overrides = [f"train.max_steps={args.steps}", f"train.save_steps={every}", "train.logging_steps=50",
-                 "batch.micro_batch_size=1", "batch.global_batch_size=2", "data.max_length=48",
-                 "checkpoint.keep_last=null"]
+    overrides = [
+        f"train.max_steps={args.steps}",
+        f"train.save_steps={every}",
+        "train.logging_steps=50",
+        "batch.micro_batch_size=1",
+        "batch.global_batch_size=2",
+        "data.max_length=48",
+        "checkpoint.keep_last=null",
+    ]
 
     started = time.monotonic()
     sft.run(R.load(demo, [f"output_dir={work / 'full'}", *overrides]))
@@ -67,7 +73,9 @@ def main() -> None:
         PROBE.first_step_s = None
         out = work / f"resume-{step}"
         started = time.monotonic()
-        sft.run(R.load(demo, [f"output_dir={out}", *overrides]), resume=str(work / "full" / f"checkpoint-{step}"))
+        sft.run(
+            R.load(demo, [f"output_dir={out}", *overrides]), resume=str(work / "full" / f"checkpoint-{step}")
+        )
         results.append((step, PROBE.first_step_s, time.monotonic() - started))
     print("resumed at step | train() -> first step | whole sft.run() (imports already done)")
     for step, first, whole in results:
