@@ -11,7 +11,9 @@ from tunefleet.launch import recipe as R
 from tunefleet.launch.errors import RecipeError, TunefleetError
 
 
-def test_shared_storage_passes_when_every_probe_is_seen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_shared_storage_passes_when_every_probe_is_seen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job7")
     probe_dir = tmp_path / ".tunefleet-probe"
     probe_dir.mkdir()
