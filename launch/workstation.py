@@ -82,13 +82,15 @@ def free_port() -> int:
 def _start(recipe: Recipe, hw: Hardware, *, overwrite: bool, no_resume: bool, resume: str | None) -> str:
     """Decide about the output directory as the entrypoint will (refuse before anything starts)."""
     from tunefleet.distributed import checkpoint as ckpt
-    from tunefleet.distributed import sft
+    from tunefleet.distributed import rundir
 
     out = Path(recipe.output_dir)
-    state = sft.inspect_output_dir(out)
-    mode, checkpoint = sft.decide_start(out, state, overwrite=overwrite, no_resume=no_resume, resume=resume)
+    state = rundir.inspect_output_dir(out)
+    mode, checkpoint = rundir.decide_start(
+        out, state, overwrite=overwrite, no_resume=no_resume, resume=resume
+    )
     if checkpoint:
-        sft.check_resume(checkpoint, recipe)
+        rundir.check_resume(checkpoint, recipe)
         ckpt.check_layout(ckpt.read_manifest(Path(checkpoint)), recipe.parallel.strategy, hw.num_processes)
     return mode
 
@@ -125,10 +127,10 @@ def prepare_launch(
 
 def write_launch_files(plan: LaunchPlan) -> None:
     """Move an old run aside (`--overwrite`), then write the files into `<output_dir>/launch/`."""
-    from tunefleet.distributed import sft
+    from tunefleet.distributed import rundir
 
     if plan.start == "overwrite":
-        moved = sft.move_aside(Path(plan.recipe.output_dir))
+        moved = rundir.move_aside(Path(plan.recipe.output_dir))
         print(f"moved the previous run aside: {moved}", flush=True)
     plan.config_dir.mkdir(parents=True, exist_ok=True)
     for name, text in plan.files.items():

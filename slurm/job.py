@@ -108,14 +108,14 @@ def _accelerate_configs(
 
 def _check_output_dir(out: Path, recipe: Recipe) -> str | None:
     """Refuse what the trainer on the nodes would refuse, before anything is written."""
-    from tunefleet.distributed import sft
+    from tunefleet.distributed import rundir
 
     try:
-        mode, checkpoint = sft.decide_start(
-            out, sft.inspect_output_dir(out), overwrite=False, no_resume=False
+        mode, checkpoint = rundir.decide_start(
+            out, rundir.inspect_output_dir(out), overwrite=False, no_resume=False
         )
         if checkpoint:
-            sft.check_resume(checkpoint, recipe)
+            rundir.check_resume(checkpoint, recipe)
     except TunefleetError as exc:
         raise TunefleetError(
             exc.problem,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_train import metrics, quick
-from tunefleet.distributed import sft, tracking
+from tunefleet.distributed import rundir, sft, tracking
 from tunefleet.distributed.evaluation import SAMPLES_FILE
 from tunefleet.launch.errors import TunefleetError
 
@@ -41,7 +41,7 @@ def test_run_id_is_stable_until_the_run_is_moved_aside(tmp_path: Path) -> None:
     first = tracking.run_id(out)
     assert tracking.run_id(out) == first and len(first) == 16
     assert json.loads((out / tracking.TRACKING_FILE).read_text())["run_id"] == first
-    sft.move_aside(out)  # what --overwrite does
+    rundir.move_aside(out)  # what --overwrite does
     out.mkdir()
     assert tracking.run_id(out) != first
 

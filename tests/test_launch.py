@@ -167,9 +167,9 @@ def test_written_files_are_what_is_launched(tmp_path: Path) -> None:
     assert plan.env[ws.EXIT_FILE_ENV] == str(launch_dir / ws.EXIT_FILE)
     assert any("cpu_fsdp.py" in n for n in plan.notes)
     # the entrypoint sees a fresh run, not a foreign directory
-    from tunefleet.distributed import sft
+    from tunefleet.distributed import rundir
 
-    assert sft.decide_start(out, sft.inspect_output_dir(out), overwrite=False, no_resume=False) == (
+    assert rundir.decide_start(out, rundir.inspect_output_dir(out), overwrite=False, no_resume=False) == (
         "fresh",
         None,
     )
