@@ -14,11 +14,11 @@ import socket
 import subprocess
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 
 import pytest
 
+from tests.short_run import DEMO, OVERRIDES, STEPS
 from tunefleet.distributed import checkpoint as ckpt
 from tunefleet.distributed import sft
 from tunefleet.launch import recipe as R
@@ -26,21 +26,6 @@ from tunefleet.launch.errors import TunefleetError
 from tunefleet.slurm.sbatch import REQUEUE_EXIT_CODE
 
 pytestmark = pytest.mark.slow
-
-DEMO = Path(str(resources.files("tunefleet.recipes"))) / "demo.yaml"
-STEPS = 10
-OVERRIDES = [
-    "data.limit=40",
-    "data.max_length=96",
-    "batch.micro_batch_size=4",
-    "batch.global_batch_size=8",
-    "train.epochs=2",
-    "train.logging_steps=1",
-    "train.save_steps=1",
-    "train.warmup_ratio=0.1",
-    "peft.dropout=0.0",
-    "checkpoint.keep_last=null",
-]
 
 
 def recipe(out: Path, *extra: str) -> R.Recipe:

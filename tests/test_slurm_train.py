@@ -21,11 +21,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from importlib import resources
 from pathlib import Path
 
 import pytest
 
+from tests.short_run import DEMO, OVERRIDES, STEPS
 from tests.slurm_cluster import SlurmCluster
 from tunefleet.distributed import checkpoint as ckpt
 from tunefleet.launch import cli
@@ -34,20 +34,6 @@ from tunefleet.slurm import status as status_mod
 pytest_plugins = ["tests.conftest_slurm"]
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-DEMO = Path(str(resources.files("tunefleet.recipes"))) / "demo.yaml"
-STEPS = 10
-OVERRIDES = [
-    "data.limit=40",
-    "data.max_length=96",
-    "batch.micro_batch_size=4",
-    "batch.global_batch_size=8",
-    "train.epochs=2",
-    "train.logging_steps=1",
-    "train.save_steps=1",
-    "train.warmup_ratio=0.1",
-    "peft.dropout=0.0",
-    "checkpoint.keep_last=null",
-]
 JOB_TIMEOUT_S = 300
 
 SITECUSTOMIZE = '''\
