@@ -21,11 +21,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunefleet.launch.errors import TunefleetError
-from tunefleet.launch.recipe import Recipe
+from tunefleet.launch.core import checkpoints as ckpt
+from tunefleet.launch.core.errors import TunefleetError
+from tunefleet.launch.core.layout import FINAL_DIR, RESOLVED_RECIPE
+from tunefleet.launch.core.recipe import Recipe
 
-RESOLVED_RECIPE = "recipe.yaml"
-FINAL_DIR = "final"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 _CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
@@ -58,17 +58,15 @@ def _is_sharded(path: Path) -> bool:
 
 def usable_checkpoint(path: Path) -> bool:
     """Holds the adapter weights and, if it is an atomic tunefleet checkpoint, is complete."""
-    from tunefleet.distributed import checkpoint as ckpt
-
     if not has_adapter(path):
         return False
     return ckpt.is_complete(path) if (path / ckpt.MANIFEST).exists() else True
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
-    """The run's checkpoint directories, newest first."""
+    """The run's checkpoint directories (complete or not), newest first."""
     found = [p for p in run_dir.iterdir() if p.is_dir() and _CHECKPOINT_RE.fullmatch(p.name)]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]), reverse=True)
+    return sorted(found, key=ckpt.step_of, reverse=True)
 
 
 def _sharded_error(path: Path) -> TunefleetError:
@@ -81,7 +79,7 @@ def _sharded_error(path: Path) -> TunefleetError:
 
 
 def _load_recipe(run_dir: Path) -> Recipe:
-    from tunefleet.launch import recipe as recipe_mod
+    from tunefleet.launch.core import recipe as recipe_mod
 
     return recipe_mod.load(run_dir / RESOLVED_RECIPE)
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from tunefleet.distributed.checkpoint import ZERO_STATE_FILE as STATE_FILE
+from tunefleet.launch.core.checkpoints import ZERO_STATE_FILE as STATE_FILE
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 

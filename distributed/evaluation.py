@@ -15,9 +15,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from tunefleet.launch.recipe import Recipe
+from tunefleet.launch.core.recipe import Recipe
 
-SAMPLES_FILE = "samples.jsonl"
 SAMPLE_PROMPTS = 4
 SAMPLE_MAX_NEW_TOKENS = 64
 SHARDED_STRATEGIES = ("fsdp", "fsdp-qlora", "deepspeed-zero3")

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tunefleet.launch.errors import DataError, TunefleetError
+from tunefleet.launch.core.errors import DataError, TunefleetError
 
 if TYPE_CHECKING:  # pragma: no cover
     from tunefleet.distributed.artifacts import RunAdapter
-    from tunefleet.launch.recipe import DataConfig
+    from tunefleet.launch.core.recipe import DataConfig
 
 DEFAULT_MAX_NEW_TOKENS = 256
 _PROBE_ANSWER = "tunefleet-probe-answer"
@@ -76,7 +76,7 @@ def _conversation(row: dict, data: DataConfig, where: str) -> tuple[list[dict], 
 
     messages = row.get(data.messages_field)
     if messages is None:
-        messages = data_mod._columns_to_messages(row)  # seed 003's system/user/assistant columns
+        messages = data_mod.columns_to_messages(row)  # seed 003's system/user/assistant columns
     ok = (
         isinstance(messages, list)
         and messages
@@ -115,7 +115,7 @@ def render_prompt(item: str | dict, *, data: DataConfig, tokenizer: Any, where: 
         return Prompt(
             shown=user[-1] if user else messages[-1]["content"],
             text=text,
-            ids=data_mod._encode(tokenizer, text),
+            ids=data_mod.encode(tokenizer, text),
             reference=reference,
         )
 
@@ -140,7 +140,7 @@ def render_prompt(item: str | dict, *, data: DataConfig, tokenizer: Any, where: 
     else:
         text = shown = field(data.text_field)
         reference = None
-    ids = data_mod._special_prefix(tokenizer) + data_mod._encode(tokenizer, text)
+    ids = data_mod.special_prefix(tokenizer) + data_mod.encode(tokenizer, text)
     return Prompt(
         shown=shown, text=text, ids=ids, reference=reference if isinstance(reference, str) else None
     )
@@ -278,7 +278,7 @@ def inference_precision(recipe: Any) -> Any:
     import torch
 
     from tunefleet.distributed import model as model_mod
-    from tunefleet.launch.errors import RecipeError
+    from tunefleet.launch.core.errors import RecipeError
 
     try:
         return model_mod.resolve_precision(recipe)

@@ -24,13 +24,11 @@ from typing import Any
 from transformers import TrainerCallback
 
 from tunefleet.distributed import cpu_fsdp
-from tunefleet.launch import compat
-from tunefleet.launch.errors import TunefleetError
-from tunefleet.launch.recipe import Recipe
-from tunefleet.launch.templates import FSDP_STRATEGIES, ZERO_STAGE, Hardware, expected_distributed_type
-
-LAUNCHED_BY_TUNEFLEET = "TUNEFLEET_DISTRIBUTED_TYPE"
-"""Set by `tunefleet launch` (command.launch_env); absent under torchrun / accelerate by hand."""
+from tunefleet.launch.core.errors import TunefleetError
+from tunefleet.launch.core.hardware import Hardware
+from tunefleet.launch.core.layout import ENV_DISTRIBUTED_TYPE, ENV_NUM_MACHINES, ENV_WORLD_SIZE, write_json
+from tunefleet.launch.core.recipe import Recipe
+from tunefleet.launch.templates import FSDP_STRATEGIES, ZERO_STAGE, expected_distributed_type
 
 FIX = "launch with `tunefleet launch RECIPE --nproc N` (CPU) or `--gpus N`, which renders the matching accelerate config"
 
@@ -48,7 +46,7 @@ class Expectation:
 def runtime_hardware(world_size: int, *, use_cpu: bool) -> Hardware:
     """The hardware this rank runs on, from the launcher's variables or torchrun's."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size) or world_size)
-    machines = int(os.environ.get("TUNEFLEET_NUM_MACHINES", max(1, world_size // max(local, 1))))
+    machines = int(os.environ.get(ENV_NUM_MACHINES, max(1, world_size // max(local, 1))))
     return Hardware(
         num_processes=world_size,
         num_machines=machines,
@@ -57,27 +55,11 @@ def runtime_hardware(world_size: int, *, use_cpu: bool) -> Hardware:
     )
 
 
-def resolve_for_runtime(
-    recipe: Recipe, world_size: int, *, use_cpu: bool
-) -> tuple[Recipe, Hardware, list[str]]:
-    """The recipe as this run carries it out (compat.resolve on the runtime hardware), with notes.
-
-    A `single` recipe started on several processes by hand (torchrun) runs as `ddp`, as it
-    always has; `tunefleet launch` refuses that combination instead."""
-    hw = runtime_hardware(world_size, use_cpu=use_cpu)
-    notes = []
-    if recipe.parallel.strategy == "single" and world_size > 1 and LAUNCHED_BY_TUNEFLEET not in os.environ:
-        recipe = dataclasses.replace(recipe, parallel=dataclasses.replace(recipe.parallel, strategy="ddp"))
-        notes.append(f"parallel.strategy: single started on {world_size} processes by hand runs as ddp")
-    recipe, more = compat.resolve_with_notes(recipe, hw)
-    return recipe, hw, notes + more
-
-
 def expectation(recipe: Recipe, hw: Hardware) -> Expectation:
-    if LAUNCHED_BY_TUNEFLEET in os.environ:
+    if ENV_DISTRIBUTED_TYPE in os.environ:
         return Expectation(
-            distributed_type=os.environ[LAUNCHED_BY_TUNEFLEET],
-            world_size=int(os.environ.get("TUNEFLEET_WORLD_SIZE", hw.num_processes)),
+            distributed_type=os.environ[ENV_DISTRIBUTED_TYPE],
+            world_size=int(os.environ.get(ENV_WORLD_SIZE, hw.num_processes)),
             source="tunefleet launch",
         )
     return Expectation(
@@ -116,6 +98,21 @@ def check_distributed(state: Any, expected: Expectation, strategy: str) -> None:
         f"with {expected.world_size} process(es), but accelerate runs {got_type} with {got_world}{why}",
         fix,
     )
+
+
+def in_effect(trainer: Any, precision: Any) -> dict[str, Any]:
+    """What the run really uses (not what was asked for): recorded in plan.json."""
+    import torch
+
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return {
+        "world_size": trainer.args.world_size,
+        "distributed_type": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1],
+        "backend": torch.distributed.get_backend() if dist else None,
+        "device": str(trainer.args.device),
+        "mixed_precision": precision.mode,
+        "model_dtype": str(precision.dtype).replace("torch.", ""),
+    }
 
 
 # ----------------------------------------------------------------------------- sharding
@@ -199,6 +196,4 @@ class ShardingCheck(TrainerCallback):
         if self.plan_path is not None and self.plan_path.exists():
             plan = json.loads(self.plan_path.read_text(encoding="utf-8"))
             plan.setdefault("in_effect", {})["sharding"] = sharding
-            tmp = self.plan_path.with_name(self.plan_path.name + ".tmp")
-            tmp.write_text(json.dumps(plan, indent=2) + "\n", encoding="utf-8")
-            tmp.replace(self.plan_path)
+            write_json(self.plan_path, plan)

@@ -11,18 +11,17 @@ renamed into place, and its logits are checked against base+adapter on a probe p
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunefleet.launch.errors import TunefleetError
-from tunefleet.launch.recipe import Recipe
+from tunefleet.launch.core.errors import TunefleetError
+from tunefleet.launch.core.layout import atomic_dir
+from tunefleet.launch.core.recipe import PRECISION_DTYPE, Recipe
 
 MERGE_INFO = "tunefleet_merge.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
-_PRECISION_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,7 +41,7 @@ def merge_dtype(recipe: Recipe, override: str | None = None) -> str:
         return override
     if recipe.model.dtype != "auto":
         return recipe.model.dtype
-    return _PRECISION_DTYPES.get(recipe.train.precision, "auto")
+    return PRECISION_DTYPE.get(recipe.train.precision, "auto")
 
 
 def _load_base(recipe: Recipe, dtype: str, notes: list[str]) -> Any:
@@ -123,10 +122,33 @@ def merge(
     diff = float((expected - got).abs().max()) if expected is not None and got is not None else None
     merged.config.use_cache = True
 
-    tmp = out.with_name(f".{out.name}.tmp-merge")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    if out.exists():
+        out.rmdir()  # empty (checked above)
+    with atomic_dir(out) as tmp:
+        _save_merged(merged, tokenizer, tmp, adapter, recipe, notes, diff, max_shard_size)
+    return MergeResult(
+        out_dir=out,
+        adapter_dir=adapter.adapter_dir,
+        dtype=_dtype_name(merged),
+        notes=notes,
+        max_logit_diff=diff,
+    )
+
+
+def _dtype_name(model: Any) -> str:
+    return str(model.dtype).removeprefix("torch.")
+
+
+def _save_merged(
+    merged: Any,
+    tokenizer: Any,
+    tmp: Path,
+    adapter: Any,
+    recipe: Recipe,
+    notes: list[str],
+    diff: float | None,
+    max_shard_size: str,
+) -> None:
     merged.save_pretrained(tmp, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(tmp)
     info = {
@@ -136,16 +158,9 @@ def merge(
         "revision": recipe.model.revision,
         "peft_method": recipe.peft.method + ("+rslora" if recipe.peft.use_rslora else ""),
         "training_quantization": recipe.model.quantization,
-        "dtype": str(merged.dtype).removeprefix("torch."),
+        "dtype": _dtype_name(merged),
         "max_logit_diff": diff,
         "notes": notes,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    if out.exists():
-        out.rmdir()  # empty (checked above)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(out)
-    return MergeResult(
-        out_dir=out, adapter_dir=adapter.adapter_dir, dtype=info["dtype"], notes=notes, max_logit_diff=diff
-    )

@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 
-from tunefleet.launch.errors import RecipeError, TunefleetError
-from tunefleet.launch.recipe import ModelConfig, Recipe
+from tunefleet.launch.core.errors import RecipeError, TunefleetError
+from tunefleet.launch.core.layout import atomic_dir
+from tunefleet.launch.core.recipe import PRECISION_DTYPE, ModelConfig, Recipe
 
 _DTYPES = {
     "bfloat16": torch.bfloat16,
@@ -46,7 +47,7 @@ def resolve_precision(recipe: Recipe) -> Precision:
             "use train.precision=bf16 or fp32 on CPU",
         )
     if recipe.model.dtype == "auto":
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[mode]
+        dtype = _DTYPES[PRECISION_DTYPE[mode]]
     else:
         dtype = _DTYPES[recipe.model.dtype]
     return Precision(mode=mode, dtype=dtype, use_cpu=use_cpu)
@@ -181,11 +182,17 @@ def save_adapter(model: Any, tokenizer: Any, out_dir: Path, state_dict: dict[str
     """Save the adapter and tokenizer into `out_dir` atomically (temp dir, then rename).
 
     `state_dict`: the adapter weights gathered from shards (final_adapter.py); None reads the model."""
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        import shutil
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
 
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp, state_dict=state_dict)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out_dir)
+
+def match_adapter_dtype(model: Any, recipe: Recipe, precision: Precision) -> None:
+    """fp32 asked means fp32 adapters. TRL's SFTTrainer casts QLoRA adapters to bf16 whatever the
+    precision (the QLoRA paper's default); in an fp32 run bf16 rounding made 2-process losses
+    differ from 1 by ~1e-4."""
+    if recipe.model.quantization not in ("nf4", "fp4", "int8") or precision.mode != "fp32":
+        return
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()

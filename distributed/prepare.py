@@ -12,7 +12,7 @@ The fingerprint is a SHA-256 over
 - the tokenizer as loaded (the files `save_pretrained` writes, so a hub tokenizer, a local
   directory and the pad token tunefleet sets are all covered);
 - the recipe's `data` section (format, max_length, limit, eval split, ...);
-- the tokenisation code itself (`distributed/data.py`), so a change to the masking rebuilds it.
+- the tokenisation code itself (`distributed/data/`), so a change to the masking rebuilds it.
 
 The cache is written to a temporary directory and renamed into place (a reader sees a whole
 cache or none); older caches of the same output directory are deleted after a new one is complete.
@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunefleet.launch.recipe import Recipe
+from tunefleet.launch.core.layout import CACHE_DIR, atomic_dir
+from tunefleet.launch.core.recipe import Recipe
 
-CACHE_DIR = ".cache"
 CACHE_PREFIX = "tokenized-"
 META_FILE = "meta.json"
 HEAD_ROWS = 16
@@ -121,7 +121,8 @@ def fingerprint(recipe: Recipe, tokenizer: Any) -> tuple[str, dict[str, Any]]:
     _hash_tokenizer(h, tokenizer)
     section = dataclasses.asdict(d)
     h.update(json.dumps(section, sort_keys=True).encode())
-    h.update(Path(data_mod.__file__).read_bytes())
+    for code in sorted(Path(data_mod.__file__).parent.glob("*.py")):  # the tokenisation code itself
+        h.update(code.read_bytes())
     return h.hexdigest()[:16], {"sources": sources, "data": section}
 
 
@@ -192,9 +193,7 @@ def write_cache(prepared: PreparedData, path: Path, inputs: dict[str, Any]) -> P
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()  # a progress bar per split in every job log says nothing
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
-    try:
+    with atomic_dir(path, first_wins=True) as tmp:  # a cache written meanwhile is as good as ours
         prepared.train.save_to_disk(str(tmp / "train"))
         if prepared.eval is not None:
             prepared.eval.save_to_disk(str(tmp / "eval"))
@@ -210,18 +209,8 @@ def write_cache(prepared: PreparedData, path: Path, inputs: dict[str, Any]) -> P
             **inputs,
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=str) + "\n", encoding="utf-8")
-        tmp.chmod(0o755)
-        try:
-            tmp.rename(path)
-        except OSError:  # written meanwhile by another prepare: theirs is as good as ours
-            if not (path / META_FILE).is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for other in path.parent.iterdir():
-        if other != path and other.name.startswith((CACHE_PREFIX, f".tmp-{CACHE_PREFIX}")):
+        if other != path and other.name.startswith((CACHE_PREFIX, f".{CACHE_PREFIX}")):
             shutil.rmtree(other, ignore_errors=True)
     return path
 

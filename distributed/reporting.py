@@ -1,4 +1,4 @@
-"""What a run shows and records: metrics.jsonl, the rich progress bar, summaries, loss.png."""
+"""What a run shows and records: metrics.jsonl, the rich progress bar, the summary tables, loss.png."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-METRICS_FILE = "metrics.jsonl"
-LOSS_PLOT = "loss.png"
+from tunefleet.launch.core.layout import FINAL_DIR, LOSS_PLOT, METRICS_FILE, read_jsonl
 
 
 class MetricsCallback(TrainerCallback):
@@ -101,12 +100,6 @@ class ProgressCallback(TrainerCallback):
             self.progress = None
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def plot_loss(metrics_path: Path, out_path: Path) -> None:
     """Plot training (and evaluation) loss against the optimizer step."""
     import matplotlib
@@ -114,7 +107,7 @@ def plot_loss(metrics_path: Path, out_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(metrics_path)
+    rows = read_jsonl(metrics_path)
     train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
     evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
@@ -143,3 +136,61 @@ def print_table(title: str, rows: list[tuple[str, str]]) -> None:
     for key, value in rows:
         table.add_row(key, value)
     Console().print(table)
+
+
+def start_rows(
+    checked: Any, schedule: Any, data: Any, precision: Any, expected: Any, *, trainable: int, total: int
+) -> list[tuple[str, str]]:
+    """The run summary printed before the first step (`checked`: the preflight's result)."""
+    recipe, batch = checked.recipe, checked.batch
+    p, d = recipe.peft, recipe.data
+    method = {"lora": "LoRA", "dora": "DoRA"}[p.method] + (" + rsLoRA" if p.use_rslora else "")
+    if recipe.model.quantization != "none":
+        method = f"Q{method} ({recipe.model.quantization})"
+    device = "CPU" if precision.use_cpu else "GPU"
+    return [
+        ("model", f"{recipe.model.name_or_path} ({precision.dtype}, {precision.mode}, {device})"),
+        ("method", f"{method} r={p.r} alpha={p.alpha:g} targets={p.target_modules}"),
+        ("parameters", f"{trainable:,} trainable of {total:,} ({100 * trainable / total:.3f}%)"),
+        (
+            "data",
+            f"{d.path} [{d.format}]: {data.train_stats['rows']} rows -> {len(data.train)} examples"
+            + (f", {len(data.eval)} eval" if data.eval is not None else ""),
+        ),
+        (
+            "batch",
+            f"micro {batch.micro_batch_size} x accum {batch.grad_accum_steps} x world "
+            f"{batch.world_size} = global {batch.global_batch_size} samples/step",
+        ),
+        (
+            "schedule",
+            f"{schedule.steps_per_epoch} steps/epoch ({schedule.dropped_rows_per_epoch} samples of the last "
+            f"incomplete global batch dropped per epoch), {schedule.total_steps} steps, "
+            f"{schedule.warmup_steps} warm-up",
+        ),
+        (
+            "distributed",
+            f"{recipe.parallel.strategy}: {expected.distributed_type} x {batch.world_size} ({expected.source}; "
+            "sharding checked when training starts, recorded in plan.json)",
+        ),
+        *[("compat", note) for note in checked.notes],
+        ("output", recipe.output_dir),
+    ]
+
+
+def done_rows(
+    trainer: Any, result: Any, out: Path, *, elapsed_s: float, eval_loss: float | None, samples: str
+) -> list[tuple[str, str]]:
+    """The summary printed after the last step."""
+    train_s = result.metrics.get("train_runtime", elapsed_s)
+    tokens = trainer.state.num_input_tokens_seen
+    return [
+        ("steps", f"{trainer.state.global_step}"),
+        ("final loss", f"{result.training_loss:.4f} (mean over the run)"),
+        ("time", f"{elapsed_s:.1f} s total, {train_s:.1f} s training"),
+        ("throughput", f"{tokens / max(train_s, 1e-9):,.0f} tokens/s ({tokens:,} tokens)"),
+        *([("eval loss", f"{eval_loss:.4f} (last evaluation)")] if eval_loss is not None else []),
+        ("adapter", str(out / FINAL_DIR)),
+        ("metrics", f"{out / METRICS_FILE}, {out / LOSS_PLOT}"),
+        ("samples", samples),
+    ]

@@ -16,6 +16,8 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
+from tunefleet.launch.core.batch import BatchPlan
+
 
 def epoch_order(num_rows: int, *, seed: int, epoch: int) -> list[int]:
     """The permutation of row indices used in `epoch` (pure, platform independent)."""
@@ -24,11 +26,13 @@ def epoch_order(num_rows: int, *, seed: int, epoch: int) -> list[int]:
     return order
 
 
-def global_batches(num_rows: int, *, global_batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The complete global batches of one epoch, in order (the incomplete last one dropped)."""
+def global_batches(
+    num_rows: int, *, global_batch_size: int, steps_per_epoch: int, seed: int, epoch: int
+) -> list[list[int]]:
+    """The `steps_per_epoch` complete global batches of one epoch, in order (the rows after them,
+    fewer than one global batch, are dropped; `batch.plan_schedule` counts them)."""
     order = epoch_order(num_rows, seed=seed, epoch=epoch)
-    steps = num_rows // global_batch_size
-    return [order[k * global_batch_size : (k + 1) * global_batch_size] for k in range(steps)]
+    return [order[k * global_batch_size : (k + 1) * global_batch_size] for k in range(steps_per_epoch)]
 
 
 def micro_batch(
@@ -42,33 +46,28 @@ def micro_batch(
 class GlobalBatchSampler:
     """A batch sampler yielding this rank's micro batches, global batch after global batch.
 
+    The batch plan and the steps per epoch come from the run's schedule (computed once, in
+    `tunefleet.launch.core.batch`); the sampler checks that they fit its rows and rank.
     `len()` is the number of micro batches this rank sees per epoch
     (steps_per_epoch x grad_accum_steps), which is what the HF Trainer expects.
     """
 
     def __init__(
-        self,
-        num_rows: int,
-        *,
-        global_batch_size: int,
-        micro_batch_size: int,
-        world_size: int,
-        rank: int,
-        seed: int,
+        self, num_rows: int, *, batch: BatchPlan, steps_per_epoch: int, rank: int, seed: int
     ) -> None:
-        per_step = micro_batch_size * world_size
-        if global_batch_size % per_step:
-            raise ValueError(
-                f"global batch {global_batch_size} is not a multiple of micro {micro_batch_size} x world {world_size}"
-            )
+        g = batch.global_batch_size
+        if not steps_per_epoch * g <= num_rows < (steps_per_epoch + 1) * g:
+            raise ValueError(f"{steps_per_epoch} steps of {g} samples do not fit {num_rows} rows (drop last)")
+        if not 0 <= rank < batch.world_size:
+            raise ValueError(f"rank {rank} is not in a world of {batch.world_size}")
         self.num_rows = num_rows
-        self.global_batch_size = global_batch_size
-        self.micro_batch_size = micro_batch_size
-        self.world_size = world_size
+        self.global_batch_size = g
+        self.micro_batch_size = batch.micro_batch_size
+        self.world_size = batch.world_size
+        self.grad_accum_steps = batch.grad_accum_steps
+        self.steps_per_epoch = steps_per_epoch
         self.rank = rank
         self.seed = seed
-        self.grad_accum_steps = global_batch_size // per_step
-        self.steps_per_epoch = num_rows // global_batch_size
         self.epoch = 0
         self.start_step = 0
 
@@ -85,7 +84,11 @@ class GlobalBatchSampler:
 
     def __iter__(self) -> Iterator[list[int]]:
         batches = global_batches(
-            self.num_rows, global_batch_size=self.global_batch_size, seed=self.seed, epoch=self.epoch
+            self.num_rows,
+            global_batch_size=self.global_batch_size,
+            steps_per_epoch=self.steps_per_epoch,
+            seed=self.seed,
+            epoch=self.epoch,
         )
         start, self.start_step = self.start_step, 0
         for batch in batches[start:]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import os
 import time
@@ -32,27 +31,10 @@ from typing import Any
 
 from transformers.integrations import MLflowCallback, TensorBoardCallback, WandbCallback
 
-from tunefleet.launch.errors import TunefleetError
+from tunefleet.launch.core.layout import TRACKING_FILE, write_json
 
-TRACKING_FILE = "tracking.json"
 TENSORBOARD_DIR = "tensorboard"
 WANDB_PROJECT = "tunefleet"
-_PACKAGES = {
-    "tensorboard": ("tensorboard", "pip install tensorboard"),
-    "wandb": ("wandb", "pip install wandb"),
-    "mlflow": ("mlflow", "pip install mlflow"),
-}
-
-
-def check_installed(report_to: list[str]) -> None:
-    """Fail before any model is loaded when a listed tracker's package is missing."""
-    for name in report_to:
-        module, install = _PACKAGES[name]
-        if importlib.util.find_spec(module) is None:
-            raise TunefleetError(
-                f"train.report_to lists {name}, but the {module} package is not installed",
-                f"{install}, or remove {name} from train.report_to",
-            )
 
 
 def read_state(out: Path) -> dict[str, Any]:
@@ -61,9 +43,7 @@ def read_state(out: Path) -> dict[str, Any]:
 
 
 def _write_state(out: Path, state: dict[str, Any]) -> None:
-    tmp = out / f".{TRACKING_FILE}.tmp"
-    tmp.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(out / TRACKING_FILE)
+    write_json(out / TRACKING_FILE, state)
 
 
 def run_id(out: Path) -> str:

@@ -40,10 +40,11 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
-from tunefleet.distributed import checkpoint as ckpt
 from tunefleet.distributed import ds_reshard
 from tunefleet.distributed.final_adapter import save_checkpoint_adapter
 from tunefleet.distributed.sampler import GlobalBatchSampler
+from tunefleet.launch.core import checkpoints as ckpt
+from tunefleet.launch.core.batch import BatchPlan, Schedule
 
 TRAINER_STATE_NAME = "trainer_state.json"
 
@@ -114,15 +115,17 @@ class TunefleetTrainer(SFTTrainer):
     def __init__(
         self,
         *args: Any,
-        global_batch_size: int,
-        micro_batch_size: int,
+        batch: BatchPlan,
+        schedule: Schedule,
         manifest: dict[str, Any],
         keep_last: int | None,
         stop: StopFlag | None = None,
         **kwargs: Any,
     ) -> None:
-        self.tf_global_batch_size = global_batch_size
-        self.tf_micro_batch_size = micro_batch_size
+        self.tf_batch = batch
+        self.tf_schedule = schedule
+        self.tf_global_batch_size = batch.global_batch_size
+        self.tf_steps_per_epoch = schedule.steps_per_epoch
         self.tf_manifest = manifest
         self.tf_keep_last = keep_last
         self.tf_stop = stop
@@ -137,16 +140,14 @@ class TunefleetTrainer(SFTTrainer):
                 "(a debug switch for tests; results depend on the micro batch / world size split)",
                 flush=True,
             )
-        self.tf_steps_per_epoch = len(self.train_dataset) // global_batch_size  # type: ignore[arg-type]
         self.add_callback(StepBoundary(self))
 
     def get_train_dataloader(self) -> DataLoader:
         assert self.train_dataset is not None
         sampler = GlobalBatchSampler(
             len(self.train_dataset),  # type: ignore[arg-type]
-            global_batch_size=self.tf_global_batch_size,
-            micro_batch_size=self.tf_micro_batch_size,
-            world_size=self.args.world_size,
+            batch=self.tf_batch,
+            steps_per_epoch=self.tf_steps_per_epoch,
             rank=self.args.process_index,
             seed=self.args.seed,
         )

@@ -5,46 +5,18 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from typing import Any
 
-from tunefleet.launch.errors import TunefleetError
+from tunefleet.launch.core.args import StartOptions, add_overrides, add_run_arguments
+from tunefleet.launch.core.errors import TunefleetError
 
 
 def _train(args: argparse.Namespace) -> int:
     from tunefleet.distributed import sft
-    from tunefleet.launch import recipe as recipe_mod
+    from tunefleet.launch.core import recipe as recipe_mod
 
     recipe = recipe_mod.load(args.recipe, args.overrides)
-    return sft.run(recipe, overwrite=args.overwrite, no_resume=args.no_resume, resume=args.resume)
-
-
-def add_overrides(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe value, e.g. --set train.max_steps=100 (repeatable)",
-    )
-
-
-def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments shared by `tunefleet train` and `python -m tunefleet.distributed.sft`."""
-    add_overrides(p)
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="start over in an output_dir that holds a run (the old one is moved aside, not deleted)",
-    )
-    p.add_argument(
-        "--no-resume", action="store_true", help="refuse to continue an unfinished run found in output_dir"
-    )
-    p.add_argument(
-        "--resume",
-        metavar="CHECKPOINT",
-        default=None,
-        help="continue from this complete checkpoint (default: the newest one in output_dir)",
-    )
+    return sft.run(recipe, options=StartOptions.from_args(args))
 
 
 def _launch(args: argparse.Namespace) -> int:
@@ -66,14 +38,7 @@ def _launch(args: argparse.Namespace) -> int:
             f"--gpus {args.gpus}: {visible_gpus} GPU(s) visible here",
             "use --nproc N for CPU processes, or --dry-run to only render the files",
         )
-    plan = ws.prepare_launch(
-        args.recipe,
-        args.overrides,
-        hw,
-        overwrite=args.overwrite,
-        no_resume=args.no_resume,
-        resume=args.resume,
-    )
+    plan = ws.prepare_launch(args.recipe, args.overrides, hw, options=StartOptions.from_args(args))
     if not args.dry_run:
         ws.write_launch_files(plan)
     print(ws.summary(plan, dry_run=args.dry_run), flush=True)
@@ -87,7 +52,8 @@ def _launch(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     import json
 
-    from tunefleet.launch.plan import make_plan, render_plan
+    from tunefleet.launch.plan import render_plan
+    from tunefleet.launch.plan_inputs import make_plan
 
     plan = make_plan(
         args.recipe,
@@ -146,13 +112,7 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tunefleet",
-        description="Distributed LLM fine-tuning from one recipe: LoRA/QLoRA SFT on a workstation or a SLURM cluster.",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def _add_train(sub: Any) -> None:
     p = sub.add_parser(
         "train",
         help="train a recipe in this process (one CPU or GPU)",
@@ -162,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_arguments(p)
     p.set_defaults(func=_train)
 
+
+def _add_launch(sub: Any) -> None:
     p = sub.add_parser(
         "launch",
         help="train a recipe on N CPU processes or GPUs of this machine (accelerate launch)",
@@ -189,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_launch)
 
+
+def _add_plan(sub: Any) -> None:
     p = sub.add_parser(
         "plan",
         help="explain the batch math, schedule, parameters and memory of a recipe",
@@ -210,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_plan)
 
+
+def _add_merge(sub: Any) -> None:
     p = sub.add_parser(
         "merge",
         help="merge a run's adapter into its base model and save one model",
@@ -236,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_merge)
 
+
+def _add_generate(sub: Any) -> None:
     p = sub.add_parser(
         "generate",
         help="answer prompts with a run's adapter (and the base model)",
@@ -267,6 +235,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jsonl", action="store_true", help="print one JSON object per prompt instead of a table")
     p.set_defaults(func=_generate)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tunefleet",
+        description="Distributed LLM fine-tuning from one recipe: LoRA/QLoRA SFT on a workstation or a SLURM cluster.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_train(sub)
+    _add_launch(sub)
+    _add_plan(sub)
+    _add_merge(sub)
+    _add_generate(sub)
     from tunefleet.slurm import cli as slurm_cli  # prepare, slurm, status
 
     slurm_cli.add_commands(sub)

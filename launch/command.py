@@ -1,8 +1,11 @@
-"""The `accelerate launch` command of a run: built purely as (argv, env), run by a thin function.
+"""The command that starts a run's processes, built purely and run by a thin function.
 
-`build_launch_command` returns the argv and the environment variables to add; `format_command`
-the line to print and save; `run_command` starts it, forwards SIGINT/SIGTERM/SIGUSR1 and
-returns its exit code.
+One builder for every place that starts ranks: `launcher_options` gives a launcher's options for
+one node (torchrun or accelerate launch) and `entrypoint_args` what every rank runs; `tunefleet
+launch` (`build_launch_command`), the SLURM script (`slurm/sbatch.py`) and `tunefleet plan`
+(`node_commands`) put them together. Values that a node's shell must expand (`$SLURM_NODEID`)
+are `ShellVar`s; everything else is quoted. `run_command` starts a command, forwards
+SIGINT/SIGTERM/SIGUSR1 and returns its exit code.
 
 On CPU, only `--multi_gpu --num_processes N` (sic) with ACCELERATE_USE_CPU starts N ranks that
 form one gloo world (measured here). `--cpu --num_processes N` starts one process, and so does a
@@ -17,14 +20,116 @@ import signal
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from tunefleet.launch.errors import TunefleetError
-from tunefleet.launch.recipe import Recipe
-from tunefleet.launch.templates import ACCELERATE_FILE, Hardware, expected_distributed_type
+from tunefleet.launch.core import layout
+from tunefleet.launch.core.errors import TunefleetError
+from tunefleet.launch.core.hardware import Hardware
+from tunefleet.launch.core.recipe import Recipe
+from tunefleet.launch.templates import ACCELERATE_FILE, expected_distributed_type
 
 ENTRYPOINT = "tunefleet.distributed.sft"
-"""The module every process runs."""
+"""The module every process runs (`python -m tunefleet.distributed.sft --recipe FILE`)."""
+
+Launcher = Literal["torchrun", "accelerate"]
+
+
+@dataclass(frozen=True)
+class ShellVar:
+    """A value the shell of the node expands (`"$SLURM_NODEID"`), written unquoted-by-us."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return f'"${self.name}"'
+
+
+Word = str | ShellVar
+"""One word of a command line: a literal (quoted when printed) or a shell variable."""
+
+
+def launcher_options(
+    launcher: Launcher,
+    *,
+    nodes: int,
+    procs_per_node: int,
+    node_rank: Word,
+    main_address: Word,
+    main_port: Word,
+    accelerate_config: str | None = None,
+) -> list[list[Word]]:
+    """The options of one node's launcher, one option with its value per group."""
+    if launcher == "torchrun":
+        return [
+            ["--nnodes", str(nodes)],
+            ["--nproc_per_node", str(procs_per_node)],
+            ["--node_rank", node_rank],
+            ["--master_addr", main_address],
+            ["--master_port", main_port],
+        ]
+    if accelerate_config is None:
+        raise TunefleetError("accelerate launch needs a config file", "render the accelerate config first")
+    return [
+        ["--config_file", accelerate_config],
+        ["--num_machines", str(nodes)],
+        ["--num_processes", str(nodes * procs_per_node)],
+        ["--machine_rank", node_rank],
+        ["--main_process_ip", main_address],
+        ["--main_process_port", main_port],
+    ]
+
+
+def entrypoint_args(
+    recipe_path: str, *, module: str = ENTRYPOINT, script: str | None = None, extra: Sequence[str] = ()
+) -> list[list[Word]]:
+    """What every rank runs: `-m MODULE --recipe FILE` (or `SCRIPT --recipe FILE`), then `extra`
+    (one word per group)."""
+    program: list[Word] = ["-m", module] if script is None else [script]
+    groups: list[list[Word]] = [program, ["--recipe", recipe_path]]
+    return groups + [[arg] for arg in extra]
+
+
+def shell_words(words: Sequence[Word]) -> str:
+    """Words as shell source: literals quoted, shell variables left to expand."""
+    return " ".join(str(w) if isinstance(w, ShellVar) else shlex.quote(w) for w in words)
+
+
+def shell_lines(groups: Sequence[Sequence[Word]], separator: str = " ") -> str:
+    """Groups of words as shell source, joined by `separator` (e.g. a backslash-newline)."""
+    return separator.join(shell_words(group) for group in groups)
+
+
+def node_commands(
+    recipe_path: str, overrides: Sequence[str], *, nodes: int, procs_per_node: int
+) -> list[str]:
+    """What a user runs on each node for `tunefleet plan`: `tunefleet train` for one process,
+    `tunefleet launch --gpus N` on one machine, torchrun on each of several machines."""
+    sets = [w for o in overrides for w in ("--set", o)]
+    if nodes == 1:
+        if procs_per_node == 1:
+            return [shell_words(["tunefleet", "train", recipe_path, *sets])]
+        return [shell_words(["tunefleet", "launch", recipe_path, "--gpus", str(procs_per_node), *sets])]
+    tail = entrypoint_args(recipe_path, extra=sets)
+    return [
+        shell_lines(
+            [
+                ["torchrun"],
+                *launcher_options(
+                    "torchrun",
+                    nodes=nodes,
+                    procs_per_node=procs_per_node,
+                    node_rank=str(rank),
+                    main_address=ShellVar("MASTER_ADDR"),
+                    main_port=ShellVar("MASTER_PORT"),
+                ),
+                *tail,
+            ]
+        )
+        for rank in range(nodes)
+    ]
+
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
@@ -33,11 +138,11 @@ def launch_env(recipe: Recipe, hw: Hardware) -> dict[str, str]:
     """Variables every rank inherits: what the launcher expects it to find (the entrypoint
     checks them against accelerate's state and exits on a mismatch) and the CPU switch."""
     env = {
-        "TUNEFLEET_STRATEGY": recipe.parallel.strategy,
-        "TUNEFLEET_WORLD_SIZE": str(hw.num_processes),
-        "TUNEFLEET_NUM_MACHINES": str(hw.num_machines),
-        "TUNEFLEET_DISTRIBUTED_TYPE": expected_distributed_type(recipe, hw),
-        "TUNEFLEET_USE_CPU": "1" if hw.use_cpu else "0",
+        layout.ENV_STRATEGY: recipe.parallel.strategy,
+        layout.ENV_WORLD_SIZE: str(hw.num_processes),
+        layout.ENV_NUM_MACHINES: str(hw.num_machines),
+        layout.ENV_DISTRIBUTED_TYPE: expected_distributed_type(recipe, hw),
+        layout.ENV_USE_CPU: "1" if hw.use_cpu else "0",
     }
     if hw.use_cpu and recipe.parallel.strategy == "ddp":
         # Read by TrainingArguments and AcceleratorState: cpu=True -> MULTI_CPU over gloo (the
@@ -85,10 +190,12 @@ def build_launch_command(
         # The config says MULTI_GPU already; the flags make the one incantation that starts N
         # CPU ranks explicit. Never for DeepSpeed/FSDP: --multi_gpu would override their type.
         argv += ["--multi_gpu", "--num_processes", str(hw.num_processes)]
-    argv += ["-m", module] if script is None else [script]
-    argv += ["--recipe", recipe_path]
-    for override in overrides:
-        argv += ["--set", override]
+    sets = [w for o in overrides for w in ("--set", o)]
+    argv += [
+        str(w)
+        for group in entrypoint_args(recipe_path, module=module, script=script, extra=sets)
+        for w in group
+    ]
     return argv, launch_env(recipe, hw)
 
 

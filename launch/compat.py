@@ -18,15 +18,14 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from tunefleet.launch.errors import RecipeError
-from tunefleet.launch.recipe import Recipe
-from tunefleet.launch.templates import FSDP_STRATEGIES, Hardware
+from tunefleet.launch.core.errors import RecipeError
+from tunefleet.launch.core.hardware import Hardware, strategy_for
+from tunefleet.launch.core.recipe import PRECISION_DTYPE, Recipe
+from tunefleet.launch.templates import FSDP_STRATEGIES
 
 DEEPSPEED_STRATEGIES = ("deepspeed-zero2", "deepspeed-zero3")
 BNB_4BIT = ("nf4", "fp4")
 BNB = ("nf4", "fp4", "int8")
-PRECISION_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-"""Mixed precision -> the dtype FSDP/DeepSpeed hold (and flatten, cast, gather) parameters in."""
 
 OFFLOAD_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
 """Optimizers that survive ZeRO optimizer offload unchanged: accelerate replaces the torch
@@ -59,45 +58,66 @@ def model_quant_method(recipe: Recipe, model_config: Mapping[str, Any] | None = 
     return None
 
 
-def _resolve(
-    recipe: Recipe, hw: Hardware, model_config: Mapping[str, Any] | None
-) -> tuple[Recipe, list[str]]:
-    notes: list[str] = []
-    m, p, t, par = recipe.model, recipe.peft, recipe.train, recipe.parallel
-    s = par.strategy
-    n = hw.num_processes
+@dataclasses.dataclass
+class _Resolution:
+    """The recipe as the rules adjust it, one rule after another, and the note of each adjustment."""
 
-    # --- processes
-    if s == "single" and n > 1:
+    recipe: Recipe
+    hw: Hardware
+    model_config: Mapping[str, Any] | None
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def replace(self, section: str, note: str, **changes: Any) -> None:
+        """Change fields of one recipe section, recording why."""
+        updated = dataclasses.replace(getattr(self.recipe, section), **changes)
+        self.recipe = dataclasses.replace(self.recipe, **{section: updated})
+        self.notes.append(note)
+
+
+def _processes(r: _Resolution) -> None:
+    """`auto` becomes single or ddp by the process count; `single` runs exactly one process."""
+    asked, n = r.recipe.parallel.strategy, r.hw.num_processes
+    if asked == "single" and n > 1:
         raise _fail(
             "parallel.strategy",
             f"`single` runs one process, but {n} were asked for",
-            "use parallel.strategy=ddp (or another multi-process strategy), or launch 1 process",
+            "use parallel.strategy=auto or ddp (or another multi-process strategy), or launch 1 process",
         )
-    if s == "ddp" and n == 1:
-        par = dataclasses.replace(par, strategy="single")
-        s = "single"
-        notes.append("parallel.strategy: ddp on 1 process runs as `single` (nothing to replicate)")
+    strategy = strategy_for(asked, n)
+    if strategy == asked:
+        return
+    if asked == "auto":
+        note = f"parallel.strategy: auto -> {strategy} ({n} process{'es' if n > 1 else ''})"
+    else:
+        note = "parallel.strategy: ddp on 1 process runs as `single` (nothing to replicate)"
+    r.replace("parallel", note, strategy=strategy)
 
-    # --- FSDP on CPU: accelerate (state.py) turns FSDP on only for GPU-like devices and silently
-    # trains DDP instead (measured). FSDP2 runs on CPU through tunefleet's layer
-    # (distributed/cpu_fsdp.py; the entrypoint checks for DTensor parameters). FSDP1 does not:
-    # its sync_module_states looks up a GPU, and it segfaulted gathering a full state dict here.
-    if s in FSDP_STRATEGIES and hw.use_cpu:
-        if par.fsdp_version == 1:
-            raise _fail(
-                "parallel.fsdp_version",
-                f"{s} with FSDP1 needs GPUs (on CPU accelerate looks up a GPU for "
-                "sync_module_states, and FSDP1 crashed gathering a full state dict here)",
-                "use parallel.fsdp_version=2 (runs on CPU), or run on GPUs",
-            )
-        notes.append(
-            f"parallel.strategy: {s} on CPU runs FSDP2 through tunefleet's compatibility layer "
-            "(distributed/cpu_fsdp.py: accelerate alone would silently run DDP)"
+
+def _fsdp_on_cpu(r: _Resolution) -> None:
+    """accelerate (state.py) turns FSDP on only for GPU-like devices and silently trains DDP instead
+    (measured). FSDP2 runs on CPU through tunefleet's layer (distributed/cpu_fsdp.py; the entrypoint
+    checks for DTensor parameters). FSDP1 does not: its sync_module_states looks up a GPU, and it
+    segfaulted gathering a full state dict here."""
+    par, s = r.recipe.parallel, r.recipe.parallel.strategy
+    if s not in FSDP_STRATEGIES or not r.hw.use_cpu:
+        return
+    if par.fsdp_version == 1:
+        raise _fail(
+            "parallel.fsdp_version",
+            f"{s} with FSDP1 needs GPUs (on CPU accelerate looks up a GPU for "
+            "sync_module_states, and FSDP1 crashed gathering a full state dict here)",
+            "use parallel.fsdp_version=2 (runs on CPU), or run on GPUs",
         )
+    r.notes.append(
+        f"parallel.strategy: {s} on CPU runs FSDP2 through tunefleet's compatibility layer "
+        "(distributed/cpu_fsdp.py: accelerate alone would silently run DDP)"
+    )
 
-    # --- pre-quantized checkpoints
-    shipped = model_quant_method(recipe, model_config)
+
+def _prequantized(r: _Resolution) -> None:
+    """Checkpoints that ship quantized weights (MXFP4, GPTQ, AWQ) load in their own format."""
+    m, s = r.recipe.model, r.recipe.parallel.strategy
+    shipped = model_quant_method(r.recipe, r.model_config)
     if shipped == "mxfp4" and m.quantization in BNB:
         raise _fail(
             "model.quantization",
@@ -127,7 +147,10 @@ def _resolve(
             "set model.mxfp4_dequantize=true",
         )
 
-    # --- bitsandbytes under FSDP
+
+def _bitsandbytes_under_fsdp(r: _Resolution) -> None:
+    """A bitsandbytes base is sharded only by `fsdp-qlora`, in 4 bits, with a float optimizer."""
+    m, s, t = r.recipe.model, r.recipe.parallel.strategy, r.recipe.train
     if s == "fsdp" and m.quantization in BNB_4BIT:
         raise _fail(
             "parallel.strategy",
@@ -155,9 +178,12 @@ def _resolve(
             "use train.optimizer=adamw_torch (FSDP already shards its state)",
         )
 
-    # --- DoRA. Measured: QDoRA (4-bit + use_dora) under ZeRO-3 fails in the first forward
-    # ('Params4bit' object has no attribute 'ds_status'); DoRA under ZeRO-2/ZeRO-3 unquantized and
-    # QDoRA under ZeRO-2 trained and matched DDP losses exactly.
+
+def _qdora_under_zero3(r: _Resolution) -> None:
+    """Measured: QDoRA (4-bit + use_dora) under ZeRO-3 fails in the first forward ('Params4bit'
+    object has no attribute 'ds_status'); DoRA under ZeRO-2/ZeRO-3 unquantized and QDoRA under
+    ZeRO-2 trained and matched DDP losses exactly."""
+    m, p, s = r.recipe.model, r.recipe.peft, r.recipe.parallel.strategy
     if p.method == "dora" and m.quantization in BNB_4BIT and s == "deepspeed-zero3":
         raise _fail(
             "peft.method",
@@ -166,70 +192,100 @@ def _resolve(
             "use peft.method=lora, or deepspeed-zero2 / fsdp-qlora for QDoRA",
         )
 
-    # --- ZeRO optimizer offload swaps the optimizer (accelerate map_pytorch_optim_to_deepspeed)
-    if s in DEEPSPEED_STRATEGIES and par.offload != "none" and t.optimizer not in OFFLOAD_OPTIMIZERS:
+
+def _zero_offload_optimizer(r: _Resolution) -> None:
+    """ZeRO optimizer offload swaps the optimizer (accelerate map_pytorch_optim_to_deepspeed)."""
+    par, t = r.recipe.parallel, r.recipe.train
+    if par.strategy not in DEEPSPEED_STRATEGIES or par.offload == "none":
+        return
+    if t.optimizer not in OFFLOAD_OPTIMIZERS:
         raise _fail(
             "train.optimizer",
             f"with parallel.offload={par.offload} accelerate replaces {t.optimizer} by "
             "DeepSpeed's CPU Adam without saying so (Adam, not AdamW, for it)",
             "use train.optimizer=adamw_torch, or parallel.offload=none",
         )
-    if s in DEEPSPEED_STRATEGIES and par.offload != "none":
-        notes.append(
-            f"train.optimizer: {t.optimizer} runs as DeepSpeedCPUAdam (AdamW mode, same hyper-"
-            "parameters) because ZeRO offloads the optimizer"
+    r.notes.append(
+        f"train.optimizer: {t.optimizer} runs as DeepSpeedCPUAdam (AdamW mode, same hyper-"
+        "parameters) because ZeRO offloads the optimizer"
+    )
+
+
+def _sharded_4bit_storage(r: _Resolution) -> None:
+    """4-bit storage dtype = the dtype FSDP / ZeRO-3 hold parameters in = the model dtype.
+
+    FSDP1 flattens a layer's tensors into one (uniform dtype required); FSDP2 casts to the
+    mixed-precision dtype and leaves non-float (uint8) 4-bit weights out of sharding (accelerate
+    fsdp_utils). ZeRO-3 sharded uint8 and float storage alike here (measured); the HF ZeRO-3
+    QLoRA recipe uses the parameter dtype, so it is the default there, not a requirement."""
+    m, s = r.recipe.model, r.recipe.parallel.strategy
+    if m.quantization not in BNB_4BIT or s not in ("fsdp-qlora", "deepspeed-zero3"):
+        return
+    strict = s == "fsdp-qlora"
+    precision = r.recipe.train.precision
+    if precision == "auto":
+        precision = "fp32" if r.hw.use_cpu else "bf16"
+        hint = "" if r.hw.use_cpu else "; set train.precision=fp16 on GPUs without bf16"
+        r.replace(
+            "train",
+            f"train.precision: auto -> {precision} ({s} stores the 4-bit weights in the "
+            f"mixed-precision dtype, so it is fixed before launch{hint})",
+            precision=precision,
+        )
+    dtype = PRECISION_DTYPE[precision]
+    if strict and m.dtype not in ("auto", dtype):
+        raise _fail(
+            "model.dtype",
+            f"{s} needs the model dtype equal to the mixed-precision dtype {dtype} "
+            f"(train.precision={precision}), got {m.dtype}",
+            f"drop model.dtype or set it to {dtype}",
+        )
+    if strict and m.quant_storage_dtype not in (None, dtype):
+        raise _fail(
+            "model.quant_storage_dtype",
+            f"{s} stores the 4-bit weights in the parameter dtype "
+            f"{dtype}; it is set automatically and {m.quant_storage_dtype} would break sharding",
+            "drop model.quant_storage_dtype",
+        )
+    changed = {}
+    if m.dtype == "auto":
+        changed["dtype"] = dtype
+    if m.quant_storage_dtype is None:
+        changed["quant_storage_dtype"] = dtype
+    if changed:
+        why = (
+            "FSDP shards 4-bit weights only when they are stored in the dtype it holds parameters in"
+            if strict
+            else "the HF ZeRO-3 QLoRA recipe stores 4-bit weights in the parameter dtype"
+        )
+        r.replace(
+            "model",
+            f"{', '.join(f'model.{k}={v}' for k, v in changed.items())}: {why} "
+            "(bnb_4bit_quant_storage = mixed precision = model dtype)",
+            **changed,
         )
 
-    # --- 4-bit storage dtype = the dtype FSDP / ZeRO-3 hold parameters in = the model dtype.
-    # FSDP1 flattens a layer's tensors into one (uniform dtype required); FSDP2 casts to the
-    # mixed-precision dtype and leaves non-float (uint8) 4-bit weights out of sharding (accelerate
-    # fsdp_utils). ZeRO-3 sharded uint8 and float storage alike here (measured); the HF ZeRO-3
-    # QLoRA recipe uses the parameter dtype, so it is the default there, not a requirement.
-    if m.quantization in BNB_4BIT and s in ("fsdp-qlora", "deepspeed-zero3"):
-        strict = s == "fsdp-qlora"
-        precision = t.precision
-        if precision == "auto":
-            precision = "fp32" if hw.use_cpu else "bf16"
-            t = dataclasses.replace(t, precision=precision)
-            hint = "" if hw.use_cpu else "; set train.precision=fp16 on GPUs without bf16"
-            notes.append(
-                f"train.precision: auto -> {precision} ({s} stores the 4-bit weights in the "
-                f"mixed-precision dtype, so it is fixed before launch{hint})"
-            )
-        dtype = PRECISION_DTYPE[precision]
-        if strict and m.dtype not in ("auto", dtype):
-            raise _fail(
-                "model.dtype",
-                f"{s} needs the model dtype equal to the mixed-precision dtype {dtype} "
-                f"(train.precision={precision}), got {m.dtype}",
-                f"drop model.dtype or set it to {dtype}",
-            )
-        if strict and m.quant_storage_dtype not in (None, dtype):
-            raise _fail(
-                "model.quant_storage_dtype",
-                f"{s} stores the 4-bit weights in the parameter dtype "
-                f"{dtype}; it is set automatically and {m.quant_storage_dtype} would break sharding",
-                "drop model.quant_storage_dtype",
-            )
-        changed = {}
-        if m.dtype == "auto":
-            changed["dtype"] = dtype
-        if m.quant_storage_dtype is None:
-            changed["quant_storage_dtype"] = dtype
-        if changed:
-            m = dataclasses.replace(m, **changed)
-            why = (
-                "FSDP shards 4-bit weights only when they are stored in the dtype it holds parameters in"
-                if strict
-                else "the HF ZeRO-3 QLoRA recipe stores 4-bit weights in the parameter dtype"
-            )
-            notes.append(
-                f"{', '.join(f'model.{k}={v}' for k, v in changed.items())}: {why} "
-                "(bnb_4bit_quant_storage = mixed precision = model dtype)"
-            )
 
-    out = dataclasses.replace(recipe, model=m, train=t, parallel=par)
-    return out, notes
+RULES = (
+    _processes,
+    _fsdp_on_cpu,
+    _prequantized,
+    _bitsandbytes_under_fsdp,
+    _qdora_under_zero3,
+    _zero_offload_optimizer,
+    _sharded_4bit_storage,
+)
+"""The compatibility matrix in the order it is applied: each rule refuses what breaks (naming the
+fix) or fills in what a strategy silently requires (with a note)."""
+
+
+def _resolve(
+    recipe: Recipe, hw: Hardware, model_config: Mapping[str, Any] | None
+) -> tuple[Recipe, list[str]]:
+    resolution = _Resolution(recipe, hw, model_config)
+    for rule in RULES:
+        rule(resolution)
+    return resolution.recipe, resolution.notes
 
 
 def resolve_with_notes(

@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tunefleet.launch.errors import RecipeError
+from tunefleet.launch.core.errors import RecipeError
 
 GIB = 1024**3
 
@@ -235,166 +235,233 @@ def logits_bytes_per_token(shape: ModelShape, *, compute_bytes: int) -> int:
 # ----------------------------------------------------------------------------- estimate
 
 
-def estimate_memory(
-    *,
-    shape: ModelShape,
-    base_params: int,
-    adapter_params: int,
-    trainable_params: int,
-    quantized_params: int,
-    quantization: str,
-    double_quant: bool = True,
-    precision: str,
-    weight_bytes: int,
-    strategy: str,
-    world_size: int,
-    micro_batch_size: int,
-    max_length: int,
-    gradient_checkpointing: bool,
-    optimizer: str,
-    lora_targets: str | Sequence[str],
-    lora_rank: int,
-    lora_dropout: float,
-    attn_implementation: str | None = None,
-    offload_params: bool = False,
-    offload_optimizer: bool = False,
-) -> MemoryEstimate:
-    """Peak memory of one GPU during a training step, split into its parts.
+@dataclass(frozen=True, kw_only=True)
+class MemoryInputs:
+    """Everything the estimate depends on: the model's shape and parameter counts, and the run."""
 
-    `precision` is `bf16`, `fp16` or `fp32`; `weight_bytes` the bytes per unquantized base
-    parameter as loaded (2 for bfloat16/float16, 4 for float32); `quantized_params` how many
-    base parameters `quantization` stores in low precision (0 for none, or for dequantized MXFP4).
-    """
-    if offload_params and strategy not in ("fsdp", "fsdp-qlora", "deepspeed-zero3"):
-        raise RecipeError(
-            f"parameter offload needs FSDP or ZeRO-3, not parallel.strategy={strategy}",
-            "use parallel.strategy=deepspeed-zero3 or fsdp, or turn parameter offload off",
+    shape: ModelShape
+    base_params: int
+    """Parameters of the base model."""
+    adapter_params: int
+    """Parameters PEFT adds (LoRA A/B, DoRA magnitudes, modules_to_save copies)."""
+    trainable_params: int
+    quantized_params: int
+    """Base parameters `quantization` stores in low precision (0 for none, or dequantized MXFP4)."""
+    quantization: str
+    double_quant: bool = True
+    precision: str
+    """`bf16`, `fp16` or `fp32`."""
+    weight_bytes: int
+    """Bytes per unquantized base parameter as loaded (2 for bfloat16/float16, 4 for float32)."""
+    strategy: str
+    world_size: int
+    micro_batch_size: int
+    max_length: int
+    gradient_checkpointing: bool
+    optimizer: str
+    lora_targets: str | Sequence[str]
+    lora_rank: int
+    lora_dropout: float
+    attn_implementation: str | None = None
+    offload_params: bool = False
+    offload_optimizer: bool = False
+
+    @property
+    def compute_bytes(self) -> int:
+        return 4 if self.precision == "fp32" else 2
+
+    @property
+    def weight_shards(self) -> int:
+        return self.world_size if self.strategy in SHARDED_WEIGHTS else 1
+
+    @property
+    def state_shards(self) -> int:
+        return self.world_size if self.strategy in SHARDED_STATES else 1
+
+    @property
+    def stored_weight_bytes(self) -> float:
+        """Bytes of the base weights as stored: quantized ones at their bits, the rest at
+        `weight_bytes` (fp32 for bitsandbytes runs: PEFT's k-bit preparation upcasts them)."""
+        bits = (
+            quantized_bits(self.quantization, double_quant=self.double_quant) if self.quantized_params else 0
         )
-    if offload_optimizer and strategy not in SHARDED_STATES:
-        raise RecipeError(
-            f"optimizer offload needs FSDP or ZeRO-2/3, not parallel.strategy={strategy}",
-            "use a sharded strategy, or turn optimizer offload off",
+        return (
+            self.quantized_params * bits / 8 + (self.base_params - self.quantized_params) * self._plain_bytes
         )
-    if precision not in ("bf16", "fp16", "fp32"):
-        raise ValueError(f"precision must be bf16, fp16 or fp32, got {precision!r}")
-    compute = 4 if precision == "fp32" else 2
-    shard_weights = world_size if strategy in SHARDED_WEIGHTS else 1
-    shard_states = world_size if strategy in SHARDED_STATES else 1
-    kbit = quantization in ("nf4", "fp4", "int8")
-    parts: list[MemoryPart] = []
 
-    def add(name: str, nbytes: float, note: str) -> None:
-        parts.append(MemoryPart(name=name, bytes=int(math.ceil(nbytes)), note=note))
+    @property
+    def _plain_bytes(self) -> int:
+        return 4 if self.quantization in ("nf4", "fp4", "int8") else self.weight_bytes
 
-    # weights
-    plain_bytes = 4 if kbit else weight_bytes
-    stored = quantized_params * (
-        quantized_bits(quantization, double_quant=double_quant) / 8 if quantized_params else 0
-    )
-    stored += (base_params - quantized_params) * plain_bytes
-    where = f"/ {shard_weights} ranks" if shard_weights > 1 else "replicated"
-    quant_note = (
-        f"{quantized_params:,} params at {quantized_bits(quantization, double_quant=double_quant):.3f} "
-        f"bits, the rest at {plain_bytes} bytes"
-        if quantized_params
-        else f"{plain_bytes} bytes per param"
-    )
-    if offload_params:
-        add("base weights", 0, f"offloaded to CPU ({stored / GIB:.1f} GiB there)")
+    def check(self) -> None:
+        if self.offload_params and self.strategy not in ("fsdp", "fsdp-qlora", "deepspeed-zero3"):
+            raise RecipeError(
+                f"parameter offload needs FSDP or ZeRO-3, not parallel.strategy={self.strategy}",
+                "use parallel.strategy=deepspeed-zero3 or fsdp, or turn parameter offload off",
+            )
+        if self.offload_optimizer and self.strategy not in SHARDED_STATES:
+            raise RecipeError(
+                f"optimizer offload needs FSDP or ZeRO-2/3, not parallel.strategy={self.strategy}",
+                "use a sharded strategy, or turn optimizer offload off",
+            )
+        if self.precision not in ("bf16", "fp16", "fp32"):
+            raise ValueError(f"precision must be bf16, fp16 or fp32, got {self.precision!r}")
+        if self.optimizer not in OPTIMIZER_STATE_BYTES:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}")
+
+
+def _part(name: str, nbytes: float, note: str) -> MemoryPart:
+    return MemoryPart(name=name, bytes=int(math.ceil(nbytes)), note=note)
+
+
+def _weight_parts(i: MemoryInputs) -> list[MemoryPart]:
+    """Base and adapter weights, and DeepSpeed's fp32 master copy of the trainable ones."""
+    where = f"/ {i.weight_shards} ranks" if i.weight_shards > 1 else "replicated"
+    if i.quantized_params:
+        bits = quantized_bits(i.quantization, double_quant=i.double_quant)
+        quant_note = f"{i.quantized_params:,} params at {bits:.3f} bits, the rest at {i._plain_bytes} bytes"
     else:
-        add("base weights", stored / shard_weights, f"{quant_note}; {where}")
-    deepspeed = strategy in DEEPSPEED
-    adapter_bytes = compute if deepspeed else 4
-    add(
-        "adapter weights",
-        0 if offload_params else adapter_params * adapter_bytes / shard_weights,
-        f"{adapter_params:,} params at {adapter_bytes} bytes; {where}",
-    )
-    if deepspeed and compute < 4:
-        add(
-            "fp32 master weights",
-            0 if offload_optimizer else trainable_params * 4 / shard_states,
-            "DeepSpeed's fp32 copy of the trainable params"
-            + ("; offloaded" if offload_optimizer else f" / {shard_states}"),
+        quant_note = f"{i._plain_bytes} bytes per param"
+    stored = i.stored_weight_bytes
+    if i.offload_params:
+        parts = [_part("base weights", 0, f"offloaded to CPU ({stored / GIB:.1f} GiB there)")]
+    else:
+        parts = [_part("base weights", stored / i.weight_shards, f"{quant_note}; {where}")]
+    deepspeed = i.strategy in DEEPSPEED
+    adapter_bytes = i.compute_bytes if deepspeed else 4
+    parts.append(
+        _part(
+            "adapter weights",
+            0 if i.offload_params else i.adapter_params * adapter_bytes / i.weight_shards,
+            f"{i.adapter_params:,} params at {adapter_bytes} bytes; {where}",
         )
-    # gradients and optimizer
-    if offload_params and strategy in ("fsdp", "fsdp-qlora"):
+    )
+    if deepspeed and i.compute_bytes < 4:
+        parts.append(
+            _part(
+                "fp32 master weights",
+                0 if i.offload_optimizer else i.trainable_params * 4 / i.state_shards,
+                "DeepSpeed's fp32 copy of the trainable params"
+                + ("; offloaded" if i.offload_optimizer else f" / {i.state_shards}"),
+            )
+        )
+    return parts
+
+
+def _gradient_and_optimizer_parts(i: MemoryInputs) -> list[MemoryPart]:
+    shards = i.state_shards
+    if i.offload_params and i.strategy in ("fsdp", "fsdp-qlora"):
         # FSDP's CPU offload moves each layer's reduce-scattered gradients to the CPU as it goes:
         # the GPU holds one layer's full-size gradients at a time
-        layers = max(1, shape.num_layers)
-        add(
+        gradients = _part(
             "gradients",
-            trainable_params * 4 / layers,
+            i.trainable_params * 4 / max(1, i.shape.num_layers),
             "one layer's fp32 gradients at a time; the rest offloaded",
         )
     else:
-        add(
+        gradients = _part(
             "gradients",
-            trainable_params * 4 / shard_states,
-            f"fp32, {trainable_params:,} trainable params"
-            + (f" / {shard_states}" if shard_states > 1 else ""),
+            i.trainable_params * 4 / shards,
+            f"fp32, {i.trainable_params:,} trainable params" + (f" / {shards}" if shards > 1 else ""),
         )
-    if strategy == "ddp":
-        add("DDP gradient buckets", trainable_params * 4, "a second copy of the gradients for the all-reduce")
-    state = OPTIMIZER_STATE_BYTES.get(optimizer)
-    if state is None:
-        raise ValueError(f"unknown optimizer {optimizer!r}")
-    add(
-        "optimizer state",
-        0 if offload_optimizer else trainable_params * state / shard_states,
-        f"{optimizer}: {state} bytes per trainable param"
-        + ("; offloaded to CPU" if offload_optimizer else f" / {shard_states}" if shard_states > 1 else ""),
+    parts = [gradients]
+    if i.strategy == "ddp":
+        parts.append(
+            _part(
+                "DDP gradient buckets",
+                i.trainable_params * 4,
+                "a second copy of the gradients for the all-reduce",
+            )
+        )
+    state = OPTIMIZER_STATE_BYTES[i.optimizer]
+    parts.append(
+        _part(
+            "optimizer state",
+            0 if i.offload_optimizer else i.trainable_params * state / shards,
+            f"{i.optimizer}: {state} bytes per trainable param"
+            + ("; offloaded to CPU" if i.offload_optimizer else f" / {shards}" if shards > 1 else ""),
+        )
     )
-    # activations
-    tokens = micro_batch_size * max_length
+    return parts
+
+
+def _activation_parts(i: MemoryInputs) -> list[MemoryPart]:
+    """What autograd keeps for the backward pass, and the logits of the loss."""
+    shape, compute = i.shape, i.compute_bytes
+    tokens = i.micro_batch_size * i.max_length
     layer = activation_bytes_per_token_per_layer(
         shape,
-        seq_len=max_length,
+        seq_len=i.max_length,
         compute_bytes=compute,
-        mixed_precision=precision != "fp32",
-        lora_targets=lora_targets,
-        lora_rank=lora_rank,
-        lora_dropout=lora_dropout,
-        attn_implementation=attn_implementation,
-        quantization=quantization,
+        mixed_precision=i.precision != "fp32",
+        lora_targets=i.lora_targets,
+        lora_rank=i.lora_rank,
+        lora_dropout=i.lora_dropout,
+        attn_implementation=i.attn_implementation,
+        quantization=i.quantization,
     )
-    if gradient_checkpointing:
-        add(
+    if i.gradient_checkpointing:
+        activations = _part(
             "activations",
             tokens * (shape.num_layers * shape.hidden_size * compute + layer),
             f"checkpointed: each layer's input ({shape.num_layers} x {shape.hidden_size} x {compute} bytes) "
             f"+ one layer recomputed ({layer:,} bytes) per token, {tokens:,} tokens",
         )
     else:
-        add(
+        activations = _part(
             "activations",
             tokens * shape.num_layers * layer,
             f"{shape.num_layers} layers x {layer:,} bytes per token, {tokens:,} tokens "
-            f"(micro batch {micro_batch_size} x {max_length})",
+            f"(micro batch {i.micro_batch_size} x {i.max_length})",
         )
-    add(
+    logits = _part(
         "logits and loss",
         tokens * logits_bytes_per_token(shape, compute_bytes=compute),
         f"vocab {shape.vocab_size:,}: {compute}-byte logits, fp32 log-softmax and its gradient",
     )
-    # transient working sets
-    embed = shape.vocab_size * shape.hidden_size * (1 if shape.tie_word_embeddings else 2)
-    per_layer = max(0, base_params - embed) / shape.num_layers
-    if shard_weights > 1:
-        add(
-            "gathered layer",
-            2 * per_layer * (stored / base_params),
-            "one layer's full weights all-gathered, plus the next one prefetched",
+    return [activations, logits]
+
+
+def _transient_parts(i: MemoryInputs) -> list[MemoryPart]:
+    """Working sets that exist for a moment: a gathered layer, a dequantized weight, CUDA's own."""
+    shape = i.shape
+    parts = []
+    if i.weight_shards > 1:
+        embed = shape.vocab_size * shape.hidden_size * (1 if shape.tie_word_embeddings else 2)
+        per_layer = max(0, i.base_params - embed) / shape.num_layers
+        parts.append(
+            _part(
+                "gathered layer",
+                2 * per_layer * (i.stored_weight_bytes / i.base_params),
+                "one layer's full weights all-gathered, plus the next one prefetched",
+            )
         )
-    if quantization in ("nf4", "fp4"):
-        add(
-            "dequantized weight",
-            shape.hidden_size * shape.intermediate_size * compute,
-            "the largest 4-bit weight dequantized for a backward matmul",
+    if i.quantization in ("nf4", "fp4"):
+        parts.append(
+            _part(
+                "dequantized weight",
+                shape.hidden_size * shape.intermediate_size * i.compute_bytes,
+                "the largest 4-bit weight dequantized for a backward matmul",
+            )
         )
-    add(
-        "CUDA context and workspace",
-        CONTEXT_BYTES,
-        "allowance: context, cuBLAS/NCCL workspaces, fragmentation",
+    parts.append(
+        _part(
+            "CUDA context and workspace",
+            CONTEXT_BYTES,
+            "allowance: context, cuBLAS/NCCL workspaces, fragmentation",
+        )
     )
-    return MemoryEstimate(parts=tuple(parts))
+    return parts
+
+
+def estimate_memory(inputs: MemoryInputs) -> MemoryEstimate:
+    """Peak memory of one GPU during a training step, split into its parts."""
+    inputs.check()
+    return MemoryEstimate(
+        parts=(
+            *_weight_parts(inputs),
+            *_gradient_and_optimizer_parts(inputs),
+            *_activation_parts(inputs),
+            *_transient_parts(inputs),
+        )
+    )

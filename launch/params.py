@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunefleet.launch.errors import RecipeError
-from tunefleet.launch.recipe import PeftConfig
+from tunefleet.launch.core.errors import RecipeError
+from tunefleet.launch.core.recipe import PeftConfig
 
 _INIT_LORA_WEIGHTS: dict[str, bool | str] = {
     "default": True,

@@ -20,67 +20,13 @@ from typing import Any, Literal
 
 import yaml
 
-from tunefleet.launch.errors import TunefleetError
-from tunefleet.launch.recipe import Recipe
+from tunefleet.launch.core.hardware import Hardware, strategy_for
+from tunefleet.launch.core.recipe import Recipe
 
 FSDP_STRATEGIES = ("fsdp", "fsdp-qlora")
 ZERO_STAGE = {"deepspeed-zero2": 2, "deepspeed-zero3": 3}
 ACCELERATE_FILE = "accelerate.yaml"
 DEEPSPEED_FILE = "deepspeed.json"
-
-
-@dataclass(frozen=True, kw_only=True)
-class Hardware:
-    """Where the run goes: every process of every machine."""
-
-    num_processes: int = 1
-    """Processes over all machines (one per GPU, or per CPU worker); the world size."""
-
-    num_machines: int = 1
-    """Machines (nodes); num_processes must split evenly over them."""
-
-    machine_rank: int = 0
-    """Rank of the machine this config is rendered for (0 = the one holding rank 0)."""
-
-    main_process_ip: str | None = None
-    """Address of machine 0; required with more than one machine."""
-
-    main_process_port: int = 29500
-    """Rendezvous port on machine 0."""
-
-    use_cpu: bool = False
-    """True: processes train on CPU (gloo); False: one GPU per process."""
-
-    def __post_init__(self) -> None:
-        if self.num_processes < 1 or self.num_machines < 1:
-            raise TunefleetError(
-                f"hardware: {self.num_processes} process(es) on {self.num_machines} machine(s)",
-                "ask for at least 1 process on at least 1 machine",
-            )
-        if self.num_processes % self.num_machines:
-            raise TunefleetError(
-                f"hardware: {self.num_processes} processes do not split evenly over "
-                f"{self.num_machines} machines",
-                "use a multiple of the machine count",
-            )
-        if not 0 <= self.machine_rank < self.num_machines:
-            raise TunefleetError(
-                f"hardware: machine_rank {self.machine_rank} is not in 0..{self.num_machines - 1}",
-                "number machines from 0",
-            )
-        if self.num_machines > 1 and not self.main_process_ip:
-            raise TunefleetError(
-                "hardware: several machines need main_process_ip (the address of machine 0)",
-                "pass the address of the first machine",
-            )
-        if not 0 < self.main_process_port < 65536:
-            raise TunefleetError(
-                f"hardware: main_process_port {self.main_process_port} is not a TCP port", "use e.g. 29500"
-            )
-
-    @property
-    def procs_per_machine(self) -> int:
-        return self.num_processes // self.num_machines
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,7 +59,7 @@ def expected_distributed_type(recipe: Recipe, hw: Hardware) -> str:
     The entrypoint compares it with `trainer.accelerator.state.distributed_type` (and
     `state.num_processes` with WORLD_SIZE): accelerate falls back without a word (FSDP on CPU
     becomes DDP; without cpu=True on CPU each rank trains alone, world size 1)."""
-    strategy = recipe.parallel.strategy
+    strategy = strategy_for(recipe.parallel.strategy, hw.num_processes)
     if strategy == "single":
         return "NO"
     if strategy == "ddp":
@@ -161,7 +107,7 @@ def render_accelerate_config(
 
     `deepspeed_config_file`: where the DeepSpeed JSON will be (the launcher passes its absolute
     path; accelerate reads it relative to the working directory)."""
-    strategy = recipe.parallel.strategy
+    strategy = strategy_for(recipe.parallel.strategy, hw.num_processes)
     dist = {"single": "NO", "ddp": "MULTI_GPU"}.get(strategy)  # MULTI_GPU also on CPU: see command.py
     if dist is None:
         dist = "FSDP" if strategy in FSDP_STRATEGIES else "DEEPSPEED"

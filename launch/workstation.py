@@ -19,21 +19,20 @@ import shlex
 import socket
 from pathlib import Path
 
-from tunefleet.launch import compat
-from tunefleet.launch import recipe as recipe_mod
 from tunefleet.launch.command import build_launch_command, format_command, run_command
-from tunefleet.launch.errors import TunefleetError
-from tunefleet.launch.recipe import Recipe
-from tunefleet.launch.templates import Hardware, render_files
+from tunefleet.launch.core import recipe as recipe_mod
+from tunefleet.launch.core import rundir
+from tunefleet.launch.core.args import StartOptions
+from tunefleet.launch.core.errors import TunefleetError
+from tunefleet.launch.core.hardware import Hardware
+from tunefleet.launch.core.layout import ENV_EXIT_FILE, LAUNCH_DIR, atomic_write
+from tunefleet.launch.core.recipe import Recipe
+from tunefleet.launch.preflight import preflight
+from tunefleet.launch.templates import render_files
 
-LAUNCH_DIR = "launch"
-"""Subdirectory of output_dir holding what `tunefleet launch` wrote (the entrypoint ignores it)."""
 RECIPE_FILE = "recipe.yaml"
 COMMAND_FILE = "command.txt"
 EXIT_FILE = "exit_code"
-EXIT_FILE_ENV = "TUNEFLEET_EXIT_FILE"
-"""Set for the ranks; rank 0 writes its exit code there (distributed/sft.py main): accelerate's launchers turn any failure into 1 (measured),
-which would hide the requeue code 75 and the user-error code 2."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -52,6 +51,8 @@ class LaunchPlan:
     """Variables added to the environment of the launch."""
     start: str
     """What the ranks will find in output_dir: `fresh`, `resume`, or `overwrite` (moved aside first)."""
+    resume_notes: list[str] = dataclasses.field(default_factory=list)
+    """Harmless changes since the checkpoint a resume continues from."""
 
 
 def hardware(*, nproc: int | None, gpus: int | None, visible_gpus: int, main_port: int) -> Hardware:
@@ -79,64 +80,47 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start(recipe: Recipe, hw: Hardware, *, overwrite: bool, no_resume: bool, resume: str | None) -> str:
-    """Decide about the output directory as the entrypoint will (refuse before anything starts)."""
-    from tunefleet.distributed import checkpoint as ckpt
-    from tunefleet.distributed import rundir
-
-    out = Path(recipe.output_dir)
-    state = rundir.inspect_output_dir(out)
-    mode, checkpoint = rundir.decide_start(
-        out, state, overwrite=overwrite, no_resume=no_resume, resume=resume
-    )
-    if checkpoint:
-        rundir.check_resume(checkpoint, recipe)
-        ckpt.check_layout(ckpt.read_manifest(Path(checkpoint)), recipe.parallel.strategy, hw.num_processes)
-    return mode
-
-
 def prepare_launch(
     recipe_path: str,
     overrides: list[str],
     hw: Hardware,
     *,
-    overwrite: bool = False,
-    no_resume: bool = False,
-    resume: str | None = None,
+    options: StartOptions | None = None,
     python: str | None = None,
 ) -> LaunchPlan:
     """Everything `tunefleet launch` writes and runs, computed without starting anything."""
-    recipe = recipe_mod.load(recipe_path, overrides)
-    recipe, notes = compat.resolve_with_notes(recipe, hw)
-    start = _start(recipe, hw, overwrite=overwrite, no_resume=no_resume, resume=resume)
+    options = options or StartOptions()
+    checked = preflight(recipe_mod.load(recipe_path, overrides), hw, options)
+    recipe = checked.recipe
     config_dir = Path(recipe.output_dir).absolute() / LAUNCH_DIR
     files = render_files(recipe, hw, str(config_dir))
     origin = shlex.join([recipe_path, *(arg for o in overrides for arg in ("--set", o))])
     files[RECIPE_FILE] = f"# launched by: tunefleet launch {origin}\n" + recipe_mod.dump(recipe)
     paths = {name: str(config_dir / name) for name in files}
-    run_args = ["--resume", resume] if resume else []
-    run_args += ["--no-resume"] if no_resume else []
     argv, env = build_launch_command(paths[RECIPE_FILE], paths, hw, recipe=recipe, python=python)
-    argv += run_args
-    env[EXIT_FILE_ENV] = str(config_dir / EXIT_FILE)
-    files[COMMAND_FILE] = "".join(f"# note: {n}\n" for n in notes) + format_command(argv, env) + "\n"
+    argv += options.argv()
+    env[ENV_EXIT_FILE] = str(config_dir / EXIT_FILE)
+    files[COMMAND_FILE] = "".join(f"# note: {n}\n" for n in checked.notes) + format_command(argv, env) + "\n"
     return LaunchPlan(
-        recipe=recipe, hw=hw, notes=notes, config_dir=config_dir, files=files, argv=argv, env=env, start=start
+        recipe=recipe,
+        hw=hw,
+        notes=checked.notes,
+        config_dir=config_dir,
+        files=files,
+        argv=argv,
+        env=env,
+        start=checked.start.mode,
+        resume_notes=checked.resume_notes,
     )
 
 
 def write_launch_files(plan: LaunchPlan) -> None:
     """Move an old run aside (`--overwrite`), then write the files into `<output_dir>/launch/`."""
-    from tunefleet.distributed import rundir
-
     if plan.start == "overwrite":
         moved = rundir.move_aside(Path(plan.recipe.output_dir))
         print(f"moved the previous run aside: {moved}", flush=True)
-    plan.config_dir.mkdir(parents=True, exist_ok=True)
     for name, text in plan.files.items():
-        tmp = plan.config_dir / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(plan.config_dir / name)
+        atomic_write(plan.config_dir / name, text)
     (plan.config_dir / EXIT_FILE).unlink(missing_ok=True)
 
 
@@ -167,6 +151,7 @@ def summary(plan: LaunchPlan, *, dry_run: bool = False) -> str:
         f"process(es), output_dir={plan.recipe.output_dir} ({start})"
     ]
     lines += [f"  note: {n}" for n in plan.notes]
+    lines += [f"  changed since the checkpoint (harmless): {n}" for n in plan.resume_notes]
     lines += [f"  {'would write' if dry_run else 'wrote'} {plan.config_dir / name}" for name in plan.files]
     lines += ["", plan.files[COMMAND_FILE].splitlines()[-1]]
     return "\n".join(lines)

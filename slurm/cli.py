@@ -11,13 +11,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tunefleet.launch.cli import add_overrides
-from tunefleet.launch.errors import TunefleetError
+from tunefleet.launch.core.args import add_overrides
+from tunefleet.launch.core.errors import TunefleetError
 
 
 def _prepare(args: argparse.Namespace) -> int:
     from tunefleet.distributed.prepare import prepare
-    from tunefleet.launch import recipe as recipe_mod
+    from tunefleet.launch.core import recipe as recipe_mod
 
     result = prepare(recipe_mod.load(args.recipe, args.overrides))
     evaluation = f" + {result.eval_examples} eval" if result.eval_examples else ""
@@ -77,6 +77,8 @@ def _slurm(args: argparse.Namespace) -> int:
     write_job(job)
     b, spec = job.batch, job.spec
     print(f"recipe   {job.recipe_path} (resolved: every node and restart trains from it)")
+    for note in job.notes:
+        print(f"note     {note}")
     print(f"script   {job.script_path}")
     print(
         f"world    {spec.nodes} node(s) x {b.world_size // spec.nodes} process(es) = {b.world_size}; batch: "
@@ -116,8 +118,7 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: Any) -> None:
-    """Add the three subcommands to `tunefleet`'s subparsers."""
+def _add_prepare(sub: Any) -> None:
     p = sub.add_parser(
         "prepare",
         help="tokenise a recipe's data once into <output_dir>/.cache (used by every rank)",
@@ -129,6 +130,8 @@ def add_commands(sub: Any) -> None:
     add_overrides(p)
     p.set_defaults(func=_prepare)
 
+
+def _add_slurm(sub: Any) -> None:
     p = sub.add_parser(
         "slurm",
         help="write (and submit) a restartable sbatch script for a recipe",
@@ -207,6 +210,8 @@ def add_commands(sub: Any) -> None:
     )
     p.set_defaults(func=_slurm)
 
+
+def _add_status(sub: Any) -> None:
     p = sub.add_parser(
         "status",
         help="job state, restarts, newest checkpoint, samples done and ETA of a run",
@@ -216,3 +221,10 @@ def add_commands(sub: Any) -> None:
     p.add_argument("output_dir", help="the run's output_dir")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_status)
+
+
+def add_commands(sub: Any) -> None:
+    """Add the three subcommands to `tunefleet`'s subparsers."""
+    _add_prepare(sub)
+    _add_slurm(sub)
+    _add_status(sub)

@@ -28,19 +28,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunefleet.launch import recipe as recipe_mod
-from tunefleet.launch.batch import BatchPlan, plan_batch
-from tunefleet.launch.errors import TunefleetError
-from tunefleet.launch.recipe import Recipe
+from tunefleet.launch.command import launch_env
+from tunefleet.launch.core import checkpoints as ckpt
+from tunefleet.launch.core import recipe as recipe_mod
+from tunefleet.launch.core.args import StartOptions
+from tunefleet.launch.core.batch import BatchPlan
+from tunefleet.launch.core.errors import RunDirError
+from tunefleet.launch.core.hardware import Hardware
+from tunefleet.launch.core.layout import (
+    RESOLVED_RECIPE,
+    SLURM_CONFIG_DIR,
+    SLURM_SCRIPT,
+    atomic_write,
+    read_metrics,
+    training_rows,
+)
+from tunefleet.launch.core.recipe import Recipe
+from tunefleet.launch.preflight import Preflight, preflight
+from tunefleet.launch.templates import ACCELERATE_FILE, render_files
 from tunefleet.slurm import status as status_mod
 from tunefleet.slurm.sbatch import DEFAULT_CHECKPOINT_S, ClusterSpec, Launch, render_sbatch
-
-RESOLVED_RECIPE = "recipe.yaml"
-"""The same file name the trainer writes its resolved recipe to."""
-
-SCRIPT_FILE = "slurm.sbatch"
-CONFIG_DIR = "slurm"
-"""`<output_dir>/slurm/`: the accelerate (and DeepSpeed) configs of a GPU job."""
+from tunefleet.slurm.submit import submit, write_script
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,12 +68,12 @@ class Job:
     """The checkpoint the job will continue from, when the output directory holds one."""
     config_files: dict[Path, str] = dataclasses.field(default_factory=dict)
     """The accelerate (and DeepSpeed) configs of a GPU job, by path."""
+    notes: list[str] = dataclasses.field(default_factory=list)
+    """One line per setting the compatibility matrix filled in or changed."""
 
 
 def measured_checkpoint_s(out: Path) -> tuple[int, str]:
     """Seconds from a stop signal to a complete checkpoint, as an earlier attempt measured them."""
-    from tunefleet.distributed import checkpoint as ckpt
-
     saves = []
     for path in ckpt.complete_checkpoints(out):
         try:
@@ -74,7 +82,7 @@ def measured_checkpoint_s(out: Path) -> tuple[int, str]:
             continue
     if not saves:
         return DEFAULT_CHECKPOINT_S, f"default {DEFAULT_CHECKPOINT_S} s (no earlier checkpoint in {out})"
-    step_s = max(status_mod.step_times_s(status_mod.read_metrics(out)), default=0.0)
+    step_s = max(status_mod.step_times_s(training_rows(read_metrics(out))), default=0.0)
     seconds = max(1, math.ceil(max(saves) + step_s))
     return seconds, (
         f"measured {seconds} s: slowest save {max(saves):.2f} s of {len(saves)} checkpoint(s) "
@@ -82,46 +90,34 @@ def measured_checkpoint_s(out: Path) -> tuple[int, str]:
     )
 
 
-def _accelerate_configs(
-    recipe: Recipe, spec: ClusterSpec, world_size: int, out: Path, launch: Launch
-) -> tuple[Recipe, dict[Path, str], Launch, dict[str, str]]:
-    """GPU nodes: the recipe resolved for the hardware (compat matrix), the accelerate/DeepSpeed
-    files for `<out>/slurm/`, the launch using them, and the variables the trainer checks."""
-    from tunefleet.launch import compat, templates
-    from tunefleet.launch.command import launch_env
-
-    hw = templates.Hardware(
-        num_processes=world_size,
+def _cluster_hardware(spec: ClusterSpec) -> Hardware:
+    """The hardware of the job: nodes x processes per node, GPUs or CPUs."""
+    procs = spec.procs_per_node if spec.procs_per_node is not None else (spec.gpus_per_node or 1)
+    return Hardware(
+        num_processes=spec.nodes * procs,
         num_machines=spec.nodes,
-        # the script passes --main_process_ip (the first node of the allocation), which wins
+        # the script passes the first node of the allocation at run time, which wins
         main_process_ip="set-by-the-sbatch-script" if spec.nodes > 1 else None,
-        use_cpu=False,
+        use_cpu=spec.gpus_per_node == 0,
     )
-    recipe = compat.resolve(recipe, hw)
-    config_dir = out / CONFIG_DIR
-    files = {
-        config_dir / name: text for name, text in templates.render_files(recipe, hw, str(config_dir)).items()
-    }
-    launch = dataclasses.replace(launch, accelerate_config=str(config_dir / templates.ACCELERATE_FILE))
-    return recipe, files, launch, launch_env(recipe, hw)
 
 
-def _check_output_dir(out: Path, recipe: Recipe) -> str | None:
-    """Refuse what the trainer on the nodes would refuse, before anything is written."""
-    from tunefleet.distributed import rundir
+def _accelerate_configs(recipe: Recipe, hw: Hardware, out: Path) -> tuple[dict[Path, str], str]:
+    """GPU nodes: the accelerate/DeepSpeed files for `<out>/slurm/` and the accelerate config's path."""
+    config_dir = out / SLURM_CONFIG_DIR
+    files = {config_dir / name: text for name, text in render_files(recipe, hw, str(config_dir)).items()}
+    return files, str(config_dir / ACCELERATE_FILE)
 
+
+def _preflight(recipe: Recipe, hw: Hardware) -> Preflight:
+    """What the trainer on the nodes will check, checked here before anything is written."""
     try:
-        mode, checkpoint = rundir.decide_start(
-            out, rundir.inspect_output_dir(out), overwrite=False, no_resume=False
-        )
-        if checkpoint:
-            rundir.check_resume(checkpoint, recipe)
-    except TunefleetError as exc:
-        raise TunefleetError(
+        return preflight(recipe, hw, StartOptions())
+    except RunDirError as exc:  # `tunefleet slurm` has no --overwrite
+        raise RunDirError(
             exc.problem,
             "choose a new output_dir (--set output_dir=...), or move the old run aside yourself",
         ) from None
-    return checkpoint if mode == "resume" else None
 
 
 def build_job(
@@ -137,34 +133,23 @@ def build_job(
     `spec.checkpoint_s` is replaced by what an earlier attempt measured (or the default)."""
     recipe = recipe_mod.load(recipe_file, overrides)
     out = Path(os.path.abspath(os.path.expanduser(recipe.output_dir)))
-    recipe = dataclasses.replace(recipe, output_dir=str(out))
-    procs = spec.procs_per_node if spec.procs_per_node is not None else (spec.gpus_per_node or 1)
-    batch = plan_batch(
-        micro_batch_size=recipe.batch.micro_batch_size,
-        global_batch_size=recipe.batch.global_batch_size,
-        max_length=recipe.data.max_length,
-        world_size=spec.nodes * procs,
-        procs_per_node=procs,
-    )
+    hw = _cluster_hardware(spec)
+    checked = _preflight(dataclasses.replace(recipe, output_dir=str(out)), hw)
+    recipe = checked.recipe
     launch = Launch(python=python, prepare=True)
     config_files: dict[Path, str] = {}
-    if spec.gpus_per_node > 0:  # accelerate launch, with the configs `tunefleet launch` renders
-        recipe, config_files, launch, env = _accelerate_configs(recipe, spec, batch.world_size, out, launch)
-        spec = dataclasses.replace(spec, env={**env, **spec.env})
-    resume_from = _check_output_dir(out, recipe)
+    if not hw.use_cpu:  # accelerate launch, with the configs `tunefleet launch` renders
+        config_files, accelerate_config = _accelerate_configs(recipe, hw, out)
+        launch = dataclasses.replace(launch, accelerate_config=accelerate_config)
+        spec = dataclasses.replace(spec, env={**launch_env(recipe, hw), **spec.env})
     if measure_checkpoint:
         checkpoint_s, note = measured_checkpoint_s(out)
         spec = dataclasses.replace(spec, checkpoint_s=checkpoint_s)
     else:
         note = f"given: {spec.checkpoint_s} s"
     recipe_path = out / RESOLVED_RECIPE
-    script = Path(os.path.abspath(script_path)) if script_path else out / SCRIPT_FILE
-    text = render_sbatch(
-        spec,
-        recipe_path=str(recipe_path),
-        output_dir=str(out),
-        launch=launch,
-    )
+    script = Path(os.path.abspath(script_path)) if script_path else out / SLURM_SCRIPT
+    text = render_sbatch(spec, recipe_path=str(recipe_path), output_dir=str(out), launch=launch)
     header = (
         f"# resolved recipe for SLURM, written by tunefleet slurm {time.strftime('%Y-%m-%d %H:%M:%S')} "
         f"from {os.path.abspath(recipe_file)}: every node and every restart trains from this file\n"
@@ -176,30 +161,23 @@ def build_job(
         script_path=script,
         script_text=text,
         spec=spec,
-        batch=batch,
+        batch=checked.batch,
         checkpoint_note=note,
-        resume_from=resume_from,
+        resume_from=checked.start.checkpoint,
         config_files=config_files,
+        notes=checked.notes,
     )
 
 
 def write_job(job: Job) -> None:
-    from tunefleet.slurm.submit import write_script
-
-    job.recipe_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = job.recipe_path.with_name(f".{job.recipe_path.name}.tmp")
-    tmp.write_text(job.recipe_text, encoding="utf-8")
-    tmp.replace(job.recipe_path)
+    atomic_write(job.recipe_path, job.recipe_text)
     for path, text in job.config_files.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+        atomic_write(path, text)
     write_script(job.script_text, job.script_path)
 
 
 def submit_job(job: Job) -> str:
     """Submit the written script; record the job id for `tunefleet status`; return it."""
-    from tunefleet.slurm.submit import submit
-
     job_id = submit(job.script_path)
     spec = job.spec
     entry: dict[str, Any] = {

@@ -25,10 +25,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn
 
-from tunefleet.launch.errors import TunefleetError
-
-REQUEUE_EXIT_CODE = 75
-"""Exit code of a trainer that wrote a checkpoint and asks to run again (EX_TEMPFAIL)."""
+from tunefleet.launch.command import Launcher as ResolvedLauncher
+from tunefleet.launch.command import ShellVar, entrypoint_args, launcher_options, shell_lines
+from tunefleet.launch.core.errors import TunefleetError
+from tunefleet.launch.core.layout import EXIT_REQUEUE
 
 PREEMPT_SIGNAL = "USR1"
 """Signal SLURM sends to the batch shell before the time limit; the script forwards it."""
@@ -122,7 +122,7 @@ class ClusterSpec:
     field above sets are refused (set the field)."""
 
     restart: RestartMode = "requeue"
-    """After the trainer checkpoints on the preemption signal (exit REQUEUE_EXIT_CODE):
+    """After the trainer checkpoints on the preemption signal (exit EXIT_REQUEUE):
     `requeue` the same job (`--requeue`, `scontrol requeue`); `dependency` submits a successor
     (`--dependency=afterany`) for clusters that forbid requeue; `none` just stops."""
 
@@ -294,6 +294,15 @@ def _time_limit_s(value: str) -> int | None:
 
 
 def _check_spec(spec: ClusterSpec) -> None:
+    """Every field of the spec, before any of it is written into a script."""
+    _check_resources(spec)
+    _check_names_and_paths(spec)
+    _check_restart(spec)
+    _check_environment(spec)
+    _check_extra_sbatch(spec)
+
+
+def _check_resources(spec: ClusterSpec) -> None:
     _check_int(spec.nodes, "nodes", 1)
     _check_int(spec.gpus_per_node, "gpus_per_node", 0)
     if spec.procs_per_node is not None:
@@ -318,6 +327,9 @@ def _check_spec(spec: ClusterSpec) -> None:
             f"preemption signal ({spec.signal_lead_s} s = checkpoint_s + signal_margin_s)",
             "raise time or lower checkpoint_s",
         )
+
+
+def _check_names_and_paths(spec: ClusterSpec) -> None:
     for name in ("job_name", "account", "qos"):
         value = getattr(spec, name)
         if value is not None:
@@ -342,12 +354,19 @@ def _check_spec(spec: ClusterSpec) -> None:
             )
     if not isinstance(spec.exclusive, bool):
         _fail("exclusive", f"expected true or false, got {spec.exclusive!r}", "set exclusive: true/false")
+
+
+def _check_restart(spec: ClusterSpec) -> None:
     if spec.restart not in ("requeue", "dependency", "none"):
         _fail(
             "restart",
             f"{spec.restart!r} is not one of 'requeue', 'dependency', 'none'",
             "use requeue, or dependency where the cluster forbids requeue",
         )
+
+
+def _check_environment(spec: ClusterSpec) -> None:
+    """Shell lines and exported variables: one line each, no secrets written into the script."""
     if isinstance(spec.env_setup, str) or not isinstance(spec.env_setup, Sequence):
         _fail("env_setup", "expected a list of shell lines", "write env_setup as a list of lines")
     for i, line in enumerate(spec.env_setup):
@@ -372,6 +391,9 @@ def _check_spec(spec: ClusterSpec) -> None:
             )
         if "\x00" in value or "\n" in value or "\r" in value:
             _fail(f"env.{name}", "contains a newline or NUL", "put the value on one line")
+
+
+def _check_extra_sbatch(spec: ClusterSpec) -> None:
     if isinstance(spec.extra_sbatch, str) or not isinstance(spec.extra_sbatch, Sequence):
         _fail("extra_sbatch", "expected a list of options", "write e.g. [--reservation=big]")
     for i, option in enumerate(spec.extra_sbatch):
@@ -427,8 +449,8 @@ def _resolve_launcher(spec: ClusterSpec, launch: Launch) -> Literal["torchrun", 
 # ----------------------------------------------------------------------------- rendering
 
 # torchrun and accelerate launch turn any worker failure into exit code 1 (measured), which would
-# hide the trainer's REQUEUE_EXIT_CODE. This relay runs the launcher in-process and exits with
-# REQUEUE_EXIT_CODE when every failed worker exited with it.
+# hide the trainer's EXIT_REQUEUE. This relay runs the launcher in-process and exits with
+# EXIT_REQUEUE when every failed worker exited with it.
 _EXIT_RELAY = f"""import sys
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -442,7 +464,7 @@ try:
     main()
 except ChildFailedError as err:
     codes = {{failure.exitcode for failure in err.failures.values()}}
-    sys.exit({REQUEUE_EXIT_CODE} if codes == {{{REQUEUE_EXIT_CODE}}} else 1)
+    sys.exit({EXIT_REQUEUE} if codes == {{{EXIT_REQUEUE}}} else 1)
 except SignalException as err:  # the launcher itself was sent TERM (preemption, scancel)
     sys.exit(128 + int(err.sigval))
 """
@@ -501,34 +523,26 @@ def _gpus(spec: ClusterSpec) -> str:
     return f"{spec.gpu_type}:{spec.gpus_per_node}" if spec.gpu_type else str(spec.gpus_per_node)
 
 
-def _node_command(spec: ClusterSpec, launch: Launch, launcher: str, recipe_path: str) -> str:
+def _node_command(spec: ClusterSpec, launch: Launch, launcher: ResolvedLauncher, recipe_path: str) -> str:
     """The command one node runs, as bash source: `$SLURM_NODEID` is left for the node to expand."""
-    procs = _procs_per_node(spec)
-    q = shlex.quote
-    if launcher == "torchrun":
-        argv = [
-            "torchrun",
-            f"--nnodes {spec.nodes}",
-            f"--nproc_per_node {procs}",
-            '--node_rank "$SLURM_NODEID"',
-            '--master_addr "$TUNEFLEET_HEAD_NODE"',
-            '--master_port "$TUNEFLEET_PORT"',
-        ]
-    else:
-        argv = [
-            "accelerate launch",
-            f"--config_file {q(str(launch.accelerate_config))}",
-            f"--num_machines {spec.nodes}",
-            f"--num_processes {spec.nodes * procs}",
-            '--machine_rank "$SLURM_NODEID"',
-            '--main_process_ip "$TUNEFLEET_HEAD_NODE"',
-            '--main_process_port "$TUNEFLEET_PORT"',
-        ]
-    argv += [f"-m {launch.module}", f"--recipe {q(recipe_path)}"]
-    argv += [q(arg) for arg in launch.module_args]
-    body = " \\\n  ".join(argv)
+    groups = [
+        ["torchrun" if launcher == "torchrun" else "accelerate launch"],
+        *launcher_options(
+            launcher,
+            nodes=spec.nodes,
+            procs_per_node=_procs_per_node(spec),
+            node_rank=ShellVar("SLURM_NODEID"),
+            main_address=ShellVar("TUNEFLEET_HEAD_NODE"),
+            main_port=ShellVar("TUNEFLEET_PORT"),
+            accelerate_config=launch.accelerate_config,
+        ),
+        *entrypoint_args(recipe_path, module=launch.module, extra=launch.module_args),
+    ]
+    # the launcher's name stays unquoted: `accelerate launch` is two words
+    body = groups[0][0] + " \\\n  " + shell_lines(groups[1:], " \\\n  ")
     # USR1 would kill the launcher (its default action); the ignore is inherited by the worker
     # processes, and the trainer installs its own USR1 handler to checkpoint.
+    q = shlex.quote
     return f'\ntrap "" {PREEMPT_SIGNAL}\nexec {q(launch.python)} -c "$TUNEFLEET_EXIT_RELAY" {body}\n'
 
 
@@ -553,20 +567,29 @@ def render_sbatch(
 
     `output_dir` holds the SLURM log unless `spec.output` is set; pass absolute paths (the job
     runs in the submit directory, or `spec.chdir`). `launch` picks the launcher and module.
+    The script is made of the sections below, in this order.
     """
     launch = launch or Launch()
     _check_spec(spec)
     recipe_path = _check_text(recipe_path, "recipe_path")
     output_dir = _check_text(output_dir, "output_dir")
     launcher = _resolve_launcher(spec, launch)
+    lines = [
+        *_header_lines(spec, launcher, output_dir),
+        *_environment_lines(spec),
+        *_rendezvous_lines(spec),
+        *_signal_lines(spec),
+        *_prepare_lines(launch, recipe_path),
+        *_step_lines(spec, launch, launcher, recipe_path),
+        *_restart_lines(spec),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _header_lines(spec: ClusterSpec, launcher: ResolvedLauncher, output_dir: str) -> list[str]:
     procs = _procs_per_node(spec)
     device = f"{spec.gpus_per_node} GPU(s)" if spec.gpus_per_node else "CPU"
-    q = shlex.quote
-    restart_var = "TUNEFLEET_RESTART_COUNT" if spec.restart == "dependency" else "SLURM_RESTART_COUNT"
-    srun = ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
-    if spec.gpus_per_node:
-        srun.append(f"--gpus-per-node={_gpus(spec)}")
-    lines = [
+    return [
         "#!/bin/bash",
         "# Generated by tunefleet.slurm.sbatch.render_sbatch: regenerate it rather than edit it.",
         f"# {spec.nodes} node(s) x {procs} process(es) on {device} = {spec.nodes * procs} processes, "
@@ -577,13 +600,23 @@ def render_sbatch(
         *[f"#SBATCH {option}" for option in spec.extra_sbatch],
         "",
     ]
-    if spec.env_setup or spec.env:
-        lines.append("# Environment")
-        lines += list(spec.env_setup)
-        lines += [f"export {name}={q(value)}" for name, value in spec.env.items()]
-        lines.append("")
-    lines += [
-        f"requeue_exit_code={REQUEUE_EXIT_CODE}  # the trainer checkpointed and asks to run again",
+
+
+def _environment_lines(spec: ClusterSpec) -> list[str]:
+    if not (spec.env_setup or spec.env):
+        return []
+    return [
+        "# Environment",
+        *spec.env_setup,
+        *[f"export {name}={shlex.quote(value)}" for name, value in spec.env.items()],
+        "",
+    ]
+
+
+def _rendezvous_lines(spec: ClusterSpec) -> list[str]:
+    restart_var = "TUNEFLEET_RESTART_COUNT" if spec.restart == "dependency" else "SLURM_RESTART_COUNT"
+    return [
+        f"requeue_exit_code={EXIT_REQUEUE}  # the trainer checkpointed and asks to run again",
         f"max_restarts={spec.max_restarts}",
         f'restart_count="${{{restart_var}:-0}}"',
         'echo "tunefleet: job $SLURM_JOB_ID on $SLURM_JOB_NODELIST, restart $restart_count'
@@ -592,9 +625,15 @@ def render_sbatch(
         "# Rendezvous: the first host of the allocation, a port derived from the job id.",
         'TUNEFLEET_HEAD_NODE="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
         f'TUNEFLEET_PORT="$(( {PORT_BASE} + SLURM_JOB_ID % {PORT_SPAN} ))"',
-        f"TUNEFLEET_EXIT_RELAY={q(_EXIT_RELAY)}",
+        f"TUNEFLEET_EXIT_RELAY={shlex.quote(_EXIT_RELAY)}",
         "export TUNEFLEET_HEAD_NODE TUNEFLEET_PORT TUNEFLEET_EXIT_RELAY",
         "",
+    ]
+
+
+def _signal_lines(spec: ClusterSpec) -> list[str]:
+    """Traps: USR1 (the time limit is near) is forwarded to the step; TERM waits for the checkpoint."""
+    return [
         f"# SLURM sends {PREEMPT_SIGNAL} to this shell {spec.signal_lead_s} s before the time limit "
         f"(checkpoint {spec.checkpoint_s} s",
         f"# + margin {spec.signal_margin_s} s); srun forwards it to every process of the step.",
@@ -614,10 +653,18 @@ def render_sbatch(
         "}",
         "trap on_term TERM",
         "",
-        *_prepare_lines(launch, recipe_path),
+    ]
+
+
+def _step_lines(spec: ClusterSpec, launch: Launch, launcher: ResolvedLauncher, recipe_path: str) -> list[str]:
+    """The job step (one launcher per node, in the background) and how its end is read."""
+    srun = ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    if spec.gpus_per_node:
+        srun.append(f"--gpus-per-node={_gpus(spec)}")
+    return [
         "# One task per node. The command is single-quoted: $SLURM_NODEID expands on each node",
         "# inside the step (in this shell it is always 0, which would make every node rank 0).",
-        f"{' '.join(srun)} bash -c {q(_node_command(spec, launch, launcher, recipe_path))} &",
+        f"{' '.join(srun)} bash -c {shlex.quote(_node_command(spec, launch, launcher, recipe_path))} &",
         "step_pid=$!",
         "# A trap runs only when `wait` returns; wait again until srun itself has ended.",
         'while kill -0 "$step_pid" 2>/dev/null; do wait "$step_pid"; done',
@@ -636,6 +683,12 @@ def render_sbatch(
         "  fi",
         "fi",
         "",
+    ]
+
+
+def _restart_lines(spec: ClusterSpec) -> list[str]:
+    """Exit, requeue the job, or submit its successor, by the step's exit code and the signals seen."""
+    lines = [
         "# Run again when the trainer asked to (requeue exit code) or when the step ended after the",
         "# preemption signal: with several nodes, --kill-on-bad-exit can end the step with another",
         "# node's kill status first. The trainer resumes from its last complete checkpoint.",
@@ -647,30 +700,28 @@ def render_sbatch(
         'if [ "$step_rc" -ne "$requeue_exit_code" ] && [ "$preempted" -eq 0 ]; then exit "$step_rc"; fi',
     ]
     if spec.restart == "none":
-        lines += [
+        return lines + [
             'echo "tunefleet: checkpointed; restart is off (restart: none): resubmit to go on"',
             'exit "$requeue_exit_code"',
         ]
+    lines += [
+        'if [ "$restart_count" -ge "$max_restarts" ]; then',
+        '  echo "tunefleet: not running again: restart $restart_count reached max_restarts'
+        ' $max_restarts" >&2',
+        '  exit "$requeue_exit_code"',
+        "fi",
+    ]
+    if spec.restart == "requeue":
+        lines += [
+            'echo "tunefleet: requeuing job $SLURM_JOB_ID (restart $((restart_count + 1)))"',
+            'scontrol requeue "$SLURM_JOB_ID" || echo "tunefleet: scontrol requeue failed" >&2',
+        ]
     else:
         lines += [
-            'if [ "$restart_count" -ge "$max_restarts" ]; then',
-            '  echo "tunefleet: not running again: restart $restart_count reached max_restarts'
-            ' $max_restarts" >&2',
-            '  exit "$requeue_exit_code"',
-            "fi",
+            "# $0 is SLURM's copy of this script; the successor starts once this job has ended.",
+            'next_job="$(sbatch --parsable --dependency="afterany:$SLURM_JOB_ID" \\',
+            '  --export="ALL,TUNEFLEET_RESTART_COUNT=$((restart_count + 1))" "$0")" \\',
+            '  && echo "tunefleet: submitted job $next_job to continue (restart $((restart_count + 1)))" \\',
+            '  || echo "tunefleet: submitting the next job failed" >&2',
         ]
-        if spec.restart == "requeue":
-            lines += [
-                'echo "tunefleet: requeuing job $SLURM_JOB_ID (restart $((restart_count + 1)))"',
-                'scontrol requeue "$SLURM_JOB_ID" || echo "tunefleet: scontrol requeue failed" >&2',
-            ]
-        else:
-            lines += [
-                "# $0 is SLURM's copy of this script; the successor starts once this job has ended.",
-                'next_job="$(sbatch --parsable --dependency="afterany:$SLURM_JOB_ID" \\',
-                '  --export="ALL,TUNEFLEET_RESTART_COUNT=$((restart_count + 1))" "$0")" \\',
-                '  && echo "tunefleet: submitted job $next_job to continue (restart $((restart_count + 1)))" \\',
-                '  || echo "tunefleet: submitting the next job failed" >&2',
-            ]
-        lines.append('exit "$requeue_exit_code"')
-    return "\n".join(lines) + "\n"
+    return lines + ['exit "$requeue_exit_code"']

@@ -17,8 +17,17 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-JOB_FILE = "slurm-job.json"
-"""Written by `tunefleet slurm --submit`: every job submitted for this output directory."""
+from tunefleet.launch.core import checkpoints as ckpt
+from tunefleet.launch.core.layout import (
+    FINAL_DIR,
+    PLAN_FILE,
+    SLURM_JOB_FILE,
+    read_metrics,
+    training_rows,
+    write_json,
+)
+
+JOB_FILE = SLURM_JOB_FILE
 
 _CONTINUED = re.compile(r"tunefleet: submitted job (\d+) to continue")
 _STARTED = re.compile(r"tunefleet: job (\d+) on \S+, restart (\d+)")
@@ -33,23 +42,7 @@ def read_jobs(out: Path) -> list[dict[str, Any]]:
 
 def record_job(out: Path, entry: dict[str, Any]) -> None:
     """Append a submitted job to `<out>/slurm-job.json` (written atomically)."""
-    jobs = [*read_jobs(out), entry]
-    tmp = out / f".{JOB_FILE}.tmp"
-    tmp.write_text(json.dumps({"jobs": jobs}, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(out / JOB_FILE)
-
-
-def read_metrics(out: Path) -> list[dict[str, Any]]:
-    path = out / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:  # a line being written right now
-            continue
-    return [r for r in rows if "loss" in r]
+    write_json(out / JOB_FILE, {"jobs": [*read_jobs(out), entry]})
 
 
 def step_times_s(rows: list[dict[str, Any]]) -> list[float]:
@@ -112,10 +105,8 @@ def job_chain(entry: dict[str, Any]) -> list[str]:
 
 def read_status(out: str | Path) -> dict[str, Any]:
     """Everything `tunefleet status` shows, as a JSON-serialisable dict."""
-    from tunefleet.distributed import checkpoint as ckpt
-
     out = Path(out).expanduser().absolute()
-    status: dict[str, Any] = {"output_dir": str(out), "finished": (out / "final").is_dir(), "job": None}
+    status: dict[str, Any] = {"output_dir": str(out), "finished": (out / FINAL_DIR).is_dir(), "job": None}
     jobs = read_jobs(out)
     if jobs:
         entry = jobs[-1]
@@ -155,9 +146,9 @@ def read_status(out: str | Path) -> dict[str, Any]:
             "created": manifest.get("created"),
         }
     plan: dict[str, Any] = {}
-    if (out / "plan.json").is_file():
-        plan = json.loads((out / "plan.json").read_text(encoding="utf-8"))
-    rows = read_metrics(out)
+    if (out / PLAN_FILE).is_file():
+        plan = json.loads((out / PLAN_FILE).read_text(encoding="utf-8"))
+    rows = training_rows(read_metrics(out))
     step = rows[-1]["step"] if rows else (status["checkpoint"] or {}).get("step", 0)
     samples = rows[-1].get("samples_seen") if rows else (status["checkpoint"] or {}).get("samples_seen", 0)
     total_steps = plan.get("total_steps")

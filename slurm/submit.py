@@ -9,7 +9,8 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from tunefleet.launch.errors import TunefleetError
+from tunefleet.launch.core.errors import TunefleetError
+from tunefleet.launch.core.layout import atomic_write
 
 
 class SubmitError(TunefleetError):
@@ -23,15 +24,12 @@ def write_script(text: str, path: str | os.PathLike) -> Path:
     """Write the script (mode 0755) and create the log directories it names: SLURM cannot open a
     log in a missing directory, and the job then fails without a word. A relative log path is
     taken from the current directory, where sbatch will run."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    path.chmod(0o755)
+    written = atomic_write(path, text, mode=0o755)
     for log in _LOG_OPTION.findall(text):
         directory = os.path.dirname(log)
         if directory and "%" not in directory:
             Path(directory).mkdir(parents=True, exist_ok=True)
-    return path
+    return written
 
 
 def _sbatch(args: Sequence[str]) -> subprocess.CompletedProcess:

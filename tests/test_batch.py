@@ -1,4 +1,4 @@
-"""Batch math, schedule and LR: `tunefleet.launch.batch` against the real transformers code."""
+"""Batch math, schedule and LR: `tunefleet.launch.core.batch` against the real transformers code."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from tunefleet.launch import recipe as R
-from tunefleet.launch.batch import (
+from tunefleet.launch.core import recipe as R
+from tunefleet.launch.core.batch import (
     SCHEDULER_KWARGS,
-    check_resume,
+    check_batch_change,
     count_warmup_steps,
     lr_at,
     lr_points,
@@ -19,7 +19,7 @@ from tunefleet.launch.batch import (
     plan_schedule,
     split_rows,
 )
-from tunefleet.launch.errors import RecipeError
+from tunefleet.launch.core.errors import RecipeError
 
 # ----------------------------------------------------------------------------- global batch
 
@@ -104,12 +104,13 @@ def test_bad_batch_inputs(kwargs: dict) -> None:
 def test_resume_keeps_the_global_batch() -> None:
     old = plan_batch(micro_batch_size=2, global_batch_size=32, max_length=512, world_size=8)
     new = plan_batch(micro_batch_size=4, global_batch_size=32, max_length=512, world_size=2)
-    assert check_resume(old.to_dict(), old) == []
-    (note,) = check_resume(old.to_dict(), new)
+    assert check_batch_change(old.to_dict(), old) == []
+    assert check_batch_change({}, new) == []  # a manifest from before batch plans were stored
+    (note,) = check_batch_change(old.to_dict(), new)
     assert "world_size 8 -> 2" in note and "grad_accum_steps 2 -> 4" in note
     changed = plan_batch(micro_batch_size=4, global_batch_size=64, max_length=512, world_size=2)
     with pytest.raises(RecipeError, match="global batch of 32"):
-        check_resume(old.to_dict(), changed)
+        check_batch_change(old.to_dict(), changed)
 
 
 # ----------------------------------------------------------------------------- recipe fields
@@ -180,17 +181,13 @@ def test_steps_match_the_trainer_sampler() -> None:
     from tunefleet.distributed.sampler import GlobalBatchSampler
 
     for rows, global_, micro, world in [(1000, 16, 4, 1), (999, 32, 2, 4), (64, 64, 8, 8)]:
-        sampler = GlobalBatchSampler(
-            rows, global_batch_size=global_, micro_batch_size=micro, world_size=world, rank=0, seed=1
-        )
         s = plan_schedule(
             dataset_rows=rows, global_batch_size=global_, epochs=1, max_steps=-1, warmup_ratio=0
         )
-        accum = plan_batch(
-            micro_batch_size=micro, global_batch_size=global_, max_length=8, world_size=world
-        ).grad_accum_steps
-        assert sampler.steps_per_epoch == s.steps_per_epoch
-        assert len(sampler) == s.steps_per_epoch * accum  # what the HF Trainer divides by accumulation
+        batch = plan_batch(micro_batch_size=micro, global_batch_size=global_, max_length=8, world_size=world)
+        sampler = GlobalBatchSampler(rows, batch=batch, steps_per_epoch=s.steps_per_epoch, rank=0, seed=1)
+        assert len(sampler) == s.steps_per_epoch * batch.grad_accum_steps  # what the HF Trainer divides by
+        assert len(list(sampler)) == len(sampler)
         assert sum(len(b) for b in sampler) * world == rows - s.dropped_rows_per_epoch
 
 
@@ -246,5 +243,5 @@ def test_lr_points() -> None:
 
 
 def test_batch_module_imports_without_torch() -> None:
-    code = "import sys, tunefleet.launch.batch; assert 'torch' not in sys.modules"
+    code = "import sys, tunefleet.launch.core.batch; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

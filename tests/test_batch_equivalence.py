@@ -221,7 +221,7 @@ def test_logged_loss_is_global_token_mean(runs: Runs, tiny_model_dir: Path) -> N
     from tunefleet.distributed import data as data_mod
     from tunefleet.distributed import model as model_mod
     from tunefleet.distributed.sampler import global_batches
-    from tunefleet.launch import recipe as R
+    from tunefleet.launch.core import recipe as R
 
     run = runs.get(2, 2)  # a 2-process run with accumulation: the hardest case
     recipe = R.load(DEMO, overrides(run.out, run.micro))
@@ -244,7 +244,9 @@ def test_logged_loss_is_global_token_mean(runs: Runs, tiny_model_dir: Path) -> N
         return float(total / count)
 
     for step, epoch, weights in ((1, 0, None), (3, 1, run.out / "checkpoint-2")):
-        batch = global_batches(ROWS, global_batch_size=GLOBAL, seed=SEED, epoch=epoch)[0]
+        batch = global_batches(
+            ROWS, global_batch_size=GLOBAL, steps_per_epoch=ROWS // GLOBAL, seed=SEED, epoch=epoch
+        )[0]
         # the premise: variable lengths (padding in micro batches > 1) and prompt tokens masked out
         lengths = {len(examples[i]["input_ids"]) for i in batch}
         assert len(lengths) > 1

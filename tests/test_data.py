@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from tunefleet.distributed import data as D
-from tunefleet.launch.errors import DataError
-from tunefleet.launch.recipe import DataConfig
+from tunefleet.launch.core.errors import DataError
+from tunefleet.launch.core.recipe import DataConfig
 
 # ----------------------------------------------------------------------------- tokenizers
 

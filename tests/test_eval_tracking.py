@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 
 from tests.test_train import metrics, quick
-from tunefleet.distributed import rundir, sft, tracking
-from tunefleet.distributed.evaluation import SAMPLES_FILE
-from tunefleet.launch.errors import TunefleetError
+from tunefleet.distributed import sft, tracking
+from tunefleet.launch.core import rundir
+from tunefleet.launch.core.errors import TunefleetError
+from tunefleet.launch.core.layout import SAMPLES_FILE
+from tunefleet.launch.preflight import check_trackers
 
 EVAL = ["data.eval_ratio=0.05"]  # the first 20 of the 400 demo rows
 
@@ -51,8 +53,8 @@ def test_missing_tracker_package_is_one_clear_error(tmp_path: Path) -> None:
     if not missing:
         pytest.skip("wandb and mlflow are both installed")
     with pytest.raises(TunefleetError, match=f"pip install {missing[0]}"):
-        tracking.check_installed(["tensorboard", missing[0]])
-    tracking.check_installed(["tensorboard"])
+        check_trackers(["tensorboard", missing[0]])
+    check_trackers(["tensorboard"])
 
 
 # ----------------------------------------------------------------------------- evaluation

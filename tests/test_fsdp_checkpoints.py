@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_launch import DEMO, TOL, adapter, env, launch_argv, losses, run_launch
-from tunefleet.distributed import checkpoint as ckpt
+from tunefleet.launch.core import checkpoints as ckpt
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,7 @@ def reference(workdir: Path) -> dict[int, float]:
     """One process, in this process, the same global batch and steps."""
     from tests.test_launch import BASE
     from tunefleet.distributed import sft
-    from tunefleet.launch import recipe as R
+    from tunefleet.launch.core import recipe as R
 
     out = workdir / "ref"
     assert (

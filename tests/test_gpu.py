@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tunefleet.distributed import sft
-from tunefleet.launch import recipe as R
+from tunefleet.launch.core import recipe as R
 
 pytestmark = pytest.mark.gpu
 

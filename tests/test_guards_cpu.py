@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from tunefleet.distributed import checkpoint as ckpt
-from tunefleet.launch import recipe as R
-from tunefleet.launch.errors import RecipeError, TunefleetError
+from tunefleet.launch.core import checkpoints as ckpt
+from tunefleet.launch.core import recipe as R
+from tunefleet.launch.core.errors import RecipeError, TunefleetError
 
 
 def test_shared_storage_passes_when_every_probe_is_seen(

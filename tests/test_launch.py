@@ -29,11 +29,14 @@ from typing import Any
 
 import pytest
 
-from tunefleet.distributed import checkpoint as ckpt
 from tunefleet.distributed import cpu_fsdp, guard
 from tunefleet.launch import workstation as ws
-from tunefleet.launch.errors import RecipeError, TunefleetError
-from tunefleet.launch.templates import Hardware
+from tunefleet.launch.core import checkpoints as ckpt
+from tunefleet.launch.core.args import StartOptions
+from tunefleet.launch.core.errors import RecipeError, TunefleetError
+from tunefleet.launch.core.hardware import Hardware
+from tunefleet.launch.core.layout import ENV_DISTRIBUTED_TYPE, ENV_EXIT_FILE
+from tunefleet.launch.preflight import preflight
 
 DEMO = Path(str(resources.files("tunefleet.recipes"))) / "demo.yaml"
 TOL = 1e-5
@@ -147,8 +150,8 @@ def test_launcher_imports_no_torch(tmp_path: Path) -> None:
 
 
 def test_written_files_are_what_is_launched(tmp_path: Path) -> None:
-    from tunefleet.launch import recipe as R
     from tunefleet.launch.command import format_command
+    from tunefleet.launch.core import recipe as R
 
     out = tmp_path / "run"
     hw = ws.hardware(nproc=2, gpus=None, visible_gpus=0, main_port=29534)
@@ -164,15 +167,12 @@ def test_written_files_are_what_is_launched(tmp_path: Path) -> None:
     assert (launch_dir / "command.txt").read_text().splitlines()[-1] == format_command(plan.argv, plan.env)
     assert plan.argv[plan.argv.index("--recipe") + 1] == str(launch_dir / "recipe.yaml")
     assert plan.env["TUNEFLEET_DISTRIBUTED_TYPE"] == "FSDP" and plan.env["TUNEFLEET_WORLD_SIZE"] == "2"
-    assert plan.env[ws.EXIT_FILE_ENV] == str(launch_dir / ws.EXIT_FILE)
+    assert plan.env[ENV_EXIT_FILE] == str(launch_dir / ws.EXIT_FILE)
     assert any("cpu_fsdp.py" in n for n in plan.notes)
     # the entrypoint sees a fresh run, not a foreign directory
-    from tunefleet.distributed import rundir
+    from tunefleet.launch.core import rundir
 
-    assert rundir.decide_start(out, rundir.inspect_output_dir(out), overwrite=False, no_resume=False) == (
-        "fresh",
-        None,
-    )
+    assert rundir.decide_start(out, StartOptions()) == rundir.Start("fresh", None)
 
 
 def test_hardware_choice() -> None:
@@ -190,7 +190,13 @@ def test_hardware_choice() -> None:
 def test_refusals_before_anything_starts(tmp_path: Path) -> None:
     hw2 = ws.hardware(nproc=2, gpus=None, visible_gpus=0, main_port=29535)
     with pytest.raises(RecipeError, match="`single` runs one process"):
-        ws.prepare_launch(str(DEMO), [f"output_dir={tmp_path / 'a'}"], hw2)
+        ws.prepare_launch(str(DEMO), [f"output_dir={tmp_path / 'a'}", "parallel.strategy=single"], hw2)
+    # the shipped default, `auto`, runs several processes as ddp and says so
+    auto = ws.prepare_launch(str(DEMO), [f"output_dir={tmp_path / 'a'}"], hw2)
+    assert (
+        auto.recipe.parallel.strategy == "ddp"
+        and "parallel.strategy: auto -> ddp (2 processes)" in auto.notes
+    )
     with pytest.raises(RecipeError, match="FSDP1 needs GPUs"):
         ws.prepare_launch(
             str(DEMO),
@@ -205,7 +211,10 @@ def test_refusals_before_anything_starts(tmp_path: Path) -> None:
     assert sorted(p.name for p in finished.iterdir()) == ["final", "recipe.yaml"]  # nothing written
     # --overwrite: the old run is moved aside by the launcher, before the new files are written
     plan = ws.prepare_launch(
-        str(DEMO), [f"output_dir={finished}", "parallel.strategy=ddp"], hw2, overwrite=True
+        str(DEMO),
+        [f"output_dir={finished}", "parallel.strategy=ddp"],
+        hw2,
+        options=StartOptions(overwrite=True),
     )
     assert plan.start == "overwrite"
     ws.write_launch_files(plan)
@@ -266,7 +275,7 @@ class _State:
         self.distributed_type, self.num_processes = DistributedType(kind), n
 
 
-def test_guard_stops_silent_fallbacks(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_guard_stops_silent_fallbacks(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     launched = guard.Expectation(distributed_type="FSDP", world_size=2, source="tunefleet launch")
     guard.check_distributed(_State("FSDP", 2), launched, "fsdp")
     with pytest.raises(TunefleetError, match="FSDP silently became DDP"):
@@ -287,14 +296,19 @@ def test_guard_stops_silent_fallbacks(monkeypatch: pytest.MonkeyPatch) -> None:
             "deepspeed-zero3", {"kind": "deepspeed-zero3", "params": 3, "partitioned_params": 1}, 2
         )
     # launched by hand: the expectation comes from the recipe and WORLD_SIZE
-    from tunefleet.launch import recipe as R
+    from tunefleet.launch.core import recipe as R
 
-    monkeypatch.delenv(guard.LAUNCHED_BY_TUNEFLEET, raising=False)
-    recipe, hw, notes = guard.resolve_for_runtime(R.load(DEMO, ["output_dir=x"]), 2, use_cpu=True)
-    assert recipe.parallel.strategy == "ddp" and "by hand runs as ddp" in notes[0]
-    assert guard.expectation(recipe, hw) == guard.Expectation(
+    monkeypatch.delenv(ENV_DISTRIBUTED_TYPE, raising=False)
+    hw = guard.runtime_hardware(2, use_cpu=True)
+    checked = preflight(R.load(DEMO, [f"output_dir={tmp_path / 'x'}"]), hw, StartOptions())
+    assert checked.recipe.parallel.strategy == "ddp" and "auto -> ddp" in checked.notes[0]
+    assert guard.expectation(checked.recipe, hw) == guard.Expectation(
         distributed_type="MULTI_CPU", world_size=2, source="the recipe"
     )
+    with pytest.raises(RecipeError, match="`single` runs one process"):  # by hand too
+        preflight(
+            R.load(DEMO, [f"output_dir={tmp_path / 'x'}", "parallel.strategy=single"]), hw, StartOptions()
+        )
 
 
 def test_cpu_fsdp_switch(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -351,7 +365,7 @@ def reference(workdir: Path, name: str) -> Path:
     """One process, in this process (`tunefleet train`'s code path), same global batch."""
     if name not in _done:
         from tunefleet.distributed import sft
-        from tunefleet.launch import recipe as R
+        from tunefleet.launch.core import recipe as R
 
         out = workdir / f"ref-{name}"
         assert sft.run(R.load(DEMO, [*BASE, f"output_dir={out}", *REFERENCES[name]])) == 0

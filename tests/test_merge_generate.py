@@ -22,9 +22,9 @@ from tunefleet.distributed import generate as gen
 from tunefleet.distributed import sft
 from tunefleet.distributed.artifacts import find_adapter
 from tunefleet.distributed.merge import MERGE_INFO, merge
-from tunefleet.launch import recipe as R
-from tunefleet.launch.errors import TunefleetError
-from tunefleet.launch.recipe import DataConfig
+from tunefleet.launch.core import recipe as R
+from tunefleet.launch.core.errors import TunefleetError
+from tunefleet.launch.core.recipe import DataConfig
 
 ANSWER = "Yes, it is."
 PROBES = ["### Instruction:\nSpell the word cat.\n\n### Response:\n", "Name the capital city of France."]

@@ -10,12 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from tunefleet.launch import recipe as R
-from tunefleet.launch.errors import RecipeError
-from tunefleet.launch.memory import GIB, ModelShape, activation_bytes_per_token_per_layer, estimate_memory
+from tunefleet.launch.core import recipe as R
+from tunefleet.launch.core.errors import RecipeError
+from tunefleet.launch.core.recipe import PeftConfig
+from tunefleet.launch.memory import (
+    GIB,
+    MemoryInputs,
+    ModelShape,
+    activation_bytes_per_token_per_layer,
+    estimate_memory,
+)
 from tunefleet.launch.params import LOFTQ_CONFIG, count_params, lora_config_kwargs, param_counts
-from tunefleet.launch.plan import build_plan, count_dataset_rows, find_model_config, make_plan, render_plan
-from tunefleet.launch.recipe import PeftConfig
+from tunefleet.launch.plan import build_plan, render_plan
+from tunefleet.launch.plan_inputs import count_dataset_rows, find_model_config, make_plan
 
 FIXTURES = Path(__file__).parent / "fixtures" / "model_configs"
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -316,7 +323,7 @@ COMMON = dict(
 
 
 def _parts(**kwargs: object) -> dict[str, int]:
-    return {p.name: p.bytes for p in estimate_memory(**{**COMMON, **kwargs}).parts}
+    return {p.name: p.bytes for p in estimate_memory(MemoryInputs(**{**COMMON, **kwargs})).parts}
 
 
 def test_memory_sharding_and_offload() -> None:
@@ -354,7 +361,7 @@ def test_memory_quantization_checkpointing_optimizer() -> None:
         lora_dropout=0.05,
     )
     assert _parts(strategy="single", optimizer="paged_adamw_8bit")["optimizer state"] == 64_225_280 * 2
-    total = estimate_memory(**{**COMMON, "strategy": "single"})
+    total = estimate_memory(MemoryInputs(**{**COMMON, "strategy": "single"}))
     assert total.total_bytes == sum(ckpt.values())
     assert total.to_dict()["total_gib"] == round(total.total_bytes / GIB, 2)
 
@@ -451,8 +458,17 @@ def test_plan_warnings() -> None:
         _recipe(), dataset_rows=1000, model_config=None, previous_batch={"global_batch_size": 16}
     )
     assert same["warnings"] == []
+    plan = build_plan(
+        _recipe(parallel={"strategy": "single"}),
+        nodes=2,
+        procs_per_node=2,
+        dataset_rows=None,
+        model_config=None,
+    )
+    assert "parallel.strategy=single on 4 processes is refused" in " ".join(plan["warnings"])
     plan = build_plan(_recipe(), nodes=2, procs_per_node=2, dataset_rows=None, model_config=None)
-    assert "parallel.strategy=single on 4 processes" in " ".join(plan["warnings"])
+    assert plan["strategy"] == "ddp" and plan["strategy_asked"] == "auto" and plan["warnings"] == []
+    assert "parallel.strategy: auto -> ddp on 4 process(es)" in plan["notes"]
     assert plan["steps_per_epoch"] is None and plan["total_steps"] is None
     plan = build_plan(
         _recipe(train={"max_steps": 5}), dataset_rows=None, model_config=QWEN3_CONFIG, gpu_memory_gib=8

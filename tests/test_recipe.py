@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tunefleet.launch import recipe as R
-from tunefleet.launch.errors import RecipeError
+from tunefleet.launch.core import recipe as R
+from tunefleet.launch.core.errors import RecipeError
 
 RECIPES = sorted(Path(str(resources.files("tunefleet.recipes"))).glob("*.yaml"))
 
@@ -193,7 +193,7 @@ def test_fingerprint_stable_and_sensitive() -> None:
 
 def test_launcher_modules_do_not_import_torch() -> None:
     code = (
-        "import sys, tunefleet.launch.cli, tunefleet.launch.recipe, tunefleet.slurm; "
+        "import sys, tunefleet.launch.cli, tunefleet.launch.core.recipe, tunefleet.slurm; "
         "tunefleet.launch.cli.build_parser(); "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 
 from tests.short_run import DEMO, OVERRIDES, STEPS
-from tunefleet.distributed import checkpoint as ckpt
 from tunefleet.distributed import sft
-from tunefleet.launch import recipe as R
-from tunefleet.launch.errors import TunefleetError
-from tunefleet.slurm.sbatch import REQUEUE_EXIT_CODE
+from tunefleet.launch.core import checkpoints as ckpt
+from tunefleet.launch.core import recipe as R
+from tunefleet.launch.core.errors import TunefleetError
+from tunefleet.launch.core.layout import EXIT_REQUEUE
 
 pytestmark = pytest.mark.slow
 
@@ -143,7 +143,7 @@ def test_reference_checkpoints_are_complete(reference: Path) -> None:
     m = ckpt.read_manifest(found[4])
     assert m["step"] == 5 and m["samples_seen"] == 40 and m["epoch"] == 1.0
     assert m["world_size"] == 1 and m["strategy"] == "single" and m["batch_plan"]["grad_accum_steps"] == 2
-    assert m["recipe_hash"] == R.fingerprint(recipe(reference))
+    assert m["recipe_hash"] == R.fingerprint(R.load(reference / "recipe.yaml"))  # the resolved recipe
     assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= set(
         m["files"]
     )
@@ -200,7 +200,7 @@ def test_signal_checkpoints_and_exits_for_requeue(
     wait_for(lambda: newest_step(out) >= 3)
     proc.send_signal(sig)
     proc.send_signal(sig)  # a second signal during the save changes nothing
-    assert proc.wait(timeout=120) == REQUEUE_EXIT_CODE
+    assert proc.wait(timeout=120) == EXIT_REQUEUE
     stopped_at = newest_step(out)
     assert 3 <= stopped_at < STEPS and not (out / "final").exists()
     proc = start(out)

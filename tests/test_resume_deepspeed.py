@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.test_launch import BASE, DEMO, TOL, env, launch_argv, losses
-from tunefleet.distributed import checkpoint as ckpt
-from tunefleet.launch.errors import TunefleetError
+from tunefleet.launch.core import checkpoints as ckpt
+from tunefleet.launch.core.errors import TunefleetError
 
 CASES = {  # name: (strategy, first world size, second world size)
     "zero2-2to1": ("deepspeed-zero2", 2, 1),
@@ -77,7 +77,7 @@ def reference(workdir: Path) -> Path:
     """One plain process, in this process, same global batch."""
     if "ref" not in _runs:
         from tunefleet.distributed import sft
-        from tunefleet.launch import recipe as R
+        from tunefleet.launch.core import recipe as R
 
         out = workdir / "ref"
         assert sft.run(R.load(DEMO, [*BASE, f"output_dir={out}"])) == 0

@@ -11,7 +11,9 @@ from collections import Counter
 import pytest
 
 from tunefleet.distributed import sampler as S
-from tunefleet.distributed.sampler import GlobalBatchSampler, epoch_order, global_batches
+from tunefleet.distributed.sampler import GlobalBatchSampler, epoch_order
+from tunefleet.distributed.sampler import global_batches as _global_batches
+from tunefleet.launch.core.batch import plan_batch, plan_schedule
 
 SEED = 42
 
@@ -40,13 +42,32 @@ COMBOS = [
 SPLITS_OF_8 = [(8, 1), (1, 1), (2, 2), (4, 2), (1, 2), (1, 4), (2, 4), (1, 8), (4, 1), (2, 1)]
 
 
+def make_sampler(rows: int, *, global_: int, micro: int, world: int, rank: int) -> GlobalBatchSampler:
+    """A sampler as the trainer builds it: from the run's batch plan and schedule."""
+    batch = plan_batch(micro_batch_size=micro, global_batch_size=global_, max_length=8, world_size=world)
+    schedule = plan_schedule(
+        dataset_rows=rows, global_batch_size=global_, epochs=1, max_steps=-1, warmup_ratio=0
+    )
+    return GlobalBatchSampler(
+        rows, batch=batch, steps_per_epoch=schedule.steps_per_epoch, rank=rank, seed=SEED
+    )
+
+
+def global_batches(rows: int, *, global_batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    return _global_batches(
+        rows,
+        global_batch_size=global_batch_size,
+        steps_per_epoch=rows // global_batch_size,
+        seed=seed,
+        epoch=epoch,
+    )
+
+
 def rank_batches(rows: int, *, global_: int, micro: int, world: int, epoch: int = 0) -> list[list[list[int]]]:
     """Every rank's micro batches of one epoch: result[rank][i] is the i-th micro batch of `rank`."""
     out = []
     for rank in range(world):
-        s = GlobalBatchSampler(
-            rows, global_batch_size=global_, micro_batch_size=micro, world_size=world, rank=rank, seed=SEED
-        )
+        s = make_sampler(rows, global_=global_, micro=micro, world=world, rank=rank)
         s.set_epoch(epoch)
         out.append(list(s))
     return out
@@ -130,9 +151,7 @@ def test_epoch_order_is_pinned() -> None:
 def test_len_counts_micro_batches_per_epoch(rows: int, global_: int, micro: int, world: int) -> None:
     accum = global_ // (micro * world)
     for rank in range(world):
-        s = GlobalBatchSampler(
-            rows, global_batch_size=global_, micro_batch_size=micro, world_size=world, rank=rank, seed=SEED
-        )
+        s = make_sampler(rows, global_=global_, micro=micro, world=world, rank=rank)
         assert len(s) == (rows // global_) * accum == len(list(s))
         assert s.grad_accum_steps == accum and s.steps_per_epoch == rows // global_
 
@@ -156,14 +175,7 @@ def test_seek_starts_at_the_exact_step_without_iterating_earlier_ones(
     for rank in range(world):
 
         def make(rank: int = rank) -> GlobalBatchSampler:
-            return GlobalBatchSampler(
-                rows,
-                global_batch_size=global_,
-                micro_batch_size=micro,
-                world_size=world,
-                rank=rank,
-                seed=SEED,
-            )
+            return make_sampler(rows, global_=global_, micro=micro, world=world, rank=rank)
 
         for epoch in (0, 2):
             full = make()
@@ -190,16 +202,18 @@ def test_seek_starts_at_the_exact_step_without_iterating_earlier_ones(
 
 
 def test_seek_to_a_later_epoch_matches_that_epoch() -> None:
-    s = GlobalBatchSampler(50, global_batch_size=8, micro_batch_size=2, world_size=2, rank=1, seed=SEED)
+    s = make_sampler(50, global_=8, micro=2, world=2, rank=1)
     s.seek(epoch=3, step_in_epoch=2)
-    ref = GlobalBatchSampler(50, global_batch_size=8, micro_batch_size=2, world_size=2, rank=1, seed=SEED)
+    ref = make_sampler(50, global_=8, micro=2, world=2, rank=1)
     ref.set_epoch(3)
     assert list(s) == list(ref)[2 * 2 :]
 
 
-@pytest.mark.parametrize(("global_", "micro", "world"), [(8, 3, 1), (8, 2, 3), (12, 8, 1), (6, 4, 2)])
-def test_split_that_does_not_divide_is_refused(global_: int, micro: int, world: int) -> None:
-    with pytest.raises(ValueError, match="not a multiple"):
-        GlobalBatchSampler(
-            100, global_batch_size=global_, micro_batch_size=micro, world_size=world, rank=0, seed=SEED
-        )
+def test_a_schedule_that_does_not_fit_the_rows_is_refused() -> None:
+    batch = plan_batch(micro_batch_size=2, global_batch_size=8, max_length=8, world_size=2)
+    GlobalBatchSampler(100, batch=batch, steps_per_epoch=12, rank=1, seed=SEED)  # 96 of 100 rows
+    for steps in (11, 13):
+        with pytest.raises(ValueError, match="do not fit 100 rows"):
+            GlobalBatchSampler(100, batch=batch, steps_per_epoch=steps, rank=0, seed=SEED)
+    with pytest.raises(ValueError, match="rank 2 is not in a world of 2"):
+        GlobalBatchSampler(100, batch=batch, steps_per_epoch=12, rank=2, seed=SEED)

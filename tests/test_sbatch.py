@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tunefleet.launch.errors import TunefleetError
+from tunefleet.launch.core.errors import TunefleetError
+from tunefleet.launch.core.layout import EXIT_REQUEUE
 from tunefleet.slurm.sbatch import (
-    REQUEUE_EXIT_CODE,
     ClusterSpec,
     ClusterSpecError,
     Launch,
@@ -402,14 +402,14 @@ def test_accelerate_command_per_node(tmp_path: Path) -> None:
 
 
 def test_requeue_on_exit_code(tmp_path: Path) -> None:
-    rc, out, calls = _run_script(tmp_path, ClusterSpec(max_restarts=2), rc=REQUEUE_EXIT_CODE, restart_count=1)
-    assert rc == REQUEUE_EXIT_CODE and "scontrol requeue 4242" in calls, out
+    rc, out, calls = _run_script(tmp_path, ClusterSpec(max_restarts=2), rc=EXIT_REQUEUE, restart_count=1)
+    assert rc == EXIT_REQUEUE and "scontrol requeue 4242" in calls, out
     assert "restart 1 (max_restarts 2)" in out
 
 
 def test_no_requeue_at_max_restarts(tmp_path: Path) -> None:
-    rc, out, calls = _run_script(tmp_path, ClusterSpec(max_restarts=2), rc=REQUEUE_EXIT_CODE, restart_count=2)
-    assert rc == REQUEUE_EXIT_CODE and "requeue" not in calls
+    rc, out, calls = _run_script(tmp_path, ClusterSpec(max_restarts=2), rc=EXIT_REQUEUE, restart_count=2)
+    assert rc == EXIT_REQUEUE and "requeue" not in calls
     assert "not running again: restart 2 reached max_restarts 2" in out
 
 
@@ -421,16 +421,16 @@ def test_failure_is_not_requeued(tmp_path: Path, restart: str) -> None:
 
 def test_dependency_chain_submits_successor(tmp_path: Path) -> None:
     rc, out, calls = _run_script(
-        tmp_path, ClusterSpec(restart="dependency"), rc=REQUEUE_EXIT_CODE, restart_count=0
+        tmp_path, ClusterSpec(restart="dependency"), rc=EXIT_REQUEUE, restart_count=0
     )
-    assert rc == REQUEUE_EXIT_CODE, out
+    assert rc == EXIT_REQUEUE, out
     assert "sbatch --parsable --dependency=afterany:4242 --export=ALL,TUNEFLEET_RESTART_COUNT=1" in calls
     assert "submitted job 5151 to continue" in out and "scontrol requeue" not in calls
 
 
 def test_restart_none_stops(tmp_path: Path) -> None:
-    rc, out, calls = _run_script(tmp_path, ClusterSpec(restart="none"), rc=REQUEUE_EXIT_CODE)
-    assert rc == REQUEUE_EXIT_CODE and calls.count("srun-option") == 2 and "requeue" not in calls
+    rc, out, calls = _run_script(tmp_path, ClusterSpec(restart="none"), rc=EXIT_REQUEUE)
+    assert rc == EXIT_REQUEUE and calls.count("srun-option") == 2 and "requeue" not in calls
 
 
 def test_write_script_creates_log_dirs(tmp_path: Path) -> None:
@@ -483,7 +483,7 @@ def test_partition_preemption_is_detected_and_requeued(
         tmp_path, ClusterSpec(), rc=143, extra_env={"STUB_PREEMPT_TIME": preempt_time}
     )
     assert ("scontrol requeue 4242" in calls) == requeued, (out, calls)
-    assert rc == (REQUEUE_EXIT_CODE if requeued else 143)
+    assert rc == (EXIT_REQUEUE if requeued else 143)
     assert ("the job was preempted at" in out) == requeued
 
 
@@ -491,7 +491,7 @@ def test_term_without_preemption_is_not_restarted(tmp_path: Path) -> None:
     """scancel (or the time limit) sends TERM to the batch shell: it waits for the trainer's
     checkpoint, then stops without requeuing itself."""
     rc, out, calls = _run_script(
-        tmp_path, ClusterSpec(), rc=REQUEUE_EXIT_CODE, extra_env={"STUB_TERM_BATCH_SHELL": "1"}
+        tmp_path, ClusterSpec(), rc=EXIT_REQUEUE, extra_env={"STUB_TERM_BATCH_SHELL": "1"}
     )
     assert "TERM received" in out and "not restarting from here" in out, out
-    assert rc == REQUEUE_EXIT_CODE and "requeue" not in calls
+    assert rc == EXIT_REQUEUE and "requeue" not in calls

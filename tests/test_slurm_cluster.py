@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.slurm_cluster import SlurmCluster
-from tunefleet.slurm.sbatch import REQUEUE_EXIT_CODE, ClusterSpec, Launch, render_sbatch
+from tunefleet.launch.core.layout import EXIT_REQUEUE
+from tunefleet.slurm.sbatch import ClusterSpec, Launch, render_sbatch
 from tunefleet.slurm.submit import SubmitError, submit, test_only, write_script
 
 pytest_plugins = ["tests.conftest_slurm"]  # the same registration as tests/conftest.py; loaded once
@@ -218,7 +219,7 @@ def test_max_restarts_stops_requeuing(job_dir: Path, slurm_cluster: SlurmCluster
     runs = [json.loads(line) for line in (job_dir / "out" / "runs.jsonl").read_text().splitlines()]
     assert [r["restart"] for r in runs] == [None, "1"], log  # the trainer's 75 survived torchrun
     assert info["Restarts"] == "1", info
-    assert info["ExitCode"] == f"{REQUEUE_EXIT_CODE}:0", info
+    assert info["ExitCode"] == f"{EXIT_REQUEUE}:0", info
     assert "not running again: restart 1 reached max_restarts 1" in log, log
 
 

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from tunefleet.distributed import checkpoint as ckpt
 from tunefleet.distributed import prepare as prep
 from tunefleet.launch import cli
-from tunefleet.launch import recipe as R
+from tunefleet.launch.core import checkpoints as ckpt
+from tunefleet.launch.core import recipe as R
+from tunefleet.launch.core.layout import read_metrics, training_rows
 from tunefleet.slurm import status as status_mod
 
 DEMO = Path(str(resources.files("tunefleet.recipes"))) / "demo.yaml"
@@ -117,7 +118,7 @@ def test_prepare_cli_and_training_from_the_cache(tmp_path: Path, tiny_model_dir:
     assert "tokenised data from the cache" in capsys.readouterr().out
     assert sft.run(R.load(DEMO, [f"output_dir={tmp_path / 'plain'}", *sets])) == 0
     assert "from the cache" not in capsys.readouterr().out
-    got, want = status_mod.read_metrics(tmp_path / "cached"), status_mod.read_metrics(tmp_path / "plain")
+    got, want = (training_rows(read_metrics(tmp_path / name)) for name in ("cached", "plain"))
     assert [r["step"] for r in got] == [1, 2, 3]
     assert [r["loss"] for r in got] == [r["loss"] for r in want]
 

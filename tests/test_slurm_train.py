@@ -27,8 +27,9 @@ import pytest
 
 from tests.short_run import DEMO, OVERRIDES, STEPS
 from tests.slurm_cluster import SlurmCluster
-from tunefleet.distributed import checkpoint as ckpt
 from tunefleet.launch import cli
+from tunefleet.launch.core import checkpoints as ckpt
+from tunefleet.launch.core.layout import read_metrics, training_rows
 from tunefleet.slurm import status as status_mod
 
 pytest_plugins = ["tests.conftest_slurm"]
@@ -52,7 +53,7 @@ if "RANK" in os.environ and os.environ.get("TUNEFLEET_RANK_PROBE"):
 
 
 def losses(out: Path) -> dict[int, float]:
-    rows = status_mod.read_metrics(out)
+    rows = training_rows(read_metrics(out))
     steps = [r["step"] for r in rows]
     assert steps == sorted(set(steps)), f"duplicated or unordered steps: {steps}"
     return {r["step"]: r["loss"] for r in rows}

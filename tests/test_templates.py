@@ -23,14 +23,14 @@ from typing import Any
 import pytest
 
 from tunefleet.launch import compat
-from tunefleet.launch import recipe as recipe_mod
 from tunefleet.launch.command import build_launch_command, format_command, run_command
-from tunefleet.launch.errors import RecipeError, TunefleetError
-from tunefleet.launch.recipe import Recipe
+from tunefleet.launch.core import recipe as recipe_mod
+from tunefleet.launch.core.errors import RecipeError, TunefleetError
+from tunefleet.launch.core.hardware import Hardware
+from tunefleet.launch.core.recipe import Recipe
 from tunefleet.launch.templates import (
     ACCELERATE_FILE,
     DEEPSPEED_FILE,
-    Hardware,
     activation_checkpointing,
     expected_distributed_type,
     render_accelerate_config,

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tunefleet.distributed import sft
-from tunefleet.launch import recipe as R
-from tunefleet.launch.errors import TunefleetError
+from tunefleet.launch.core import recipe as R
+from tunefleet.launch.core.errors import TunefleetError
 
 DEMO = Path(str(resources.files("tunefleet.recipes"))) / "demo.yaml"
 DATA = DEMO.parent / "data"
@@ -193,3 +193,36 @@ def test_cli_bad_input_is_one_readable_message(tmp_path: Path, setup: str, fragm
     assert fragment in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_plan_json_total_steps_is_what_the_trainer_runs(tmp_path: Path) -> None:
+    """Examples dropped for having no answer token left, and an evaluation split: plan.json's step
+    counts come from the same schedule the trainer runs (one batch path)."""
+    rows = [json.loads(line) for line in (DATA / "alpaca_demo.jsonl").read_text().splitlines()][:60]
+    long_prompt = "word " * 200  # every answer token is cut at data.max_length: the example is dropped
+    rows[10:19] = [{**r, "instruction": long_prompt} for r in rows[10:19]]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    recipe = R.load(
+        DEMO,
+        [
+            f"output_dir={out}",
+            f"data.path={path}",
+            "data.eval_ratio=0.2",  # the first 12 rows: 3 of the long ones are held out
+            "data.max_length=64",
+            "train.epochs=2",
+            "train.logging_steps=1",
+            "train.save_steps=0",
+            "batch.micro_batch_size=4",
+            "batch.global_batch_size=8",
+        ],
+    )
+    assert sft.run(recipe) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    examples = 48 - 6  # 48 training rows, 6 of them lose every answer token
+    assert plan["dataset_rows"] == plan["in_effect"]["train_examples"] == examples
+    assert plan["eval_rows"] == 12 and plan["data_counted"] == "examples"
+    assert plan["steps_per_epoch"] == plan["in_effect"]["steps_per_epoch"] == examples // 8
+    trained = [r["step"] for r in metrics(out) if "loss" in r]
+    assert plan["total_steps"] == trained[-1] == 2 * (examples // 8)

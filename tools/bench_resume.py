@@ -20,7 +20,7 @@ from transformers import TrainerCallback
 
 from tunefleet.distributed import sft
 from tunefleet.distributed import trainer as trainer_mod
-from tunefleet.launch import recipe as R
+from tunefleet.launch.core import recipe as R
 
 
 class FirstStep(TrainerCallback):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tunefleet.launch import recipe as R
+from tunefleet.launch.core import recipe as R
 from tunefleet.launch.params import read_model_config
 from tunefleet.launch.plan import build_plan
 

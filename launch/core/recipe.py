@@ -21,12 +21,13 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-from tunefleet.launch.errors import RecipeError
+from tunefleet.launch.core.batch import samples_for_tokens
+from tunefleet.launch.core.errors import RecipeError
 
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 Quantization = Literal["none", "nf4", "fp4", "int8", "mxfp4"]
 DataFormat = Literal["alpaca", "messages", "text", "prompt-completion"]
-Strategy = Literal["single", "ddp", "fsdp", "fsdp-qlora", "deepspeed-zero2", "deepspeed-zero3"]
+Strategy = Literal["auto", "single", "ddp", "fsdp", "fsdp-qlora", "deepspeed-zero2", "deepspeed-zero3"]
 Optimizer = Literal[
     "adamw_torch",
     "adamw_torch_fused",
@@ -44,6 +45,8 @@ Scheduler = Literal[
     "polynomial",
 ]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
+PRECISION_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+"""Mixed precision -> the dtype its weights are held in (and FSDP/DeepSpeed flatten, cast, gather)."""
 LoraInit = Literal["default", "gaussian", "pissa", "olora", "loftq"]
 
 
@@ -218,9 +221,10 @@ class BatchConfig:
 
 @dataclass(kw_only=True, slots=True)
 class ParallelConfig:
-    strategy: Strategy = "single"
-    """How the run is spread over devices: `single`, `ddp`, `fsdp`, `fsdp-qlora`,
-    `deepspeed-zero2`, `deepspeed-zero3`."""
+    strategy: Strategy = "auto"
+    """How the run is spread over devices: `auto` (one process: `single`; several: `ddp`),
+    `single`, `ddp`, `fsdp`, `fsdp-qlora`, `deepspeed-zero2`, `deepspeed-zero3`. The plan, the run
+    summary and plan.json say what `auto` became."""
 
     fsdp_version: Literal[1, 2] = 2
     """`fsdp`/`fsdp-qlora` only: 2 (per-parameter sharding, `fully_shard`) or 1 (flat-parameter
@@ -455,11 +459,23 @@ def _check(cond: bool, where: str, problem: str, fix: str) -> None:
 
 
 def validate(recipe: Recipe) -> Recipe:
-    """Reject impossible values and incompatible combinations (no model or data is touched)."""
-    m, p, d, t, b = recipe.model, recipe.peft, recipe.data, recipe.train, recipe.batch
+    """Reject impossible values and incompatible combinations (no model or data is touched).
+
+    Returns the recipe with `batch.global_batch_size` in samples (derived from
+    `batch.global_batch_tokens` when that is the target); the input is not changed."""
     _check(bool(recipe.output_dir.strip()), "output_dir", "is empty", "set output_dir to a directory")
+    _validate_model_peft(recipe.model, recipe.peft)
+    _validate_data(recipe.data)
+    _validate_train(recipe.train)
+    batch = _validate_batch(recipe.batch, recipe.data.max_length)
+    k = recipe.checkpoint.keep_last
+    _check(k is None or k >= 1, "checkpoint.keep_last", f"must be >= 1 or null, got {k}", "use e.g. 2")
+    _validate_parallel(recipe.parallel)
+    return dataclasses.replace(recipe, batch=batch)
+
+
+def _validate_model_peft(m: ModelConfig, p: PeftConfig) -> None:
     _check(bool(m.name_or_path.strip()), "model.name_or_path", "is empty", "name a model id or directory")
-    _check(bool(d.path.strip()), "data.path", "is empty", "name a data file, directory or dataset")
     _check(p.r > 0, "peft.r", f"must be > 0, got {p.r}", "use e.g. peft.r=16")
     _check(p.alpha > 0, "peft.alpha", f"must be > 0, got {p.alpha}", "use e.g. peft.alpha=32")
     _check(0 <= p.dropout < 1, "peft.dropout", f"must be in [0, 1), got {p.dropout}", "use e.g. 0.05")
@@ -486,6 +502,10 @@ def validate(recipe: Recipe) -> Recipe:
             f"{m.quantization} weights",
             "set model.quantization=none or peft.init=default",
         )
+
+
+def _validate_data(d: DataConfig) -> None:
+    _check(bool(d.path.strip()), "data.path", "is empty", "name a data file, directory or dataset")
     _check(d.max_length > 0, "data.max_length", f"must be > 0, got {d.max_length}", "use e.g. 2048")
     _check(
         0 <= d.eval_ratio < 1,
@@ -505,6 +525,9 @@ def validate(recipe: Recipe) -> Recipe:
         f"must be > 0, got {d.limit}",
         "drop it or use a positive count",
     )
+
+
+def _validate_train(t: TrainConfig) -> None:
     _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}", "use e.g. 2e-4")
     _check(
         0 <= t.warmup_ratio < 1,
@@ -536,53 +559,41 @@ def validate(recipe: Recipe) -> Recipe:
             f"must be {'>= 1' if name == 'logging_steps' else '>= 0'}, got {value}",
             "use e.g. 10",
         )
+
+
+def _validate_batch(b: BatchConfig, max_length: int) -> BatchConfig:
+    """The batch section with the global batch in samples (one meaning downstream)."""
     _check(
         b.micro_batch_size > 0,
         "batch.micro_batch_size",
         f"must be > 0, got {b.micro_batch_size}",
         "use e.g. 1",
     )
+    global_batch_size = b.global_batch_size
     if b.global_batch_tokens is not None:
-        tokens = b.global_batch_tokens
-        _check(tokens > 0, "batch.global_batch_tokens", f"must be > 0, got {tokens}", "use e.g. 65536")
-        _check(
-            tokens % d.max_length == 0,
-            "batch.global_batch_tokens",
-            f"{tokens} is not a multiple of data.max_length={d.max_length}, so the global batch "
-            f"({tokens} // {d.max_length} samples) would drop part of the budget",
-            f"use {tokens // d.max_length * d.max_length or d.max_length} or "
-            f"{(tokens // d.max_length + 1) * d.max_length}",
-        )
-        derived = tokens // d.max_length
+        derived = samples_for_tokens(b.global_batch_tokens, max_length)
         default = next(f.default for f in dataclasses.fields(BatchConfig) if f.name == "global_batch_size")
         _check(
             b.global_batch_size in (derived, default),
             "batch.global_batch_size",
-            f"{b.global_batch_size} disagrees with batch.global_batch_tokens={tokens} "
-            f"(= {derived} samples of data.max_length={d.max_length})",
+            f"{b.global_batch_size} disagrees with batch.global_batch_tokens={b.global_batch_tokens} "
+            f"(= {derived} samples of data.max_length={max_length})",
             "set only one of them",
         )
-        b.global_batch_size = derived  # one meaning downstream: samples per optimizer step
+        global_batch_size = derived
     _check(
-        b.global_batch_size > 0,
+        global_batch_size > 0,
         "batch.global_batch_size",
-        f"must be > 0, got {b.global_batch_size}",
+        f"must be > 0, got {global_batch_size}",
         "use e.g. 16",
     )
     _check(
-        b.global_batch_size % b.micro_batch_size == 0,
+        global_batch_size % b.micro_batch_size == 0,
         "batch.global_batch_size",
-        f"{b.global_batch_size} is not a multiple of batch.micro_batch_size={b.micro_batch_size}",
+        f"{global_batch_size} is not a multiple of batch.micro_batch_size={b.micro_batch_size}",
         "choose a global batch that micro batch x accumulation x world size can reach",
     )
-    k = recipe.checkpoint.keep_last
-    _check(k is None or k >= 1, "checkpoint.keep_last", f"must be >= 1 or null, got {k}", "use e.g. 2")
-    if m.quantization == "mxfp4":
-        _check(
-            p.init != "loftq", "peft.init", "loftq cannot start from MXFP4 weights", "use peft.init=default"
-        )
-    _validate_parallel(recipe.parallel)
-    return recipe
+    return dataclasses.replace(b, global_batch_size=global_batch_size)
 
 
 def _validate_parallel(par: ParallelConfig) -> None:

@@ -19,6 +19,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from tunefleet.launch.core.errors import TunefleetError
+
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
 MANIFEST = "manifest.json"
@@ -161,8 +163,6 @@ def check_shared_storage(out: Path, *, rank: int, world_size: int, barrier: Any)
     if rank == 0:
         shutil.rmtree(probe_dir, ignore_errors=True)
     if seen != world_size:
-        from tunefleet.launch.errors import TunefleetError
-
         raise TunefleetError(
             f"output_dir {str(out)!r} is not shared by all ranks: rank {rank} sees {seen} of {world_size} "
             "probe files (node-local storage?)",
@@ -203,8 +203,6 @@ def check_layout(manifest: dict[str, Any], strategy: str, world_size: int) -> No
     """Refuse a checkpoint this run cannot read: another checkpoint format, or DeepSpeed/FSDP
     shards written by another world size (except ZeRO checkpoints with `zero_state.pt` and FSDP2 LoRA
     sharded checkpoints, which reshard). The launcher and every rank call it."""
-    from tunefleet.launch.errors import TunefleetError
-
     old_strategy, old_world = manifest.get("strategy", "single"), int(manifest.get("world_size", 1))
     old_format = CHECKPOINT_FORMAT.get(old_strategy, old_strategy)
     new_format = CHECKPOINT_FORMAT.get(strategy, strategy)

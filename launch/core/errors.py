@@ -21,3 +21,7 @@ class RecipeError(TunefleetError):
 
 class DataError(TunefleetError):
     """The training data is missing, unreadable or malformed."""
+
+
+class RunDirError(TunefleetError):
+    """The output directory holds something the run must not touch or cannot continue."""

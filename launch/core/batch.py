@@ -37,7 +37,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from tunefleet.launch.errors import RecipeError
+from tunefleet.launch.core.errors import RecipeError
 
 LastBatch = Literal["drop", "keep"]
 
@@ -173,6 +173,23 @@ def _not_a_multiple(global_batch_size: int, micro_batch_size: int, world_size: i
     )
 
 
+def samples_for_tokens(global_batch_tokens: int, max_length: int) -> int:
+    """The global batch in samples of a token budget per step counted at `max_length`; refuses a
+    budget that is not a multiple of `max_length` (part of it would silently be dropped)."""
+    _require_positive(global_batch_tokens, "batch.global_batch_tokens")
+    _require_positive(max_length, "data.max_length")
+    if global_batch_tokens % max_length:
+        near = _nearest_multiples(global_batch_tokens, max_length)
+        raise RecipeError(
+            f"batch.global_batch_tokens={global_batch_tokens} is not a multiple of "
+            f"data.max_length={max_length}: the global batch in samples "
+            f"(global_batch_tokens // max_length = {global_batch_tokens // max_length}) "
+            "would silently drop part of the budget",
+            f"nearest valid token budgets: {_listed(near)}",
+        )
+    return global_batch_tokens // max_length
+
+
 def plan_batch(
     *,
     micro_batch_size: int,
@@ -199,18 +216,8 @@ def plan_batch(
     target: Literal["samples", "tokens"] = "samples"
     where = "batch.global_batch_size"
     if global_batch_tokens is not None:
-        _require_positive(global_batch_tokens, "batch.global_batch_tokens")
         target, where = "tokens", "batch.global_batch_tokens"
-        if global_batch_tokens % max_length:
-            near = _nearest_multiples(global_batch_tokens, max_length)
-            raise RecipeError(
-                f"batch.global_batch_tokens={global_batch_tokens} is not a multiple of "
-                f"data.max_length={max_length}: the global batch in samples "
-                f"(global_batch_tokens // max_length = {global_batch_tokens // max_length}) "
-                "would silently drop part of the budget",
-                f"nearest valid token budgets: {_listed(near)}",
-            )
-        global_batch_size = global_batch_tokens // max_length
+        global_batch_size = samples_for_tokens(global_batch_tokens, max_length)
         unit = micro_batch_size * world_size
         if global_batch_size % unit:
             near_tokens = [n * max_length for n in _nearest_multiples(global_batch_size, unit)]
@@ -239,12 +246,14 @@ def plan_batch(
     )
 
 
-def check_resume(saved: Mapping[str, Any], current: BatchPlan) -> list[str]:
-    """Compare the batch plan a run started with (`BatchPlan.to_dict()`) with this launch's.
+def check_batch_change(saved: Mapping[str, Any], current: BatchPlan) -> list[str]:
+    """Compare the batch plan a run started with (`BatchPlan.to_dict()`, stored in every checkpoint
+    manifest) with this start's.
 
     The global batch defines what a step is (samples, LR schedule, sample order), so it must
-    not change; micro batch, world size and accumulation may. Returns notes on what changed.
-    """
+    not change; micro batch, world size and accumulation may. Returns notes on what changed."""
+    if not saved:
+        return []
     if saved.get("global_batch_size") != current.global_batch_size:
         raise RecipeError(
             f"this run started with a global batch of {saved.get('global_batch_size')} samples per step; "
@@ -265,12 +274,17 @@ def check_resume(saved: Mapping[str, Any], current: BatchPlan) -> list[str]:
 # ----------------------------------------------------------------------------- schedule
 
 
+def held_out_rows(rows: int, eval_ratio: float) -> int:
+    """Rows held out for evaluation by `data.eval_ratio`: the first floor(rows x eval_ratio) rows
+    (seed 003's rule). The planner counts with it, the data loader splits with it."""
+    return math.floor(rows * eval_ratio)
+
+
 def split_rows(rows: int, *, limit: int | None, eval_ratio: float) -> tuple[int, int]:
-    """(training rows, evaluation rows) of a data file: `limit` first, then the first
-    floor(rows x eval_ratio) rows are held out for evaluation."""
+    """(training rows, evaluation rows) of a data file: `limit` first, then the held-out rows."""
     if limit is not None:
         rows = min(rows, limit)
-    held_out = math.floor(rows * eval_ratio)
+    held_out = held_out_rows(rows, eval_ratio)
     return rows - held_out, held_out
 
 

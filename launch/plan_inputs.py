@@ -1,0 +1,152 @@
+"""What `tunefleet plan` reads from disk before `plan.build_plan` (which is pure): the recipe, the
+model's `config.json` (a local directory, the built-in demo model, or the Hugging Face cache;
+never the network), cheap row counts of the data (no tokenisation) and the batch of a run already
+in the output directory. Part of the command line: it may build the demo model and read data.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tunefleet.launch.core import recipe as recipe_mod
+from tunefleet.launch.core.errors import RecipeError, TunefleetError
+from tunefleet.launch.core.layout import RESOLVED_RECIPE
+from tunefleet.launch.core.recipe import DataConfig, ModelConfig, Recipe
+from tunefleet.launch.params import read_model_config
+from tunefleet.launch.plan import build_plan
+
+
+def find_model_config(model: ModelConfig) -> dict[str, Any]:
+    """The model's `config.json`: from a local directory, the built-in demo model, or the
+    Hugging Face cache. Never downloads; raises RecipeError when it is not available offline."""
+    name = model.name_or_path
+    if name.startswith("tunefleet:"):
+        from tunefleet.distributed.demo_model import TINY_LLAMA_ID, ensure_tiny_llama
+
+        if name != TINY_LLAMA_ID:
+            raise RecipeError(
+                f"model.name_or_path: unknown built-in model {name!r}",
+                f"the built-in model is {TINY_LLAMA_ID!r}",
+            )
+        name = str(ensure_tiny_llama())  # built locally once (seconds), then cached
+    local = Path(name).expanduser()
+    if local.is_dir():
+        path = local / "config.json"
+        if not path.is_file():
+            raise RecipeError(
+                f"model.name_or_path={name!r} is a directory without a config.json",
+                "point model.name_or_path at a saved model directory",
+            )
+        return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json", revision=model.revision)
+    except Exception:  # an id that is not a valid repo id, or a broken cache
+        cached = None
+    if isinstance(cached, str):
+        return json.loads(Path(cached).read_text(encoding="utf-8"))
+    raise RecipeError(
+        f"the config.json of model {name!r} is not available offline: it is not a local directory "
+        "and not in the Hugging Face cache (the planner never downloads)",
+        f"fetch it once with `hf download {name} config.json`, or point model.name_or_path at a local copy",
+    )
+
+
+def count_dataset_rows(
+    data: DataConfig, *, base_dir: str | Path | None = None
+) -> tuple[int | None, str | None]:
+    """Rows in `data.path` before `limit` and the evaluation hold-out, counted cheaply, or
+    (None, why not). JSON Lines: non-blank lines; JSON: the list's length; Parquet: the row count
+    in its footer; a directory: as the trainer reads it. A relative path is looked up in the
+    working directory, then next to the recipe (`base_dir`)."""
+    path = Path(data.path).expanduser()
+    if not path.exists() and base_dir is not None and not path.is_absolute():
+        path = Path(base_dir) / path
+    if not path.exists():
+        if path.suffix.lower() in (".jsonl", ".json", ".parquet") or data.path.startswith((".", "/", "~")):
+            return None, f"data file {data.path!r} does not exist"
+        return None, f"{data.path!r} is not a local file (a Hub dataset is not read by the planner)"
+    suffix = path.suffix.lower()
+    try:
+        if path.is_dir():
+            from tunefleet.distributed.data import load_rows
+
+            return len(load_rows(str(path), split=data.split)), None
+        if suffix == ".jsonl":
+            with path.open(encoding="utf-8") as f:
+                return sum(1 for line in f if line.strip()), None
+        if suffix == ".json":
+            text = path.read_text(encoding="utf-8")
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError:  # JSON Lines named .json, as the trainer accepts
+                return sum(1 for line in text.splitlines() if line.strip()), None
+            return (len(obj), None) if isinstance(obj, list) else (None, f"{path} is not a JSON list")
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(path).metadata.num_rows, None
+    except (OSError, UnicodeDecodeError, TunefleetError) as exc:
+        return None, f"{path} cannot be counted: {exc}"
+    return None, f"{path} has a file type the planner does not count ({suffix or 'no suffix'})"
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def _previous_batch(recipe: Recipe) -> dict[str, Any] | None:
+    """The batch of a run already in output_dir (its resolved recipe.yaml), if any."""
+    path = Path(recipe.output_dir) / RESOLVED_RECIPE
+    if not path.is_file():
+        return None
+    try:
+        import yaml
+
+        saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return {"global_batch_size": saved["batch"]["global_batch_size"]}
+    except Exception:  # an unreadable old file must not stop the plan
+        return None
+
+
+def make_plan(
+    recipe_path: str,
+    overrides: Sequence[str] = (),
+    *,
+    nodes: int = 1,
+    gpus_per_node: int = 1,
+    model_config_path: str | None = None,
+    gpu_memory_gib: float | None = None,
+) -> dict[str, Any]:
+    """Load the recipe, find the model config and count the rows, then `build_plan`."""
+    for value, name in ((nodes, "--nodes"), (gpus_per_node, "--gpus-per-node")):
+        if value < 1:
+            raise RecipeError(f"{name} must be >= 1, got {value}", f"pass {name} 1 or more")
+    recipe = recipe_mod.load(recipe_path, list(overrides))
+    notes: list[str] = []
+    try:
+        if model_config_path:
+            model_config: dict[str, Any] | None = read_model_config(model_config_path)
+        else:
+            model_config = find_model_config(recipe.model)
+    except RecipeError as exc:
+        model_config = None
+        notes.append(f"no parameter counts or memory estimate: {exc.problem} (fix: {exc.fix})")
+    rows, why = count_dataset_rows(recipe.data, base_dir=Path(recipe_path).parent)
+    if why:
+        notes.append(f"dataset rows unknown: {why}")
+    return build_plan(
+        recipe,
+        nodes=nodes,
+        procs_per_node=gpus_per_node,
+        dataset_rows=rows,
+        model_config=model_config,
+        recipe_path=recipe_path,
+        overrides=overrides,
+        previous_batch=_previous_batch(recipe),
+        gpu_memory_gib=gpu_memory_gib,
+        notes=notes,
+    )

@@ -1,0 +1,85 @@
+"""The start-up checks: one function that `tunefleet train` (every rank), `tunefleet launch` and
+`tunefleet slurm` run before anything is written or loaded.
+
+`preflight(recipe, hw, options)` resolves the recipe for the hardware (the compatibility
+matrix: forbidden combinations stop here, silently required settings are filled in and noted),
+derives the batch plan for the world size (accumulation; numbers that do not divide are refused),
+decides what happens to the output directory (fresh, overwrite, resume from which checkpoint;
+a finished or foreign run is refused), checks that the checkpoint can be continued by this recipe
+on this world size, and that the trackers it reports to are installed. Nothing is written.
+No torch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunefleet.launch import compat
+from tunefleet.launch.core import rundir
+from tunefleet.launch.core.args import StartOptions
+from tunefleet.launch.core.batch import BatchPlan, plan_batch
+from tunefleet.launch.core.errors import TunefleetError
+from tunefleet.launch.core.hardware import Hardware
+from tunefleet.launch.core.recipe import Recipe
+
+TRACKER_PACKAGES = {
+    "tensorboard": ("tensorboard", "pip install tensorboard"),
+    "wandb": ("wandb", "pip install wandb"),
+    "mlflow": ("mlflow", "pip install mlflow"),
+}
+"""`train.report_to` name -> (the package it needs, how to install it)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Preflight:
+    """What the checks decided: the run as it will be carried out."""
+
+    recipe: Recipe
+    """The recipe resolved for the hardware (compat adjustments applied)."""
+
+    hw: Hardware
+    batch: BatchPlan
+    """Micro batch x accumulation x world size = global batch, on this hardware."""
+
+    notes: list[str]
+    """One line per setting the compatibility matrix filled in or changed."""
+
+    start: rundir.Start
+    """fresh / overwrite / resume, and the checkpoint a resume continues from."""
+
+    resume_notes: list[str]
+    """Harmless changes since that checkpoint (world size, micro batch, logging, ...)."""
+
+
+def check_trackers(report_to: list[str]) -> None:
+    """Fail before any model is loaded when a listed tracker's package is missing."""
+    for name in report_to:
+        module, install = TRACKER_PACKAGES[name]
+        if importlib.util.find_spec(module) is None:
+            raise TunefleetError(
+                f"train.report_to lists {name}, but the {module} package is not installed",
+                f"{install}, or remove {name} from train.report_to",
+            )
+
+
+def batch_plan(recipe: Recipe, hw: Hardware) -> BatchPlan:
+    """The recipe's batch on this hardware (the global batch is in samples after validation)."""
+    return plan_batch(
+        micro_batch_size=recipe.batch.micro_batch_size,
+        global_batch_size=recipe.batch.global_batch_size,
+        max_length=recipe.data.max_length,
+        world_size=hw.num_processes,
+        procs_per_node=hw.procs_per_machine if hw.num_machines > 1 else None,
+    )
+
+
+def preflight(recipe: Recipe, hw: Hardware, options: StartOptions) -> Preflight:
+    """Run every start-up check (see the module doc); raise TunefleetError on the first failure."""
+    resolved, notes = compat.resolve_with_notes(recipe, hw)
+    batch = batch_plan(resolved, hw)
+    start = rundir.decide_start(Path(resolved.output_dir), options)
+    resume_notes = rundir.check_resume(start.checkpoint, resolved, batch) if start.checkpoint else []
+    check_trackers(list(resolved.train.report_to))
+    return Preflight(recipe=resolved, hw=hw, batch=batch, notes=notes, start=start, resume_notes=resume_notes)
