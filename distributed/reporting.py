@@ -43,6 +43,7 @@ class MetricsCallback(TrainerCallback):
         else:
             return
         row["elapsed_s"] = round(time.monotonic() - self.start, 3)
+        row["time"] = round(time.time(), 3)
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -138,8 +139,32 @@ def print_table(title: str, rows: list[tuple[str, str]]) -> None:
     Console().print(table)
 
 
+def batching_line(batching: dict[str, Any]) -> str:
+    """How the micro batches are made, and the padding they cost (epoch 1)."""
+    if batching["padding_free"]:
+        order = "grouped by length, " if batching["group_by_length"] else ""
+        return (
+            f"padding-free: {order}each micro batch packed into one row (samples kept apart by position_ids)"
+        )
+    ratio = batching["padded_token_ratio"]
+    if batching["group_by_length"]:
+        return (
+            f"micro batches grouped by length: padded tokens {ratio:.2f}x the real ones "
+            f"({batching['padded_token_ratio_in_order']:.2f}x in sampler order)"
+        )
+    return f"micro batches in sampler order: padded tokens {ratio:.2f}x the real ones"
+
+
 def start_rows(
-    checked: Any, schedule: Any, data: Any, precision: Any, expected: Any, *, trainable: int, total: int
+    checked: Any,
+    schedule: Any,
+    data: Any,
+    precision: Any,
+    expected: Any,
+    *,
+    trainable: int,
+    total: int,
+    batching: dict[str, Any],
 ) -> list[tuple[str, str]]:
     """The run summary printed before the first step (`checked`: the preflight's result)."""
     recipe, batch = checked.recipe, checked.batch
@@ -162,6 +187,7 @@ def start_rows(
             f"micro {batch.micro_batch_size} x accum {batch.grad_accum_steps} x world "
             f"{batch.world_size} = global {batch.global_batch_size} samples/step",
         ),
+        ("batching", batching_line(batching)),
         (
             "schedule",
             f"{schedule.steps_per_epoch} steps/epoch ({schedule.dropped_rows_per_epoch} samples of the last "

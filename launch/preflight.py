@@ -31,6 +31,13 @@ TRACKER_PACKAGES = {
 }
 """`train.report_to` name -> (the package it needs, how to install it)."""
 
+KERNEL_PACKAGES = {
+    "flash_attention_2": ("flash_attn", "pip install flash-attn --no-build-isolation"),
+    "flash_attention_3": ("flash_attn_interface", "build flash-attention 3 from its repository (hopper/)"),
+    "liger_kernel": ("liger_kernel", "pip install liger-kernel"),
+}
+"""GPU kernels a recipe can ask for -> (the module that provides it, how to install it)."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class Preflight:
@@ -64,6 +71,21 @@ def check_trackers(report_to: list[str]) -> None:
             )
 
 
+def check_kernels(recipe: Recipe) -> None:
+    """Fail before any model is loaded when an asked-for GPU kernel's package is missing."""
+    asked = [recipe.model.attn_implementation] + (["liger_kernel"] if recipe.train.liger_kernel else [])
+    for name in asked:
+        if name not in KERNEL_PACKAGES:
+            continue
+        module, install = KERNEL_PACKAGES[name]
+        if importlib.util.find_spec(module) is None:
+            key = "train.liger_kernel" if name == "liger_kernel" else "model.attn_implementation"
+            raise TunefleetError(
+                f"{key} asks for {name}, but the {module} package is not installed",
+                f"{install}, or drop {key}",
+            )
+
+
 def batch_plan(recipe: Recipe, hw: Hardware) -> BatchPlan:
     """The recipe's batch on this hardware (the global batch is in samples after validation)."""
     return plan_batch(
@@ -82,4 +104,5 @@ def preflight(recipe: Recipe, hw: Hardware, options: StartOptions) -> Preflight:
     start = rundir.decide_start(Path(resolved.output_dir), options)
     resume_notes = rundir.check_resume(start.checkpoint, resolved, batch) if start.checkpoint else []
     check_trackers(list(resolved.train.report_to))
+    check_kernels(resolved)
     return Preflight(recipe=resolved, hw=hw, batch=batch, notes=notes, start=start, resume_notes=resume_notes)

@@ -465,10 +465,14 @@ def test_plan_warnings() -> None:
         dataset_rows=None,
         model_config=None,
     )
-    assert "parallel.strategy=single on 4 processes is refused" in " ".join(plan["warnings"])
+    assert (
+        "refused at launch: parallel.strategy: `single` runs one process, but 4 were asked for"
+        in " ".join(plan["warnings"])
+    )
     plan = build_plan(_recipe(), nodes=2, procs_per_node=2, dataset_rows=None, model_config=None)
     assert plan["strategy"] == "ddp" and plan["strategy_asked"] == "auto" and plan["warnings"] == []
-    assert "parallel.strategy: auto -> ddp on 4 process(es)" in plan["notes"]
+    assert "parallel.strategy: auto -> ddp (4 processes)" in plan["notes"]
+    assert plan["batching"] == {"group_by_length": True, "padding_free": False}  # auto: sdpa is faster padded
     assert plan["steps_per_epoch"] is None and plan["total_steps"] is None
     plan = build_plan(
         _recipe(train={"max_steps": 5}), dataset_rows=None, model_config=QWEN3_CONFIG, gpu_memory_gib=8

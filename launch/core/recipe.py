@@ -203,6 +203,11 @@ class TrainConfig:
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=list)
     """Experiment trackers to log to (none by default)."""
 
+    liger_kernel: bool = False
+    """Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) through
+    transformers' integration: less memory and more speed on GPUs. Needs a CUDA GPU and the
+    `liger-kernel` package."""
+
 
 @dataclass(kw_only=True, slots=True)
 class BatchConfig:
@@ -217,6 +222,17 @@ class BatchConfig:
     """Alternative target: tokens per optimizer step counted at data.max_length (torchtitan's
     convention). It must be a multiple of data.max_length; the global batch becomes
     global_batch_tokens // data.max_length samples (leave global_batch_size out, or equal)."""
+
+    group_by_length: bool = True
+    """Within each optimizer step, sort its samples by length and cut them into micro batches of
+    similar length (less padding), dealt to the ranks so each gets about the same number of tokens.
+    The samples of every step, and so the loss and the gradients, stay those of `false`."""
+
+    padding_free: Literal["auto"] | bool = "auto"
+    """Put each micro batch's samples in one row with `position_ids` restarting at every sample and
+    no padding; the attention keeps the samples apart. `auto`: on where it is faster (flash
+    attention's variable-length kernels: `model.attn_implementation: flash_attention_2/3` on GPUs),
+    off elsewhere (sdpa on CPU attends over the whole row); the plan and the run summary say which."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -711,7 +727,10 @@ HARMLESS_ON_RESUME = (
     "train.eval_steps",
     "train.report_to",
     "train.gradient_checkpointing",
+    "train.liger_kernel",
     "batch.micro_batch_size",
+    "batch.group_by_length",
+    "batch.padding_free",
     "parallel.",
     "checkpoint.",
     "model.attn_implementation",
