@@ -31,6 +31,9 @@ from tunefleet.launch.core.layout import ENV_DISTRIBUTED_TYPE, ENV_NUM_MACHINES,
 from tunefleet.launch.core.recipe import Recipe
 from tunefleet.launch.templates import FSDP_STRATEGIES, ZERO_STAGE, expected_distributed_type
 
+QUANTIZED_LINEAR = ("Linear4bit", "Linear8bitLt")
+"""bitsandbytes' layer classes: how many of them the trained model holds shows the base really is quantized."""
+
 FIX = "launch with `tunefleet launch RECIPE --nproc N` (CPU) or `--gpus N`, which renders the matching accelerate config"
 
 
@@ -106,7 +109,13 @@ def in_effect(trainer: Any, precision: Any) -> dict[str, Any]:
     import torch
 
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    quantized: dict[str, int] = {}
+    for module in trainer.model.modules():
+        name = type(module).__name__
+        if name in QUANTIZED_LINEAR and type(module).__module__.startswith("bitsandbytes"):
+            quantized[name] = quantized.get(name, 0) + 1
     return {
+        "quantized_modules": quantized,
         "world_size": trainer.args.world_size,
         "distributed_type": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1],
         "backend": torch.distributed.get_backend() if dist else None,

@@ -165,6 +165,7 @@ def start_rows(
     trainable: int,
     total: int,
     batching: dict[str, Any],
+    warnings: list[str],
 ) -> list[tuple[str, str]]:
     """The run summary printed before the first step (`checked`: the preflight's result)."""
     recipe, batch = checked.recipe, checked.batch
@@ -200,6 +201,7 @@ def start_rows(
             "sharding checked when training starts, recorded in plan.json)",
         ),
         *[("compat", note) for note in checked.notes],
+        *[("warning", w) for w in warnings],
         ("output", recipe.output_dir),
     ]
 
@@ -210,9 +212,15 @@ def done_rows(
     """The summary printed after the last step."""
     train_s = result.metrics.get("train_runtime", elapsed_s)
     tokens = trainer.state.num_input_tokens_seen
+    trained = trainer.state.global_step - getattr(trainer, "_initial_global_step", 0)
+    loss = (
+        f"{result.training_loss:.4f} (mean over this attempt's {trained} step(s))"
+        if trained
+        else "no step left to train: the checkpoint was written at the last step"
+    )
     return [
         ("steps", f"{trainer.state.global_step}"),
-        ("final loss", f"{result.training_loss:.4f} (mean over the run)"),
+        ("final loss", loss),
         ("time", f"{elapsed_s:.1f} s total, {train_s:.1f} s training"),
         ("throughput", f"{tokens / max(train_s, 1e-9):,.0f} tokens/s ({tokens:,} tokens)"),
         *([("eval loss", f"{eval_loss:.4f} (last evaluation)")] if eval_loss is not None else []),

@@ -153,6 +153,16 @@ class GlobalBatchSampler:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def seek_to_step(self, global_step: int, *, total_steps: int) -> None:
+        """Start the next iteration right after optimizer step `global_step` (steps done so far);
+        with every step of the run done, the next iteration yields nothing."""
+        if global_step >= total_steps:
+            self.seek(epoch=global_step // self.steps_per_epoch, step_in_epoch=self.steps_per_epoch)
+        else:
+            self.seek(
+                epoch=global_step // self.steps_per_epoch, step_in_epoch=global_step % self.steps_per_epoch
+            )
+
     def seek(self, *, epoch: int, step_in_epoch: int) -> None:
         """Start the next iteration at global batch `step_in_epoch` of `epoch` (no replay)."""
         self.epoch = epoch

@@ -39,6 +39,7 @@ from tunefleet.launch.core.layout import (
     atomic_write,
     write_json,
 )
+from tunefleet.launch.core.noise import quiet_libraries, quiet_transformers
 from tunefleet.launch.core.recipe import Recipe
 from tunefleet.launch.preflight import Preflight, preflight
 
@@ -117,13 +118,12 @@ def run(
 def _preflight(recipe: Recipe, options: StartOptions, rank: Rank) -> Preflight:
     """The start-up checks, on this rank's hardware; library noise silenced from here on."""
     import torch
-    from transformers.utils import logging as hf_logging
 
     from tunefleet.distributed import guard
 
     hw = guard.runtime_hardware(rank.world_size, use_cpu=not torch.cuda.is_available())
     checked = preflight(recipe, hw, options)
-    hf_logging.set_verbosity_error()
+    quiet_transformers()
     return checked
 
 
@@ -287,6 +287,8 @@ def _announce_resume(out: Path, checked: Preflight) -> None:
     from tunefleet.launch.core import rundir
 
     checkpoint = str(checked.start.checkpoint)
+    if checked.start.note:
+        print(f"note: {checked.start.note}", flush=True)
     rundir.truncate_metrics(out / METRICS_FILE, checkpoint)
     m = ckpt.read_manifest(Path(checkpoint))
     print(
@@ -351,6 +353,7 @@ def _build_trainer(
             "world_size": checked.batch.world_size,
             "strategy": recipe.parallel.strategy,
             "batch_plan": checked.batch.to_dict(),
+            "data_fingerprint": checked.data_fingerprint,
         },
         keep_last=recipe.checkpoint.keep_last,
         stop=StopFlag(),
@@ -396,6 +399,7 @@ def _check_and_report(
                 trainable=trainable,
                 total=total,
                 batching=batching,
+                warnings=plan.get("warnings", []),
             ),
         )
         in_effect = {
@@ -465,6 +469,7 @@ def _finish(
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
     args = build_parser().parse_args(argv)
     rank = Rank.from_env()
     try:

@@ -209,10 +209,10 @@ class TunefleetTrainer(SFTTrainer):
         # the recipe's intervals win over the ones saved in the checkpoint (a harmless change on resume)
         self.state.compute_steps(self.args, max_steps)
         if resume_from_checkpoint is not None and self.tf_sampler is not None:
-            # seek to the exact sample position; 0 batches for the trainer to skip (no replay)
-            self.tf_sampler.seek(
-                epoch=epochs_trained, step_in_epoch=self.state.global_step % self.tf_steps_per_epoch
-            )
+            # seek to the exact sample position; 0 batches for the trainer to skip (no replay). A
+            # checkpoint of the last step leaves nothing to train: the trainer goes straight to the end
+            # (it would otherwise train the next batch before checking max_steps)
+            self.tf_sampler.seek_to_step(self.state.global_step, total_steps=max_steps)
         return epochs_trained, 0
 
     def _prepare_for_training(

@@ -23,6 +23,7 @@ from tunefleet.launch.core.errors import RecipeError
 from tunefleet.launch.core.hardware import Hardware, strategy_for
 from tunefleet.launch.core.recipe import PRECISION_DTYPE, Recipe
 from tunefleet.launch.memory import GIB, MemoryInputs, ModelShape, estimate_memory
+from tunefleet.launch.preflight import recipe_warnings
 
 MAX_ACCUM_STEPS = 64
 """More accumulation steps than this is flagged: each optimizer step then runs that many
@@ -110,7 +111,7 @@ def build_plan(
         data = DataCounts.from_rows(dataset_rows, recipe)
     schedule = _data_and_schedule(draft, recipe, bp, data, schedule)
     _learning_rate(draft, recipe, schedule)
-    _warnings(draft, recipe, bp)
+    _warnings(draft, recipe, bp, model_config)
     _parameters_and_memory(draft, recipe, bp, model_config, counts, gpu_memory_gib)
     draft.plan["launch_commands"] = (
         list(launch_commands)
@@ -278,9 +279,16 @@ def _learning_rate(draft: _Draft, recipe: Recipe, schedule: Schedule | None) -> 
         )
 
 
-def _warnings(draft: _Draft, recipe: Recipe, bp: BatchPlan) -> None:
+def _warnings(draft: _Draft, recipe: Recipe, bp: BatchPlan, model_config: Mapping[str, Any] | None) -> None:
     """Settings that run, but probably not as the user meant."""
     world, asked = bp.world_size, recipe.parallel.strategy
+    draft.warnings += recipe_warnings(recipe)
+    context = _context_length(model_config)
+    if context and recipe.data.max_length > context:
+        draft.warnings.append(
+            f"data.max_length={recipe.data.max_length} is beyond the model's context of {context:,} tokens "
+            "(max_position_embeddings): it never saw positions past it; lower data.max_length"
+        )
     if bp.grad_accum_steps > MAX_ACCUM_STEPS:
         draft.warnings.append(
             f"{bp.grad_accum_steps} accumulation steps (> {MAX_ACCUM_STEPS}): every optimizer step "
@@ -293,6 +301,14 @@ def _warnings(draft: _Draft, recipe: Recipe, bp: BatchPlan) -> None:
         )
     if world == 1 and asked not in ("auto", "single", "ddp"):
         draft.warnings.append(f"parallel.strategy={asked} on one process shards nothing")
+
+
+def _context_length(model_config: Mapping[str, Any] | None) -> int | None:
+    if model_config is None:
+        return None
+    config = model_config.get("text_config") or model_config
+    value = config.get("max_position_embeddings")
+    return int(value) if isinstance(value, int) else None
 
 
 def _precision(recipe: Recipe) -> tuple[str, str | None]:

@@ -53,6 +53,10 @@ class LaunchPlan:
     """What the ranks will find in output_dir: `fresh`, `resume`, or `overwrite` (moved aside first)."""
     resume_notes: list[str] = dataclasses.field(default_factory=list)
     """Harmless changes since the checkpoint a resume continues from."""
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    """Settings that run, but probably not as meant."""
+    start_note: str | None = None
+    """Why the newest checkpoint was passed over (damaged), when it was."""
 
 
 def hardware(*, nproc: int | None, gpus: int | None, visible_gpus: int, main_port: int) -> Hardware:
@@ -111,6 +115,8 @@ def prepare_launch(
         env=env,
         start=checked.start.mode,
         resume_notes=checked.resume_notes,
+        warnings=checked.warnings,
+        start_note=checked.start.note,
     )
 
 
@@ -151,7 +157,9 @@ def summary(plan: LaunchPlan, *, dry_run: bool = False) -> str:
         f"process(es), output_dir={plan.recipe.output_dir} ({start})"
     ]
     lines += [f"  note: {n}" for n in plan.notes]
+    lines += [f"  note: {plan.start_note}"] if plan.start_note else []
     lines += [f"  changed since the checkpoint (harmless): {n}" for n in plan.resume_notes]
+    lines += [f"  warning: {w}" for w in plan.warnings]
     lines += [f"  {'would write' if dry_run else 'wrote'} {plan.config_dir / name}" for name in plan.files]
     lines += ["", plan.files[COMMAND_FILE].splitlines()[-1]]
     return "\n".join(lines)

@@ -295,3 +295,27 @@ def test_grouped_seek_matches_the_full_pass() -> None:
         s = grouped_sampler(101, lengths, global_=12, micro=3, world=2, rank=rank)
         s.seek(epoch=2, step_in_epoch=3)
         assert list(s) == everything[3 * 2 :]
+
+
+def test_seek_to_step_is_the_position_after_that_step() -> None:
+    """After k optimizer steps the next micro batch is the first of step k (epoch k // steps per
+    epoch); after the last step of the run there is none (no extra step on resume)."""
+    rows, global_, micro, world = 101, 12, 3, 2  # 8 steps per epoch, 5 rows dropped
+    for rank in range(world):
+        everything = []
+        for epoch in range(3):
+            s = make_sampler(rows, global_=global_, micro=micro, world=world, rank=rank)
+            s.set_epoch(epoch)
+            everything += list(s)
+        accum = global_ // (micro * world)
+        for k in (0, 1, 7, 8, 9, 15, 16, 17):
+            s = make_sampler(rows, global_=global_, micro=micro, world=world, rank=rank)
+            s.seek_to_step(k, total_steps=24)
+            s.set_epoch(k // 8)  # what the trainer does at the start of the epoch
+            first = next(iter(s))
+            assert first == everything[k * accum], k
+        for k in (24, 30):
+            s = make_sampler(rows, global_=global_, micro=micro, world=world, rank=rank)
+            s.seek_to_step(k, total_steps=24)
+            s.set_epoch(k // 8)
+            assert list(s) == []
