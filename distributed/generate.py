@@ -307,6 +307,7 @@ def load_run_model(adapter: RunAdapter) -> tuple[Any, Any]:
     from tunefleet.distributed import model as model_mod
 
     recipe = adapter.recipe
+    model_mod.check_loadable_here(recipe)
     tokenizer = load_tokenizer(adapter)
     if not torch.cuda.is_available() and recipe.model.quantization in ("nf4", "fp4", "int8"):
         # bitsandbytes' CPU 4-bit inference kernel rejects some layer widths: on CPU the base is

@@ -19,6 +19,7 @@ from typing import Any
 from tunefleet.launch.core.errors import TunefleetError
 from tunefleet.launch.core.layout import atomic_dir
 from tunefleet.launch.core.recipe import PRECISION_DTYPE, Recipe
+from tunefleet.launch.params import describe_variants
 
 MERGE_INFO = "tunefleet_merge.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -33,6 +34,43 @@ class MergeResult:
     """What the user should know (QLoRA dequantized base, ...)."""
     max_logit_diff: float | None
     """Largest |logit difference| between the merged model and base+adapter on a probe prompt."""
+
+
+def check_mergeable(recipe: Recipe) -> None:
+    """Refuse adapters whose effect no merged weight can reproduce."""
+    if recipe.peft.alora_invocation is not None:
+        raise TunefleetError(
+            "this run trained an Activated LoRA adapter (peft.alora_invocation): it acts only from its "
+            "invocation tokens on, which no merged weight can do (PEFT: 'aLoRA does not support merging')",
+            "use it as an adapter: `tunefleet generate` loads the base with it, and serving engines "
+            "that support aLoRA reuse the base model's KV cache before the invocation",
+        )
+
+
+def unshare_replicated_layers(model: Any) -> int:
+    """Give every decoder layer that shares base weights with an earlier one its own copy.
+
+    PEFT's layer replication stacks copies of layers that share their frozen weights; merging each
+    copy's adapter into the one shared tensor adds every copy's update to all of them (measured on
+    the demo: merged logits off by 2.7), and saving refuses the shared tensors. Returns how many
+    layers were copied."""
+    import copy
+
+    import torch
+
+    decoder = model.get_base_model().model
+    seen: set[int] = set()
+    copied = 0
+    layers = []
+    for layer in decoder.layers:
+        ptrs = {p.data_ptr() for p in layer.parameters()}
+        if ptrs & seen:
+            layer = copy.deepcopy(layer)
+            copied += 1
+        seen |= {p.data_ptr() for p in layer.parameters()}
+        layers.append(layer)
+    decoder.layers = torch.nn.ModuleList(layers)
+    return copied
 
 
 def merge_dtype(recipe: Recipe, override: str | None = None) -> str:
@@ -97,6 +135,7 @@ def merge(
     import torch
     from peft import PeftModel
 
+    from tunefleet.distributed import model as model_mod
     from tunefleet.distributed.artifacts import find_adapter
     from tunefleet.distributed.generate import load_tokenizer
 
@@ -108,12 +147,20 @@ def merge(
         )
     adapter = find_adapter(path)
     recipe = adapter.recipe
+    check_mergeable(recipe)
+    model_mod.check_loadable_here(recipe)
     notes: list[str] = []
     resolved_dtype = merge_dtype(recipe, dtype)
     tokenizer = load_tokenizer(adapter)
     base = _load_base(recipe, resolved_dtype, notes)
     model = PeftModel.from_pretrained(base, str(adapter.adapter_dir))
     model.eval()
+    if recipe.peft.layer_replication:
+        copied = unshare_replicated_layers(model)
+        notes.append(
+            f"layer replication: {copied} decoder layer(s) given their own copy of the shared base weights, "
+            f"so each copy's adapter merges into its own; the merged model has {model.config.num_hidden_layers} layers"
+        )
     probe = _probe_ids(recipe, tokenizer) if check else None
     with torch.no_grad():
         expected = model(input_ids=probe).logits.float() if probe is not None else None
@@ -157,6 +204,7 @@ def _save_merged(
         "base_model": recipe.model.name_or_path,
         "revision": recipe.model.revision,
         "peft_method": recipe.peft.method + ("+rslora" if recipe.peft.use_rslora else ""),
+        "peft_variants": describe_variants(recipe.peft),
         "training_quantization": recipe.model.quantization,
         "dtype": _dtype_name(merged),
         "max_logit_diff": diff,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -157,11 +158,16 @@ def from_pretrained(path: str, **kwargs: Any) -> Any:
         ) from None
 
 
-def apply_peft(model: Any, recipe: Recipe) -> Any:
-    """Wrap the base model with the recipe's LoRA/DoRA adapter (k-bit preparation for QLoRA)."""
+def apply_peft(
+    model: Any, recipe: Recipe, *, alora_invocation_tokens: list[int] | None = None, config: Any = None
+) -> Any:
+    """Wrap the base model with the recipe's adapter (k-bit preparation for QLoRA).
+
+    `config`: a LoraConfig to use instead of the recipe's (resuming an EVA run: the ranks EVA chose,
+    `eva.saved_config`). EVA's data-driven initialisation itself comes after: `eva.initialize`."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from tunefleet.launch.params import check_module_names, lora_config_kwargs
+    from tunefleet.launch.params import check_module_names, check_patterns, freeze_lora_a, lora_config_kwargs
 
     if recipe.model.quantization in ("nf4", "fp4", "int8"):
         model = prepare_model_for_kbit_training(
@@ -170,13 +176,37 @@ def apply_peft(model: Any, recipe: Recipe) -> Any:
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     check_module_names(model, recipe.peft)
+    if config is None:
+        config = LoraConfig(**lora_config_kwargs(recipe.peft, alora_invocation_tokens))
     try:
-        return get_peft_model(model, LoraConfig(**lora_config_kwargs(recipe.peft)))
+        with warnings.catch_warnings():
+            # EVA: PEFT suggests low_cpu_mem_usage to skip initialising A before EVA replaces it; for
+            # adapters this small the saving is nothing
+            warnings.filterwarnings(
+                "ignore", message="lora with eva initialization used with low_cpu_mem_usage"
+            )
+            peft_model = get_peft_model(model, config)
     except ValueError as exc:
         # e.g. target modules not found in the model
         raise RecipeError(
             f"peft: {exc}", "check peft.target_modules against the model's module names"
         ) from None
+    check_patterns(peft_model, recipe.peft)
+    if recipe.peft.lora_fa:
+        freeze_lora_a(peft_model)
+    return peft_model
+
+
+def check_loadable_here(recipe: Recipe) -> None:
+    """PEFT recomputes a LoftQ adapter's quantized base when it loads it, and only on a GPU
+    (`peft/utils/loftq_utils.py` moves the weights to "cuda": on CPU "Torch not compiled with CUDA
+    enabled"): refuse before loading anything."""
+    if recipe.peft.init == "loftq" and not torch.cuda.is_available():
+        raise TunefleetError(
+            "this run's adapter was initialised with LoftQ (peft.init=loftq); PEFT rebuilds LoftQ's quantized "
+            "base weights when it loads the adapter, and only on a CUDA GPU",
+            "run this on a machine with a GPU",
+        )
 
 
 def save_adapter(model: Any, tokenizer: Any, out_dir: Path, state_dict: dict[str, Any] | None = None) -> None:

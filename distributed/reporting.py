@@ -10,6 +10,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from tunefleet.launch.core.layout import FINAL_DIR, LOSS_PLOT, METRICS_FILE, read_jsonl
+from tunefleet.launch.params import describe_variants
 
 
 class MetricsCallback(TrainerCallback):
@@ -176,7 +177,12 @@ def start_rows(
     device = "CPU" if precision.use_cpu else "GPU"
     return [
         ("model", f"{recipe.model.name_or_path} ({precision.dtype}, {precision.mode}, {device})"),
-        ("method", f"{method} r={p.r} alpha={p.alpha:g} targets={p.target_modules}"),
+        (
+            "method",
+            "; ".join(
+                [f"{method} r={p.r} alpha={p.alpha:g} targets={p.target_modules}", *describe_variants(p)]
+            ),
+        ),
         ("parameters", f"{trainable:,} trainable of {total:,} ({100 * trainable / total:.3f}%)"),
         (
             "data",

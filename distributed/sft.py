@@ -5,9 +5,10 @@ accelerate launch ... -m tunefleet.distributed.sft --recipe FILE
 torchrun --nproc_per_node N -m tunefleet.distributed.sft --recipe FILE
 
 `run` reads as the steps of a run, each a function below with one job: preflight (the start-up
-checks every launcher runs too) -> data -> schedule and plan -> training arguments -> join the
-world -> run directory -> model and adapter -> trainer -> checks and report -> train, or stop
-and ask to be requeued -> finish.
+checks every launcher runs too) -> data (and what the adapter needs of it: aLoRA's invocation in
+every example, EVA's batches) -> schedule and plan -> training arguments -> join the world -> run
+directory -> model and adapter -> the adapter's data-driven initialisation (EVA) -> trainer ->
+checks and report -> train, or stop and ask to be requeued -> finish.
 """
 
 from __future__ import annotations
@@ -95,15 +96,18 @@ def run(
     model_path = model_mod.resolve_model_path(recipe.model)
     tokenizer = model_mod.load_tokenizer(model_path, recipe.model)
     data = _load_data(recipe, tokenizer, rank)  # a bad data file fails before a large model loads
+    invocation = _alora_invocation(recipe, tokenizer, data)
     schedule = _schedule(recipe, checked.batch, data)
+    eva_batches = _eva_batches(checked, schedule, data)
     plan = run_plan(checked, schedule, data, model_path) if rank.main else {}
     args = training_arguments(recipe, checked.batch, schedule, precision, has_eval=data.eval is not None)
     dist = _join_world(rank)
     _prepare_run_dir(checked, rank, dist)
-    model = _build_model(model_path, recipe, precision)
+    model = _build_model(model_path, checked, precision, invocation)
+    adapter_init = _initialize_adapter(model, checked, eva_batches, data, tokenizer)
     trainer = _build_trainer(checked, schedule, model, args, tokenizer, data)
     model_mod.match_adapter_dtype(trainer.model, recipe, precision)
-    _check_and_report(trainer, checked, schedule, data, plan, precision, rank)
+    _check_and_report(trainer, checked, schedule, data, plan, precision, rank, adapter_init)
     result = trainer.train(resume_from_checkpoint=checked.start.checkpoint)
     if trainer.tf_stopped:
         return _stop_for_requeue(trainer, rank, dist)
@@ -137,6 +141,16 @@ def _load_data(recipe: Recipe, tokenizer: Any, rank: Rank) -> Any:
     return data
 
 
+def _alora_invocation(recipe: Recipe, tokenizer: Any, data: Any) -> list[int] | None:
+    """aLoRA's invocation tokens, checked against every training example (before the model loads)."""
+    from tunefleet.distributed import alora
+
+    tokens = alora.invocation_tokens(tokenizer, recipe)
+    if tokens is not None:
+        alora.check_invocation(data.train, tokens, str(recipe.peft.alora_invocation), tokenizer)
+    return tokens
+
+
 def _schedule(recipe: Recipe, batch: BatchPlan, data: Any) -> Schedule:
     """Steps per epoch, total and warm-up steps: computed once here, handed to the trainer, the
     sampler, plan.json and the summary."""
@@ -147,6 +161,22 @@ def _schedule(recipe: Recipe, batch: BatchPlan, data: Any) -> Schedule:
         epochs=t.epochs,
         max_steps=t.max_steps,
         warmup_ratio=t.warmup_ratio,
+    )
+
+
+def _eva_batches(checked: Preflight, schedule: Schedule, data: Any) -> list[list[int]] | None:
+    """The micro batches EVA will read (a fresh `peft.init: eva` run only), checked before any model loads."""
+    from tunefleet.distributed import eva
+
+    recipe = checked.recipe
+    if recipe.peft.init != "eva" or checked.start.checkpoint is not None:
+        return None
+    return eva.plan_batches(
+        recipe.peft,
+        data.train,
+        batch=checked.batch,
+        steps_per_epoch=schedule.steps_per_epoch,
+        seed=recipe.train.seed,
     )
 
 
@@ -300,20 +330,48 @@ def _announce_resume(out: Path, checked: Preflight) -> None:
         print(f"  changed since that checkpoint (harmless): {note}", flush=True)
 
 
-def _build_model(model_path: str, recipe: Recipe, precision: Any) -> Any:
+def _build_model(model_path: str, checked: Preflight, precision: Any, invocation: list[int] | None) -> Any:
     """The base model with the recipe's adapter.
 
     The adapter's random init (LoRA A) comes from train.seed, identical on every rank and every
-    world size (the Trainer seeds only after the model exists: unseeded, runs could never match)."""
+    world size (the Trainer seeds only after the model exists: unseeded, runs could never match).
+    Resuming an EVA run builds the adapter with the ranks EVA chose (its checkpoint's config)."""
     from transformers import set_seed
 
-    from tunefleet.distributed import guard
+    from tunefleet.distributed import eva, guard
     from tunefleet.distributed import model as model_mod
 
+    recipe, checkpoint = checked.recipe, checked.start.checkpoint
     model = model_mod.load_model(model_path, recipe, precision)
     guard.check_padding_free(model, recipe)
     set_seed(recipe.train.seed)
-    return model_mod.apply_peft(model, recipe)
+    config = eva.saved_config(checkpoint) if recipe.peft.init == "eva" and checkpoint is not None else None
+    return model_mod.apply_peft(model, recipe, alora_invocation_tokens=invocation, config=config)
+
+
+def _initialize_adapter(
+    model: Any, checked: Preflight, eva_batches: list[list[int]] | None, data: Any, tokenizer: Any
+) -> dict:
+    """EVA's data-driven initialisation (every rank together; not on resume, where the checkpoint's
+    weights replace it). Returns what plan.json records of it ({} for the other initialisations)."""
+    import torch
+
+    from tunefleet.distributed import eva
+
+    if checked.recipe.peft.init != "eva":
+        return {}
+    if eva_batches is None:  # resuming: the checkpoint's ranks (`_build_model`), then its weights
+        return {"eva": {"ranks_from": str(checked.start.checkpoint), "digest_per_rank": eva.agree(model)}}
+    recipe = checked.recipe
+    if (
+        torch.cuda.is_available()
+        and recipe.parallel.strategy in ("single", "ddp")
+        and recipe.model.quantization == "none"
+    ):
+        from accelerate import PartialState
+
+        model.to(PartialState().device)  # where the trainer puts it anyway: EVA's passes on a CPU would crawl
+    return {"eva": eva.initialize(model, data.train, eva_batches, pad_token_id=tokenizer.pad_token_id)}
 
 
 def _build_trainer(
@@ -357,6 +415,7 @@ def _build_trainer(
         },
         keep_last=recipe.checkpoint.keep_last,
         stop=StopFlag(),
+        peft=recipe.peft,
     )
     trainer.remove_callback(PrinterCallback)  # the progress bar and metrics.jsonl replace its dict dumps
     tracking.install(trainer, list(recipe.train.report_to), out)  # one tracked run across requeues
@@ -371,6 +430,7 @@ def _check_and_report(
     plan: dict[str, Any],
     precision: Any,
     rank: Rank,
+    adapter_init: dict[str, Any],
 ) -> None:
     """No silent fallback (the distributed type and world size now, the sharding once the model is
     wrapped); the run summary and plan.json on rank 0; the stop signals from here on."""
@@ -410,6 +470,8 @@ def _check_and_report(
             "train_examples": len(data.train),
             "steps_per_epoch": schedule.steps_per_epoch,
             "batching": batching,
+            "trainable_params": trainable,
+            **adapter_init,
         }
         write_json(out / PLAN_FILE, {**plan, "in_effect": in_effect})
     trainer.tf_stop.install()

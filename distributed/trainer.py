@@ -40,11 +40,12 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
-from tunefleet.distributed import ds_reshard
+from tunefleet.distributed import ds_reshard, optimizers
 from tunefleet.distributed.final_adapter import save_checkpoint_adapter
 from tunefleet.distributed.sampler import GlobalBatchSampler, padded_token_ratio
 from tunefleet.launch.core import checkpoints as ckpt
 from tunefleet.launch.core.batch import BatchPlan, Schedule
+from tunefleet.launch.core.recipe import PeftConfig
 
 TRAINER_STATE_NAME = "trainer_state.json"
 
@@ -131,6 +132,7 @@ class TunefleetTrainer(SFTTrainer):
         manifest: dict[str, Any],
         keep_last: int | None,
         stop: StopFlag | None = None,
+        peft: PeftConfig | None = None,
         **kwargs: Any,
     ) -> None:
         self.tf_batch = batch
@@ -142,6 +144,7 @@ class TunefleetTrainer(SFTTrainer):
         self.tf_manifest = manifest
         self.tf_keep_last = keep_last
         self.tf_stop = stop
+        self.tf_peft = peft
         self.tf_stopped = False
         self.tf_sampler: GlobalBatchSampler | None = None
         self.tf_save_times_s: list[float] = []
@@ -174,6 +177,15 @@ class TunefleetTrainer(SFTTrainer):
             "padded_token_ratio": round(1.0 if self.tf_padding_free else ratios[self.tf_group_by_length], 4),
             "padded_token_ratio_in_order": round(ratios[False], 4),
         }
+
+    def create_optimizer(self, model: Any = None) -> Any:
+        """LoRA+ / LoRA-FA build their own optimizer (`optimizers.py`); otherwise the stock one. Also
+        reached under DeepSpeed, which wraps the optimizer this returns."""
+        if self.optimizer is None and self.tf_peft is not None:
+            self.optimizer = optimizers.create(
+                self.model if model is None else model, self.args, self.tf_peft
+            )
+        return super().create_optimizer(model)
 
     def get_train_dataloader(self) -> DataLoader:
         assert self.train_dataset is not None

@@ -339,6 +339,71 @@ def _gpu_kernels(r: _Resolution) -> None:
         )
 
 
+def _loftq_on_cpu(r: _Resolution) -> None:
+    """Measured (PEFT 0.21, this CPU machine, scipy installed): `peft.init: loftq` fails while the
+    adapter is built, in `peft/utils/loftq_utils.py: loftq_init`, which moves every weight to "cuda"
+    whatever the machine: "AssertionError: Torch not compiled with CUDA enabled". PEFT runs the same
+    code again whenever it loads the adapter (merge, generate: refused there too)."""
+    if r.recipe.peft.init == "loftq" and r.hw.use_cpu:
+        raise _fail(
+            "peft.init",
+            "PEFT runs LoftQ's quantization on a CUDA GPU only (loftq_utils.py moves the weights to 'cuda'; "
+            "on CPU: 'Torch not compiled with CUDA enabled')",
+            "run peft.init=loftq on a GPU, or use peft.init=pissa / olora / default on CPU",
+        )
+
+
+def _eva_under_zero3(r: _Resolution) -> None:
+    """Measured (`tunefleet launch --nproc 2`, demo, r=4): ZeRO-3 partitions the weights as the model
+    loads (zero.Init), and EVA's forward passes come before DeepSpeed's engine exists to gather them:
+    the first one fails in the embedding, "RuntimeError: 'weight' must be 2-D"
+    (peft/tuners/lora/eva.py forward_fn_dict). EVA under FSDP2 and DDP trained (2 processes)."""
+    if r.recipe.peft.init == "eva" and r.recipe.parallel.strategy == "deepspeed-zero3":
+        raise _fail(
+            "peft.init",
+            "EVA runs the model over the first batches before DeepSpeed exists, and ZeRO-3 has partitioned "
+            "its weights by then (measured: \"'weight' must be 2-D\" in EVA's first forward)",
+            "use deepspeed-zero2, fsdp or ddp with peft.init=eva, or another peft.init under ZeRO-3",
+        )
+
+
+def _lora_fa_sharded(r: _Resolution) -> None:
+    """Measured (`tunefleet launch --nproc 2`, demo): LoRA-FA under `fsdp` (FSDP2, CPU layer) fails at
+    the first optimizer step, in PEFT's LoraFAOptimizer (lorafa.py, `A @ A.T + delta * torch.eye(r)`
+    on sharded A): "aten.add.Tensor got mixed torch.Tensor and DTensor"."""
+    s = r.recipe.parallel.strategy
+    if r.recipe.peft.lora_fa and s in FSDP_STRATEGIES:
+        raise _fail(
+            "peft.lora_fa",
+            f"LoRA-FA's optimizer multiplies whole A matrices, which {s} has sharded (measured: 'aten.add.Tensor "
+            "got mixed torch.Tensor and DTensor' at the first step)",
+            "use ddp with peft.lora_fa, or drop peft.lora_fa under FSDP",
+        )
+
+
+def _alora_rows(r: _Resolution) -> None:
+    """PEFT finds one aLoRA invocation per row, the last (`calculate_alora_offsets`): in a row packing
+    several samples the adapter would act only from the last sample's invocation on, and the samples
+    before it would train nothing (tests/test_lora_variants.py shows it on a packed row). `auto`
+    becomes false; true is refused."""
+    b = r.recipe.batch
+    if r.recipe.peft.alora_invocation is None or b.padding_free is False:
+        return
+    if b.padding_free == "auto":
+        r.replace(
+            "batch",
+            "batch.padding_free: auto -> false (aLoRA finds one invocation per row: samples must not share rows)",
+            padding_free=False,
+        )
+        return
+    raise _fail(
+        "batch.padding_free",
+        "aLoRA finds one invocation per row (the last), so in a packed row every sample but the last "
+        "would never see the adapter",
+        "set batch.padding_free=false (or auto) with peft.alora_invocation",
+    )
+
+
 RULES = (
     _processes,
     _fsdp_on_cpu,
@@ -348,6 +413,10 @@ RULES = (
     _zero_offload_optimizer,
     _sharded_4bit_storage,
     _gpu_kernels,
+    _loftq_on_cpu,
+    _eva_under_zero3,
+    _lora_fa_sharded,
+    _alora_rows,
     _padding_free,
 )
 """The compatibility matrix in the order it is applied: each rule refuses what breaks (naming the

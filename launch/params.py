@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,14 +35,22 @@ _INIT_LORA_WEIGHTS: dict[str, bool | str] = {
     "pissa": "pissa",
     "olora": "olora",
     "loftq": "loftq",
+    "eva": "eva",
 }
 
 LOFTQ_CONFIG: dict[str, int] = {"loftq_bits": 4, "loftq_iter": 1}
 """`peft.LoftQConfig()` defaults as the dict LoraConfig stores (4-bit, one alternating step)."""
 
+EVA_DEFAULT_RHO = 2.0
+"""`peft.EvaConfig().rho`: a layer may get up to twice `r` when EVA redistributes the ranks."""
 
-def lora_config_kwargs(peft: PeftConfig) -> dict[str, Any]:
-    """The keyword arguments of `peft.LoraConfig` for the recipe's `peft` section (pure)."""
+
+def lora_config_kwargs(peft: PeftConfig, alora_invocation_tokens: list[int] | None = None) -> dict[str, Any]:
+    """The keyword arguments of `peft.LoraConfig` for the recipe's `peft` section (pure).
+
+    `alora_invocation_tokens`: `peft.alora_invocation` tokenised with the run's tokenizer (the
+    runtime has it; `param_counts` passes a stand-in, aLoRA's shapes are LoRA's). LoRA+ and LoRA-FA
+    are optimizers, not adapter settings: `distributed/optimizers.py`."""
     kwargs: dict[str, Any] = {
         "task_type": "CAUSAL_LM",
         "r": peft.r,
@@ -58,7 +67,56 @@ def lora_config_kwargs(peft: PeftConfig) -> dict[str, Any]:
     }
     if peft.init == "loftq":
         kwargs["loftq_config"] = dict(LOFTQ_CONFIG)
+    if peft.init == "eva":
+        kwargs["eva_config"] = {"rho": peft.eva_rho if peft.eva_rho is not None else EVA_DEFAULT_RHO}
+    optional = {
+        "rank_pattern": dict(peft.rank_pattern) if peft.rank_pattern else None,
+        "alpha_pattern": dict(peft.alpha_pattern) if peft.alpha_pattern else None,
+        "target_parameters": list(peft.target_parameters) if peft.target_parameters else None,
+        "trainable_token_indices": _copy_indices(peft.trainable_token_indices),
+        "layer_replication": [list(pair) for pair in peft.layer_replication]
+        if peft.layer_replication
+        else None,
+    }
+    kwargs.update({key: value for key, value in optional.items() if value is not None})
+    if peft.alora_invocation is not None:
+        if not alora_invocation_tokens:
+            raise ValueError("peft.alora_invocation needs its tokens (tokenise it with the run's tokenizer)")
+        kwargs["alora_invocation_tokens"] = list(alora_invocation_tokens)
     return kwargs
+
+
+def _copy_indices(
+    indices: list[int] | dict[str, list[int]] | None,
+) -> list[int] | dict[str, list[int]] | None:
+    if isinstance(indices, dict):
+        return {name: list(ids) for name, ids in indices.items()}
+    return list(indices) if indices else None
+
+
+def describe_variants(peft: PeftConfig) -> list[str]:
+    """One short phrase per LoRA variant the recipe turns on, for the run summary and the plan."""
+    out = []
+    if peft.init != "default":
+        rho = f", rho {peft.eva_rho or EVA_DEFAULT_RHO:g}" if peft.init == "eva" else ""
+        out.append(f"init {peft.init}{rho}")
+    if peft.loraplus_lr_ratio is not None:
+        out.append(f"LoRA+ (B at lr x {peft.loraplus_lr_ratio:g})")
+    if peft.lora_fa:
+        out.append("LoRA-FA (A frozen)")
+    if peft.alora_invocation is not None:
+        out.append(f"aLoRA from {peft.alora_invocation!r}")
+    if peft.rank_pattern:
+        out.append(f"ranks {peft.rank_pattern}")
+    if peft.alpha_pattern:
+        out.append(f"alphas {peft.alpha_pattern}")
+    if peft.target_parameters:
+        out.append(f"parameters {peft.target_parameters}")
+    if peft.trainable_token_indices is not None:
+        out.append(f"trainable tokens {peft.trainable_token_indices}")
+    if peft.layer_replication:
+        out.append(f"layers replicated {peft.layer_replication}")
+    return out
 
 
 def linear_module_names(model: Any) -> list[str]:
@@ -75,9 +133,13 @@ def linear_module_names(model: Any) -> list[str]:
 
 
 def check_module_names(model: Any, peft: PeftConfig) -> None:
-    """Every listed module name must match a module of the model. PEFT matches a name when a module's
-    full name is it or ends with `.` + it, and ignores a name that matches nothing as long as
-    another one matches: a typo would silently train fewer layers."""
+    """Every listed module or parameter name must match one of the model, and every index or layer
+    range must exist in it. PEFT matches a name when a module's full name is it or ends with `.` + it,
+    and ignores a name that matches nothing as long as another one matches: a typo would silently train
+    fewer layers. (The rank and alpha patterns are checked on the adapted model: `check_patterns`.)"""
+    _check_target_parameters(model, peft.target_parameters)
+    _check_token_indices(model, peft.trainable_token_indices)
+    _check_layer_replication(model, peft.layer_replication)
     names = [name for name, _ in model.named_modules()]
 
     def unmatched(keys: list[str] | None) -> list[str]:
@@ -99,6 +161,115 @@ def check_module_names(model: Any, peft: PeftConfig) -> None:
                     if key == "peft.target_modules"
                     else " (modules_to_save also takes e.g. embed_tokens, lm_head)"
                 ),
+            )
+
+
+def _check_target_parameters(model: Any, listed: list[str] | None) -> None:
+    if not listed:
+        return
+    params = [name for name, _ in model.named_parameters()]
+    missing = [k for k in listed if not any(n == k or n.endswith(f".{k}") for n in params)]
+    if missing:
+        raise RecipeError(
+            f"peft.target_parameters: {', '.join(repr(m) for m in missing)} match{'es' if len(missing) == 1 else ''} "
+            f"no parameter of {type(model).__name__}",
+            "name parameters by (the end of) their full name; its matrices outside Linear layers are: "
+            + (", ".join(_non_linear_matrices(model)) or "none"),
+        )
+
+
+def _non_linear_matrices(model: Any) -> list[str]:
+    """Names (per decoder layer) of the model's matrix parameters that no Linear layer holds: what
+    `target_parameters` is for (MoE experts) besides embeddings."""
+    import torch
+
+    names = set()
+    for module_name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            continue
+        for param_name, param in module.named_parameters(recurse=False):
+            if param.ndim >= 2:
+                full = f"{module_name}.{param_name}"
+                names.add(re.sub(r"^(.*\.)?layers\.\d+\.", "", full))
+    return sorted(names)
+
+
+def _check_token_indices(model: Any, indices: list[int] | dict[str, list[int]] | None) -> None:
+    if indices is None:
+        return
+    if isinstance(indices, dict):
+        modules = dict(model.named_modules())
+        targets = {}
+        for name, ids in indices.items():
+            found = [m for n, m in modules.items() if n == name or n.endswith(f".{name}")]
+            if not found:
+                embeddings = [n for n, m in modules.items() if type(m).__name__ == "Embedding"]
+                raise RecipeError(
+                    f"peft.trainable_token_indices: {name!r} matches no module of {type(model).__name__}",
+                    f"name its embedding module: {', '.join(embeddings)}",
+                )
+            targets[name] = (found[0], ids)
+    else:
+        targets = {"the input embedding": (model.get_input_embeddings(), indices)}
+    for name, (module, ids) in targets.items():
+        rows = getattr(module, "num_embeddings", None)
+        if rows is None:
+            raise RecipeError(
+                f"peft.trainable_token_indices: {name!r} is a {type(module).__name__}, not a token embedding",
+                "name an embedding module (e.g. embed_tokens)",
+            )
+        beyond = [i for i in ids if i >= rows]
+        if beyond:
+            raise RecipeError(
+                f"peft.trainable_token_indices: token id(s) {beyond} are beyond {name}'s {rows} rows",
+                f"use ids below {rows} (the tokenizer's ids; resize the embedding first for new tokens)",
+            )
+
+
+def _check_layer_replication(model: Any, ranges: list[list[int]] | None) -> None:
+    if not ranges:
+        return
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise RecipeError(
+            f"peft.layer_replication: {type(model).__name__} has no `model.layers` list to replicate",
+            "drop peft.layer_replication (PEFT replicates Llama-like decoder layers only)",
+        )
+    beyond = [pair for pair in ranges if pair[1] > len(layers)]
+    if beyond:
+        raise RecipeError(
+            f"peft.layer_replication: {beyond} reach beyond the model's {len(layers)} layers (0..{len(layers) - 1})",
+            f"end each range at {len(layers)} or below",
+        )
+
+
+def freeze_lora_a(peft_model: Any) -> None:
+    """LoRA-FA trains B only: `create_lorafa_optimizer` freezes every parameter whose name holds
+    `lora_A`. Done as soon as the adapter exists, so the counts (plan, run summary) show it."""
+    for name, param in peft_model.named_parameters():
+        if "lora_A" in name:
+            param.requires_grad_(False)
+
+
+def check_patterns(peft_model: Any, peft: PeftConfig) -> None:
+    """Every rank/alpha regex must match an adapted module. PEFT keeps `r`/`alpha` for a module no
+    regex matches, so a regex that matches nothing would silently change nothing."""
+    from peft.tuners.lora import LoraLayer
+
+    adapted = [
+        name.removeprefix("base_model.model.")
+        for name, module in peft_model.named_modules()
+        if isinstance(module, LoraLayer)
+    ]
+    for key, patterns in (("rank_pattern", peft.rank_pattern), ("alpha_pattern", peft.alpha_pattern)):
+        unmatched = [p for p in patterns or {} if not any(re.match(rf"(.*\.)?({p})$", n) for n in adapted)]
+        if unmatched:
+            shown = sorted({n.split(".", 2)[-1] if n.startswith("model.layers.") else n for n in adapted})
+            raise RecipeError(
+                f"peft.{key}: {', '.join(repr(p) for p in unmatched)} match{'es' if len(unmatched) == 1 else ''} "
+                "no adapted module (PEFT matches a regex against the end of the module name)",
+                f"match one of the adapted modules, e.g. layers\\.0\\.self_attn\\.q_proj; they are "
+                f"(per layer): {', '.join(shown[:20])}",
             )
 
 
@@ -182,7 +353,10 @@ def param_counts(
 
     The adapter's initialisation is left at the default here: PiSSA/OLoRA/LoftQ change the
     starting values (and need real weights), never the shapes, so the counts do not depend on it.
-    A `quantization_config` in the config (gpt-oss ships MXFP4) is ignored by `from_config`.
+    EVA can: with `peft.eva_rho` > 1 it moves rank between layers from the data, and these are the
+    counts before it does (`tunefleet plan` says so; the run reports the real ones). LoRA-FA freezes
+    every A matrix, as its optimizer does. A `quantization_config` in the config (gpt-oss ships
+    MXFP4) is ignored by `from_config`.
     """
     import torch
     from peft import LoraConfig, get_peft_model
@@ -203,9 +377,10 @@ def param_counts(
             "pass the model's original config.json; models that ship their own code need "
             "model.trust_remote_code and their directory",
         ) from None
-    kwargs = lora_config_kwargs(peft)
+    kwargs = lora_config_kwargs(peft, alora_invocation_tokens=[0] if peft.alora_invocation else None)
     kwargs["init_lora_weights"] = True
     kwargs.pop("loftq_config", None)
+    kwargs.pop("eva_config", None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.device("meta"):  # the adapter too: no tensor is ever allocated
@@ -219,6 +394,9 @@ def param_counts(
                 raise RecipeError(
                     f"peft: {exc}", "check peft.target_modules against the model's module names"
                 ) from None
+            check_patterns(peft_model, peft)
+            if peft.lora_fa:
+                freeze_lora_a(peft_model)
             trainable, total = peft_model.get_nb_trainable_parameters()
     return ParamCounts(trainable=trainable, total=total, base=base, adapter=total - base, quantized=quantized)
 

@@ -23,6 +23,7 @@ from tunefleet.launch.core.errors import RecipeError
 from tunefleet.launch.core.hardware import Hardware, strategy_for
 from tunefleet.launch.core.recipe import PRECISION_DTYPE, Recipe
 from tunefleet.launch.memory import GIB, MemoryInputs, ModelShape, estimate_memory
+from tunefleet.launch.params import EVA_DEFAULT_RHO, describe_variants
 from tunefleet.launch.preflight import recipe_warnings
 
 MAX_ACCUM_STEPS = 64
@@ -327,8 +328,12 @@ def _parameters_and_memory(
     gpu_memory_gib: float | None,
 ) -> None:
     plan = draft.plan
+    p = recipe.peft
     plan.update(
         {
+            "adapter": "; ".join(
+                [f"{p.method} r={p.r} alpha={p.alpha:g} targets={p.target_modules}", *describe_variants(p)]
+            ),
             "trainable_params": None,
             "total_params": None,
             "trainable_percent": None,
@@ -339,6 +344,12 @@ def _parameters_and_memory(
     )
     if model_config is None:
         return
+    if p.init == "eva" and (p.eva_rho is None or p.eva_rho > 1):
+        draft.notes.append(
+            f"peft.init=eva moves rank between layers from the data when the run starts (a layer gets up to "
+            f"{p.eva_rho or EVA_DEFAULT_RHO:g} x r): the parameter counts are those before it does (the run "
+            "summary and plan.json give the real ones; peft.eva_rho=1 keeps them)"
+        )
     m = recipe.model
     effective_quant = "none" if m.quantization == "mxfp4" and m.mxfp4_dequantize else m.quantization
     if counts is None:
@@ -432,6 +443,8 @@ def render_plan(plan: Mapping[str, Any]) -> str:
     if lr:
         points = ", ".join(f"step {s}: {v:.3g}" for s, v in lr["points"])
         rows.append(("learning rate", f"{lr['scheduler']} from {lr['lr']:g}: {points}"))
+    if plan.get("adapter"):
+        rows.append(("adapter", plan["adapter"]))
     if plan["total_params"] is not None:
         rows.append(
             (

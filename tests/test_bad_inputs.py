@@ -176,6 +176,17 @@ def not_a_run(t: Path) -> None:
     (t / "somedir" / "x.txt").write_text("x")
 
 
+def fake_run(t: Path, *sets: str) -> None:
+    """A finished run of the demo recipe with `sets`, its adapter files stand-ins (never loaded)."""
+    from tunefleet.launch.core import recipe as R
+
+    run = t / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "recipe.yaml").write_text(R.dump(R.load(DEMO, [f"output_dir={run}", *sets])))
+    (run / "final" / "adapter_config.json").write_text("{}")
+    (run / "final" / "adapter_model.safetensors").write_bytes(b"x")
+
+
 def nonempty_merge_out(t: Path) -> None:
     (t / "merged").mkdir()
     (t / "merged" / "keep.txt").write_text("x")
@@ -259,6 +270,73 @@ CATALOGUE = [
     Case("lr 0", plan("train.lr=0"), "train.lr: must be > 0"),
     Case("unknown section", plan("trian.lr=1e-4"), "did you mean train"),
     Case("wrong type", plan("peft.r=eight"), "peft.r: expected int"),
+    # ------------------------------------------------------------------ the LoRA variants (seed 003)
+    Case(
+        "rank pattern matching nothing", plan("peft.rank_pattern={mlp: 4}"), "'mlp' matches no adapted module"
+    ),
+    Case("rank pattern not a regex", plan("peft.rank_pattern={'q_proj(': 4}"), "is not a regular expression"),
+    Case("alpha pattern 0", plan("peft.alpha_pattern={q_proj: 0}"), "must be > 0"),
+    Case(
+        "target parameter the model lacks",
+        plan("peft.target_parameters=[mlp.experts.gate_up_proj]"),
+        "'mlp.experts.gate_up_proj' matches no parameter of LlamaForCausalLM",
+    ),
+    Case(
+        "target parameters with dropout",
+        plan("peft.target_parameters=[mlp.experts.gate_up_proj]", "peft.dropout=0.05"),
+        "has no dropout",
+    ),
+    Case(
+        "trainable token beyond the vocabulary",
+        plan("peft.trainable_token_indices=[5, 99999]"),
+        "token id(s) [99999] are beyond the input embedding's",
+    ),
+    Case(
+        "trainable tokens repeated", plan("peft.trainable_token_indices=[5, 5]"), "must be >= 0 and distinct"
+    ),
+    Case(
+        "replicated layers beyond the model",
+        plan("peft.layer_replication=[[0, 2], [1, 3]]"),
+        "reach beyond the model's 2 layers",
+    ),
+    Case("replication range backwards", plan("peft.layer_replication=[[2, 0]]"), "0 <= start < end"),
+    Case("eva_rho without EVA", plan("peft.eva_rho=2"), "only peft.init=eva reads it"),
+    Case("eva_rho below 1", plan("peft.init=eva", "peft.eva_rho=0.5"), "peft.eva_rho: must be >= 1"),
+    Case("LoRA+ ratio 0", plan("peft.loraplus_lr_ratio=0"), "peft.loraplus_lr_ratio: must be > 0"),
+    Case(
+        "LoRA-FA with LoRA+",
+        plan("peft.lora_fa=true", "peft.loraplus_lr_ratio=16"),
+        "each build the optimizer",
+    ),
+    Case(
+        "LoRA-FA with another optimizer",
+        plan("peft.lora_fa=true", "train.optimizer=paged_adamw_8bit"),
+        "LoRA-FA trains with its own AdamW",
+    ),
+    Case("LoRA-FA with DoRA", plan("peft.lora_fa=true", "peft.method=dora"), "DoRA's magnitude vectors"),
+    Case("empty aLoRA invocation", plan("peft.alora_invocation=' '"), "peft.alora_invocation: is empty"),
+    Case(
+        "aLoRA invocation not in the prompts",
+        train("peft.alora_invocation='Response:'"),
+        "does not occur before the first trained token in 400 of 400 training examples",
+    ),
+    Case(
+        "EVA without enough tokens per micro batch",
+        train("peft.init=eva", "peft.r=256"),
+        "EVA's SVD needs micro batches of at least 512 trained tokens",
+    ),
+    Case(
+        "merge of an Activated LoRA run",
+        lambda t: ["merge", str(t / "run"), "--out", str(t / "merged")],
+        "which no merged weight can do",
+        lambda t: fake_run(t, "peft.alora_invocation=go"),
+    ),
+    Case(
+        "merge of a LoftQ run on CPU",
+        lambda t: ["merge", str(t / "run"), "--out", str(t / "merged")],
+        "PEFT rebuilds LoftQ's quantized base weights when it loads the adapter, and only on a CUDA GPU",
+        lambda t: fake_run(t, "peft.init=loftq"),
+    ),
     # ------------------------------------------------------------------ hardware and strategy (tunefleet launch)
     Case(
         "single on 2 processes",

@@ -134,3 +134,36 @@ def test_liger_kernel_trains(tmp_path: Path) -> None:
     assert sft.run(recipe) == 0
     values = losses(out)
     assert len(values) == 4 and all(v == v for v in values)
+
+
+def test_loftq_on_cuda(tmp_path: Path) -> None:
+    """PEFT 0.21 runs LoftQ on CUDA only (`loftq_utils.py` moves the weights to "cuda"; refused on CPU by
+    launch/compat.py): trains, the loss falls, and the adapter reloads (PEFT redoes LoftQ's quantized
+    base on load) to the run's own last evaluation loss; merge gives base+adapter's logits."""
+    from peft import AutoPeftModelForCausalLM
+
+    from tests.test_lora_variants import eval_loss
+    from tunefleet.distributed.merge import merge
+
+    out = tmp_path / "run"
+    recipe = R.load(
+        DEMO, [f"output_dir={out}", *QUICK, "peft.init=loftq", "data.limit=80", "data.eval_ratio=0.1"]
+    )
+    assert sft.run(recipe) == 0
+    values = losses(out)
+    assert values[-1] < values[0]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None][-1]
+    model = AutoPeftModelForCausalLM.from_pretrained(out / "final")
+    assert eval_loss(model, out) == pytest.approx(last, abs=1e-4)
+    result = merge(out, tmp_path / "merged")
+    assert result.max_logit_diff is not None and result.max_logit_diff < 1e-3
+
+
+def test_eva_on_cuda(tmp_path: Path) -> None:
+    """EVA's forward passes run where the model is (the trainer moves it to the GPU later): the CPU path is
+    tested in tests/test_eva.py; this shows it completes on a GPU and the run trains."""
+    out = tmp_path / "run"
+    recipe = R.load(DEMO, [f"output_dir={out}", *QUICK, "peft.init=eva", "peft.r=4", "data.limit=80"])
+    assert sft.run(recipe) == 0
+    assert json.loads((out / "plan.json").read_text())["in_effect"]["eva"]["ranks"]

@@ -602,3 +602,153 @@ def test_library_noise_is_silenced(capfd: pytest.CaptureFixture[str]) -> None:
         warnings.warn_explicit("a real problem", UserWarning, "x.py", 1, module="tunefleet.launch.plan")
     assert "gemm_4bit_forward" not in capfd.readouterr().err
     assert [str(w.message) for w in caught] == ["a real problem"]  # real warnings still reach the user
+
+
+# ----------------------------------------------------------------------------- the LoRA variants (seed 003)
+
+
+def _tiny_gpt_oss_config():
+    """A gpt-oss small enough to build for real: its MoE experts are 3-D parameters, not Linear layers."""
+    from transformers import GptOssConfig
+
+    return GptOssConfig(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=32,
+        tie_word_embeddings=False,
+    )
+
+
+VARIANTS = {
+    "rank-alpha-pattern": PeftConfig(
+        r=8, rank_pattern={r"layers\.0\.self_attn\.q_proj": 4, "down_proj": 2}, alpha_pattern={"down_proj": 8}
+    ),
+    "layer-replication": PeftConfig(
+        r=8, target_modules=["q_proj", "v_proj"], layer_replication=[[0, 2], [1, 2]]
+    ),
+    "trainable-tokens": PeftConfig(r=8, target_modules=["q_proj"], trainable_token_indices=[5, 10, 300]),
+    "trainable-tokens-by-module": PeftConfig(
+        r=8, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [1, 2]}
+    ),
+    "alora": PeftConfig(r=8, alora_invocation="x"),
+    "lora-fa": PeftConfig(r=8, lora_fa=True),
+    "eva-rho-1": PeftConfig(r=8, init="eva", eva_rho=1.0),
+    "target-parameters": PeftConfig(
+        r=4,
+        dropout=0.0,
+        target_modules=["q_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    ),
+    "experts-only": PeftConfig(
+        r=4, dropout=0.0, target_modules=[], target_parameters=["mlp.experts.down_proj"]
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_variant_counts_equal_peft_on_a_real_model(name: str) -> None:
+    """What PEFT itself reports for the adapter a run builds (LoRA-FA: after its optimizer froze A)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from peft.optimizers import create_lorafa_optimizer
+    from transformers import AutoModelForCausalLM
+
+    peft = VARIANTS[name]
+    config = _tiny_gpt_oss_config() if peft.target_parameters else _tiny_llama_config()
+    counts = param_counts(config.to_dict(), peft)  # first: layer replication changes the config in place
+    plain = param_counts(
+        config.to_dict(), PeftConfig(r=peft.r, target_modules=peft.target_modules or ["q_proj"])
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    kwargs = lora_config_kwargs(peft, alora_invocation_tokens=[7, 8] if peft.alora_invocation else None)
+    kwargs.pop("eva_config", None)  # EVA's weights need data; the shapes (rho 1) are those of its config
+    kwargs["init_lora_weights"] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        real = get_peft_model(model, LoraConfig(**kwargs))
+        if peft.lora_fa:
+            create_lorafa_optimizer(real, r=peft.r, lora_alpha=peft.alpha, lr=1e-3)
+    assert (counts.trainable, counts.total) == real.get_nb_trainable_parameters()
+    if name == "lora-fa":  # B only: half of a square-ish adapter, and exactly the lora_B elements
+        assert counts.trainable == sum(p.numel() for n, p in real.named_parameters() if "lora_B" in n)
+    elif name in ("alora", "eva-rho-1"):
+        assert counts.trainable == plain.trainable  # same shapes as plain LoRA
+    else:
+        assert counts.trainable != plain.trainable
+
+
+def test_rank_pattern_count_by_hand() -> None:
+    """r x (in + out) per adapted projection, with the pattern's ranks (independent of PEFT)."""
+    config = _tiny_llama_config().to_dict()
+    peft = PeftConfig(
+        r=8,
+        target_modules=["q_proj", "down_proj"],
+        rank_pattern={r"layers\.0\.self_attn\.q_proj": 4, "down_proj": 2},
+    )
+    h, i = config["hidden_size"], config["intermediate_size"]
+    q = h + config["num_attention_heads"] * (h // config["num_attention_heads"])
+    want = (4 * q + 8 * q) + 2 * (2 * (i + h))  # q_proj: layer 0 at 4, layer 1 at 8; down_proj at 2 in both
+    assert param_counts(config, peft).trainable == want
+
+
+@pytest.mark.parametrize(
+    ("peft", "fragment"),
+    [
+        (PeftConfig(rank_pattern={"mlp": 4}), "'mlp' matches no adapted module"),
+        (
+            PeftConfig(target_modules=["q_proj"], alpha_pattern={"down_proj": 4}),
+            "'down_proj' matches no adapted",
+        ),
+        (PeftConfig(dropout=0.0, target_parameters=["mlp.experts.gate_up_proj"]), "matches no parameter"),
+        (PeftConfig(trainable_token_indices=[320]), "beyond the input embedding's 320 rows"),
+        (PeftConfig(trainable_token_indices={"wte": [1]}), "'wte' matches no module"),
+        (PeftConfig(trainable_token_indices={"q_proj": [1]}), "not a token embedding"),
+        (PeftConfig(layer_replication=[[0, 3]]), "beyond the model's 2 layers"),
+    ],
+)
+def test_variant_names_and_ranges_must_exist_in_the_model(peft: PeftConfig, fragment: str) -> None:
+    """PEFT silently ignores a regex or parameter name that matches nothing (as long as another one
+    matches): tunefleet refuses it, naming what the model has."""
+    with pytest.raises(RecipeError) as err:
+        param_counts(_tiny_llama_config().to_dict(), peft)
+    assert fragment in str(err.value)
+
+
+def test_unknown_target_parameter_names_the_model_matrices() -> None:
+    peft = PeftConfig(
+        dropout=0.0,
+        target_modules=["q_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.up_proj"],
+    )
+    with pytest.raises(RecipeError) as err:
+        param_counts(_tiny_gpt_oss_config().to_dict(), peft)
+    assert "'mlp.experts.up_proj' matches no parameter" in str(err.value)
+    assert "mlp.experts.down_proj" in err.value.fix and "mlp.experts.gate_up_proj" in err.value.fix
+
+
+def test_gpt_oss_experts_on_the_meta_device() -> None:
+    """Seed 000's gpt-oss-20b: attention as the seed trained it, plus the MoE experts it meant to (r x experts rank)."""
+    attention = param_counts(FIXTURES / "gpt-oss-20b", PeftConfig(r=16, target_modules=ALL_PROJ[:4]))
+    experts = param_counts(
+        FIXTURES / "gpt-oss-20b",
+        PeftConfig(
+            r=16,
+            dropout=0.0,
+            target_modules=ALL_PROJ[:4],
+            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        ),
+    )
+    config = json.loads((FIXTURES / "gpt-oss-20b" / "config.json").read_text())
+    h, i, e, layers = config["hidden_size"], config["intermediate_size"], config["num_local_experts"], 24
+    per_layer = 16 * e * (h + 2 * i) + 16 * e * (i + h)  # gate_up: in h -> out 2i; down: in i -> out h
+    assert attention.trainable == 7_962_624  # seed 000's printed count
+    assert experts.trainable - attention.trainable == layers * per_layer

@@ -198,3 +198,90 @@ def test_launcher_modules_do_not_import_torch() -> None:
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ----------------------------------------------------------------------------- the LoRA variants (seed 003)
+
+
+def test_lora_variant_keys_are_typed() -> None:
+    r = R.from_dict(
+        MINIMAL,
+        [
+            "peft.init=eva",
+            "peft.eva_rho=1",
+            "peft.rank_pattern={'layers\\.0\\.self_attn\\.q_proj': 4, down_proj: 8}",
+            "peft.alpha_pattern={down_proj: 8}",
+            "peft.layer_replication=[[0, 2], [1, 2]]",
+            "peft.trainable_token_indices={embed_tokens: [5, 10]}",
+            "peft.target_modules=[]",
+            "peft.target_parameters=[mlp.experts.gate_up_proj]",
+            'peft.alora_invocation="### Response:\\n"',
+            "peft.loraplus_lr_ratio=16",
+        ],
+    )
+    p = r.peft
+    assert p.rank_pattern == {r"layers\.0\.self_attn\.q_proj": 4, "down_proj": 8}
+    assert p.alpha_pattern == {"down_proj": 8.0} and isinstance(p.alpha_pattern["down_proj"], float)
+    assert p.layer_replication == [[0, 2], [1, 2]] and p.trainable_token_indices == {"embed_tokens": [5, 10]}
+    assert p.alora_invocation == "### Response:\n" and p.loraplus_lr_ratio == 16.0 and p.eva_rho == 1.0
+    assert R.from_dict(yaml.safe_load(R.dump(r))) == r  # the resolved dump reloads
+    assert build(peft__trainable_token_indices=[5, 10]).peft.trainable_token_indices == [5, 10]
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"peft__rank_pattern": {"q_proj": "four"}}, "expected mapping of str to int"),
+        ({"peft__rank_pattern": ["q_proj", 4]}, "peft.rank_pattern: expected mapping of str to int"),
+        ({"peft__rank_pattern": {"q_proj": 0}}, "must be > 0"),
+        ({"peft__rank_pattern": {"q_proj(": 4}}, "is not a regular expression"),
+        ({"peft__alpha_pattern": {}}, "peft.alpha_pattern: is empty"),
+        ({"peft__layer_replication": [[2, 1]]}, "0 <= start < end"),
+        ({"peft__layer_replication": [[0, 1, 2]]}, "0 <= start < end"),
+        ({"peft__trainable_token_indices": [5, 5]}, "distinct"),
+        ({"peft__trainable_token_indices": []}, "is empty"),
+        ({"peft__target_parameters": [""]}, "empty name"),
+        ({"peft__target_modules": []}, "peft.target_modules: is an empty list"),
+        ({"peft__alora_invocation": " "}, "peft.alora_invocation: is empty"),
+        ({"peft__eva_rho": 2.0}, "only peft.init=eva reads it"),
+        ({"peft__init": "eva", "peft__eva_rho": 0.5}, "must be >= 1"),
+        ({"peft__loraplus_lr_ratio": 0}, "peft.loraplus_lr_ratio: must be > 0"),
+        ({"peft__lora_fa": True, "peft__loraplus_lr_ratio": 16}, "each build the optimizer"),
+        ({"peft__lora_fa": True, "train__optimizer": "sgd"}, "would replace train.optimizer='sgd'"),
+        ({"peft__lora_fa": True, "peft__method": "dora"}, "DoRA's magnitude vectors"),
+    ],
+)
+def test_lora_variant_values_are_checked(changes: dict, fragment: str) -> None:
+    with pytest.raises(RecipeError) as err:
+        build(**changes)
+    assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "peft.init=eva",
+        "peft.loraplus_lr_ratio=16",
+        "peft.lora_fa=true",
+        "peft.alora_invocation=go",
+        "peft.rank_pattern={q_proj: 4}",
+        "peft.alpha_pattern={q_proj: 4}",
+        "peft.layer_replication=[[0, 1]]",
+        "peft.trainable_token_indices=[1]",
+        "peft.target_parameters=[mlp.experts.down_proj]",
+    ],
+)
+def test_changing_a_lora_variant_on_resume_changes_the_training(change: str) -> None:
+    saved = R.to_dict(R.from_dict(MINIMAL))
+    breaking, harmless = R.resume_diff(saved, R.from_dict(MINIMAL, [change]))
+    assert len(breaking) == 1 and breaking[0].startswith(change.split("=")[0] + ":") and not harmless
+
+
+def test_keys_added_since_a_checkpoint_was_written_are_no_change_at_their_default() -> None:
+    """A checkpoint written before a key existed lacks it; at its default it trains as before."""
+    saved = R.to_dict(R.from_dict(MINIMAL))
+    for key in ("lora_fa", "loraplus_lr_ratio", "rank_pattern"):
+        del saved["peft"][key]
+    assert R.resume_diff(saved, R.from_dict(MINIMAL)) == ([], [])
+    breaking, _ = R.resume_diff(saved, R.from_dict(MINIMAL, ["peft.lora_fa=true"]))
+    assert breaking == ["peft.lora_fa: None -> True"]

@@ -22,21 +22,20 @@ DATA = DEMO.parent / "data"
 pytestmark = pytest.mark.slow
 
 
+QUICK = [
+    "train.max_steps=4",
+    "train.logging_steps=1",
+    "train.save_steps=0",
+    "batch.micro_batch_size=4",
+    "batch.global_batch_size=8",
+    "data.max_length=128",
+]
+"""The demo recipe's overrides for a run of a few steps."""
+
+
 def quick(out: Path, *extra: str) -> R.Recipe:
     """The demo recipe, shortened to a few steps."""
-    return R.load(
-        DEMO,
-        [
-            f"output_dir={out}",
-            "train.max_steps=4",
-            "train.logging_steps=1",
-            "train.save_steps=0",
-            "batch.micro_batch_size=4",
-            "batch.global_batch_size=8",
-            "data.max_length=128",
-            *extra,
-        ],
-    )
+    return R.load(DEMO, [f"output_dir={out}", *QUICK, *extra])
 
 
 def metrics(out: Path) -> list[dict]:

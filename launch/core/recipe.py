@@ -47,7 +47,7 @@ Scheduler = Literal[
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 PRECISION_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 """Mixed precision -> the dtype its weights are held in (and FSDP/DeepSpeed flatten, cast, gather)."""
-LoraInit = Literal["default", "gaussian", "pissa", "olora", "loftq"]
+LoraInit = Literal["default", "gaussian", "pissa", "olora", "loftq", "eva"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -97,7 +97,14 @@ class PeftConfig:
 
     init: LoraInit = "default"
     """Adapter initialisation: `default` (A Kaiming, B zero), `gaussian`, `pissa`, `olora`,
-    `loftq` (unquantized base only: LoftQ quantizes itself)."""
+    `loftq` (unquantized base only: LoftQ quantizes itself; PEFT runs it on a GPU only), `eva`
+    (data-driven: A from the SVD of each adapted layer's input activations over the run's first
+    micro batches, ranks redistributed between layers; computed once on rank 0 and sent to every
+    rank)."""
+
+    eva_rho: float | None = None
+    """`init: eva` only: the most rank a layer may get, as a multiple of `r` (>= 1; None = PEFT's
+    2.0). 1.0 keeps every layer at `r` (no redistribution), which `tunefleet plan` can count exactly."""
 
     r: int = 16
     """LoRA rank."""
@@ -117,6 +124,43 @@ class PeftConfig:
 
     modules_to_save: list[str] | None = None
     """Extra modules trained in full and saved with the adapter (e.g. [embed_tokens, lm_head])."""
+
+    rank_pattern: dict[str, int] | None = None
+    """Per-layer ranks: regex -> rank for the adapted modules whose name it matches at the end
+    (PEFT's rule: `(.*\\.)?(<regex>)$`), e.g. {"layers\\.0\\.self_attn\\.q_proj": 4, "mlp": 8}; the
+    others keep `r`. Every regex must match an adapted module."""
+
+    alpha_pattern: dict[str, float] | None = None
+    """Per-layer alphas: regex -> alpha, matched like `rank_pattern`; the others keep `alpha`."""
+
+    target_parameters: list[str] | None = None
+    """Parameters (not Linear modules) to adapt, by name or name suffix: the MoE expert tensors of
+    e.g. gpt-oss ([mlp.experts.gate_up_proj, mlp.experts.down_proj]). Each must match a parameter
+    of the model. With only these, write `target_modules: []`."""
+
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    """Train only these rows of the token embedding (new or special tokens) instead of the whole
+    matrix: a list of token ids for the input embedding, or {embedding module name: [ids]}."""
+
+    layer_replication: list[list[int]] | None = None
+    """Grow the model by stacking ranges of its decoder layers, [start, end) each: [[0, 2], [1, 2]]
+    turns layers 0,1 into 0,1,1. Copies share their frozen base weights; each gets its own
+    adapter. Llama-like models (`model.layers`) only."""
+
+    alora_invocation: str | None = None
+    """Activated LoRA: the adapter acts only from the last occurrence of this string on (e.g. the
+    prompt's `### Response:\n`), so a base model's KV cache of the text before it can be reused.
+    Tokenised with the run's tokenizer; it must occur before the first trained token of every
+    training example. An aLoRA adapter cannot be merged."""
+
+    loraplus_lr_ratio: float | None = None
+    """LoRA+: the B matrices learn at `train.lr` x this ratio (the paper suggests 16), the A
+    matrices at `train.lr` (PEFT's `create_loraplus_optimizer` with `train.optimizer`)."""
+
+    lora_fa: bool = False
+    """LoRA-FA: A stays frozen at its initialisation and B is trained with LoRA-FA's projected
+    AdamW (PEFT's `create_lorafa_optimizer`), which needs no activations for A: less memory.
+    Needs `train.optimizer: adamw_torch` (it replaces it)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -321,6 +365,9 @@ def _type_name(tp: Any) -> str:
         return " | ".join(_type_name(a) for a in get_args(tp))
     if origin is list:
         return f"list of {_type_name(get_args(tp)[0])}"
+    if origin is dict:
+        key_tp, value_tp = get_args(tp)
+        return f"mapping of {_type_name(key_tp)} to {_type_name(value_tp)}"
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
@@ -350,6 +397,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise _type_error(value, tp, where)
         (item_tp,) = get_args(tp)
         return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _type_error(value, tp, where)
+        key_tp, value_tp = get_args(tp)
+        return {
+            _coerce(k, key_tp, f"{where} key {k!r}"): _coerce(v, value_tp, f"{where}[{k!r}]")
+            for k, v in value.items()
+        }
     if tp is type(None):
         if value is None:
             return None
@@ -517,6 +572,7 @@ def validate(recipe: Recipe) -> Recipe:
     `batch.global_batch_tokens` when that is the target); the input is not changed."""
     _check(bool(recipe.output_dir.strip()), "output_dir", "is empty", "set output_dir to a directory")
     _validate_model_peft(recipe.model, recipe.peft)
+    _validate_peft_variants(recipe.peft, recipe.train)
     _validate_data(recipe.data)
     _validate_train(recipe.train)
     batch = _validate_batch(recipe.batch, recipe.data.max_length)
@@ -533,9 +589,9 @@ def _validate_model_peft(m: ModelConfig, p: PeftConfig) -> None:
     _check(0 <= p.dropout < 1, "peft.dropout", f"must be in [0, 1), got {p.dropout}", "use e.g. 0.05")
     if isinstance(p.target_modules, list):
         _check(
-            bool(p.target_modules),
+            bool(p.target_modules) or bool(p.target_parameters),
             "peft.target_modules",
-            "is an empty list",
+            "is an empty list (and no peft.target_parameters are given)",
             "list module names (e.g. [q_proj, v_proj]) or write all-linear",
         )
     if p.init == "loftq":
@@ -554,6 +610,127 @@ def _validate_model_peft(m: ModelConfig, p: PeftConfig) -> None:
             f"{m.quantization} weights",
             "set model.quantization=none or peft.init=default",
         )
+
+
+def _validate_peft_variants(p: PeftConfig, t: TrainConfig) -> None:
+    """The LoRA variants of seed 003: each value possible on its own, the optimizer ones exclusive.
+    What depends on the model (names, ranges) is checked on it: `launch/params.py`."""
+    for key, mapping, kind in (
+        ("rank_pattern", p.rank_pattern, int),
+        ("alpha_pattern", p.alpha_pattern, float),
+    ):
+        for regex, value in (mapping or {}).items():
+            try:
+                re.compile(regex)
+            except re.error as exc:
+                raise RecipeError(
+                    f"peft.{key}: {regex!r} is not a regular expression ({exc})",
+                    "escape special characters, e.g. layers\\.0\\.self_attn\\.q_proj",
+                ) from None
+            _check(
+                value > 0,
+                f"peft.{key}[{regex!r}]",
+                f"must be > 0, got {value}",
+                f"use a positive {kind.__name__}",
+            )
+        _check(
+            mapping is None or bool(mapping),
+            f"peft.{key}",
+            "is empty",
+            f"drop peft.{key} or give regex: value",
+        )
+    if p.target_parameters is not None:
+        _check(
+            bool(p.target_parameters) and all(n.strip() for n in p.target_parameters),
+            "peft.target_parameters",
+            "is empty or holds an empty name",
+            "list parameter names (e.g. [mlp.experts.gate_up_proj]) or drop it",
+        )
+        _check(
+            p.dropout == 0,
+            "peft.dropout",
+            f"PEFT's LoRA on parameters (peft.target_parameters) has no dropout, got {p.dropout} "
+            "(PEFT: 'lora.ParamWrapper does not work with lora_dropout != 0')",
+            "set peft.dropout=0",
+        )
+    tokens = p.trainable_token_indices
+    lists = list(tokens.values()) if isinstance(tokens, dict) else [tokens] if tokens is not None else []
+    _check(
+        tokens is None or (bool(lists) and all(lists)),
+        "peft.trainable_token_indices",
+        "is empty or names an embedding without token ids",
+        "list token ids (e.g. [128000, 128001]) or drop it",
+    )
+    for ids in lists:
+        _check(
+            all(i >= 0 for i in ids) and len(set(ids)) == len(ids),
+            "peft.trainable_token_indices",
+            f"token ids must be >= 0 and distinct, got {ids}",
+            "list each token id once",
+        )
+    for pair in p.layer_replication or []:
+        _check(
+            len(pair) == 2 and 0 <= pair[0] < pair[1],
+            "peft.layer_replication",
+            f"each item is a range [start, end) of layers with 0 <= start < end, got {pair}",
+            "write e.g. [[0, 2], [1, 2]]",
+        )
+    _check(
+        p.layer_replication is None or bool(p.layer_replication),
+        "peft.layer_replication",
+        "is empty",
+        "drop it or list layer ranges, e.g. [[0, 2], [1, 2]]",
+    )
+    _check(
+        p.alora_invocation is None or bool(p.alora_invocation.strip()),
+        "peft.alora_invocation",
+        "is empty",
+        "give the text that starts the adapter's part (e.g. the prompt's last line), or drop it",
+    )
+    _validate_eva(p)
+    _validate_lora_optimizers(p, t)
+
+
+def _validate_eva(p: PeftConfig) -> None:
+    _check(
+        p.eva_rho is None or p.init == "eva",
+        "peft.eva_rho",
+        f"only peft.init=eva reads it, but peft.init={p.init!r}",
+        "drop peft.eva_rho or set peft.init=eva",
+    )
+    _check(
+        p.eva_rho is None or p.eva_rho >= 1,
+        "peft.eva_rho",
+        f"must be >= 1 (the most rank a layer may get, as a multiple of peft.r), got {p.eva_rho}",
+        "use 1.0 (no redistribution) or PEFT's 2.0",
+    )
+
+
+def _validate_lora_optimizers(p: PeftConfig, t: TrainConfig) -> None:
+    """LoRA+ and LoRA-FA each build the optimizer: one at a time, LoRA-FA with its own AdamW."""
+    ratio = p.loraplus_lr_ratio
+    _check(ratio is None or ratio > 0, "peft.loraplus_lr_ratio", f"must be > 0, got {ratio}", "use e.g. 16")
+    if not p.lora_fa:
+        return
+    _check(
+        ratio is None,
+        "peft.lora_fa",
+        "LoRA-FA and LoRA+ (peft.loraplus_lr_ratio) each build the optimizer",
+        "keep one of them",
+    )
+    _check(
+        t.optimizer == "adamw_torch",
+        "peft.lora_fa",
+        f"LoRA-FA trains with its own AdamW, which would replace train.optimizer={t.optimizer!r} without a word",
+        "set train.optimizer=adamw_torch (the LoRA-FA optimizer takes train.lr and train.weight_decay)",
+    )
+    _check(
+        p.method == "lora",
+        "peft.lora_fa",
+        "the LoRA-FA optimizer pairs every LoRA parameter with the next one as (A, B); DoRA's magnitude "
+        "vectors break the pairs",
+        "use peft.method=lora with LoRA-FA, or drop peft.lora_fa",
+    )
 
 
 def _validate_data(d: DataConfig) -> None:
@@ -820,24 +997,42 @@ evaluation split included (`data.eval_ratio` holds out the first rows, so changi
 training rows and their order)."""
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix.rstrip("."): data}
+def _flatten(data: dict[str, Any]) -> dict[str, Any]:
+    """`section.key` -> value; a value that is a mapping itself (peft.rank_pattern) stays one value."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in SECTIONS and isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def _section_defaults() -> dict[str, Any]:
+    """`section.key` -> its default, for every key that has one."""
+    out: dict[str, Any] = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                out[f"{section}.{f.name}"] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f"{section}.{f.name}"] = f.default_factory()
+    return out
 
 
 def resume_diff(saved: dict[str, Any], current: Recipe) -> tuple[list[str], list[str]]:
     """Compare the recipe a checkpoint was written with to the current one.
 
-    Returns (breaking, harmless): lines `key: saved -> current`.
+    Returns (breaking, harmless): lines `key: saved -> current`. A key the saved recipe lacks was
+    added to tunefleet after the checkpoint was written; at its default it trains as before.
     """
     old, new = _flatten(saved), _flatten(to_dict(current))
+    defaults = _section_defaults()
     breaking, harmless = [], []
     for key in sorted(set(old) | set(new)):
         if old.get(key) == new.get(key):
+            continue
+        if key not in old and key in defaults and new.get(key) == defaults[key]:
             continue
         line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
         if any(key == h or (h.endswith(".") and key.startswith(h)) for h in HARMLESS_ON_RESUME):
