@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tunefleet.launch.compat import BNB, sharded_4bit
 from tunefleet.launch.core.errors import RecipeError, TunefleetError
 from tunefleet.launch.core.layout import atomic_dir
 from tunefleet.launch.core.recipe import PRECISION_DTYPE, ModelConfig, Recipe
@@ -126,8 +128,8 @@ def quantization_config(model: ModelConfig, precision: Precision) -> Any | None:
     )
 
 
-def load_model(path: str, recipe: Recipe, precision: Precision) -> Any:
-    """The base model in the recipe's dtype and quantization, ready for PEFT."""
+def load_kwargs(recipe: Recipe, precision: Precision, *, local_rank: int = 0) -> dict[str, Any]:
+    """The keyword arguments of `from_pretrained` for the recipe: dtype, quantization, placement."""
     m = recipe.model
     kwargs: dict[str, Any] = {
         "dtype": precision.dtype,
@@ -139,7 +141,36 @@ def load_model(path: str, recipe: Recipe, precision: Precision) -> Any:
     qconfig = quantization_config(m, precision)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
-    model = from_pretrained(path, **kwargs)
+    device_map = _device_map(recipe, precision, local_rank)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    return kwargs
+
+
+UNPLACED_STRATEGIES = ("fsdp", "fsdp-qlora", "deepspeed-zero3")
+"""Strategies that take the model from the CPU and place only their shards on the GPU (FSDP's
+`fully_shard`; ZeRO-3's zero.Init, which transformers refuses to combine with a device_map)."""
+
+
+def _device_map(recipe: Recipe, precision: Precision, local_rank: int) -> dict[str, Any] | None:
+    """Where the weights are loaded, when transformers would not choose well by itself.
+
+    MXFP4 (gpt-oss): transformers' Mxfp4 quantizer sets no device, so the dequantization to bf16
+    runs on the CPU and every rank holds the whole dequantized model in host RAM (~42 GB for
+    gpt-oss-20b). On a GPU it is loaded straight onto the rank's device instead, unless the
+    strategy shards from the CPU. bitsandbytes places itself (its quantizer picks the current CUDA
+    device, which accelerate set to the rank's); unquantized models are moved by the trainer."""
+    if precision.use_cpu or recipe.model.quantization != "mxfp4":
+        return None
+    if recipe.parallel.strategy in UNPLACED_STRATEGIES:
+        return None
+    return {"": local_rank}
+
+
+def load_model(path: str, recipe: Recipe, precision: Precision) -> Any:
+    """The base model in the recipe's dtype and quantization, ready for PEFT."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    model = from_pretrained(path, **load_kwargs(recipe, precision, local_rank=local_rank))
     model.config.use_cache = False  # the cache is useless in training and breaks gradient checkpointing
     return model
 
@@ -157,18 +188,39 @@ def from_pretrained(path: str, **kwargs: Any) -> Any:
         ) from None
 
 
-def apply_peft(model: Any, recipe: Recipe) -> Any:
-    """Wrap the base model with the recipe's LoRA/DoRA adapter (k-bit preparation for QLoRA)."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def prepare_quantized(model: Any, recipe: Recipe) -> Any:
+    """Get a bitsandbytes base ready for adapters.
 
-    from tunefleet.launch.params import lora_config_kwargs
+    Replicated (single, ddp, ZeRO-2): PEFT's `prepare_model_for_kbit_training`, which also casts
+    every non-quantized weight (embeddings, output head, norms) to fp32. Sharded: the FSDP-QLoRA
+    references (TRL's sharded-QLoRA path, PEFT's and Answer.AI's FSDP-QLoRA scripts) skip it, and so
+    does this: the fp32 copies would double or quadruple what the unquantized weights cost on every
+    rank, and FSDP1 cannot flatten fp32 norms with the 16-bit 4-bit storage of their layer. What
+    training needs from it is kept: a frozen base (get_peft_model freezes it anyway) and, with
+    activation checkpointing, gradients on the embedding output so checkpointed layers backpropagate."""
+    if not sharded_4bit(recipe.parallel.strategy, recipe.model.quantization):
+        from peft import prepare_model_for_kbit_training
 
-    if recipe.model.quantization in ("nf4", "fp4", "int8"):
-        model = prepare_model_for_kbit_training(
+        return prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=recipe.train.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if recipe.train.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model
+
+
+def apply_peft(model: Any, recipe: Recipe) -> Any:
+    """Wrap the base model with the recipe's LoRA/DoRA adapter (k-bit preparation for QLoRA)."""
+    from peft import LoraConfig, get_peft_model
+
+    from tunefleet.launch.params import lora_config_kwargs
+
+    if recipe.model.quantization in BNB:
+        model = prepare_quantized(model, recipe)
     try:
         return get_peft_model(model, LoraConfig(**lora_config_kwargs(recipe.peft)))
     except ValueError as exc:
@@ -187,12 +239,33 @@ def save_adapter(model: Any, tokenizer: Any, out_dir: Path, state_dict: dict[str
         tokenizer.save_pretrained(tmp)
 
 
-def match_adapter_dtype(model: Any, recipe: Recipe, precision: Precision) -> None:
-    """fp32 asked means fp32 adapters. TRL's SFTTrainer casts QLoRA adapters to bf16 whatever the
-    precision (the QLoRA paper's default); in an fp32 run bf16 rounding made 2-process losses
-    differ from 1 by ~1e-4."""
-    if recipe.model.quantization not in ("nf4", "fp4", "int8") or precision.mode != "fp32":
+def adapter_dtype(recipe: Recipe) -> torch.dtype | None:
+    """The dtype every trainable parameter has when training starts; None leaves PEFT's choice.
+
+    The one decision about adapter dtypes. Unquantized bases: PEFT already keeps adapters in fp32
+    (`autocast_adapter_dtype`) and nothing recasts them. bitsandbytes bases: TRL's SFTTrainer casts
+    the LoRA A/B weights of a quantized model to bf16 whatever the precision, and leaves DoRA's
+    magnitude in fp32; every precision needs one fp32 dtype instead:
+    - fp16: the gradient scaler cannot unscale 16-bit gradients (fp16: "Attempting to unscale FP16
+      gradients", seen here; bf16: PyTorch's CUDA unscale kernel is built for fp32 and fp16 only);
+      fp32 adapters under fp16 autocast is the mixed-precision recipe;
+    - bf16: FSDP2 needs one dtype for the trainable parameters of a unit ("FSDP expects uniform
+      original parameter dtype": bf16 LoRA beside fp32 DoRA magnitudes in QDoRA), accelerate's own
+      fp32 upcast of trainable parameters is skipped when 4-bit parameters exist, and a bf16
+      magnitude would be frozen by rounding (TRL keeps it fp32 for that reason); the compute still
+      runs in bf16 (autocast, FSDP's mixed-precision policy);
+    - fp32: fp32 asked means fp32 (bf16 rounding made 2-process losses differ from 1 by ~1e-4).
+    Under DeepSpeed the engine keeps its own 16-bit copy and fp32 master weights whatever this is."""
+    if recipe.model.quantization in BNB:
+        return torch.float32
+    return None
+
+
+def match_adapter_dtype(model: Any, recipe: Recipe) -> None:
+    """Give every trainable parameter `adapter_dtype` (after the trainer exists: TRL recasts before)."""
+    dtype = adapter_dtype(recipe)
+    if dtype is None:
         return
     for param in model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)

@@ -101,7 +101,7 @@ def run(
     _prepare_run_dir(checked, rank, dist)
     model = _build_model(model_path, recipe, precision)
     trainer = _build_trainer(checked, schedule, model, args, tokenizer, data)
-    model_mod.match_adapter_dtype(trainer.model, recipe, precision)
+    model_mod.match_adapter_dtype(trainer.model, recipe)
     _check_and_report(trainer, checked, schedule, data, plan, precision, rank)
     result = trainer.train(resume_from_checkpoint=checked.start.checkpoint)
     if trainer.tf_stopped:
