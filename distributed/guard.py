@@ -113,6 +113,9 @@ def in_effect(trainer: Any, precision: Any) -> dict[str, Any]:
         "device": str(trainer.args.device),
         "mixed_precision": precision.mode,
         "model_dtype": str(precision.dtype).replace("torch.", ""),
+        "trainable_dtypes": sorted(
+            {str(p.dtype).replace("torch.", "") for p in trainer.model.parameters() if p.requires_grad}
+        ),
     }
 
 

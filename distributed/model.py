@@ -13,6 +13,7 @@ from tunefleet.launch.compat import BNB, sharded_4bit
 from tunefleet.launch.core.errors import RecipeError, TunefleetError
 from tunefleet.launch.core.layout import atomic_dir
 from tunefleet.launch.core.recipe import PRECISION_DTYPE, ModelConfig, Recipe
+from tunefleet.launch.loading import placed_on_gpu_at_load, rank0_loads_weights
 
 _DTYPES = {
     "bfloat16": torch.bfloat16,
@@ -147,32 +148,47 @@ def load_kwargs(recipe: Recipe, precision: Precision, *, local_rank: int = 0) ->
     return kwargs
 
 
-UNPLACED_STRATEGIES = ("fsdp", "fsdp-qlora", "deepspeed-zero3")
-"""Strategies that take the model from the CPU and place only their shards on the GPU (FSDP's
-`fully_shard`; ZeRO-3's zero.Init, which transformers refuses to combine with a device_map)."""
-
-
 def _device_map(recipe: Recipe, precision: Precision, local_rank: int) -> dict[str, Any] | None:
-    """Where the weights are loaded, when transformers would not choose well by itself.
-
-    MXFP4 (gpt-oss): transformers' Mxfp4 quantizer sets no device, so the dequantization to bf16
-    runs on the CPU and every rank holds the whole dequantized model in host RAM (~42 GB for
-    gpt-oss-20b). On a GPU it is loaded straight onto the rank's device instead, unless the
-    strategy shards from the CPU. bitsandbytes places itself (its quantizer picks the current CUDA
-    device, which accelerate set to the rank's); unquantized models are moved by the trainer."""
-    if precision.use_cpu or recipe.model.quantization != "mxfp4":
-        return None
-    if recipe.parallel.strategy in UNPLACED_STRATEGIES:
+    """The rank's GPU when the weights must be loaded straight onto it (`loading.placed_on_gpu_at_load`:
+    MXFP4), else None (transformers' or the trainer's placement)."""
+    if not placed_on_gpu_at_load(recipe, use_cpu=precision.use_cpu):
         return None
     return {"": local_rank}
 
 
-def load_model(path: str, recipe: Recipe, precision: Precision) -> Any:
-    """The base model in the recipe's dtype and quantization, ready for PEFT."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
-    model = from_pretrained(path, **load_kwargs(recipe, precision, local_rank=local_rank))
+def load_model(path: str, recipe: Recipe, precision: Precision, *, rank: int = 0, world_size: int = 1) -> Any:
+    """The base model in the recipe's dtype and quantization, ready for PEFT.
+
+    Under FSDP2 with several processes only rank 0 reads the weights; the other ranks build the
+    model on the meta device (buffers real: rotary tables are computed, not loaded) and receive
+    rank 0's weights when accelerate shards the model (`loading.rank0_loads_weights`)."""
+    if rank != 0 and rank0_loads_weights(recipe, world_size):
+        model = empty_model(path, recipe, precision)
+    else:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+        model = from_pretrained(path, **load_kwargs(recipe, precision, local_rank=local_rank))
     model.config.use_cache = False  # the cache is useless in training and breaks gradient checkpointing
     return model
+
+
+def empty_model(path: str, recipe: Recipe, precision: Precision) -> Any:
+    """The model's architecture with its parameters on the meta device: nothing read, nothing held."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    m = recipe.model
+    try:
+        config = AutoConfig.from_pretrained(path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    except OSError as exc:
+        raise TunefleetError(
+            f"cannot load the config of model.name_or_path={path!r}: {exc}",
+            "check the model id or directory (and HF_TOKEN for gated models; offline machines need a local copy)",
+        ) from None
+    kwargs: dict[str, Any] = {"dtype": precision.dtype, "trust_remote_code": m.trust_remote_code}
+    if m.attn_implementation:
+        kwargs["attn_implementation"] = m.attn_implementation
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, **kwargs)
 
 
 def from_pretrained(path: str, **kwargs: Any) -> Any:
@@ -228,6 +244,21 @@ def apply_peft(model: Any, recipe: Recipe) -> Any:
         raise RecipeError(
             f"peft: {exc}", "check peft.target_modules against the model's module names"
         ) from None
+
+
+def materialize_adapter(model: Any) -> Any:
+    """Give trainable parameters still on the meta device (a rank that read no weights:
+    `load_model`) CPU storage. accelerate maps the optimizer's parameters to their FSDP2 shards by
+    storage address (`data_ptr`), which is 0 for every meta tensor: the optimizer would then hold
+    one parameter many times (seen here as a failed checkpoint save). The values are never read:
+    rank 0's are broadcast into the shards. The frozen base stays on the meta device."""
+    import torch.nn as nn
+
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.requires_grad and param.is_meta:
+                module._parameters[name] = nn.Parameter(torch.zeros_like(param, device="cpu"))
+    return model
 
 
 def save_adapter(model: Any, tokenizer: Any, out_dir: Path, state_dict: dict[str, Any] | None = None) -> None:

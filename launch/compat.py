@@ -213,7 +213,8 @@ def _fsdp1_with_4bit(r: _Resolution) -> None:
 def _qdora_under_zero3(r: _Resolution) -> None:
     """Measured: QDoRA (4-bit + use_dora) under ZeRO-3 fails in the first forward ('Params4bit'
     object has no attribute 'ds_status'); DoRA under ZeRO-2/ZeRO-3 unquantized and QDoRA under
-    ZeRO-2 trained and matched DDP losses exactly."""
+    ZeRO-2 trained and matched DDP losses exactly. QDoRA under fsdp-qlora trains in bf16 on 2 gloo
+    processes (tests/test_launch.py) since every trainable parameter is fp32 (model.adapter_dtype)."""
     m, p, s = r.recipe.model, r.recipe.peft, r.recipe.parallel.strategy
     if p.method == "dora" and m.quantization in BNB_4BIT and s == "deepspeed-zero3":
         raise _fail(

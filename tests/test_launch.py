@@ -12,7 +12,8 @@ type, world size, gloo and the sharding in effect, and complete checkpoints. ZeR
 FSDP2 resume from a checkpoint on the same world size with the same losses (FSDP2 resharding on
 another world size is tested in test_fsdp_checkpoints.py; ZeRO resharding is ds_reshard.py's, tested there). FSDP without the
 compatibility layer must stop with the fallback error (the day it trains sharded instead,
-upstream supports FSDP on CPU and the layer can go).
+upstream supports FSDP on CPU and the layer can go). FSDP-QLoRA with DoRA trains under bf16 mixed
+precision (one fp32 dtype for every trainable parameter).
 """
 
 from __future__ import annotations
@@ -459,6 +460,31 @@ def test_resume_on_the_same_world_size(workdir: Path, name: str) -> None:
     assert sorted(got) == [3, 4]
     assert max(abs(got[s] - want[s]) for s in got) <= TOL
     # FSDP2 shards on another world size: tests/test_fsdp_checkpoints.py
+
+
+@pytest.mark.slow
+def test_fsdp_qdora_in_bf16_trains(workdir: Path) -> None:
+    """FSDP-QLoRA with DoRA under bf16 mixed precision: TRL casts LoRA A/B to bf16 and leaves DoRA's
+    magnitudes fp32, and FSDP2 refused the mix in the first forward ("FSDP expects uniform original
+    parameter dtype"); every trainable parameter is now fp32 (model.adapter_dtype), computed in bf16."""
+    out = workdir / "fsdp-qdora-bf16"
+    overrides = [
+        "parallel.strategy=fsdp-qlora",
+        *QLORA,
+        "peft.method=dora",
+        "train.precision=bf16",
+        "model.dtype=auto",
+    ]
+    proc = run_launch(out, 2, overrides)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    values = losses(out)
+    assert sorted(values) == list(range(1, STEPS + 1)) and all(v == v for v in values.values())
+    effect = json.loads((out / "plan.json").read_text())["in_effect"]
+    assert (effect["mixed_precision"], effect["model_dtype"]) == ("bf16", "bfloat16")
+    assert effect["trainable_dtypes"] == ["float32"]
+    sharding = effect["sharding"]
+    assert sharding["kind"] == "fsdp2" and sharding["sharded_params"] == sharding["params"]
+    assert any("lora_magnitude_vector" in k for k in adapter(out / "final"))
 
 
 @pytest.mark.slow

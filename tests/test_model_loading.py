@@ -1,4 +1,4 @@
-"""How a quantized base is loaded and prepared (distributed/model.py), shown on the tiny demo model.
+"""How the base model is loaded and prepared (distributed/model.py), shown on the tiny demo model.
 
 - `adapter_dtype`: the one decision about the dtype of trainable parameters. TRL's SFTTrainer
   really casts QLoRA's LoRA A/B to bf16 and leaves DoRA's magnitude fp32 (checked here on a real
@@ -7,6 +7,9 @@
   non-quantized weights stay in the model dtype (half the bytes of PEFT's fp32 copies), checkpointed
   layers still get gradients, and one FSDP1 unit holds a single dtype.
 - `load_kwargs`: MXFP4 (gpt-oss) is placed on the rank's GPU when loading on GPUs.
+- Plain FSDP2 on several processes: ranks other than 0 read no weights (meta device); that the
+  broadcast from rank 0 then gives them the right weights is tests/test_launch.py's `fsdp` case
+  (losses = one process).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from tunefleet.distributed import model as model_mod
 from tunefleet.launch import compat
 from tunefleet.launch.core import recipe as R
 from tunefleet.launch.core.hardware import Hardware
+from tunefleet.launch.loading import rank0_loads_weights
 
 DEMO = Path(str(resources.files("tunefleet.recipes"))) / "demo.yaml"
 
@@ -40,9 +44,7 @@ def prepared(r: R.Recipe) -> Any:
 def plain_weights(model: Any) -> dict[str, torch.Tensor]:
     """The frozen base weights that are not 4-bit: embeddings, norms, output head."""
     return {
-        n: p
-        for n, p in model.named_parameters()
-        if not p.requires_grad and type(p).__name__ != "Params4bit"
+        n: p for n, p in model.named_parameters() if not p.requires_grad and type(p).__name__ != "Params4bit"
     }
 
 
@@ -160,3 +162,25 @@ def test_bitsandbytes_and_plain_models_get_no_device_map() -> None:
         r = recipe(f"model.quantization={quantization}")
         precision = model_mod.Precision(mode="bf16", dtype=torch.bfloat16, use_cpu=False)
         assert "device_map" not in model_mod.load_kwargs(r, precision, local_rank=1)
+
+
+def test_under_fsdp2_only_rank_0_reads_the_weights() -> None:
+    r = recipe("parallel.strategy=fsdp", processes=2)
+    precision = model_mod.resolve_precision(r)
+    path = model_mod.resolve_model_path(r.model)
+    other = model_mod.load_model(path, r, precision, rank=1, world_size=2)
+    assert {p.device.type for p in other.parameters()} == {"meta"}
+    assert {b.device.type for b in other.buffers()} == {"cpu"}  # rotary tables are computed, not read
+    first = model_mod.load_model(path, r, precision, rank=0, world_size=2)
+    assert {p.device.type for p in first.parameters()} == {"cpu"}
+    assert sorted(n for n, _ in first.named_parameters()) == sorted(n for n, _ in other.named_parameters())
+    for (name, a), (_, b) in zip(first.named_buffers(), other.named_buffers(), strict=True):
+        assert torch.equal(a, b), name
+    # a 4-bit base, FSDP1 or one process: every rank loads
+    for overrides, processes in (
+        (("parallel.strategy=fsdp-qlora", "model.quantization=nf4"), 2),
+        (("parallel.strategy=fsdp", "parallel.fsdp_version=1"), 2),
+        (("parallel.strategy=fsdp",), 1),
+    ):
+        raw = R.load(DEMO, ["output_dir=/tmp/unused", "model.dtype=auto", *overrides])
+        assert not rank0_loads_weights(raw, processes)
