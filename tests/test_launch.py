@@ -290,8 +290,22 @@ def test_guard_stops_silent_fallbacks(monkeypatch: pytest.MonkeyPatch, tmp_path:
             guard.Expectation(distributed_type="MULTI_CPU", world_size=2, source="the recipe"),
             "ddp",
         )
-    with pytest.raises(TunefleetError, match="no DTensor parameter"):
+    with pytest.raises(TunefleetError, match=r"no DTensor or flat \(FSDP1\) parameter"):
         guard.check_sharding("fsdp", {"kind": "ddp", "params": 3}, 2)
+    # FSDP-QLoRA exists to shard the 4-bit base: a replicated frozen base is refused
+    half = {
+        "kind": "fsdp2",
+        "params": 10,
+        "sharded_params": 7,
+        "trainable_sharded_params": 3,
+        "trainable_params": 3,
+        "mesh_size": 2,
+    }
+    guard.check_sharding("fsdp", half, 2)  # plain LoRA: the trainable parameters are what must be sharded
+    with pytest.raises(
+        TunefleetError, match="only 7 of 10 parameters are sharded .* replicated on every rank"
+    ):
+        guard.check_sharding("fsdp-qlora", half, 2)
     with pytest.raises(TunefleetError, match="only 1 of 3 parameters are ZeRO-3 partitioned"):
         guard.check_sharding(
             "deepspeed-zero3", {"kind": "deepspeed-zero3", "params": 3, "partitioned_params": 1}, 2
