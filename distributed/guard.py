@@ -119,6 +119,20 @@ def in_effect(trainer: Any, precision: Any) -> dict[str, Any]:
     }
 
 
+def ranks_that_read_weights(model: Any) -> list[int]:
+    """Collective (every rank calls it, before training): the ranks whose base weights were read
+    from the checkpoint; the others started on the meta device (`loading.rank0_loads_weights`) and
+    receive rank 0's weights when the model is sharded."""
+    import torch.distributed as dist
+
+    read = not any(p.is_meta for p in model.parameters())
+    if not (dist.is_available() and dist.is_initialized()):
+        return [0] if read else []
+    flags: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, read)
+    return [rank for rank, flag in enumerate(flags) if flag]
+
+
 # ----------------------------------------------------------------------------- sharding
 
 

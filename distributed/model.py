@@ -162,13 +162,30 @@ def load_model(path: str, recipe: Recipe, precision: Precision, *, rank: int = 0
     Under FSDP2 with several processes only rank 0 reads the weights; the other ranks build the
     model on the meta device (buffers real: rotary tables are computed, not loaded) and receive
     rank 0's weights when accelerate shards the model (`loading.rank0_loads_weights`)."""
-    if rank != 0 and rank0_loads_weights(recipe, world_size):
+    if rank != 0 and rank0_loads_weights(recipe, world_size) and _broadcast_loading_in_effect(precision):
         model = empty_model(path, recipe, precision)
     else:
         local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
         model = from_pretrained(path, **load_kwargs(recipe, precision, local_rank=local_rank))
     model.config.use_cache = False  # the cache is useless in training and breaks gradient checkpointing
     return model
+
+
+def _broadcast_loading_in_effect(precision: Precision) -> bool:
+    """Whether accelerate will broadcast rank 0's weights into this rank's shards: launched with an
+    FSDP config that turns RAM-efficient loading on (accelerate's variables), and FSDP really in
+    effect (on CPU only through distributed/cpu_fsdp.py). Otherwise accelerate runs DDP, or nothing
+    distributed, with this rank's weights as loaded: they must be real, so that the run reaches the
+    check that stops it with a clear error (guard.check_distributed) instead of failing on the meta
+    device."""
+    from tunefleet.distributed import cpu_fsdp
+
+    def on(name: str) -> bool:
+        return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+    if not (on("ACCELERATE_USE_FSDP") and on("FSDP_CPU_RAM_EFFICIENT_LOADING")):
+        return False
+    return not precision.use_cpu or cpu_fsdp.is_enabled()
 
 
 def empty_model(path: str, recipe: Recipe, precision: Precision) -> Any:

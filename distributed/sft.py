@@ -364,6 +364,7 @@ def _check_and_report(
     recipe, out = checked.recipe, Path(checked.recipe.output_dir)
     expected = guard.expectation(recipe, checked.hw)
     guard.check_distributed(trainer.accelerator.state, expected, recipe.parallel.strategy)
+    weights_read_by = guard.ranks_that_read_weights(trainer.model)
     trainer.add_callback(
         guard.ShardingCheck(
             trainer, recipe.parallel.strategy, rank.world_size, out / PLAN_FILE if rank.main else None
@@ -382,6 +383,7 @@ def _check_and_report(
             "compat_notes": checked.notes,
             "train_examples": len(data.train),
             "steps_per_epoch": schedule.steps_per_epoch,
+            "weights_read_by_ranks": weights_read_by,
             "gpu_peak_after_load_gib": peak_gpu_memory_gib(),
         }
         write_json(out / PLAN_FILE, {**plan, "in_effect": in_effect})

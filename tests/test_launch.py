@@ -436,6 +436,8 @@ def test_launch_trains_like_one_process(workdir: Path, name: str) -> None:
     effect = json.loads((out / "plan.json").read_text())["in_effect"]
     assert (effect["distributed_type"], effect["world_size"], effect["backend"]) == (dist_type, nproc, "gloo")
     assert effect["sharding"]["kind"] == sharding
+    # plain FSDP2: only rank 0 read the base weights (the others received them: losses equal above)
+    assert effect["weights_read_by_ranks"] == ([0] if name == "fsdp" else list(range(nproc)))
     if sharding == "fsdp2":  # FSDP really shards: every parameter a DTensor on a mesh of the world size
         assert effect["cpu_fsdp_layer"] is True
         assert effect["sharding"]["dtensor_params"] == effect["sharding"]["params"]

@@ -164,8 +164,14 @@ def test_bitsandbytes_and_plain_models_get_no_device_map() -> None:
         assert "device_map" not in model_mod.load_kwargs(r, precision, local_rank=1)
 
 
-def test_under_fsdp2_only_rank_0_reads_the_weights() -> None:
+def test_under_fsdp2_only_rank_0_reads_the_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Launched with the FSDP config (accelerate's variables) and FSDP in effect (on CPU: cpu_fsdp)."""
+    from tunefleet.distributed import cpu_fsdp
+
     r = recipe("parallel.strategy=fsdp", processes=2)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    cpu_fsdp.enable()
     precision = model_mod.resolve_precision(r)
     path = model_mod.resolve_model_path(r.model)
     other = model_mod.load_model(path, r, precision, rank=1, world_size=2)
@@ -176,6 +182,11 @@ def test_under_fsdp2_only_rank_0_reads_the_weights() -> None:
     assert sorted(n for n, _ in first.named_parameters()) == sorted(n for n, _ in other.named_parameters())
     for (name, a), (_, b) in zip(first.named_buffers(), other.named_buffers(), strict=True):
         assert torch.equal(a, b), name
+    # launched without the FSDP config (torchrun by hand): accelerate would not broadcast, the
+    # weights are read (and the start-up check then stops the run with a clear error)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    by_hand = model_mod.load_model(path, r, precision, rank=1, world_size=2)
+    assert {p.device.type for p in by_hand.parameters()} == {"cpu"}
     # a 4-bit base, FSDP1 or one process: every rank loads
     for overrides, processes in (
         (("parallel.strategy=fsdp-qlora", "model.quantization=nf4"), 2),
