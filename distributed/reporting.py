@@ -101,6 +101,29 @@ class ProgressCallback(TrainerCallback):
             self.progress = None
 
 
+def peak_gpu_memory_gib() -> float | None:
+    """The most GPU memory this rank's tensors have held so far (torch's allocator), or None on CPU.
+
+    Recorded in plan.json after loading (`in_effect.gpu_peak_after_load_gib`) and at the end
+    (`in_effect.gpu_peak_gib`), to set beside the plan's estimates."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 1024**3, 3)
+
+
+def record_in_effect(plan_path: Path, **values: Any) -> None:
+    """Add values to plan.json's `in_effect` (rank 0, after the run started)."""
+    from tunefleet.launch.core.layout import write_json
+
+    if not plan_path.exists():
+        return
+    plan = json.loads(plan_path.read_text(encoding="utf-8"))
+    plan.setdefault("in_effect", {}).update(values)
+    write_json(plan_path, plan)
+
+
 def plot_loss(metrics_path: Path, out_path: Path) -> None:
     """Plot training (and evaluation) loss against the optimizer step."""
     import matplotlib

@@ -100,9 +100,9 @@ def run(
     args = training_arguments(recipe, checked.batch, schedule, precision, has_eval=data.eval is not None)
     dist = _join_world(rank)
     _prepare_run_dir(checked, rank, dist)
-    model = _build_model(model_path, recipe, precision)
+    model = _build_model(model_path, recipe, precision, rank)
     trainer = _build_trainer(checked, schedule, model, args, tokenizer, data)
-    model_mod.match_adapter_dtype(trainer.model, recipe, precision)
+    model_mod.match_adapter_dtype(trainer.model, recipe)
     _check_and_report(trainer, checked, schedule, data, plan, precision, rank)
     result = trainer.train(resume_from_checkpoint=checked.start.checkpoint)
     if trainer.tf_stopped:
@@ -300,8 +300,8 @@ def _announce_resume(out: Path, checked: Preflight) -> None:
         print(f"  changed since that checkpoint (harmless): {note}", flush=True)
 
 
-def _build_model(model_path: str, recipe: Recipe, precision: Any) -> Any:
-    """The base model with the recipe's adapter.
+def _build_model(model_path: str, recipe: Recipe, precision: Any, rank: Rank) -> Any:
+    """The base model with the recipe's adapter (under FSDP2 only rank 0 reads the weights).
 
     The adapter's random init (LoRA A) comes from train.seed, identical on every rank and every
     world size (the Trainer seeds only after the model exists: unseeded, runs could never match)."""
@@ -310,10 +310,10 @@ def _build_model(model_path: str, recipe: Recipe, precision: Any) -> Any:
     from tunefleet.distributed import guard
     from tunefleet.distributed import model as model_mod
 
-    model = model_mod.load_model(model_path, recipe, precision)
+    model = model_mod.load_model(model_path, recipe, precision, rank=rank.rank, world_size=rank.world_size)
     guard.check_padding_free(model, recipe)
     set_seed(recipe.train.seed)
-    return model_mod.apply_peft(model, recipe)
+    return model_mod.materialize_adapter(model_mod.apply_peft(model, recipe))
 
 
 def _build_trainer(
@@ -375,11 +375,12 @@ def _check_and_report(
     """No silent fallback (the distributed type and world size now, the sharding once the model is
     wrapped); the run summary and plan.json on rank 0; the stop signals from here on."""
     from tunefleet.distributed import cpu_fsdp, guard
-    from tunefleet.distributed.reporting import print_table, start_rows
+    from tunefleet.distributed.reporting import peak_gpu_memory_gib, print_table, start_rows
 
     recipe, out = checked.recipe, Path(checked.recipe.output_dir)
     expected = guard.expectation(recipe, checked.hw)
     guard.check_distributed(trainer.accelerator.state, expected, recipe.parallel.strategy)
+    weights_read_by = guard.ranks_that_read_weights(trainer.model)
     trainer.add_callback(
         guard.ShardingCheck(
             trainer, recipe.parallel.strategy, rank.world_size, out / PLAN_FILE if rank.main else None
@@ -410,6 +411,8 @@ def _check_and_report(
             "train_examples": len(data.train),
             "steps_per_epoch": schedule.steps_per_epoch,
             "batching": batching,
+            "weights_read_by_ranks": weights_read_by,
+            "gpu_peak_after_load_gib": peak_gpu_memory_gib(),
         }
         write_json(out / PLAN_FILE, {**plan, "in_effect": in_effect})
     trainer.tf_stop.install()
@@ -437,12 +440,19 @@ def _finish(
     """The final adapter (gathered on every rank), then rank 0's plot, samples and summary."""
     from tunefleet.distributed.evaluation import final_eval_loss, write_samples
     from tunefleet.distributed.final_adapter import save_final_adapter
-    from tunefleet.distributed.reporting import done_rows, plot_loss, print_table
+    from tunefleet.distributed.reporting import (
+        done_rows,
+        peak_gpu_memory_gib,
+        plot_loss,
+        print_table,
+        record_in_effect,
+    )
 
     out = Path(recipe.output_dir)
     save_final_adapter(trainer, tokenizer, out / FINAL_DIR)  # FSDP / ZeRO-3 gather the adapter first
     if not rank.main:
         return
+    record_in_effect(out / PLAN_FILE, gpu_peak_gib=peak_gpu_memory_gib())
     plot_loss(out / METRICS_FILE, out / LOSS_PLOT)
     samples = write_samples(
         trainer.model,

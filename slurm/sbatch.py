@@ -47,6 +47,17 @@ PORT_SPAN = 20000
 DEFAULT_MODULE = "tunefleet.distributed.sft"
 """The Python module each process runs (`-m`)."""
 
+GPU_JOB_CPUS_PER_GPU = 8
+"""CPUs per GPU a GPU job requests when `cpus_per_task` is not set: the training process, its data
+loading and the NCCL / pin-memory threads. Without a request many clusters give the whole task one
+core, shared by every rank of the node. Nodes with fewer cores per GPU: set cpus_per_task (sbatch
+refuses a request no node can meet at submission)."""
+
+GPU_JOB_MEM_PER_GPU_GB = 32
+"""Host memory per GPU (GB) a GPU job requests when `mem` is not set. Loading is the peak: without
+a request many clusters grant a small default per core, and ranks that each read the checkpoint
+into host RAM are killed while loading. `tunefleet plan` shows the host RAM per node at load."""
+
 SECRET_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
 """Read from the environment at run time; never written into a generated script."""
 
@@ -73,10 +84,12 @@ class ClusterSpec:
     """Training processes per node; None means one per GPU, or 1 on CPU nodes."""
 
     cpus_per_task: int | None = None
-    """CPUs for the one task per node (shared by its processes); None keeps SLURM's default (1)."""
+    """CPUs for the one task per node (shared by its processes); None requests
+    GPU_JOB_CPUS_PER_GPU per GPU on GPU nodes, one per process on CPU nodes."""
 
     mem: str | None = None
-    """Memory per node, SLURM syntax (`64G`, `500000M`; `0` = all of it); None keeps the default."""
+    """Memory per node, SLURM syntax (`64G`, `500000M`; `0` = all of it); None requests
+    GPU_JOB_MEM_PER_GPU_GB per GPU on GPU nodes and keeps the cluster's default on CPU nodes."""
 
     time: str = "24:00:00"
     """Time limit, SLURM syntax: `MM`, `MM:SS`, `HH:MM:SS`, `D-HH`, `D-HH:MM`, `D-HH:MM:SS`."""
@@ -502,7 +515,6 @@ except SignalException as err:  # the launcher itself was sent TERM (preemption,
 
 
 def _sbatch_options(spec: ClusterSpec, output_dir: str) -> list[str]:
-    procs = _procs_per_node(spec)
     options: dict[str, str | None] = {
         "--job-name": spec.job_name,
         "--nodes": str(spec.nodes),
@@ -515,12 +527,11 @@ def _sbatch_options(spec: ClusterSpec, output_dir: str) -> list[str]:
     }
     if spec.gpus_per_node:
         options["--gpus-per-node"] = _gpus(spec)
-    if spec.cpus_per_task is not None:
-        options["--cpus-per-task"] = str(spec.cpus_per_task)
-    elif spec.gpus_per_node == 0 and procs > 1:
-        options["--cpus-per-task"] = str(procs)  # one CPU per gloo process at least
+    cpus = _cpus_per_task(spec)
+    if cpus is not None:
+        options["--cpus-per-task"] = str(cpus)
     for flag, value in (
-        ("--mem", spec.mem),
+        ("--mem", _mem(spec)),
         ("--partition", spec.partition),
         ("--account", spec.account),
         ("--qos", spec.qos),
@@ -542,6 +553,26 @@ def _sbatch_options(spec: ClusterSpec, output_dir: str) -> list[str]:
         f"#SBATCH {flag}" if value is None else f"#SBATCH {flag}={value}"
         for flag, value in sorted(options.items())
     ]
+
+
+def _cpus_per_task(spec: ClusterSpec) -> int | None:
+    """CPUs of the one task per node: as set, else GPU_JOB_CPUS_PER_GPU per GPU (or per process,
+    if more), else one per gloo process on CPU nodes (None for one process: SLURM's default)."""
+    if spec.cpus_per_task is not None:
+        return spec.cpus_per_task
+    procs = _procs_per_node(spec)
+    if spec.gpus_per_node:
+        return GPU_JOB_CPUS_PER_GPU * max(spec.gpus_per_node, procs)
+    return procs if procs > 1 else None
+
+
+def _mem(spec: ClusterSpec) -> str | None:
+    """Memory per node: as set, else GPU_JOB_MEM_PER_GPU_GB per GPU on GPU nodes."""
+    if spec.mem is not None:
+        return spec.mem
+    if spec.gpus_per_node:
+        return f"{GPU_JOB_MEM_PER_GPU_GB * spec.gpus_per_node}G"
+    return None
 
 
 def _procs_per_node(spec: ClusterSpec) -> int:
@@ -692,6 +723,11 @@ def _step_lines(spec: ClusterSpec, launch: Launch, launcher: ResolvedLauncher, r
     srun = ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
     if spec.gpus_per_node:
         srun.append(f"--gpus-per-node={_gpus(spec)}")
+    cpus = _cpus_per_task(spec)
+    if cpus is not None:
+        # since Slurm 22.05 srun no longer inherits the job's --cpus-per-task: without it the step
+        # gets one CPU per task and every rank of the node shares it
+        srun.append(f"--cpus-per-task={cpus}")
     return [
         "# One task per node. The command is single-quoted: $SLURM_NODEID expands on each node",
         "# inside the step (in this shell it is always 0, which would make every node rank 0).",

@@ -19,6 +19,8 @@ import pytest
 from tunefleet.launch.core.errors import TunefleetError
 from tunefleet.launch.core.layout import EXIT_REQUEUE
 from tunefleet.slurm.sbatch import (
+    GPU_JOB_CPUS_PER_GPU,
+    GPU_JOB_MEM_PER_GPU_GB,
     ClusterSpec,
     ClusterSpecError,
     Launch,
@@ -399,6 +401,39 @@ def test_accelerate_command_per_node(tmp_path: Path) -> None:
         }
         assert argv[16:] == ["-m", "tunefleet.distributed.sft", "--recipe", HOSTILE_PATH]
     assert "srun-option --gpus-per-node=4" in calls
+    # Slurm >= 22.05: the step gets the job's CPUs only when srun asks for them
+    assert f"srun-option --cpus-per-task={4 * GPU_JOB_CPUS_PER_GPU}" in calls
+
+
+def _sbatch_lines(spec: ClusterSpec) -> dict[str, str]:
+    text = render_sbatch(spec, recipe_path="/r.yaml", output_dir="/o", launch=Launch(accelerate_config="/a"))
+    return dict(
+        line.removeprefix("#SBATCH ").split("=", 1)
+        for line in text.splitlines()
+        if line.startswith("#SBATCH --") and "=" in line
+    )
+
+
+def test_gpu_jobs_request_cpus_and_memory_per_node() -> None:
+    """Without a request many clusters give the task one core and a small memory share: the ranks
+    of a node would share one core, and ranks loading the checkpoint run out of host memory."""
+    lines = _sbatch_lines(ClusterSpec(nodes=2, gpus_per_node=4))
+    assert lines["--cpus-per-task"] == str(4 * GPU_JOB_CPUS_PER_GPU)
+    assert lines["--mem"] == f"{4 * GPU_JOB_MEM_PER_GPU_GB}G"
+    # more processes than GPUs: CPUs follow the processes
+    assert _sbatch_lines(ClusterSpec(gpus_per_node=2, procs_per_node=4))["--cpus-per-task"] == str(
+        4 * GPU_JOB_CPUS_PER_GPU
+    )
+    # set values win, and srun passes the same CPU count
+    spec = ClusterSpec(gpus_per_node=8, cpus_per_task=20, mem="500G")
+    lines = _sbatch_lines(spec)
+    assert (lines["--cpus-per-task"], lines["--mem"]) == ("20", "500G")
+    text = render_sbatch(spec, recipe_path="/r.yaml", output_dir="/o", launch=Launch(accelerate_config="/a"))
+    assert "srun --ntasks-per-node=1 --kill-on-bad-exit=1 --gpus-per-node=8 --cpus-per-task=20 " in text
+    # CPU jobs: one CPU per gloo process, memory left to the cluster
+    cpu = _sbatch_lines(ClusterSpec(procs_per_node=2))
+    assert cpu["--cpus-per-task"] == "2" and "--mem" not in cpu
+    assert "--cpus-per-task" not in _sbatch_lines(ClusterSpec())
 
 
 def test_requeue_on_exit_code(tmp_path: Path) -> None:
