@@ -7,8 +7,13 @@ options. `build_job` returns the file texts; `write_job` writes them:
 
 - `<output_dir>/recipe.yaml`: the resolved recipe (overrides baked in, output_dir absolute).
   Every node and every restart trains from this one file;
-- the sbatch script (`<output_dir>/slurm.sbatch` unless `--out`), which runs `tunefleet
-  prepare` once in the batch shell, then one launcher per node.
+- the sbatch script (`<output_dir>/slurm.sbatch` unless `--out`), which checks that the job's
+  Python imports tunefleet and torch at this machine's versions, runs `tunefleet prepare` once in
+  the batch shell, then one launcher per node.
+
+The job's Python is the interpreter running `tunefleet slurm` (`sys.executable`, absolute: a venv
+works without being activated), or `--python`, which must be one executable found here that
+imports tunefleet at the same versions (`job_python`).
 
 `submit_job` records the job id in `<output_dir>/slurm-job.json` for `tunefleet status`.
 
@@ -23,8 +28,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +42,7 @@ from tunefleet.launch.core import checkpoints as ckpt
 from tunefleet.launch.core import recipe as recipe_mod
 from tunefleet.launch.core.args import StartOptions
 from tunefleet.launch.core.batch import BatchPlan
-from tunefleet.launch.core.errors import RunDirError
+from tunefleet.launch.core.errors import RunDirError, TunefleetError
 from tunefleet.launch.core.hardware import Hardware
 from tunefleet.launch.core.layout import (
     RESOLVED_RECIPE,
@@ -47,7 +56,15 @@ from tunefleet.launch.core.recipe import Recipe
 from tunefleet.launch.preflight import Preflight, preflight
 from tunefleet.launch.templates import ACCELERATE_FILE, render_files
 from tunefleet.slurm import status as status_mod
-from tunefleet.slurm.sbatch import DEFAULT_CHECKPOINT_S, ClusterSpec, Launch, render_sbatch
+from tunefleet.slurm.sbatch import (
+    DEFAULT_CHECKPOINT_S,
+    PYTHON_CHECK,
+    PYTHON_CHECK_IMPORTS,
+    PYTHON_FIX,
+    ClusterSpec,
+    Launch,
+    render_sbatch,
+)
 from tunefleet.slurm.submit import submit, write_script
 
 
@@ -70,6 +87,10 @@ class Job:
     """The accelerate (and DeepSpeed) configs of a GPU job, by path."""
     notes: list[str] = dataclasses.field(default_factory=list)
     """One line per setting the compatibility matrix filled in or changed."""
+    python: str = ""
+    """The interpreter the job runs (checked by the script before anything starts)."""
+    versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    """The versions of tunefleet and torch it must have (this machine's)."""
 
 
 def measured_checkpoint_s(out: Path) -> tuple[int, str]:
@@ -88,6 +109,47 @@ def measured_checkpoint_s(out: Path) -> tuple[int, str]:
         f"measured {seconds} s: slowest save {max(saves):.2f} s of {len(saves)} checkpoint(s) "
         f"+ slowest step {step_s:.2f} s"
     )
+
+
+def login_versions() -> dict[str, str]:
+    """The versions of tunefleet and torch in this interpreter: the job's Python must have them."""
+    versions = {}
+    for name in PYTHON_CHECK_IMPORTS:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:  # not installed as a distribution: check the import only
+            continue
+    return versions
+
+
+def job_python(python: str | None, versions: dict[str, str]) -> str:
+    """The interpreter the job runs: this one (`sys.executable`, as submitit does) unless `--python`
+    names another, which must be one executable found here that imports tunefleet at the same
+    versions (the job checks again on the node, after `--env-setup`)."""
+    if python is None:
+        return os.path.abspath(sys.executable)
+    found = shutil.which(python)
+    if found is None:
+        words = python.split()
+        if len(words) > 1 and shutil.which(words[0]):
+            raise TunefleetError(
+                f"--python {python!r} is not one executable: the job runs it as one program name",
+                f"pass the interpreter alone (--python {words[0]}); set interpreter options through "
+                "variables (--env PYTHONUNBUFFERED=1)",
+            )
+        raise TunefleetError(f"--python {python!r}: no such executable here", PYTHON_FIX)
+    wanted = [f"{name}={versions.get(name, '')}" for name in PYTHON_CHECK_IMPORTS]
+    try:
+        result = subprocess.run(
+            [found, "-c", PYTHON_CHECK, "find", *wanted], capture_output=True, text=True, timeout=120
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise TunefleetError(f"--python {python!r} ({found}) does not run: {exc}", PYTHON_FIX) from None
+    if result.returncode != 0:
+        lines = [line.removeprefix("tunefleet: ") for line in result.stderr.strip().splitlines()]
+        said = "; ".join(lines[1:] or lines[-3:])  # the first line names the interpreter
+        raise TunefleetError(f"--python {python!r} ({found}) cannot run tunefleet: {said}", PYTHON_FIX)
+    return python
 
 
 def _cluster_hardware(spec: ClusterSpec) -> Hardware:
@@ -126,17 +188,19 @@ def build_job(
     spec: ClusterSpec,
     *,
     script_path: str | Path | None = None,
-    python: str = "python",
+    python: str | None = None,
     measure_checkpoint: bool = True,
 ) -> Job:
-    """Load and check everything; return the texts to write. With `measure_checkpoint`,
-    `spec.checkpoint_s` is replaced by what an earlier attempt measured (or the default)."""
+    """Load and check everything; return the texts to write. `python`: the job's interpreter (None:
+    this one, see `job_python`). With `measure_checkpoint`, `spec.checkpoint_s` is replaced by what
+    an earlier attempt measured (or the default)."""
     recipe = recipe_mod.load(recipe_file, overrides)
     out = Path(os.path.abspath(os.path.expanduser(recipe.output_dir)))
     hw = _cluster_hardware(spec)
     checked = _preflight(dataclasses.replace(recipe, output_dir=str(out)), hw)
     recipe = checked.recipe
-    launch = Launch(python=python, prepare=True)
+    versions = login_versions()
+    launch = Launch(python=job_python(python, versions), expect_versions=versions, prepare=True)
     config_files: dict[Path, str] = {}
     if not hw.use_cpu:  # accelerate launch, with the configs `tunefleet launch` renders
         config_files, accelerate_config = _accelerate_configs(recipe, hw, out)
@@ -166,6 +230,8 @@ def build_job(
         resume_from=checked.start.checkpoint,
         config_files=config_files,
         notes=checked.notes,
+        python=launch.python,
+        versions=versions,
     )
 
 
