@@ -178,6 +178,14 @@ def start_rows(
     ]
 
 
+def _final_loss(log_history: list[dict[str, Any]], mean_loss: float) -> str:
+    """The last logged training loss (where the run ended up), and the mean over the run."""
+    logged = [row["loss"] for row in log_history if "loss" in row]
+    if not logged:
+        return f"{mean_loss:.4f} (mean over the run)"
+    return f"{logged[-1]:.4f} (last logged step; mean over the run {mean_loss:.4f})"
+
+
 def done_rows(
     trainer: Any, result: Any, out: Path, *, elapsed_s: float, eval_loss: float | None, samples: str
 ) -> list[tuple[str, str]]:
@@ -186,7 +194,7 @@ def done_rows(
     tokens = trainer.state.num_input_tokens_seen
     return [
         ("steps", f"{trainer.state.global_step}"),
-        ("final loss", f"{result.training_loss:.4f} (mean over the run)"),
+        ("final loss", _final_loss(trainer.state.log_history, result.training_loss)),
         ("time", f"{elapsed_s:.1f} s total, {train_s:.1f} s training"),
         ("throughput", f"{tokens / max(train_s, 1e-9):,.0f} tokens/s ({tokens:,} tokens)"),
         *([("eval loss", f"{eval_loss:.4f} (last evaluation)")] if eval_loss is not None else []),

@@ -228,7 +228,7 @@ def test_slurm_refuses_finished_run_and_changed_training(tmp_path: Path, monkeyp
     other = tmp_path / "other"
     _fake_checkpoint(other, step=4, save_s=1.0, recipe=R.load(DEMO, [f"output_dir={other}"]))
     assert _slurm(tmp_path, other, "--nodes", "1", "--set", "peft.r=4", monkeypatch=monkeypatch) == 2
-    assert "peft.r: 16 -> 4" in capsys.readouterr().err
+    assert "peft.r: 64 -> 4" in capsys.readouterr().err
     assert not (other / "slurm.sbatch").exists()
 
 
