@@ -28,6 +28,8 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 TUNEFLEET = Path(sys.executable).parent / "tunefleet"
 """The console script a user who ran `make demo` types: `.venv/bin/tunefleet`."""
+PYTHON = TUNEFLEET.read_text().splitlines()[0].removeprefix("#!")
+"""The interpreter it runs in (its shebang: `.venv/bin/python3`), which the job must run too."""
 SHORT = ["data.limit=32", "data.max_length=64", "train.max_steps=2", "train.save_steps=0"]
 BARE_PATH = "/usr/local/bin:/usr/bin:/bin"
 """A PATH without the venv (the slurm client programs are in /usr/bin)."""
@@ -49,12 +51,12 @@ def _submit(out: Path, cluster: SlurmCluster, *args: str, path: str) -> tuple[st
 def test_job_submitted_without_the_venv_on_path_trains(tmp_path: Path, slurm_cluster: SlurmCluster) -> None:
     out = tmp_path / "run"
     job, printed = _submit(out, slurm_cluster, path=BARE_PATH)
-    assert f"python   {sys.executable} (must import tunefleet" in printed
+    assert f"python   {PYTHON} (must import tunefleet" in printed
     info = slurm_cluster.wait(job, "COMPLETED", timeout_s=300)
     log = (out / f"slurm-{job}.out").read_text()
     assert info["NodeList"] == "n[1-2]", log
     versions = f"tunefleet {metadata.version('tunefleet')}, torch {metadata.version('torch')}"
-    assert f"tunefleet: python {sys.executable}: {versions}" in log, log
+    assert f"tunefleet: python {PYTHON}: {versions}" in log, log
     assert "No module named" not in log and (out / "final" / "adapter_model.safetensors").is_file(), log
 
 
