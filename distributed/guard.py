@@ -24,11 +24,15 @@ from typing import Any
 from transformers import TrainerCallback
 
 from tunefleet.distributed import cpu_fsdp
+from tunefleet.launch.compat import padding_free_problem
 from tunefleet.launch.core.errors import TunefleetError
 from tunefleet.launch.core.hardware import Hardware
 from tunefleet.launch.core.layout import ENV_DISTRIBUTED_TYPE, ENV_NUM_MACHINES, ENV_WORLD_SIZE, write_json
 from tunefleet.launch.core.recipe import Recipe
 from tunefleet.launch.templates import FSDP_STRATEGIES, ZERO_STAGE, expected_distributed_type
+
+QUANTIZED_LINEAR = ("Linear4bit", "Linear8bitLt")
+"""bitsandbytes' layer classes: how many of them the trained model holds shows the base really is quantized."""
 
 FIX = "launch with `tunefleet launch RECIPE --nproc N` (CPU) or `--gpus N`, which renders the matching accelerate config"
 
@@ -105,7 +109,13 @@ def in_effect(trainer: Any, precision: Any) -> dict[str, Any]:
     import torch
 
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    quantized: dict[str, int] = {}
+    for module in trainer.model.modules():
+        name = type(module).__name__
+        if name in QUANTIZED_LINEAR and type(module).__module__.startswith("bitsandbytes"):
+            quantized[name] = quantized.get(name, 0) + 1
     return {
+        "quantized_modules": quantized,
         "world_size": trainer.args.world_size,
         "distributed_type": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1],
         "backend": torch.distributed.get_backend() if dist else None,
@@ -113,6 +123,21 @@ def in_effect(trainer: Any, precision: Any) -> dict[str, Any]:
         "mixed_precision": precision.mode,
         "model_dtype": str(precision.dtype).replace("torch.", ""),
     }
+
+
+def check_padding_free(model: Any, recipe: Recipe) -> None:
+    """Packed samples stay apart only for verified model types and attention implementations, and
+    only without a KV cache (with one, transformers builds no block mask: samples would see each other)."""
+    if recipe.batch.padding_free is not True:
+        return
+    config = model.config
+    problem = padding_free_problem(config.model_type, getattr(config, "_attn_implementation", None))
+    if problem is None and getattr(config, "use_cache", False):
+        problem = "the model's KV cache is on, and with it the attention would not keep packed samples apart"
+    if problem:
+        raise TunefleetError(
+            f"batch.padding_free: {problem}", "set batch.padding_free=false (micro batches grouped by length)"
+        )
 
 
 # ----------------------------------------------------------------------------- sharding

@@ -162,7 +162,7 @@ def apply_peft(model: Any, recipe: Recipe) -> Any:
     """Wrap the base model with the recipe's LoRA/DoRA adapter (k-bit preparation for QLoRA)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from tunefleet.launch.params import lora_config_kwargs
+    from tunefleet.launch.params import check_module_names, lora_config_kwargs
 
     if recipe.model.quantization in ("nf4", "fp4", "int8"):
         model = prepare_model_for_kbit_training(
@@ -170,6 +170,7 @@ def apply_peft(model: Any, recipe: Recipe) -> Any:
             use_gradient_checkpointing=recipe.train.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
+    check_module_names(model, recipe.peft)
     try:
         return get_peft_model(model, LoraConfig(**lora_config_kwargs(recipe.peft)))
     except ValueError as exc:

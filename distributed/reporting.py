@@ -43,6 +43,7 @@ class MetricsCallback(TrainerCallback):
         else:
             return
         row["elapsed_s"] = round(time.monotonic() - self.start, 3)
+        row["time"] = round(time.time(), 3)
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -138,8 +139,33 @@ def print_table(title: str, rows: list[tuple[str, str]]) -> None:
     Console().print(table)
 
 
+def batching_line(batching: dict[str, Any]) -> str:
+    """How the micro batches are made, and the padding they cost (epoch 1)."""
+    if batching["padding_free"]:
+        order = "grouped by length, " if batching["group_by_length"] else ""
+        return (
+            f"padding-free: {order}each micro batch packed into one row (samples kept apart by position_ids)"
+        )
+    ratio = batching["padded_token_ratio"]
+    if batching["group_by_length"]:
+        return (
+            f"micro batches grouped by length: padded tokens {ratio:.2f}x the real ones "
+            f"({batching['padded_token_ratio_in_order']:.2f}x in sampler order)"
+        )
+    return f"micro batches in sampler order: padded tokens {ratio:.2f}x the real ones"
+
+
 def start_rows(
-    checked: Any, schedule: Any, data: Any, precision: Any, expected: Any, *, trainable: int, total: int
+    checked: Any,
+    schedule: Any,
+    data: Any,
+    precision: Any,
+    expected: Any,
+    *,
+    trainable: int,
+    total: int,
+    batching: dict[str, Any],
+    warnings: list[str],
 ) -> list[tuple[str, str]]:
     """The run summary printed before the first step (`checked`: the preflight's result)."""
     recipe, batch = checked.recipe, checked.batch
@@ -162,6 +188,7 @@ def start_rows(
             f"micro {batch.micro_batch_size} x accum {batch.grad_accum_steps} x world "
             f"{batch.world_size} = global {batch.global_batch_size} samples/step",
         ),
+        ("batching", batching_line(batching)),
         (
             "schedule",
             f"{schedule.steps_per_epoch} steps/epoch ({schedule.dropped_rows_per_epoch} samples of the last "
@@ -174,16 +201,20 @@ def start_rows(
             "sharding checked when training starts, recorded in plan.json)",
         ),
         *[("compat", note) for note in checked.notes],
+        *[("warning", w) for w in warnings],
         ("output", recipe.output_dir),
     ]
 
 
-def _final_loss(log_history: list[dict[str, Any]], mean_loss: float) -> str:
-    """The last logged training loss (where the run ended up), and the mean over the run."""
-    logged = [row["loss"] for row in log_history if "loss" in row]
+def _final_loss(trainer: Any, result: Any) -> str:
+    """Where the run ended up (the last logged training loss) and the mean over this attempt."""
+    trained = trainer.state.global_step - getattr(trainer, "_initial_global_step", 0)
+    if not trained:
+        return "no step left to train: the checkpoint was written at the last step"
+    logged = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     if not logged:
-        return f"{mean_loss:.4f} (mean over the run)"
-    return f"{logged[-1]:.4f} (last logged step; mean over the run {mean_loss:.4f})"
+        return f"{result.training_loss:.4f} (mean over this attempt's {trained} step(s))"
+    return f"{logged[-1]:.4f} (last logged step; mean over this attempt's {trained} step(s) {result.training_loss:.4f})"
 
 
 def done_rows(
@@ -194,7 +225,7 @@ def done_rows(
     tokens = trainer.state.num_input_tokens_seen
     return [
         ("steps", f"{trainer.state.global_step}"),
-        ("final loss", _final_loss(trainer.state.log_history, result.training_loss)),
+        ("final loss", _final_loss(trainer, result)),
         ("time", f"{elapsed_s:.1f} s total, {train_s:.1f} s training"),
         ("throughput", f"{tokens / max(train_s, 1e-9):,.0f} tokens/s ({tokens:,} tokens)"),
         *([("eval loss", f"{eval_loss:.4f} (last evaluation)")] if eval_loss is not None else []),

@@ -39,6 +39,7 @@ from tunefleet.launch.core.layout import (
     atomic_write,
     write_json,
 )
+from tunefleet.launch.core.noise import quiet_libraries, quiet_transformers
 from tunefleet.launch.core.recipe import Recipe
 from tunefleet.launch.preflight import Preflight, preflight
 
@@ -117,13 +118,12 @@ def run(
 def _preflight(recipe: Recipe, options: StartOptions, rank: Rank) -> Preflight:
     """The start-up checks, on this rank's hardware; library noise silenced from here on."""
     import torch
-    from transformers.utils import logging as hf_logging
 
     from tunefleet.distributed import guard
 
     hw = guard.runtime_hardware(rank.world_size, use_cpu=not torch.cuda.is_available())
     checked = preflight(recipe, hw, options)
-    hf_logging.set_verbosity_error()
+    quiet_transformers()
     return checked
 
 
@@ -175,6 +175,7 @@ def run_plan(checked: Preflight, schedule: Schedule, data: Any, model_path: str)
         schedule=schedule,
         model_config=read_model_config(config_file) if config_file.exists() else None,
         notes=checked.notes,
+        resolve=False,  # preflight resolved it for this hardware already
     )
 
 
@@ -229,6 +230,7 @@ def training_arguments(
         packing=False,
         dataset_kwargs={"skip_prepare_dataset": True},
         include_num_input_tokens_seen="non_padding",
+        use_liger_kernel=t.liger_kernel,
         average_tokens_across_devices=True,
         ddp_find_unused_parameters=False,
         disable_tqdm=True,
@@ -285,6 +287,8 @@ def _announce_resume(out: Path, checked: Preflight) -> None:
     from tunefleet.launch.core import rundir
 
     checkpoint = str(checked.start.checkpoint)
+    if checked.start.note:
+        print(f"note: {checked.start.note}", flush=True)
     rundir.truncate_metrics(out / METRICS_FILE, checkpoint)
     m = ckpt.read_manifest(Path(checkpoint))
     print(
@@ -303,9 +307,11 @@ def _build_model(model_path: str, recipe: Recipe, precision: Any) -> Any:
     world size (the Trainer seeds only after the model exists: unseeded, runs could never match)."""
     from transformers import set_seed
 
+    from tunefleet.distributed import guard
     from tunefleet.distributed import model as model_mod
 
     model = model_mod.load_model(model_path, recipe, precision)
+    guard.check_padding_free(model, recipe)
     set_seed(recipe.train.seed)
     return model_mod.apply_peft(model, recipe)
 
@@ -315,6 +321,7 @@ def _build_trainer(
 ) -> Any:
     """The trainer with tunefleet's sample order, atomic checkpoints, stop flag and callbacks."""
     from transformers.trainer_callback import PrinterCallback
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from tunefleet.distributed import tracking
     from tunefleet.distributed.evaluation import FinalEvalCallback
@@ -322,14 +329,22 @@ def _build_trainer(
     from tunefleet.distributed.trainer import StopFlag, TunefleetTrainer
 
     recipe, out = checked.recipe, Path(checked.recipe.output_dir)
+    padding_free = recipe.batch.padding_free is True
     trainer = TunefleetTrainer(
         model=model,
         args=args,
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
+        # padding-free: TRL's collator packs a micro batch into one row, position_ids restarting at
+        # every sample and the first label of each sample masked (it was never a target)
+        data_collator=DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)
+        if padding_free
+        else None,
         batch=checked.batch,
         schedule=schedule,
+        group_by_length=recipe.batch.group_by_length,
+        padding_free=padding_free,
         callbacks=[MetricsCallback(out / METRICS_FILE), ProgressCallback()]
         + ([FinalEvalCallback()] if data.eval is not None else []),
         manifest={
@@ -338,6 +353,7 @@ def _build_trainer(
             "world_size": checked.batch.world_size,
             "strategy": recipe.parallel.strategy,
             "batch_plan": checked.batch.to_dict(),
+            "data_fingerprint": checked.data_fingerprint,
         },
         keep_last=recipe.checkpoint.keep_last,
         stop=StopFlag(),
@@ -371,9 +387,20 @@ def _check_and_report(
     )
     if rank.main:
         trainable, total = trainer.model.get_nb_trainable_parameters()
+        batching = trainer.batching()
         print_table(
             "tunefleet run",
-            start_rows(checked, schedule, data, precision, expected, trainable=trainable, total=total),
+            start_rows(
+                checked,
+                schedule,
+                data,
+                precision,
+                expected,
+                trainable=trainable,
+                total=total,
+                batching=batching,
+                warnings=plan.get("warnings", []),
+            ),
         )
         in_effect = {
             **guard.in_effect(trainer, precision),
@@ -382,6 +409,7 @@ def _check_and_report(
             "compat_notes": checked.notes,
             "train_examples": len(data.train),
             "steps_per_epoch": schedule.steps_per_epoch,
+            "batching": batching,
         }
         write_json(out / PLAN_FILE, {**plan, "in_effect": in_effect})
     trainer.tf_stop.install()
@@ -441,6 +469,7 @@ def _finish(
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
     args = build_parser().parse_args(argv)
     rank = Rank.from_env()
     # the first process of each machine speaks for it: its launcher reads the exit file it writes

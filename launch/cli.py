@@ -9,6 +9,7 @@ from typing import Any
 
 from tunefleet.launch.core.args import StartOptions, add_overrides, add_run_arguments
 from tunefleet.launch.core.errors import TunefleetError
+from tunefleet.launch.core.noise import quiet_libraries
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -289,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func

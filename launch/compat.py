@@ -32,6 +32,18 @@ OFFLOAD_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
 optimizer by DeepSpeedCPUAdam (`map_pytorch_optim_to_deepspeed`), in AdamW mode only for
 torch AdamW; SGD or the bitsandbytes optimizers would silently become (non-W) Adam."""
 
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+"""Attention kernels that take packed samples natively (`cu_seq_lens` from `position_ids`)."""
+
+PADDING_FREE_ATTENTION = ("eager", "sdpa", *VARLEN_ATTENTION)
+"""Attention implementations that keep packed samples apart (sdpa/eager through the block mask
+transformers builds from `position_ids`)."""
+
+PADDING_FREE_MODEL_TYPES = ("gemma", "llama", "mistral", "mixtral", "phi3", "qwen2", "qwen3", "qwen3_moe")
+"""Model types whose packed samples were checked to stay apart, logits of each sample in a packed row
+equal to its logits alone, with sdpa and eager (tests/test_padding_free.py). gpt-oss is not among
+them: its packed samples leak into each other there (measured)."""
+
 _PREQUANTIZED_NAME = re.compile(r"(?:^|[-_/.])(gptq|awq)(?:[-_/.]|$)", re.IGNORECASE)
 
 
@@ -266,6 +278,67 @@ def _sharded_4bit_storage(r: _Resolution) -> None:
         )
 
 
+def padding_free_problem(model_type: str | None, attn_implementation: str | None) -> str | None:
+    """Why packed samples would not be kept apart, or None. Isolation rests on the attention
+    reading sample boundaries from `position_ids` (flash attention's varlen kernels, or the block
+    mask transformers builds from them for sdpa/eager when there is no attention mask and no KV
+    cache); tests/test_padding_free.py checks it, sample by sample, for every model type listed."""
+    if attn_implementation is not None and attn_implementation not in PADDING_FREE_ATTENTION:
+        return (
+            f"the attention implementation {attn_implementation!r} is not known to keep packed samples apart"
+        )
+    if model_type is not None and model_type not in PADDING_FREE_MODEL_TYPES:
+        return (
+            f"model type {model_type!r} is not among those verified to keep packed samples apart "
+            f"({', '.join(PADDING_FREE_MODEL_TYPES)}): its attention may let samples see each other"
+        )
+    return None
+
+
+def _padding_free(r: _Resolution) -> None:
+    """`auto` packs micro batches only where it is faster; packing is refused where samples could leak."""
+    b, m = r.recipe.batch, r.recipe.model
+    varlen = not r.hw.use_cpu and m.attn_implementation in VARLEN_ATTENTION
+    if b.padding_free == "auto":
+        why = (
+            "flash attention's variable-length kernels attend within each sample"
+            if varlen
+            else f"{m.attn_implementation or 'sdpa'} on {'CPU' if r.hw.use_cpu else 'GPU'} attends over the whole "
+            "packed row, slower than micro batches grouped by length; batch.padding_free=true forces it"
+        )
+        r.replace("batch", f"batch.padding_free: auto -> {str(varlen).lower()} ({why})", padding_free=varlen)
+    if r.recipe.batch.padding_free is not True:
+        return
+    model_type = r.model_config.get("model_type") if r.model_config is not None else None
+    problem = padding_free_problem(model_type, m.attn_implementation)
+    if problem:
+        raise _fail(
+            "batch.padding_free", problem, "set batch.padding_free=false (micro batches grouped by length)"
+        )
+    if not varlen:
+        r.notes.append(
+            f"batch.padding_free: {m.attn_implementation or 'sdpa'} keeps packed samples apart with a block mask "
+            "over the whole row, which costs more than padding on this hardware (tools/bench_throughput.py)"
+        )
+
+
+def _gpu_kernels(r: _Resolution) -> None:
+    """Flash attention and Liger are CUDA kernels: on CPU they are refused, never silently skipped."""
+    m, t = r.recipe.model, r.recipe.train
+    if r.hw.use_cpu and m.attn_implementation in VARLEN_ATTENTION:
+        raise _fail(
+            "model.attn_implementation",
+            f"{m.attn_implementation} is a CUDA kernel; this run has no GPU",
+            "use model.attn_implementation=sdpa (or leave it unset) on CPU",
+        )
+    if r.hw.use_cpu and t.liger_kernel:
+        raise _fail(
+            "train.liger_kernel",
+            "Liger's Triton kernels need a CUDA GPU; this run has none",
+            "set train.liger_kernel=false on CPU",
+        )
+
+
 RULES = (
     _processes,
     _fsdp_on_cpu,
@@ -274,6 +347,8 @@ RULES = (
     _qdora_under_zero3,
     _zero_offload_optimizer,
     _sharded_4bit_storage,
+    _gpu_kernels,
+    _padding_free,
 )
 """The compatibility matrix in the order it is applied: each rule refuses what breaks (naming the
 fix) or fills in what a strategy silently requires (with a note)."""

@@ -16,13 +16,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunefleet.launch import command
+from tunefleet.launch import command, compat
 from tunefleet.launch.core import batch as batch_mod
 from tunefleet.launch.core.batch import BatchPlan, Schedule
 from tunefleet.launch.core.errors import RecipeError
-from tunefleet.launch.core.hardware import strategy_for
+from tunefleet.launch.core.hardware import Hardware, strategy_for
 from tunefleet.launch.core.recipe import PRECISION_DTYPE, Recipe
 from tunefleet.launch.memory import GIB, MemoryInputs, ModelShape, estimate_memory
+from tunefleet.launch.preflight import recipe_warnings
 
 MAX_ACCUM_STEPS = 64
 """More accumulation steps than this is flagged: each optimizer step then runs that many
@@ -85,6 +86,7 @@ def build_plan(
     previous_batch: Mapping[str, Any] | None = None,
     gpu_memory_gib: float | None = None,
     notes: Sequence[str] = (),
+    resolve: bool = True,
 ) -> dict[str, Any]:
     """Everything `tunefleet plan` shows, as a JSON-serialisable dict.
 
@@ -94,15 +96,22 @@ def build_plan(
     by default it is derived from the data counts. `model_config`: the model's config.json (None:
     no parameter counts or memory). `counts`: precomputed `ParamCounts.to_dict()`; by default
     computed from `model_config` on the meta device. `previous_batch`: the batch plan (or resolved
-    recipe batch) of a run being resumed.
+    recipe batch) of a run being resumed. `resolve`: apply the compatibility matrix for `nodes` x
+    `procs_per_node` GPUs first (the trainer passes a recipe its start-up check resolved already).
     """
-    draft = _Draft(plan={"recipe": recipe_path}, notes=list(notes))
+    draft = _Draft(
+        plan={"recipe": recipe_path, "strategy_asked": recipe.parallel.strategy}, notes=list(notes)
+    )
+    if resolve:
+        recipe = _resolve(
+            draft, recipe, nodes=nodes, procs_per_node=procs_per_node, model_config=model_config
+        )
     bp = _batch(draft, recipe, nodes=nodes, procs_per_node=procs_per_node, previous_batch=previous_batch)
     if data is None and dataset_rows is not None:
         data = DataCounts.from_rows(dataset_rows, recipe)
     schedule = _data_and_schedule(draft, recipe, bp, data, schedule)
     _learning_rate(draft, recipe, schedule)
-    _warnings(draft, recipe, bp)
+    _warnings(draft, recipe, bp, model_config)
     _parameters_and_memory(draft, recipe, bp, model_config, counts, gpu_memory_gib)
     draft.plan["launch_commands"] = (
         list(launch_commands)
@@ -120,6 +129,25 @@ def build_plan(
     draft.plan["warnings"] = draft.warnings
     draft.plan["notes"] = draft.notes
     return draft.plan
+
+
+def _resolve(
+    draft: _Draft, recipe: Recipe, *, nodes: int, procs_per_node: int, model_config: Mapping[str, Any] | None
+) -> Recipe:
+    """The recipe as a launch on these GPUs would carry it out; what the matrix refuses is a warning here."""
+    hw = Hardware(
+        num_processes=nodes * procs_per_node,
+        num_machines=nodes,
+        main_process_ip="MAIN_ADDRESS" if nodes > 1 else None,
+        use_cpu=False,
+    )
+    try:
+        resolved, notes = compat.resolve_with_notes(recipe, hw, model_config)
+    except RecipeError as exc:
+        draft.warnings.append(f"refused at launch: {exc.problem} (fix: {exc.fix})")
+        return recipe
+    draft.notes += notes
+    return resolved
 
 
 def _batch(
@@ -145,7 +173,7 @@ def _batch(
             "model": recipe.model.name_or_path,
             "quantization": recipe.model.quantization,
             "strategy": strategy,
-            "strategy_asked": recipe.parallel.strategy,
+            "strategy_asked": draft.plan.get("strategy_asked", recipe.parallel.strategy),
             "nodes": nodes,
             "procs_per_node": procs_per_node,
             "world_size": bp.world_size,
@@ -155,12 +183,9 @@ def _batch(
             "global_batch_tokens": bp.global_batch_tokens,
             "max_length": bp.max_length,
             "batch_target": bp.target,
+            "batching": {"group_by_length": b.group_by_length, "padding_free": b.padding_free},
         }
     )
-    if strategy != recipe.parallel.strategy:
-        draft.notes.append(
-            f"parallel.strategy: {recipe.parallel.strategy} -> {strategy} on {bp.world_size} process(es)"
-        )
     if bp.target == "tokens":
         draft.notes.append(
             f"global batch set by batch.global_batch_tokens={b.global_batch_tokens}: "
@@ -260,9 +285,16 @@ def _learning_rate(draft: _Draft, recipe: Recipe, schedule: Schedule | None) -> 
         )
 
 
-def _warnings(draft: _Draft, recipe: Recipe, bp: BatchPlan) -> None:
+def _warnings(draft: _Draft, recipe: Recipe, bp: BatchPlan, model_config: Mapping[str, Any] | None) -> None:
     """Settings that run, but probably not as the user meant."""
     world, asked = bp.world_size, recipe.parallel.strategy
+    draft.warnings += recipe_warnings(recipe)
+    context = _context_length(model_config)
+    if context and recipe.data.max_length > context:
+        draft.warnings.append(
+            f"data.max_length={recipe.data.max_length} is beyond the model's context of {context:,} tokens "
+            "(max_position_embeddings): it never saw positions past it; lower data.max_length"
+        )
     if bp.grad_accum_steps > MAX_ACCUM_STEPS:
         draft.warnings.append(
             f"{bp.grad_accum_steps} accumulation steps (> {MAX_ACCUM_STEPS}): every optimizer step "
@@ -275,6 +307,14 @@ def _warnings(draft: _Draft, recipe: Recipe, bp: BatchPlan) -> None:
         )
     if world == 1 and asked not in ("auto", "single", "ddp"):
         draft.warnings.append(f"parallel.strategy={asked} on one process shards nothing")
+
+
+def _context_length(model_config: Mapping[str, Any] | None) -> int | None:
+    if model_config is None:
+        return None
+    config = model_config.get("text_config") or model_config
+    value = config.get("max_position_embeddings")
+    return int(value) if isinstance(value, int) else None
 
 
 def _precision(recipe: Recipe) -> tuple[str, str | None]:

@@ -54,6 +54,10 @@ class LaunchPlan:
     """What the ranks will find in output_dir: `fresh`, `resume`, or `overwrite` (moved aside first)."""
     resume_notes: list[str] = dataclasses.field(default_factory=list)
     """Harmless changes since the checkpoint a resume continues from."""
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    """Settings that run, but probably not as meant."""
+    start_note: str | None = None
+    """Why the newest checkpoint was passed over (damaged), when it was."""
     checkpoint: str | None = None
     """The checkpoint a resume continues from."""
 
@@ -74,9 +78,13 @@ def hardware(
         raise TunefleetError(
             "--nproc and --gpus exclude each other", "--nproc N for CPU processes, --gpus N for GPUs"
         )
-    for flag, value in (("--nproc", nproc), ("--gpus", gpus), ("--nnodes", nnodes)):
+    for flag, value, what in (
+        ("--nproc", nproc, "process"),
+        ("--gpus", gpus, "process"),
+        ("--nnodes", nnodes, "machine"),
+    ):
         if value is not None and value < 1:
-            raise TunefleetError(f"{flag} {value}: at least 1", f"use e.g. {flag} 2")
+            raise TunefleetError(f"{flag} {value}: at least 1 {what}", f"use e.g. {flag} 2")
     if nnodes > 1 and not main_address:
         raise TunefleetError(
             f"--nnodes {nnodes} needs --main-address (the address of node 0, reachable from every node)",
@@ -140,6 +148,8 @@ def prepare_launch(
         env=env,
         start=checked.start.mode,
         resume_notes=checked.resume_notes,
+        warnings=checked.warnings,
+        start_note=checked.start.note,
         checkpoint=checked.start.checkpoint,
     )
 
@@ -226,7 +236,9 @@ def summary(plan: LaunchPlan, *, dry_run: bool = False) -> str:
         f"process(es){nodes}, output_dir={plan.recipe.output_dir} ({start})"
     ]
     lines += [f"  note: {n}" for n in plan.notes]
+    lines += [f"  note: {plan.start_note}"] if plan.start_note else []
     lines += [f"  changed since the checkpoint (harmless): {n}" for n in plan.resume_notes]
+    lines += [f"  warning: {w}" for w in plan.warnings]
     lines += [f"  {'would write' if dry_run else 'wrote'} {plan.config_dir / name}" for name in plan.files]
     lines += ["", plan.files[COMMAND_FILE].splitlines()[-1]]
     return "\n".join(lines)

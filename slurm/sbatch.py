@@ -188,7 +188,7 @@ def cluster_spec_from_dict(raw: Mapping[str, Any]) -> ClusterSpec:
         if isinstance(data.get(key), list):
             data[key] = tuple(data[key])
     spec = ClusterSpec(**data)
-    _check_spec(spec)
+    check_spec(spec)
     return spec
 
 
@@ -230,6 +230,33 @@ _FIELD_OPTIONS = {
     "restart": ("--requeue", "--no-requeue", "--dependency", "-d"),
 }
 _MANAGED_OPTIONS = {flag: name for name, flags in _FIELD_OPTIONS.items() for flag in flags}
+
+_FIELD_FLAGS = {
+    "nodes": "--nodes",
+    "gpus_per_node": "--gpus-per-node (and --gpu-type)",
+    "cpus_per_task": "--cpus-per-task",
+    "mem": "--mem",
+    "time": "--time",
+    "partition": "--partition",
+    "account": "--account",
+    "qos": "--qos",
+    "constraint": "--constraint",
+    "exclusive": "--exclusive",
+    "job_name": "--job-name",
+    "checkpoint_s": "--checkpoint-s",
+    "restart": "--restart",
+}
+"""The `tunefleet slurm` option that sets each field (the log and the working directory have none)."""
+
+
+def _managed_fix(field_name: str) -> str:
+    flag = _FIELD_FLAGS.get(field_name)
+    if flag:
+        return f"use tunefleet slurm's {flag} option (or the cluster spec's {field_name!r} key)"
+    return (
+        f"leave it to tunefleet: the job log is <output_dir>/slurm-%j.out (append mode across restarts); "
+        f"in a cluster spec file set {field_name!r}"
+    )
 
 
 def _fail(where: str, problem: str, fix: str) -> NoReturn:
@@ -302,8 +329,8 @@ def _time_limit_s(value: str) -> int | None:
     return total
 
 
-def _check_spec(spec: ClusterSpec) -> None:
-    """Every field of the spec, before any of it is written into a script."""
+def check_spec(spec: ClusterSpec) -> None:
+    """Every field of the spec, before any of it is written into a script (or a batch is planned)."""
     _check_resources(spec)
     _check_names_and_paths(spec)
     _check_restart(spec)
@@ -417,7 +444,11 @@ def _check_extra_sbatch(spec: ClusterSpec) -> None:
         _check_secret_free(option, where)
         flag = option.split("=", 1)[0].split(" ", 1)[0]
         if flag in _MANAGED_OPTIONS:
-            _fail(where, f"{flag} is set by the cluster spec", f"set {_MANAGED_OPTIONS[flag]} instead")
+            _fail(
+                where,
+                f"{flag} is set by tunefleet from the cluster spec",
+                _managed_fix(_MANAGED_OPTIONS[flag]),
+            )
 
 
 def _resolve_launcher(spec: ClusterSpec, launch: Launch) -> Literal["torchrun", "accelerate"]:
@@ -632,7 +663,7 @@ def render_sbatch(
     The script is made of the sections below, in this order.
     """
     launch = launch or Launch()
-    _check_spec(spec)
+    check_spec(spec)
     recipe_path = _check_text(recipe_path, "recipe_path")
     output_dir = _check_text(output_dir, "output_dir")
     launcher = _resolve_launcher(spec, launch)

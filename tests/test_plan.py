@@ -177,7 +177,9 @@ PUBLISHED = {
     "qwen3-14b": (14_768_307_200, 16, 32, "all-linear", 64_225_280, 14_832_532_480),
     "qwen2.5-7b-instruct": (7_615_616_512, 16, 32, "all-linear", 40_370_176, 7_655_986_688),
     "llama-varco-8b-instruct": (8_030_261_248, 8, 32, ["q_proj", "v_proj"], 3_407_872, 8_033_669_120),
-    "gpt-oss-20b": (20_914_757_184, 16, 32, ALL_PROJ, 7_962_624, 20_922_719_808),
+    # seed 000 lists all seven projections for gpt-oss and prints 7,962,624 trainable parameters: PEFT
+    # silently ignored gate/up/down, which gpt-oss's experts do not have; tunefleet refuses that list
+    "gpt-oss-20b": (20_914_757_184, 16, 32, ALL_PROJ[:4], 7_962_624, 20_922_719_808),
 }
 
 
@@ -190,11 +192,15 @@ def test_fixture_models_on_the_meta_device(name: str) -> None:
     if config["model_type"] != "gpt_oss":  # its experts are not nn.Linear: LoRA reaches attention only
         names = ALL_PROJ if targets == "all-linear" else targets
         assert counts.trainable == _closed_form_lora(config, r, names)
-    # all-linear = the seven projections on these architectures
+    # all-linear = the seven projections on these architectures (the four attention ones on gpt-oss)
+    linear = ALL_PROJ[:4] if config["model_type"] == "gpt_oss" else ALL_PROJ
     assert (
         count_params(config, PeftConfig(r=r, alpha=alpha, target_modules="all-linear"))[0]
-        == count_params(config, PeftConfig(r=r, alpha=alpha, target_modules=ALL_PROJ))[0]
+        == count_params(config, PeftConfig(r=r, alpha=alpha, target_modules=linear))[0]
     )
+    if config["model_type"] == "gpt_oss":
+        with pytest.raises(RecipeError, match="'gate_proj', 'up_proj', 'down_proj' match no module"):
+            param_counts(FIXTURES / name, PeftConfig(r=r, alpha=alpha, target_modules=ALL_PROJ))
 
 
 def test_quantized_parameter_counts() -> None:
@@ -469,10 +475,14 @@ def test_plan_warnings() -> None:
         dataset_rows=None,
         model_config=None,
     )
-    assert "parallel.strategy=single on 4 processes is refused" in " ".join(plan["warnings"])
+    assert (
+        "refused at launch: parallel.strategy: `single` runs one process, but 4 were asked for"
+        in " ".join(plan["warnings"])
+    )
     plan = build_plan(_recipe(), nodes=2, procs_per_node=2, dataset_rows=None, model_config=None)
     assert plan["strategy"] == "ddp" and plan["strategy_asked"] == "auto" and plan["warnings"] == []
-    assert "parallel.strategy: auto -> ddp on 4 process(es)" in plan["notes"]
+    assert "parallel.strategy: auto -> ddp (4 processes)" in plan["notes"]
+    assert plan["batching"] == {"group_by_length": True, "padding_free": False}  # auto: sdpa is faster padded
     assert plan["steps_per_epoch"] is None and plan["total_steps"] is None
     plan = build_plan(
         _recipe(train={"max_steps": 5}), dataset_rows=None, model_config=QWEN3_CONFIG, gpu_memory_gib=8
@@ -557,3 +567,42 @@ def test_plan_modules_import_without_torch() -> None:
         "assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_values_that_run_but_are_not_meant_are_warned_about() -> None:
+    """lr 30 and a max_length beyond the model's context used to pass without a word."""
+    plan = build_plan(
+        _recipe(train={"lr": 30}, data={"path": "d.jsonl", "max_length": 65536}),
+        dataset_rows=1000,
+        model_config=QWEN3_CONFIG,
+    )
+    text = " | ".join(plan["warnings"])
+    assert "train.lr=30 is far above" in text
+    assert (
+        f"data.max_length=65536 is beyond the model's context of {QWEN3_CONFIG['max_position_embeddings']:,}"
+        in text
+    )
+    quiet = build_plan(_recipe(), dataset_rows=1000, model_config=QWEN3_CONFIG)
+    assert not any("train.lr" in w or "context" in w for w in quiet["warnings"])
+
+
+def test_library_noise_is_silenced(capfd: pytest.CaptureFixture[str]) -> None:
+    """bitsandbytes' kernel-download line and the libraries' deprecation warnings do not reach the user."""
+    import logging
+    import warnings
+
+    from tunefleet.launch.core.noise import quiet_libraries
+
+    with warnings.catch_warnings(record=True) as caught:
+        quiet_libraries()
+        logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load CPU gemm_4bit_forward")
+        warnings.warn_explicit(
+            "all_gather_into_tensor is deprecated",
+            FutureWarning,
+            "c10d_logger.py",
+            83,
+            module="torch.distributed",
+        )
+        warnings.warn_explicit("a real problem", UserWarning, "x.py", 1, module="tunefleet.launch.plan")
+    assert "gemm_4bit_forward" not in capfd.readouterr().err
+    assert [str(w.message) for w in caught] == ["a real problem"]  # real warnings still reach the user

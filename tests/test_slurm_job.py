@@ -192,6 +192,39 @@ def test_slurm_refuses_a_python_that_cannot_run_tunefleet(
     assert not out.exists()
 
 
+@pytest.mark.slow
+def test_an_unreachable_controller_is_a_warning_not_a_spec_error(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The real sbatch, pointed at a controller that does not answer: the script is written and the
+    output says the controller was not reachable (it used to be reported as a cluster-spec problem)."""
+    import shutil
+
+    if shutil.which("sbatch") is None:
+        pytest.skip("sbatch is not installed (Debian's slurm-client)")
+    conf = tmp_path / "slurm.conf"
+    conf.write_text(
+        "ClusterName=down\nSlurmctldHost=localhost\nSlurmctldPort=6899\nAuthType=auth/none\n"
+        "CredType=cred/none\nNodeName=n1 CPUs=1 State=UNKNOWN\nPartitionName=p Nodes=n1 Default=YES\n"
+    )
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    out = tmp_path / "run"
+    argv = [
+        "slurm",
+        str(DEMO),
+        "--time",
+        "30",
+        "--gpus-per-node",
+        "0",
+        "--nodes",
+        "1",
+        "--set",
+        f"output_dir={out}",
+    ]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "not checked: the SLURM controller did not answer" in printed, printed
+    assert (out / "slurm.sbatch").is_file()
+
+
 def test_slurm_gpu_job_uses_rendered_accelerate_config(tmp_path: Path, monkeypatch, capsys) -> None:
     """GPU nodes: accelerate launch with the config the launcher's templates render for 2 x 4 GPUs
     (generated and checked here; no GPU ran it)."""

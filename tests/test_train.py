@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 from importlib import resources
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tunefleet.distributed import sft
+from tunefleet.distributed.demo_model import ensure_tiny_llama
 from tunefleet.launch.core import recipe as R
 from tunefleet.launch.core.errors import TunefleetError
 
@@ -134,8 +136,14 @@ def test_peft_methods_train(tmp_path: Path, extra: list[str]) -> None:
     out = tmp_path / "run"
     assert sft.run(quick(out, *extra)) == 0
     losses = [r["loss"] for r in metrics(out)]
-    assert len(losses) == 4 and all(loss == loss for loss in losses)  # finite, no NaN
+    assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
     config = json.loads((out / "final" / "adapter_config.json").read_text())
+    quantized = json.loads((out / "plan.json").read_text())["in_effect"]["quantized_modules"]
+    if "model.quantization=nf4" in extra:  # the base really was 4-bit: every linear layer but the head
+        layers = json.loads((ensure_tiny_llama() / "config.json").read_text())["num_hidden_layers"]
+        assert quantized == {"Linear4bit": 7 * layers}, quantized
+    else:
+        assert quantized == {}, quantized
     if "peft.method=dora" in extra:
         assert config["use_dora"] is True
     if "peft.use_rslora=true" in extra:
