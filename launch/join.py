@@ -115,7 +115,14 @@ def host(me: Member, *, port: int, address: str, timeout_s: float, ready: Callab
     """Node 0: wait for every other node, check them against `me`, call `ready`, tell them to go."""
     joined: dict[int, socket.socket] = {}
     deadline = time.monotonic() + timeout_s
-    with socket.create_server(("", port), reuse_port=False) as server:
+    try:
+        server = socket.create_server(("", port))
+    except OSError as exc:
+        raise TunefleetError(
+            f"node 0 cannot listen on port {port}: {exc.strerror or exc}",
+            "pick a port that is free on node 0 and pass the same --main-port on every machine",
+        ) from None
+    with server:
         server.settimeout(0.5)
         try:
             while len(joined) < me.nodes - 1:
@@ -159,7 +166,9 @@ def _admit(me: Member, conn: socket.socket, joined: dict[int, socket.socket]) ->
     try:
         theirs = Member(**hello)
     except TypeError:
-        conn.close()
+        theirs = None
+    if theirs is None or not isinstance(theirs.node_rank, int) or not isinstance(theirs.recipe, dict):
+        conn.close()  # not what `tunefleet launch` sends
         return
     problem = None
     if not 1 <= theirs.node_rank < me.nodes:

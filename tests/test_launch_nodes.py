@@ -14,13 +14,16 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.test_launch import BASE, DEMO, TOL, env, losses, max_diff, sets
+from tunefleet.launch import join
 from tunefleet.launch.core import checkpoints as ckpt
+from tunefleet.launch.core.errors import TunefleetError
 
 TIMEOUT_S = 480
 
@@ -198,3 +201,50 @@ def test_node_options_are_checked_before_anything_starts(tmp_path: Path) -> None
     assert "2 CPU (gloo) process(es) on 2 machines (this is node 1; node 0 at 10.0.0.1:29500)" in dry.stdout
     assert f"would write {tmp_path / 'x' / 'launch' / 'node-1' / 'accelerate.yaml'}" in dry.stdout
     assert not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------------------- the meeting itself
+
+
+def _member(rank: int, **changes: object) -> join.Member:
+    fields: dict = dict(
+        node_rank=rank, nodes=2, procs_per_node=1, use_cpu=True, recipe={"peft": {"r": 8}}, start="fresh"
+    )
+    return join.Member(**{**fields, **changes})
+
+
+def test_meeting_ignores_strays_and_names_differences() -> None:
+    """In one process: a stray connection (a port scan) does not count as a node; node 1 joins;
+    node 0 calls `ready` before the go; a node that finds another output directory is refused."""
+    port = free_port()
+    ready: list[bool] = []
+    host = threading.Thread(
+        target=join.host,
+        args=(_member(0),),
+        kwargs=dict(port=port, address="127.0.0.1", timeout_s=60, ready=lambda: ready.append(True)),
+    )
+    host.start()
+    time.sleep(0.5)
+    with socket.create_connection(("127.0.0.1", port)) as stray:
+        stray.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    join.join(_member(1), address="127.0.0.1", port=port, timeout_s=60)  # returns on the go
+    host.join(timeout=30)
+    assert ready == [True] and not host.is_alive()
+
+    elsewhere = _member(1, start="resume checkpoint-4")
+    assert join.differences(_member(0), elsewhere) == [
+        "output directory: node 0 finds fresh, node 1 finds resume checkpoint-4 "
+        "(is output_dir on storage both mount at the same path?)"
+    ]
+    assert join.differences(_member(0), _member(1, recipe={"peft": {"r": 16}})) == [
+        "peft.r: 8 on node 0, 16 on node 1"
+    ]
+
+
+def test_node_0_names_a_port_in_use() -> None:
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(TunefleetError, match=f"node 0 cannot listen on port {port}"):
+            join.host(_member(0), port=port, address="127.0.0.1", timeout_s=5, ready=lambda: None)
