@@ -58,9 +58,10 @@ def resolve_precision(recipe: Recipe) -> Precision:
 
 def resolve_model_path(model: ModelConfig) -> str:
     """The path or hub id to load; the built-in demo model is built locally on first use."""
-    from tunefleet.distributed.demo_model import TINY_LLAMA_ID, ensure_tiny_llama
+    from tunefleet.distributed.demo_model import TINY_LLAMA_ID, ensure_tiny_llama, use_one_thread
 
     if model.name_or_path == TINY_LLAMA_ID:
+        use_one_thread()
         return str(ensure_tiny_llama())
     if model.name_or_path.startswith("tunefleet:"):
         raise RecipeError(

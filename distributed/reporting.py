@@ -229,21 +229,26 @@ def start_rows(
     ]
 
 
+def _final_loss(trainer: Any, result: Any) -> str:
+    """Where the run ended up (the last logged training loss) and the mean over this attempt."""
+    trained = trainer.state.global_step - getattr(trainer, "_initial_global_step", 0)
+    if not trained:
+        return "no step left to train: the checkpoint was written at the last step"
+    logged = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    if not logged:
+        return f"{result.training_loss:.4f} (mean over this attempt's {trained} step(s))"
+    return f"{logged[-1]:.4f} (last logged step; mean over this attempt's {trained} step(s) {result.training_loss:.4f})"
+
+
 def done_rows(
     trainer: Any, result: Any, out: Path, *, elapsed_s: float, eval_loss: float | None, samples: str
 ) -> list[tuple[str, str]]:
     """The summary printed after the last step."""
     train_s = result.metrics.get("train_runtime", elapsed_s)
     tokens = trainer.state.num_input_tokens_seen
-    trained = trainer.state.global_step - getattr(trainer, "_initial_global_step", 0)
-    loss = (
-        f"{result.training_loss:.4f} (mean over this attempt's {trained} step(s))"
-        if trained
-        else "no step left to train: the checkpoint was written at the last step"
-    )
     return [
         ("steps", f"{trainer.state.global_step}"),
-        ("final loss", loss),
+        ("final loss", _final_loss(trainer, result)),
         ("time", f"{elapsed_s:.1f} s total, {train_s:.1f} s training"),
         ("throughput", f"{tokens / max(train_s, 1e-9):,.0f} tokens/s ({tokens:,} tokens)"),
         *([("eval loss", f"{eval_loss:.4f} (last evaluation)")] if eval_loss is not None else []),

@@ -482,15 +482,17 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     args = build_parser().parse_args(argv)
     rank = Rank.from_env()
+    # the first process of each machine speaks for it: its launcher reads the exit file it writes
+    node_main = int(os.environ.get("LOCAL_RANK", rank.rank)) == 0
     try:
         recipe = recipe_mod.load(args.recipe, args.overrides)
         code = run(recipe, options=StartOptions.from_args(args))
     except TunefleetError as exc:
-        if rank.main:
+        if node_main:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         code = EXIT_REFUSED
     exit_file = os.environ.get(ENV_EXIT_FILE)
-    if exit_file and rank.main:
+    if exit_file and node_main:
         Path(exit_file).write_text(f"{code}\n", encoding="utf-8")
     _close_process_group()
     return code

@@ -122,6 +122,12 @@ def build_plan(
             recipe_path or "RECIPE.yaml", overrides, nodes=nodes, procs_per_node=procs_per_node
         )
     )
+    if launch_commands is None and nodes > 1:
+        draft.notes.append(
+            f"run each `launch node R` line on machine R, with MAIN_ADDRESS set to the address of node 0 "
+            f"(every machine must reach it; port {command.DEFAULT_MAIN_PORT} free there) and output_dir "
+            "on storage every machine mounts at the same path"
+        )
     draft.plan["warnings"] = draft.warnings
     draft.plan["notes"] = draft.notes
     return draft.plan

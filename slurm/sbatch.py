@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import posixpath
 import re
 import shlex
@@ -28,7 +29,7 @@ from typing import Any, Literal, NoReturn
 from tunefleet.launch.command import Launcher as ResolvedLauncher
 from tunefleet.launch.command import ShellVar, entrypoint_args, launcher_options, shell_lines
 from tunefleet.launch.core.errors import TunefleetError
-from tunefleet.launch.core.layout import EXIT_REQUEUE
+from tunefleet.launch.core.layout import EXIT_REFUSED, EXIT_REQUEUE
 
 PREEMPT_SIGNAL = "USR1"
 """Signal SLURM sends to the batch shell before the time limit; the script forwards it."""
@@ -169,7 +170,14 @@ class Launch:
     """Extra arguments after `--recipe FILE` (quoted)."""
 
     python: str = "python"
-    """Python interpreter on the nodes after `env_setup` (it runs the launcher in-process)."""
+    """Python interpreter on the nodes after `env_setup` (it runs the launcher in-process). One
+    executable: a path, or a name looked up on the node's PATH. `tunefleet slurm` passes the
+    interpreter it runs in unless told otherwise."""
+
+    expect_versions: Mapping[str, str] = field(default_factory=dict)
+    """Distribution name -> version the job's Python must have (`tunefleet`, `torch`: those of the
+    login node). The script checks them, and that tunefleet and torch import, before anything
+    starts; an empty mapping checks the imports only."""
 
     prepare: bool = False
     """Run `tunefleet prepare RECIPE` in the batch shell before the launch: the data is tokenised
@@ -208,6 +216,7 @@ _MEM = re.compile(r"[0-9]+[KMGT]?")
 _TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_VERSION = re.compile(r"[A-Za-z0-9_.+!-]+")
 _SECRET_WORDS = r"(?:TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|SECRET_KEY)"
 _SECRET_NAME = re.compile(rf"[A-Za-z0-9_]*{_SECRET_WORDS}", re.IGNORECASE)
 # `NAME=literal` for a secret-looking NAME; `NAME="$(cat file)"` or `NAME=$OTHER` reads at run time.
@@ -482,6 +491,21 @@ def _resolve_launcher(spec: ClusterSpec, launch: Launch) -> Literal["torchrun", 
     if not _MODULE.fullmatch(_check_text(launch.module, "launch.module")):
         _fail("launch.module", f"{launch.module!r} is not a Python module name", "write e.g. my_pkg.train")
     _check_text(launch.python, "launch.python")
+    if not isinstance(launch.expect_versions, Mapping):
+        _fail(
+            "launch.expect_versions", "expected a mapping of name: version", "pass e.g. {'torch': '2.13.0'}"
+        )
+    for name, version in launch.expect_versions.items():
+        if (
+            name not in PYTHON_CHECK_IMPORTS
+            or not isinstance(version, str)
+            or not _VERSION.fullmatch(version)
+        ):
+            _fail(
+                f"launch.expect_versions.{name}",
+                f"{version!r} is not a version of one of {sorted(PYTHON_CHECK_IMPORTS)}",
+                "pass versions as importlib.metadata.version() gives them",
+            )
     if isinstance(launch.module_args, str) or not isinstance(launch.module_args, Sequence):
         _fail("launch.module_args", "expected a list of arguments", "write module_args as a list")
     for i, arg in enumerate(launch.module_args):
@@ -491,6 +515,44 @@ def _resolve_launcher(spec: ClusterSpec, launch: Launch) -> Literal["torchrun", 
 
 
 # ----------------------------------------------------------------------------- rendering
+
+PYTHON_CHECK_IMPORTS = {"tunefleet": "tunefleet.launch.cli", "torch": "torch"}
+"""Distribution -> the module the job imports from it (`tunefleet prepare` runs tunefleet.launch.cli)."""
+
+# The job's Python must run tunefleet: checked before anything starts in the job (mode `import`)
+# and, by `tunefleet slurm`, on the login node (mode `find`: locate only, no torch import there).
+# Plain Python 3 on purpose: it may be run by an interpreter that has nothing installed.
+PYTHON_CHECK = f"""import importlib, importlib.util, sys
+IMPORTS = {json.dumps(PYTHON_CHECK_IMPORTS)}
+mode, found, problems = sys.argv[1], [], []
+for arg in sys.argv[2:]:
+    name, _, wanted = arg.partition("=")
+    try:
+        if mode == "import":
+            importlib.import_module(IMPORTS[name])
+        elif importlib.util.find_spec(IMPORTS[name]) is None:
+            raise ModuleNotFoundError("No module named %r" % IMPORTS[name])
+        from importlib.metadata import version
+        have = version(name)
+    except Exception as exc:
+        problems.append("cannot import %s: %s: %s" % (name, type(exc).__name__, exc))
+        continue
+    found.append("%s %s" % (name, have))
+    if wanted and have != wanted:
+        problems.append("%s is %s here, but %s where this job was written" % (name, have, wanted))
+out = sys.stderr if problems else sys.stdout
+print("tunefleet: python %s: %s" % (sys.executable, ", ".join(found) or "neither tunefleet nor torch"), file=out)
+for problem in problems:
+    print("tunefleet: " + problem, file=sys.stderr)
+sys.exit(3 if problems else 0)
+"""
+
+PYTHON_FIX = (
+    "run `tunefleet slurm` with the Python the nodes should use (the job runs that interpreter), "
+    "or pass --python PATH (run after the --env-setup lines)"
+)
+"""What to do when the job's Python cannot run tunefleet (printed by the script and the login check)."""
+
 
 # torchrun and accelerate launch turn any worker failure into exit code 1 (measured), which would
 # hide the trainer's EXIT_REQUEUE. This relay runs the launcher in-process and exits with
@@ -639,6 +701,7 @@ def render_sbatch(
     lines = [
         *_header_lines(spec, launcher, output_dir),
         *_environment_lines(spec),
+        *_python_check_lines(launch),
         *_rendezvous_lines(spec),
         *_signal_lines(spec),
         *_prepare_lines(launch, recipe_path),
@@ -671,6 +734,27 @@ def _environment_lines(spec: ClusterSpec) -> list[str]:
         "# Environment",
         *spec.env_setup,
         *[f"export {name}={shlex.quote(value)}" for name, value in spec.env.items()],
+        "",
+    ]
+
+
+def _python_check_lines(launch: Launch) -> list[str]:
+    """Fail in seconds, before `tunefleet prepare` and srun, when the job's Python cannot run
+    tunefleet: not found, tunefleet or torch missing, or other versions than the login node's."""
+    q = shlex.quote
+    wanted = [
+        f"{name}={launch.expect_versions[name]}" if name in launch.expect_versions else name
+        for name in PYTHON_CHECK_IMPORTS
+    ]
+    return [
+        "# The job's Python must import tunefleet and torch, at the versions of the login node.",
+        f"TUNEFLEET_PYTHON_CHECK={q(PYTHON_CHECK)}",
+        f'{q(launch.python)} -c "$TUNEFLEET_PYTHON_CHECK" import {" ".join(q(w) for w in wanted)} || {{',
+        "  check_rc=$?",
+        '  echo "tunefleet: the job\'s Python cannot run tunefleet (exit $check_rc): nothing was started" >&2',
+        f"  echo {q(f'tunefleet: fix: {PYTHON_FIX}')} >&2",
+        f"  exit {EXIT_REFUSED}",
+        "}",
         "",
     ]
 

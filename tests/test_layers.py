@@ -36,6 +36,7 @@ GENERATORS = {
 }
 COMMAND_LINE = {
     "tunefleet.launch.cli",
+    "tunefleet.launch.join",
     "tunefleet.launch.plan_inputs",
     "tunefleet.launch.workstation",
     "tunefleet.slurm.cli",

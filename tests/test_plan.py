@@ -480,8 +480,12 @@ def test_plan_on_several_nodes() -> None:
     )
     assert (plan["world_size"], plan["grad_accum_steps"], plan["trainable_params"]) == (8, 8, None)
     assert len(plan["launch_commands"]) == 2
-    assert "--nnodes 2 --nproc_per_node 4 --node_rank 1" in plan["launch_commands"][1]
-    assert plan["launch_commands"][0].endswith("--recipe r.yaml --set train.max_steps=10")
+    # `tunefleet launch` on each machine, through the one per-node option builder
+    assert plan["launch_commands"][1] == (
+        'tunefleet launch r.yaml --nnodes 2 --gpus 4 --node-rank 1 --main-address "$MAIN_ADDRESS" '
+        "--main-port 29500 --set train.max_steps=10"
+    )
+    assert "--node-rank 0 " in plan["launch_commands"][0]
     with pytest.raises(RecipeError, match="nearest valid global batches: 48, 72"):
         build_plan(
             _recipe(batch={"micro_batch_size": 4, "global_batch_size": 64}),
