@@ -102,6 +102,29 @@ class ProgressCallback(TrainerCallback):
             self.progress = None
 
 
+def peak_gpu_memory_gib() -> float | None:
+    """The most GPU memory this rank's tensors have held so far (torch's allocator), or None on CPU.
+
+    Recorded in plan.json after loading (`in_effect.gpu_peak_after_load_gib`) and at the end
+    (`in_effect.gpu_peak_gib`), to set beside the plan's estimates."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 1024**3, 3)
+
+
+def record_in_effect(plan_path: Path, **values: Any) -> None:
+    """Add values to plan.json's `in_effect` (rank 0, after the run started)."""
+    from tunefleet.launch.core.layout import write_json
+
+    if not plan_path.exists():
+        return
+    plan = json.loads(plan_path.read_text(encoding="utf-8"))
+    plan.setdefault("in_effect", {}).update(values)
+    write_json(plan_path, plan)
+
+
 def plot_loss(metrics_path: Path, out_path: Path) -> None:
     """Plot training (and evaluation) loss against the optimizer step."""
     import matplotlib
@@ -212,21 +235,26 @@ def start_rows(
     ]
 
 
+def _final_loss(trainer: Any, result: Any) -> str:
+    """Where the run ended up (the last logged training loss) and the mean over this attempt."""
+    trained = trainer.state.global_step - getattr(trainer, "_initial_global_step", 0)
+    if not trained:
+        return "no step left to train: the checkpoint was written at the last step"
+    logged = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    if not logged:
+        return f"{result.training_loss:.4f} (mean over this attempt's {trained} step(s))"
+    return f"{logged[-1]:.4f} (last logged step; mean over this attempt's {trained} step(s) {result.training_loss:.4f})"
+
+
 def done_rows(
     trainer: Any, result: Any, out: Path, *, elapsed_s: float, eval_loss: float | None, samples: str
 ) -> list[tuple[str, str]]:
     """The summary printed after the last step."""
     train_s = result.metrics.get("train_runtime", elapsed_s)
     tokens = trainer.state.num_input_tokens_seen
-    trained = trainer.state.global_step - getattr(trainer, "_initial_global_step", 0)
-    loss = (
-        f"{result.training_loss:.4f} (mean over this attempt's {trained} step(s))"
-        if trained
-        else "no step left to train: the checkpoint was written at the last step"
-    )
     return [
         ("steps", f"{trainer.state.global_step}"),
-        ("final loss", loss),
+        ("final loss", _final_loss(trainer, result)),
         ("time", f"{elapsed_s:.1f} s total, {train_s:.1f} s training"),
         ("throughput", f"{tokens / max(train_s, 1e-9):,.0f} tokens/s ({tokens:,} tokens)"),
         *([("eval loss", f"{eval_loss:.4f} (last evaluation)")] if eval_loss is not None else []),

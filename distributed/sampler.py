@@ -33,6 +33,37 @@ def epoch_order(num_rows: int, *, seed: int, epoch: int) -> list[int]:
     return order
 
 
+def mixture_counts(sizes: Sequence[int], weights: Sequence[float]) -> list[int]:
+    """Samples each source contributes to one epoch of a mixture: the epoch keeps the total row count,
+    shared out by weight (largest remainder, ties to the earlier source)."""
+    total, norm = sum(sizes), sum(weights)
+    exact = [total * w / norm for w in weights]
+    counts = [int(x) for x in exact]
+    by_remainder = sorted(range(len(sizes)), key=lambda s: (-(exact[s] - counts[s]), s))
+    for s in by_remainder[: total - sum(counts)]:
+        counts[s] += 1
+    return counts
+
+
+def mixture_order(sizes: Sequence[int], weights: Sequence[float], *, seed: int, epoch: int) -> list[int]:
+    """One epoch of a weighted mixture, as row indices into the sources laid end to end.
+
+    Source s gives `mixture_counts(...)[s]` samples: a fresh random subset of its rows when that
+    is fewer than it has, else every row once per whole pass (each pass reshuffled) and a random
+    subset for the rest. The samples of all sources are then shuffled together. Deterministic
+    from (seed, epoch); like `epoch_order`, never from the world size."""
+    starts = [sum(sizes[:s]) for s in range(len(sizes))]
+    picked: list[int] = []
+    for s, (size, count) in enumerate(zip(sizes, mixture_counts(sizes, weights), strict=True)):
+        rng = random.Random((seed * 1_000_003 + epoch) * 1_009 + s)
+        passes, rest = divmod(count, size)
+        for _ in range(passes):
+            picked += [starts[s] + i for i in rng.sample(range(size), size)]
+        picked += [starts[s] + i for i in rng.sample(range(size), rest)]
+    random.Random(seed * 1_000_003 + epoch).shuffle(picked)
+    return picked
+
+
 def global_batches(
     num_rows: int, *, global_batch_size: int, steps_per_epoch: int, seed: int, epoch: int
 ) -> list[list[int]]:

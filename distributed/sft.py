@@ -103,10 +103,10 @@ def run(
     args = training_arguments(recipe, checked.batch, schedule, precision, has_eval=data.eval is not None)
     dist = _join_world(rank)
     _prepare_run_dir(checked, rank, dist)
-    model = _build_model(model_path, checked, precision, invocation)
+    model = _build_model(model_path, checked, precision, rank, invocation)
     adapter_init = _initialize_adapter(model, checked, eva_batches, data, tokenizer)
     trainer = _build_trainer(checked, schedule, model, args, tokenizer, data)
-    model_mod.match_adapter_dtype(trainer.model, recipe, precision)
+    model_mod.match_adapter_dtype(trainer.model, recipe)
     _check_and_report(trainer, checked, schedule, data, plan, precision, rank, adapter_init)
     result = trainer.train(resume_from_checkpoint=checked.start.checkpoint)
     if trainer.tf_stopped:
@@ -330,8 +330,10 @@ def _announce_resume(out: Path, checked: Preflight) -> None:
         print(f"  changed since that checkpoint (harmless): {note}", flush=True)
 
 
-def _build_model(model_path: str, checked: Preflight, precision: Any, invocation: list[int] | None) -> Any:
-    """The base model with the recipe's adapter.
+def _build_model(
+    model_path: str, checked: Preflight, precision: Any, rank: Rank, invocation: list[int] | None
+) -> Any:
+    """The base model with the recipe's adapter (under FSDP2 only rank 0 reads the weights).
 
     The adapter's random init (LoRA A) comes from train.seed, identical on every rank and every
     world size (the Trainer seeds only after the model exists: unseeded, runs could never match).
@@ -342,11 +344,12 @@ def _build_model(model_path: str, checked: Preflight, precision: Any, invocation
     from tunefleet.distributed import model as model_mod
 
     recipe, checkpoint = checked.recipe, checked.start.checkpoint
-    model = model_mod.load_model(model_path, recipe, precision)
+    model = model_mod.load_model(model_path, recipe, precision, rank=rank.rank, world_size=rank.world_size)
     guard.check_padding_free(model, recipe)
     set_seed(recipe.train.seed)
     config = eva.saved_config(checkpoint) if recipe.peft.init == "eva" and checkpoint is not None else None
-    return model_mod.apply_peft(model, recipe, alora_invocation_tokens=invocation, config=config)
+    model = model_mod.apply_peft(model, recipe, alora_invocation_tokens=invocation, config=config)
+    return model_mod.materialize_adapter(model)
 
 
 def _initialize_adapter(
@@ -435,11 +438,12 @@ def _check_and_report(
     """No silent fallback (the distributed type and world size now, the sharding once the model is
     wrapped); the run summary and plan.json on rank 0; the stop signals from here on."""
     from tunefleet.distributed import cpu_fsdp, guard
-    from tunefleet.distributed.reporting import print_table, start_rows
+    from tunefleet.distributed.reporting import peak_gpu_memory_gib, print_table, start_rows
 
     recipe, out = checked.recipe, Path(checked.recipe.output_dir)
     expected = guard.expectation(recipe, checked.hw)
     guard.check_distributed(trainer.accelerator.state, expected, recipe.parallel.strategy)
+    weights_read_by = guard.ranks_that_read_weights(trainer.model)
     trainer.add_callback(
         guard.ShardingCheck(
             trainer, recipe.parallel.strategy, rank.world_size, out / PLAN_FILE if rank.main else None
@@ -472,6 +476,8 @@ def _check_and_report(
             "batching": batching,
             "trainable_params": trainable,
             **adapter_init,
+            "weights_read_by_ranks": weights_read_by,
+            "gpu_peak_after_load_gib": peak_gpu_memory_gib(),
         }
         write_json(out / PLAN_FILE, {**plan, "in_effect": in_effect})
     trainer.tf_stop.install()
@@ -499,12 +505,19 @@ def _finish(
     """The final adapter (gathered on every rank), then rank 0's plot, samples and summary."""
     from tunefleet.distributed.evaluation import final_eval_loss, write_samples
     from tunefleet.distributed.final_adapter import save_final_adapter
-    from tunefleet.distributed.reporting import done_rows, plot_loss, print_table
+    from tunefleet.distributed.reporting import (
+        done_rows,
+        peak_gpu_memory_gib,
+        plot_loss,
+        print_table,
+        record_in_effect,
+    )
 
     out = Path(recipe.output_dir)
     save_final_adapter(trainer, tokenizer, out / FINAL_DIR)  # FSDP / ZeRO-3 gather the adapter first
     if not rank.main:
         return
+    record_in_effect(out / PLAN_FILE, gpu_peak_gib=peak_gpu_memory_gib())
     plot_loss(out / METRICS_FILE, out / LOSS_PLOT)
     samples = write_samples(
         trainer.model,
@@ -534,15 +547,17 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     args = build_parser().parse_args(argv)
     rank = Rank.from_env()
+    # the first process of each machine speaks for it: its launcher reads the exit file it writes
+    node_main = int(os.environ.get("LOCAL_RANK", rank.rank)) == 0
     try:
         recipe = recipe_mod.load(args.recipe, args.overrides)
         code = run(recipe, options=StartOptions.from_args(args))
     except TunefleetError as exc:
-        if rank.main:
+        if node_main:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         code = EXIT_REFUSED
     exit_file = os.environ.get(ENV_EXIT_FILE)
-    if exit_file and rank.main:
+    if exit_file and node_main:
         Path(exit_file).write_text(f"{code}\n", encoding="utf-8")
     _close_process_group()
     return code

@@ -27,6 +27,17 @@ DEEPSPEED_STRATEGIES = ("deepspeed-zero2", "deepspeed-zero3")
 BNB_4BIT = ("nf4", "fp4")
 BNB = ("nf4", "fp4", "int8")
 
+SHARDED_4BIT_STRATEGIES = ("fsdp-qlora", "deepspeed-zero3")
+"""Strategies that shard a bitsandbytes 4-bit base."""
+
+
+def sharded_4bit(strategy: str, quantization: str) -> bool:
+    """Whether the 4-bit base is sharded over the ranks (FSDP-QLoRA, ZeRO-3 + QLoRA): its 4-bit
+    weights are then stored in the parameter dtype (`_sharded_4bit_storage`), and its other weights
+    stay in the model dtype (`distributed/model.py: prepare_quantized`, `memory.py`)."""
+    return quantization in BNB_4BIT and strategy in SHARDED_4BIT_STRATEGIES
+
+
 OFFLOAD_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
 """Optimizers that survive ZeRO optimizer offload unchanged: accelerate replaces the torch
 optimizer by DeepSpeedCPUAdam (`map_pytorch_optim_to_deepspeed`), in AdamW mode only for
@@ -191,10 +202,31 @@ def _bitsandbytes_under_fsdp(r: _Resolution) -> None:
         )
 
 
+def _fsdp1_with_4bit(r: _Resolution) -> None:
+    """FSDP1 flattens each unit's parameters into one tensor of one dtype. Shown on CPU with plain
+    FSDP1 on 2 gloo processes and the tiny demo model (tests/test_fsdp1.py): after PEFT's k-bit
+    preparation a decoder layer holds fp32 norms beside the 16-bit storage of its 4-bit weights
+    ("Must flatten tensors with uniform dtype"); without it (as tunefleet prepares sharded QLoRA)
+    the layer flattens, but bitsandbytes re-registers every 4-bit weight as a new parameter in each
+    forward (its quant-state repair), outside the flat parameters the sharding check counts.
+    accelerate runs FSDP1 only on GPUs, so the combination has never run here: refused."""
+    m, par = r.recipe.model, r.recipe.parallel
+    if par.strategy in FSDP_STRATEGIES and par.fsdp_version == 1 and m.quantization in BNB_4BIT:
+        raise _fail(
+            "parallel.fsdp_version",
+            f"FSDP1 with a {m.quantization} base is not supported: FSDP1 flattens each layer into one "
+            "tensor of one dtype (PEFT's k-bit preparation puts fp32 norms beside the 16-bit 4-bit "
+            "storage: 'Must flatten tensors with uniform dtype'), and bitsandbytes re-registers the 4-bit "
+            "weights outside FSDP1's flat parameters at every forward; it has never run on a GPU here",
+            "use parallel.fsdp_version=2 (the default): FSDP2 shards the 4-bit base as DTensors",
+        )
+
+
 def _qdora_under_zero3(r: _Resolution) -> None:
     """Measured: QDoRA (4-bit + use_dora) under ZeRO-3 fails in the first forward ('Params4bit'
     object has no attribute 'ds_status'); DoRA under ZeRO-2/ZeRO-3 unquantized and QDoRA under
-    ZeRO-2 trained and matched DDP losses exactly."""
+    ZeRO-2 trained and matched DDP losses exactly. QDoRA under fsdp-qlora trains in bf16 on 2 gloo
+    processes (tests/test_launch.py) since every trainable parameter is fp32 (model.adapter_dtype)."""
     m, p, s = r.recipe.model, r.recipe.peft, r.recipe.parallel.strategy
     if p.method == "dora" and m.quantization in BNB_4BIT and s == "deepspeed-zero3":
         raise _fail(
@@ -231,7 +263,7 @@ def _sharded_4bit_storage(r: _Resolution) -> None:
     fsdp_utils). ZeRO-3 sharded uint8 and float storage alike here (measured); the HF ZeRO-3
     QLoRA recipe uses the parameter dtype, so it is the default there, not a requirement."""
     m, s = r.recipe.model, r.recipe.parallel.strategy
-    if m.quantization not in BNB_4BIT or s not in ("fsdp-qlora", "deepspeed-zero3"):
+    if not sharded_4bit(s, m.quantization):
         return
     strict = s == "fsdp-qlora"
     precision = r.recipe.train.precision
@@ -409,6 +441,7 @@ RULES = (
     _fsdp_on_cpu,
     _prequantized,
     _bitsandbytes_under_fsdp,
+    _fsdp1_with_4bit,
     _qdora_under_zero3,
     _zero_offload_optimizer,
     _sharded_4bit_storage,

@@ -17,12 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tunefleet.launch import command, compat
+from tunefleet.launch.compat import BNB
 from tunefleet.launch.core import batch as batch_mod
 from tunefleet.launch.core.batch import BatchPlan, Schedule
 from tunefleet.launch.core.errors import RecipeError
 from tunefleet.launch.core.hardware import Hardware, strategy_for
 from tunefleet.launch.core.recipe import PRECISION_DTYPE, Recipe
-from tunefleet.launch.memory import GIB, MemoryInputs, ModelShape, estimate_memory
+from tunefleet.launch.loading import placed_on_gpu_at_load, rank0_loads_weights
+from tunefleet.launch.memory import GIB, MemoryInputs, ModelShape, estimate_load_memory, estimate_memory
 from tunefleet.launch.params import EVA_DEFAULT_RHO, describe_variants
 from tunefleet.launch.preflight import recipe_warnings
 
@@ -121,6 +123,12 @@ def build_plan(
             recipe_path or "RECIPE.yaml", overrides, nodes=nodes, procs_per_node=procs_per_node
         )
     )
+    if launch_commands is None and nodes > 1:
+        draft.notes.append(
+            f"run each `launch node R` line on machine R, with MAIN_ADDRESS set to the address of node 0 "
+            f"(every machine must reach it; port {command.DEFAULT_MAIN_PORT} free there) and output_dir "
+            "on storage every machine mounts at the same path"
+        )
     draft.plan["warnings"] = draft.warnings
     draft.plan["notes"] = draft.notes
     return draft.plan
@@ -340,6 +348,7 @@ def _parameters_and_memory(
             "base_params": None,
             "quantized_params": None,
             "memory": None,
+            "load_memory": None,
         }
     )
     if model_config is None:
@@ -371,32 +380,36 @@ def _parameters_and_memory(
     if assumed:
         draft.notes.append(assumed)
     weight_dtype = m.dtype if m.dtype != "auto" else PRECISION_DTYPE[precision]
-    estimate = estimate_memory(
-        MemoryInputs(
-            shape=ModelShape.from_config(model_config),
-            base_params=counts["base"],
-            adapter_params=counts["adapter"],
-            trainable_params=counts["trainable"],
-            quantized_params=counts["quantized"],
-            quantization=effective_quant,
-            double_quant=m.double_quant,
-            precision=precision,
-            weight_bytes=_DTYPE_BYTES[weight_dtype],
-            strategy=plan["strategy"],
-            world_size=bp.world_size,
-            micro_batch_size=bp.micro_batch_size,
-            max_length=recipe.data.max_length,
-            gradient_checkpointing=recipe.train.gradient_checkpointing,
-            optimizer=recipe.train.optimizer,
-            lora_targets=recipe.peft.target_modules,
-            lora_rank=recipe.peft.r,
-            lora_dropout=recipe.peft.dropout,
-            attn_implementation=m.attn_implementation,
-            offload_params=recipe.parallel.offload == "optimizer+params",
-            offload_optimizer=recipe.parallel.offload != "none",
-        )
+    inputs = MemoryInputs(
+        shape=ModelShape.from_config(model_config),
+        base_params=counts["base"],
+        adapter_params=counts["adapter"],
+        trainable_params=counts["trainable"],
+        quantized_params=counts["quantized"],
+        quantization=effective_quant,
+        double_quant=m.double_quant,
+        precision=precision,
+        weight_bytes=_DTYPE_BYTES[weight_dtype],
+        strategy=plan["strategy"],
+        world_size=bp.world_size,
+        micro_batch_size=bp.micro_batch_size,
+        max_length=recipe.data.max_length,
+        gradient_checkpointing=recipe.train.gradient_checkpointing,
+        optimizer=recipe.train.optimizer,
+        lora_targets=recipe.peft.target_modules,
+        lora_rank=recipe.peft.r,
+        lora_dropout=recipe.peft.dropout,
+        attn_implementation=m.attn_implementation,
+        offload_params=recipe.parallel.offload == "optimizer+params",
+        offload_optimizer=recipe.parallel.offload != "none",
+        procs_per_node=plan["procs_per_node"],
+        rank0_loads_weights=rank0_loads_weights(recipe, bp.world_size),
+        placed_on_gpu_at_load=placed_on_gpu_at_load(recipe, use_cpu=False),
     )
+    estimate = estimate_memory(inputs)
+    at_load = estimate_load_memory(inputs)
     plan["memory"] = estimate.to_dict()
+    plan["load_memory"] = at_load.to_dict()
     draft.notes.append(
         f"memory is estimated at data.max_length={recipe.data.max_length} for every sample (the worst "
         "case: batches padded to their longest sequence use less)"
@@ -406,6 +419,16 @@ def _parameters_and_memory(
             f"estimated {estimate.total_bytes / GIB:.1f} GiB per GPU exceeds {gpu_memory_gib:g} GiB: "
             "turn on train.gradient_checkpointing, lower batch.micro_batch_size or data.max_length, "
             "quantize, or shard (fsdp / deepspeed-zero3)"
+        )
+    if gpu_memory_gib is not None and at_load.gpu.total_bytes > gpu_memory_gib * GIB:
+        draft.warnings.append(
+            f"loading needs an estimated {at_load.gpu.total_bytes / GIB:.1f} GiB per GPU, more than "
+            f"{gpu_memory_gib:g} GiB: the model cannot load"
+            + (
+                " (bitsandbytes loads the whole quantized model on every GPU before FSDP or ZeRO-3 shard it)"
+                if m.quantization in BNB and plan["strategy"] != "single"
+                else ""
+            )
         )
 
 
@@ -457,8 +480,15 @@ def render_plan(plan: Mapping[str, Any]) -> str:
         rows.append(("parameters", "? (the model's config.json is not available)"))
     mem = plan.get("memory")
     if mem:
-        rows.append(("memory / GPU", f"~{mem['total_gib']:.1f} GiB (estimate)"))
+        rows.append(("memory / GPU", f"~{mem['total_gib']:.1f} GiB in training (estimate)"))
         rows += [(f"  {p['name']}", f"{p['bytes'] / GIB:8.2f} GiB  {p['note']}") for p in mem["parts"]]
+    load = plan.get("load_memory")
+    if load:
+        for label, key in (("at load / GPU", "gpu"), ("at load / node RAM", "host_per_node")):
+            rows.append((label, f"~{load[key]['total_gib']:.1f} GiB (estimate)"))
+            rows += [
+                (f"  {p['name']}", f"{p['bytes'] / GIB:8.2f} GiB  {p['note']}") for p in load[key]["parts"]
+            ]
     for i, cmd in enumerate(plan["launch_commands"]):
         label = "launch" if len(plan["launch_commands"]) == 1 else f"launch node {i}"
         rows.append((label, cmd))

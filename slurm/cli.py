@@ -81,6 +81,10 @@ def _slurm(args: argparse.Namespace) -> int:
     for warning in job.warnings:
         print(f"warning  {warning}")
     print(f"script   {job.script_path}")
+    versions = ", ".join(f"{name} {version}" for name, version in job.versions.items())
+    print(
+        f"python   {job.python} (must import {versions or 'tunefleet and torch'}: checked as the job starts)"
+    )
     print(
         f"world    {spec.nodes} node(s) x {b.world_size // spec.nodes} process(es) = {b.world_size}; batch: "
         f"micro {b.micro_batch_size} x accum {b.grad_accum_steps} x world {b.world_size} = global "
@@ -212,7 +216,12 @@ def _add_slurm(sub: Any) -> None:
         "attempt in output_dir, else 60)",
     )
     p.add_argument(
-        "--python", default="python", help="python on the nodes after --env-setup (default python)"
+        "--python",
+        default=None,
+        metavar="PYTHON",
+        help="the interpreter the job runs, after the --env-setup lines (default: the one running this "
+        "command; `--python python` takes whatever --env-setup puts on PATH). Checked here and, "
+        "before anything starts, in the job: it must import tunefleet and torch at this machine's versions",
     )
     add_overrides(p)
     p.add_argument(

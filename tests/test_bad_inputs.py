@@ -318,7 +318,7 @@ CATALOGUE = [
     Case(
         "aLoRA invocation not in the prompts",
         train("peft.alora_invocation='Response:'"),
-        "does not occur before the first trained token in 400 of 400 training examples",
+        "does not occur before the first trained token in 136 of 136 training examples",
     ),
     Case(
         "EVA without enough tokens per micro batch",

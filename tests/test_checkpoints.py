@@ -112,3 +112,19 @@ def test_retention_counts_complete_checkpoints_only(tmp_path: Path) -> None:
     assert [ckpt.step_of(p) for p in ckpt.complete_checkpoints(tmp_path)] == [
         2
     ]  # the newest complete one stays
+
+
+def test_fsync_tree_skips_a_file_another_rank_renamed(tmp_path: Path, monkeypatch) -> None:
+    """Ranks share the checkpoint's temporary directory: a walk may list another rank's temporary
+    file just before that rank renames it."""
+    import os
+
+    (tmp_path / "adapter.safetensors").write_bytes(b"x")
+    real_walk = os.walk
+
+    def walk_listing_a_vanished_file(root):
+        for dirpath, dirs, names in real_walk(root):
+            yield dirpath, dirs, [*names, ".tmp-renamed-meanwhile"]
+
+    monkeypatch.setattr(os, "walk", walk_listing_a_vanished_file)
+    ckpt.fsync_tree(tmp_path)  # no FileNotFoundError

@@ -232,7 +232,7 @@ def test_changed_recipe_is_refused_harmless_change_allowed(reference: Path, tmp_
             recipe(tmp_path / "a", "peft.r=8", "batch.global_batch_size=16"),
             resume=str(reference / "checkpoint-8"),
         )
-    assert "peft.r: 16 -> 8" in str(err.value) and "batch.global_batch_size: 8 -> 16" in str(err.value)
+    assert "peft.r: 64 -> 8" in str(err.value) and "batch.global_batch_size: 8 -> 16" in str(err.value)
     out = tmp_path / "b"
     assert (
         sft.run(

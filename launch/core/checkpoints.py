@@ -51,7 +51,12 @@ def fsync_tree(root: Path) -> None:
     """Flush every file under `root` (this rank's part of a checkpoint) to stable storage."""
     for dirpath, _, names in os.walk(root):
         for name in names:
-            _fsync_file(Path(dirpath) / name)
+            try:
+                _fsync_file(Path(dirpath) / name)
+            except FileNotFoundError:
+                # another rank's temporary file, renamed meanwhile: that rank flushes it (seen with
+                # 2 ranks sharing the directory: the walk listed `.tmpXXXX`, the open found nothing)
+                continue
         _fsync_dir(Path(dirpath))
 
 
