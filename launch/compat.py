@@ -399,6 +399,25 @@ def _eva_under_zero3(r: _Resolution) -> None:
         )
 
 
+def _trainable_tokens_zero3_on_cpu(r: _Resolution) -> None:
+    """Measured (`tunefleet launch --nproc 2`, demo, CPU): `peft.trainable_token_indices` under ZeRO-3
+    fails while the adapter is built, in PEFT's `TrainableTokensLayer._collect_token_weights`
+    (trainable_tokens/layer.py), which gathers the partitioned embedding rows onto
+    `torch.cuda.current_device()` ("right now, only CUDA is implemented"): "AssertionError: Torch not
+    compiled with CUDA enabled". On a GPU that path is PEFT's own; under DDP, ZeRO-2 and FSDP it ran."""
+    if (
+        r.recipe.peft.trainable_token_indices is not None
+        and r.recipe.parallel.strategy == "deepspeed-zero3"
+        and r.hw.use_cpu
+    ):
+        raise _fail(
+            "peft.trainable_token_indices",
+            "under deepspeed-zero3 PEFT gathers the partitioned embedding rows onto a CUDA device, which "
+            "this machine lacks (measured: 'Torch not compiled with CUDA enabled' while the adapter is built)",
+            "use ddp, deepspeed-zero2 or fsdp on CPU with peft.trainable_token_indices, or run ZeRO-3 on GPUs",
+        )
+
+
 def _lora_fa_sharded(r: _Resolution) -> None:
     """Measured (`tunefleet launch --nproc 2`, demo): LoRA-FA under `fsdp` (FSDP2, CPU layer) fails at
     the first optimizer step, in PEFT's LoraFAOptimizer (lorafa.py, `A @ A.T + delta * torch.eye(r)`
@@ -448,6 +467,7 @@ RULES = (
     _gpu_kernels,
     _loftq_on_cpu,
     _eva_under_zero3,
+    _trainable_tokens_zero3_on_cpu,
     _lora_fa_sharded,
     _alora_rows,
     _padding_free,

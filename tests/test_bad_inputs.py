@@ -387,6 +387,31 @@ CATALOGUE = [
     Case(
         "Liger on CPU", launch("train.liger_kernel=true", nproc=1), "Liger's Triton kernels need a CUDA GPU"
     ),
+    Case(
+        "LoftQ on CPU",
+        launch("peft.init=loftq", nproc=1),
+        "PEFT runs LoftQ's quantization on a CUDA GPU only",
+    ),
+    Case(
+        "EVA under ZeRO-3",
+        launch("parallel.strategy=deepspeed-zero3", "peft.init=eva"),
+        "ZeRO-3 has partitioned its weights by then",
+    ),
+    Case(
+        "LoRA-FA under FSDP",
+        launch("parallel.strategy=fsdp", "peft.lora_fa=true"),
+        "LoRA-FA's optimizer multiplies whole A matrices",
+    ),
+    Case(
+        "trainable tokens under ZeRO-3 on CPU",
+        launch("parallel.strategy=deepspeed-zero3", "peft.trainable_token_indices=[5]"),
+        "PEFT gathers the partitioned embedding rows onto a CUDA device",
+    ),
+    Case(
+        "aLoRA with packed rows",
+        launch("peft.alora_invocation=go", "batch.padding_free=true", nproc=1),
+        "aLoRA finds one invocation per row",
+    ),
     Case("--nproc 0", launch(nproc=0), "at least 1 process"),
     # ------------------------------------------------------------------ the output directory
     Case(

@@ -80,7 +80,7 @@ def test_eva_trains_and_its_ranks_are_in_the_saved_adapter(one: Path, tmp_path: 
     assert config["init_lora_weights"] == "eva" and config["eva_config"]["rho"] == 2.0
     shapes = adapter_shapes(one / "final")
     saved = {
-        name.removesuffix(".lora_A.weight"): shape[0]
+        name.removeprefix("base_model.model.").removesuffix(".lora_A.weight"): shape[0]
         for name, shape in shapes.items()
         if name.endswith(".lora_A.weight")
     }

@@ -29,6 +29,8 @@ SHORT = [
     "data.eval_ratio=0.1",  # 8 eval rows, 72 train rows
     f"train.max_steps={STEPS}",
     "train.warmup_ratio=0",
+    "peft.r=16",  # the shapes and scalings below are for r=16, alpha=32 (the demo trains r=64)
+    "peft.alpha=32",
 ]
 
 
@@ -170,11 +172,13 @@ def test_layer_replication(tmp_path: Path) -> None:
 
 def test_trainable_token_indices(tmp_path: Path) -> None:
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunefleet.distributed.demo_model import ensure_tiny_llama
 
-    tokens = [264, 294, 263]  # '###', ' Response', ':\n' of the demo tokenizer: in every alpaca prompt
+    tokenizer = AutoTokenizer.from_pretrained(ensure_tiny_llama())
+    tokens = tokenizer(" Response:\n###", add_special_tokens=False)["input_ids"]  # in every alpaca prompt
+    assert [tokenizer.decode([t]) for t in tokens] == [" Response", ":\n", "###"]
     out = train(tmp_path / "run", f"peft.trainable_token_indices={tokens}")
     assert_loss_falls(out)
     hidden = json.loads((ensure_tiny_llama() / "config.json").read_text())["hidden_size"]
