@@ -418,17 +418,47 @@ def _trainable_tokens_zero3_on_cpu(r: _Resolution) -> None:
         )
 
 
-def _lora_fa_sharded(r: _Resolution) -> None:
-    """Measured (`tunefleet launch --nproc 2`, demo): LoRA-FA under `fsdp` (FSDP2, CPU layer) fails at
-    the first optimizer step, in PEFT's LoraFAOptimizer (lorafa.py, `A @ A.T + delta * torch.eye(r)`
-    on sharded A): "aten.add.Tensor got mixed torch.Tensor and DTensor"."""
+def _layer_replication_sharded(r: _Resolution) -> None:
+    """Measured (`tunefleet launch --nproc 2 --set parallel.strategy=fsdp`, demo, torch 2.13): PEFT's
+    replicated layers share their frozen base weights, and FSDP2 shards each decoder layer as its own
+    group: "ValueError: Parameter 'base_model.model.model.layers.2.self_attn.q_proj.base_layer.weight'
+    is shared with a parameter already managed by another FSDP group". DDP, ZeRO-2 and ZeRO-3 trained."""
     s = r.recipe.parallel.strategy
-    if r.recipe.peft.lora_fa and s in FSDP_STRATEGIES:
+    if r.recipe.peft.layer_replication and s in FSDP_STRATEGIES:
+        raise _fail(
+            "peft.layer_replication",
+            f"the replicated layers share their base weights, and {s} shards every decoder layer on its own "
+            "(measured: 'is shared with a parameter already managed by another FSDP group')",
+            "use ddp or deepspeed-zero2/zero3 with peft.layer_replication",
+        )
+
+
+def _lora_fa_sharded(r: _Resolution) -> None:
+    """Measured (`tunefleet launch --nproc 2`, demo, 3 steps):
+    - FSDP2 (CPU layer): LoRA-FA fails at the first optimizer step, in PEFT's LoraFAOptimizer
+      (lorafa.py, `A @ A.T + delta * torch.eye(r)` on sharded A): "aten.add.Tensor got mixed
+      torch.Tensor and DTensor".
+    - DeepSpeed ZeRO-2: it runs, but not as LoRA-FA: DeepSpeed hands the optimizer flattened
+      parameter partitions, so LoraFAOptimizer's pairing of each A with its B by name never happens;
+      A stays frozen but B moves differently (step-3 loss 6.393 against DDP's 6.614, final B off by
+      9e-3; plain LoRA under ZeRO-2 equals DDP to 1e-6). ZeRO-3 flattens the same way."""
+    s = r.recipe.parallel.strategy
+    if not r.recipe.peft.lora_fa:
+        return
+    if s in FSDP_STRATEGIES:
         raise _fail(
             "peft.lora_fa",
             f"LoRA-FA's optimizer multiplies whole A matrices, which {s} has sharded (measured: 'aten.add.Tensor "
             "got mixed torch.Tensor and DTensor' at the first step)",
             "use ddp with peft.lora_fa, or drop peft.lora_fa under FSDP",
+        )
+    if s in DEEPSPEED_STRATEGIES:
+        raise _fail(
+            "peft.lora_fa",
+            f"under {s} DeepSpeed gives the optimizer flattened partitions, so LoRA-FA's optimizer cannot pair "
+            "each A with its B and B is not updated by LoRA-FA's rule (measured: losses off DDP's by 0.2 "
+            "after 2 updates)",
+            "use ddp (or one process) with peft.lora_fa, or drop peft.lora_fa under DeepSpeed",
         )
 
 
@@ -468,6 +498,7 @@ RULES = (
     _loftq_on_cpu,
     _eva_under_zero3,
     _trainable_tokens_zero3_on_cpu,
+    _layer_replication_sharded,
     _lora_fa_sharded,
     _alora_rows,
     _padding_free,

@@ -23,15 +23,18 @@ def rank0_loads_weights(recipe: Recipe, num_processes: int) -> bool:
     what the other ranks loaded is never read; and transformers 5 reads the whole checkpoint on every
     rank even with it on (measured on CPU). Not for a 4-bit base (accelerate skips RAM-efficient
     loading when 4-bit parameters exist: every rank loads its own), nor MXFP4 (transformers'
-    quantizer loads and dequantizes it), nor FSDP1, nor `peft.init: eva` (EVA runs the base model
-    over the first batches on every rank before FSDP exists: `distributed/eva.py`; a meta base has
-    no weights to run)."""
+    quantizer loads and dequantizes it), nor FSDP1. Nor adapters that read the base weights when
+    they are built: `peft.init: eva` (EVA runs the base model over the first batches on every rank
+    before FSDP exists: `distributed/eva.py`) and `peft.trainable_token_indices` (PEFT keeps a copy
+    of the embedding rows it trains in a buffer that accelerate's broadcast does not fill; measured,
+    2 processes: "Cannot copy out of meta tensor" when FSDP2 wraps the model)."""
     par = recipe.parallel
     return (
         par.strategy == "fsdp"
         and par.fsdp_version == 2
         and recipe.model.quantization == "none"
         and recipe.peft.init != "eva"
+        and recipe.peft.trainable_token_indices is None
         and num_processes > 1
     )
 

@@ -403,6 +403,16 @@ CATALOGUE = [
         "LoRA-FA's optimizer multiplies whole A matrices",
     ),
     Case(
+        "layer replication under FSDP",
+        launch("parallel.strategy=fsdp", "peft.layer_replication=[[0, 2], [1, 2]]"),
+        "share their base weights",
+    ),
+    Case(
+        "LoRA-FA under DeepSpeed",
+        launch("parallel.strategy=deepspeed-zero2", "peft.lora_fa=true"),
+        "LoRA-FA's optimizer cannot pair each A with its B",
+    ),
+    Case(
         "trainable tokens under ZeRO-3 on CPU",
         launch("parallel.strategy=deepspeed-zero3", "peft.trainable_token_indices=[5]"),
         "PEFT gathers the partitioned embedding rows onto a CUDA device",

@@ -2,7 +2,7 @@
 recipe's schedule, checkpoints and resume, for real on CPU.
 
 Each variant trains one process with a checkpoint after every step (the loss falls, the final
-adapter loads with PEFT), then a fresh run resumes its checkpoint 2 on two gloo processes: the
+adapter loads with PEFT and merges to base+adapter's logits), then a fresh run resumes its checkpoint 2 on two gloo processes: the
 remaining losses equal the uninterrupted run's, which they would not if the optimizer state of
 the param groups were lost (checked directly too: the resumed optimizer has taken every step).
 """
@@ -15,7 +15,12 @@ import pytest
 import torch
 
 from tests.test_eva import losses, torchrun
-from tests.test_lora_variants import SHORT, assert_loss_falls, assert_reload_reproduces_the_run
+from tests.test_lora_variants import (
+    SHORT,
+    assert_loss_falls,
+    assert_merge_equal,
+    assert_reload_reproduces_the_run,
+)
 from tests.test_train import quick
 from tunefleet.distributed import sft
 
@@ -43,10 +48,11 @@ def lora_a(adapter_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in load_file(adapter_dir / "adapter_model.safetensors").items() if "lora_A" in k}
 
 
-def test_trains_with_the_variant_optimizer(reference: tuple[str, Path]) -> None:
+def test_trains_with_the_variant_optimizer(reference: tuple[str, Path], tmp_path: Path) -> None:
     name, out = reference
     assert_loss_falls(out)
     assert_reload_reproduces_the_run(out)
+    assert_merge_equal(out, tmp_path)
     state = optimizer_state(out / "checkpoint-2")
     groups = [g for g in state["param_groups"] if g["params"]]
     if name == "loraplus":  # A (and 1-D) params at lr, B at 16 x lr, through the schedule

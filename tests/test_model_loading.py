@@ -187,11 +187,13 @@ def test_under_fsdp2_only_rank_0_reads_the_weights(monkeypatch: pytest.MonkeyPat
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     by_hand = model_mod.load_model(path, r, precision, rank=1, world_size=2)
     assert {p.device.type for p in by_hand.parameters()} == {"cpu"}
-    # a 4-bit base, FSDP1 or one process: every rank loads
+    # a 4-bit base, FSDP1, one process, or an adapter built from the base weights: every rank loads
     for overrides, processes in (
         (("parallel.strategy=fsdp-qlora", "model.quantization=nf4"), 2),
         (("parallel.strategy=fsdp", "parallel.fsdp_version=1"), 2),
         (("parallel.strategy=fsdp",), 1),
+        (("parallel.strategy=fsdp", "peft.init=eva"), 2),
+        (("parallel.strategy=fsdp", "peft.trainable_token_indices=[5]"), 2),
     ):
         raw = R.load(DEMO, ["output_dir=/tmp/unused", "model.dtype=auto", *overrides])
         assert not rank0_loads_weights(raw, processes)
