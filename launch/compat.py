@@ -441,7 +441,7 @@ def _lora_fa_sharded(r: _Resolution) -> None:
     - DeepSpeed ZeRO-2: it runs, but not as LoRA-FA: DeepSpeed hands the optimizer flattened
       parameter partitions, so LoraFAOptimizer's pairing of each A with its B by name never happens;
       A stays frozen but B moves differently (step-3 loss 6.393 against DDP's 6.614, final B off by
-      9e-3; plain LoRA under ZeRO-2 equals DDP to 1e-6). ZeRO-3 flattens the same way."""
+      9e-3; plain LoRA under ZeRO-2 equals DDP to 1e-6). ZeRO-3: the same loss, 6.393."""
     s = r.recipe.parallel.strategy
     if not r.recipe.peft.lora_fa:
         return
