@@ -246,6 +246,12 @@ def generate(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    # TRL turns on an MoE model's router logits for its load-balancing loss; transformers' generate
+    # then fails in that loss once the KV cache is used (measured on gpt-oss: "The size of tensor a
+    # (4) must match the size of tensor b (32)"). Generation needs no router loss.
+    router_logits = getattr(model.config, "output_router_logits", None)
+    if router_logits:
+        model.config.output_router_logits = False
     answers: list[Answer] = []
     try:
         for start in range(0, len(prompts), batch_size):
@@ -267,6 +273,8 @@ def generate(
                 )
     finally:
         model.train(was_training)
+        if router_logits:
+            model.config.output_router_logits = router_logits
     return answers
 
 

@@ -23,20 +23,31 @@ def rank0_loads_weights(recipe: Recipe, num_processes: int) -> bool:
     what the other ranks loaded is never read; and transformers 5 reads the whole checkpoint on every
     rank even with it on (measured on CPU). Not for a 4-bit base (accelerate skips RAM-efficient
     loading when 4-bit parameters exist: every rank loads its own), nor MXFP4 (transformers'
-    quantizer loads and dequantizes it), nor FSDP1. Nor adapters that read the base weights when
-    they are built: `peft.init: eva` (EVA runs the base model over the first batches on every rank
-    before FSDP exists: `distributed/eva.py`) and `peft.trainable_token_indices` (PEFT keeps a copy
-    of the embedding rows it trains in a buffer that accelerate's broadcast does not fill; measured,
-    2 processes: "Cannot copy out of meta tensor" when FSDP2 wraps the model)."""
+    quantizer loads and dequantizes it), nor FSDP1, nor an adapter built from the base weights
+    (`adapter_reads_base_weights`)."""
     par = recipe.parallel
     return (
         par.strategy == "fsdp"
         and par.fsdp_version == 2
         and recipe.model.quantization == "none"
-        and recipe.peft.init != "eva"
-        and recipe.peft.trainable_token_indices is None
+        and not adapter_reads_base_weights(recipe)
         and num_processes > 1
     )
+
+
+BASE_WEIGHT_INITS = ("pissa", "olora", "loftq", "eva")
+"""Adapter initialisations computed from the base weights (SVD, QR, quantization error) or from the
+base model's activations (EVA)."""
+
+
+def adapter_reads_base_weights(recipe: Recipe) -> bool:
+    """Whether building the adapter reads the base weights on every rank, before FSDP exists: on a
+    meta base they fail. Measured (2 processes, FSDP2, rank-0 loading): PiSSA "Attempted to call
+    `variable.set_data(tensor)`, but `variable` and `tensor` have incompatible tensor type"
+    (lora/layer.py pissa_init); `trainable_token_indices` "Cannot copy out of meta tensor" when FSDP2
+    wraps the model (PEFT keeps the trained rows' original values in a buffer accelerate's broadcast
+    does not fill); EVA runs the base model over the first batches (`distributed/eva.py`)."""
+    return recipe.peft.init in BASE_WEIGHT_INITS or recipe.peft.trainable_token_indices is not None
 
 
 def placed_on_gpu_at_load(recipe: Recipe, *, use_cpu: bool) -> bool:

@@ -289,6 +289,7 @@ def test_target_parameters_train_the_moe_experts(tmp_path: Path, tiny_gpt_oss: P
     experts = {k: v for k, v in shapes.items() if ".mlp.experts." in k}
     assert len(experts) == 2 * 2 * 2  # 2 layers x (gate_up, down) x (A, B)
     assert all(4 * 4 in shape for shape in experts.values())  # rank r x experts
+    assert (out / "samples.jsonl").is_file()  # generation with TRL's router logits on (an MoE) works
     assert_reload_reproduces_the_run(out)
     assert_merge_equal(out, tmp_path)
 

@@ -193,6 +193,8 @@ def test_under_fsdp2_only_rank_0_reads_the_weights(monkeypatch: pytest.MonkeyPat
         (("parallel.strategy=fsdp", "parallel.fsdp_version=1"), 2),
         (("parallel.strategy=fsdp",), 1),
         (("parallel.strategy=fsdp", "peft.init=eva"), 2),
+        (("parallel.strategy=fsdp", "peft.init=pissa"), 2),
+        (("parallel.strategy=fsdp", "peft.init=olora"), 2),
         (("parallel.strategy=fsdp", "peft.trainable_token_indices=[5]"), 2),
     ):
         raw = R.load(DEMO, ["output_dir=/tmp/unused", "model.dtype=auto", *overrides])
