@@ -9,6 +9,7 @@ the param groups were lost (checked directly too: the resumed optimizer has take
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,8 @@ def test_trains_with_the_variant_optimizer(reference: tuple[str, Path], tmp_path
     assert_loss_falls(out)
     assert_reload_reproduces_the_run(out)
     assert_merge_equal(out, tmp_path)
+    plan = json.loads((out / "plan.json").read_text())  # LoRA-FA: plan counts B only, as the run has it
+    assert plan["trainable_params"] == plan["in_effect"]["trainable_params"]
     state = optimizer_state(out / "checkpoint-2")
     groups = [g for g in state["param_groups"] if g["params"]]
     if name == "loraplus":  # A (and 1-D) params at lr, B at 16 x lr, through the schedule

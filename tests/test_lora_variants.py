@@ -35,7 +35,10 @@ SHORT = [
 
 
 def train(out: Path, *extra: str) -> Path:
+    """A short run; what `tunefleet plan` counted (plan.json) is what the run's PEFT model has."""
     assert sft.run(quick(out, *SHORT, *extra)) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["trainable_params"] == plan["in_effect"]["trainable_params"], plan["in_effect"]
     return out
 
 
