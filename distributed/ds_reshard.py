@@ -60,6 +60,13 @@ def save(engine: Any, directory: Path, *, main_process: bool) -> None:
     zero_opt = engine.optimizer
     states = [zero_opt.optimizer.state.get(t, {}) for t in _flat_partitions(zero_opt)]
     step = next((s["step"] for s in states if "step" in s), None)
+    if step is not None and hasattr(zero_opt, "_lazy_init_hp_params_optimizer_state"):
+        # ZeRO-1/2 links every group's optimizer state to its parameters once, right after the FIRST
+        # group's first step: the later groups' states do not exist yet and stay linked to nothing.
+        # Measured with LoRA+ (A and B in two groups) on 2 processes: "exp_avg not found in optimizer
+        # state fragment" here. Linked again now that every group has stepped.
+        zero_opt._hp_optimizer_states_linked = False
+        zero_opt._lazy_init_hp_params_optimizer_state()
     params: dict[str, dict[str, torch.Tensor]] = {}
     for name, p in _trainable(engine):
         entry = {"fp32": safe_get_full_fp32_param(p)}

@@ -82,3 +82,36 @@ def test_optimizer_state_survives_a_resume_on_another_world_size(
         start = lora_a(one / "checkpoint-1")
         end = lora_a(out / "final")
         assert all(torch.equal(start[k], end[k]) for k in start)
+
+
+def test_loraplus_under_zero2_checkpoints_and_resumes_on_another_world_size(tmp_path: Path) -> None:
+    """LoRA+'s A and B groups under DeepSpeed ZeRO-2 (2 processes): the losses equal one plain process,
+    the rank-independent checkpoint state (`ds_reshard.save`) gathers both groups' Adam moments (it
+    failed before with "exp_avg not found in optimizer state fragment"), and one process resumes it
+    with the same losses."""
+    import subprocess
+
+    from tests.test_launch import BASE, DEMO, TOL, env, launch_argv
+    from tests.test_launch import losses as launch_losses
+    from tunefleet.launch.core import checkpoints as ckpt
+    from tunefleet.launch.core import recipe as R
+
+    ratio = "peft.loraplus_lr_ratio=16"
+    ref = tmp_path / "ref"
+    assert sft.run(R.load(DEMO, [*BASE, ratio, f"output_dir={ref}"])) == 0
+
+    def launch(out: Path, nproc: int, *extra: str) -> None:
+        argv = launch_argv(out, nproc, "parallel.strategy=deepspeed-zero2", ratio, extra=extra)
+        proc = subprocess.run(argv, env=env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+    two = tmp_path / "two"
+    launch(two, 2)
+    want = launch_losses(ref)
+    got = launch_losses(two)
+    assert sorted(got) == sorted(want) and max(abs(got[s] - want[s]) for s in want) <= TOL, (got, want)
+    assert ckpt.ZERO_STATE_FILE in ckpt.read_manifest(two / "checkpoint-2")["files"]
+    one = tmp_path / "one"
+    launch(one, 1, "--resume", str(two / "checkpoint-2"))
+    got = launch_losses(one)
+    assert sorted(got) == [3, 4] and max(abs(got[s] - want[s]) for s in got) <= TOL, (got, want)
