@@ -330,10 +330,10 @@ def wait_for_cache(recipe: Recipe, tokenizer: Any, *, poll_s: float = 0.5) -> Pr
     """What every rank but the first does: wait until the first rank's cache is complete, then
     memory-map it. DataError when the first rank failed, or showed no progress for
     ENV_PREPARE_WAIT_S seconds."""
+    started_wall, started = time.time(), time.monotonic()  # before hashing: the first rank hashes too
     fp, _ = fingerprint(recipe, tokenizer)
     path = cache_path(recipe, fp)
     limit_s = float(os.environ.get(ENV_PREPARE_WAIT_S, WAIT_S))
-    started_wall, started = time.time(), time.monotonic()
     progress, failed = _marker(path, "progress"), _marker(path, "failed")
     seen: Any = None
     changed = started
@@ -341,7 +341,7 @@ def wait_for_cache(recipe: Recipe, tokenizer: Any, *, poll_s: float = 0.5) -> Pr
         found = load_cache(path)
         if found is not None:
             return found
-        # a failure from this launch (the first rank may fail before this rank starts waiting)
+        # a failure of this launch's first rank (not one left by an earlier launch; 30 s for clocks)
         if failed.is_file() and failed.stat().st_mtime >= started_wall - 30:
             raise DataError(
                 f"the first rank could not tokenise the data: {failed.read_text(encoding='utf-8').strip()}",

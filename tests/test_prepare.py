@@ -580,3 +580,51 @@ def test_overwrite_keeps_the_cache(tmp_path: Path) -> None:
     moved = rundir.move_aside(out)
     prep.keep_cache(moved, out)
     assert (out / ".cache" / "tokenized-abc").is_dir() and (moved / "metrics.jsonl").is_file()
+
+
+def _metaspace_tokenizer(scheme: str):
+    """A SentencePiece-like BPE (spaces as ▁, prepended per the scheme) with a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.test_data import QWEN25_TEMPLATE, SPECIALS, _corpus
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=scheme)
+    tok.decoder = decoders.Metaspace(prepend_scheme=scheme)
+    tok.train_from_iterator(
+        _corpus(), trainers.BpeTrainer(vocab_size=500, special_tokens=SPECIALS, show_progress=False)
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=QWEN25_TEMPLATE
+    )
+
+
+@pytest.mark.parametrize("scheme", ["first", "always"])
+def test_prefixes_from_special_tokens_only_where_the_tokenizer_allows(scheme: str) -> None:
+    """A Metaspace pre-tokenizer that prepends only at the very start of a text: a part after a
+    special token cannot be tokenised on its own, so whole prefixes are (and the result is the
+    reference's either way)."""
+    from tunefleet.distributed.data.batched import Encoder
+
+    tok = _metaspace_tokenizer(scheme)
+    assert bool(Encoder(tok).anchor_ids) == (scheme == "always")
+    _same(chat_rows(40, seed=11), DataConfig(path="x", format="messages", max_length=4096), tok)
+
+
+def test_the_first_rows_check_catches_a_wrong_fast_path(monkeypatch) -> None:
+    """Planted bug: prefixes from special tokens for a tokenizer where that is wrong. Unchecked,
+    the ids differ; the check of each process's first rows turns the batched path off, says so,
+    and the result is the reference's."""
+    from tunefleet.distributed.data import batched as B
+
+    tok = _metaspace_tokenizer("first")
+    monkeypatch.setattr(B, "_anchor_ids", lambda t, b: frozenset(b.get_added_tokens_decoder()))
+    rows, cfg = chat_rows(40, seed=11), DataConfig(path="x", format="messages", max_length=4096)
+    want, _ = D.build_dataset(rows, cfg=cfg, tokenizer=tok, where="gen.jsonl")
+    unchecked = Batcher(tok, cfg)
+    unchecked.checked_rows = B.CHECK_ROWS
+    assert unchecked.rows(rows, 1, "gen.jsonl", Tally()) != want
+    got, stats, notes = batched(rows, cfg, tok)
+    assert got == want and stats["reference_rows"] > 0
+    assert notes and "batched tokenisation turned off" in notes[0]

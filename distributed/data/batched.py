@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -81,13 +82,36 @@ def _anchor_ids(tokenizer: Any, backend: Any) -> frozenset[int]:
     )
 
 
+def _plain_fast(tokenizer: Any) -> bool:
+    """A fast tokenizer whose `encode` is transformers' own call of the `tokenizers` backend (some
+    model classes change the text in Python first: those are called one text at a time)."""
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return False
+    cls = type(tokenizer)
+    return (
+        isinstance(tokenizer, TokenizersBackend)
+        and cls._encode_plus is TokenizersBackend._encode_plus
+        and cls.encode is PreTrainedTokenizerBase.encode
+        and cls.tokenize is TokenizersBackend.tokenize
+    )
+
+
 class Encoder:
     """`tokenization.encode` for many texts per call, and `encode_pieces` for many texts."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
-        self.backend = tokenizer.backend_tokenizer if getattr(tokenizer, "is_fast", False) else None
+        self.backend = tokenizer.backend_tokenizer if _plain_fast(tokenizer) else None
         self.anchor_ids = _anchor_ids(tokenizer, self.backend) if self.backend is not None else frozenset()
+        self.pattern: Any = None
+        """The anchor tokens' texts (longest first), to find where they may be."""
+        if self.anchor_ids and self.backend is not None:
+            added = self.backend.get_added_tokens_decoder()
+            contents = sorted({added[i].content for i in self.anchor_ids}, key=len, reverse=True)
+            self.pattern = re.compile("|".join(map(re.escape, contents)))
 
     def encode(self, texts: Sequence[str]) -> list[Any]:
         """One `tokenizers` Encoding (or, for a slow tokenizer, an id list) per text."""
@@ -107,45 +131,50 @@ class Encoder:
     def ids(encoding: Any) -> list[int]:
         return encoding if isinstance(encoding, list) else encoding.ids
 
-    def _anchors(self, text: str, encoding: Any) -> tuple[list[int], list[int]]:
-        """(character end, tokens up to and including it) of every anchor token in `encoding`."""
-        ends: list[int] = []
-        counts: list[int] = []
-        ids = self.ids(encoding)
-        if not self.anchor_ids or self.anchor_ids.isdisjoint(ids):
-            return ends, counts
-        for t, token in enumerate(ids):
-            if token in self.anchor_ids:
+    def _anchor(
+        self, matches: list[tuple[int, int]], encoding: Any, ids: list[int], end: int
+    ) -> tuple[int, int]:
+        """(character end, whole-text tokens up to it) of the last anchor token that ends by `end`:
+        a match of an anchor's text that the whole text's encoding confirms as that token."""
+        j = bisect.bisect_right(matches, (end, end)) - 1
+        while j >= 0:
+            a, b = matches[j]
+            t = encoding.char_to_token(a) if b <= end else None
+            if t is not None and ids[t] in self.anchor_ids:
                 chars = encoding.token_to_chars(t)
-                if chars is not None and 0 < chars[1] <= len(text):
-                    ends.append(chars[1])
-                    counts.append(t + 1)
-        return ends, counts
+                if chars is not None and chars[1] == b:
+                    return b, t + 1
+            j -= 1
+        return 0, 0
 
     def pieces(self, items: Sequence[tuple[str, list[int]]]) -> list[list[list[int]]]:
         """`encode_pieces(text, bounds)` of every (text, bounds) item: the same pieces."""
         fulls = self.encode([text for text, _ in items])
+        full_ids = [self.ids(e) for e in fulls]
         tails: list[str] = []
         starts: list[tuple[int, int, int]] = []  # (item, bound index, whole-text tokens kept)
         for n, (text, bounds) in enumerate(items):
             if len(bounds) == 1:
                 continue
-            ends, counts = self._anchors(text, fulls[n])
+            matches = (
+                [m.span() for m in self.pattern.finditer(text, 0, bounds[-2])]
+                if self.pattern is not None
+                else []
+            )
             for k, end in enumerate(bounds[:-1]):
-                j = bisect.bisect_right(ends, end) - 1
-                anchor, kept = (ends[j], counts[j]) if j >= 0 else (0, 0)
+                anchor, kept = self._anchor(matches, fulls[n], full_ids[n], end)
                 tails.append(text[anchor:end])
                 starts.append((n, k, kept))
         prefixes: dict[tuple[int, int], list[int]] = {}
         for (n, k, kept), tail in zip(starts, self.encode(tails), strict=True):
-            prefixes[n, k] = self.ids(fulls[n])[:kept] + self.ids(tail)
+            prefixes[n, k] = full_ids[n][:kept] + self.ids(tail)
         out = []
         for n, (text, bounds) in enumerate(items):
             ids: list[int] = []
             pieces = []
             start = 0
             for k, end in enumerate(bounds):
-                whole = self.ids(fulls[n]) if k == len(bounds) - 1 else prefixes[n, k]
+                whole = full_ids[n] if k == len(bounds) - 1 else prefixes[n, k]
                 if whole[: len(ids)] == ids:
                     piece = whole[len(ids) :]
                 else:  # a token would straddle the cut: the piece alone (as encode_pieces does)

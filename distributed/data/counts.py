@@ -65,13 +65,14 @@ class Tally:
         self.answers += answers
         self.empty_answers += empty_answers
         self.max_tokens = max(self.max_tokens, len(input_ids))
-        had_labels = more_labelled or any(t != IGNORE_INDEX for t in labels)
+        had_labels = more_labelled or labels.count(IGNORE_INDEX) < len(labels)
         cut = len(input_ids) > max_length
         if cut:
             self.truncated += 1
-            lost_labels = more_labelled or any(t != IGNORE_INDEX for t in labels[max_length:])
+            tail = labels[max_length:]
+            lost_labels = more_labelled or tail.count(IGNORE_INDEX) < len(tail)
             input_ids, labels = input_ids[:max_length], labels[:max_length]
-        n_labelled = sum(1 for t in labels if t != IGNORE_INDEX)
+        n_labelled = len(labels) - labels.count(IGNORE_INDEX)
         if n_labelled == 0:
             if had_labels:
                 self.dropped_truncated += 1

@@ -315,7 +315,10 @@ def _build_shape(tokenizer: Any, template: str, messages: list[dict], where: str
         variants=recorder.variants,
         checks=recorder.checks,
         render_full=lambda msgs: compiled.render(
-            messages=_alias_reasoning_fields(_plain_template_data(msgs)),
+            messages=_alias_reasoning_fields(
+                # transformers rebuilds the messages from plain types; plain strings need no rebuilding
+                msgs if all(type(v) is str for m in msgs for v in m.values()) else _plain_template_data(msgs)
+            ),
             tools=None,
             documents=None,
             add_generation_prompt=False,

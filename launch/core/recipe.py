@@ -156,8 +156,8 @@ class DataConfig:
     num_proc: int | None = None
     """Processes that tokenise the data (`tunefleet prepare`, or the first rank of a run that finds
     no prepared data). None: one per CPU core this process may use (at most 32), fewer for small
-    datasets; 1 tokenises in the main process. The tokens are the same for every value, so it is not
-    part of the cache key and may change on resume."""
+    datasets; 1 tokenises in the main process. Several need Linux (forked workers; elsewhere 1). The
+    tokens are the same for every value, so it is not part of the cache key and may change on resume."""
 
 
 @dataclass(kw_only=True, slots=True)
