@@ -4,7 +4,8 @@
   evaluated (with `train.eval_steps: 0` too), so every run with eval data ends with an eval loss
   in metrics.jsonl, loss.png and the trackers.
 * `write_samples`: a few prompts from the eval split (the first training rows when there is none),
-  their reference answers and the fine-tuned model's greedy answers, in `samples.jsonl`.
+  their reference answers, the fine-tuned model's greedy answers and the base model's (the
+  adapter switched off), in `samples.jsonl`.
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ def write_samples(
         render_prompt(row, data=recipe.data, tokenizer=tokenizer, where=f"{split} row {i + 1}")
         for i, row in enumerate(rows[:n])
     ]
-    try:
-        answers = generate(
+
+    def answer_all() -> list[Any]:
+        return generate(
             model,
             tokenizer,
             prompts,
@@ -69,17 +71,27 @@ def write_samples(
             batch_size=n,
             stop_ids=stop_token_ids(tokenizer, recipe.data.format, model.generation_config),
         )
+
+    try:
+        answers = answer_all()
+        with model.disable_adapter():  # the same prompts without the adapter: what training changed
+            base = answer_all()
     except Exception as exc:  # noqa: BLE001 — the run is finished and saved: a sample must not fail it
         # e.g. bitsandbytes' CPU 4-bit decoding kernel rejects the demo model's odd layer widths
         return f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     with path.open("w", encoding="utf-8") as f:
-        for prompt, answer in zip(prompts, answers, strict=True):
+        for prompt, answer, before in zip(prompts, answers, base, strict=True):
             row = {
                 "split": split,
                 "prompt": prompt.shown,
                 "reference": prompt.reference,
                 "generated": answer.text,
                 "stopped": answer.stopped,
+                "base": before.text,
             }
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return f"{path} ({len(prompts)} {split} prompts, greedy, max {max_new_tokens} new tokens)"
+    right = sum(prompt.reference == answer.text for prompt, answer in zip(prompts, answers, strict=True))
+    return (
+        f"{path} ({len(prompts)} {split} prompts, greedy, max {max_new_tokens} new tokens; "
+        f"{right} answered as the reference, base model in `base`)"
+    )

@@ -4,9 +4,10 @@ accelerate falls back without a word (FSDP on CPU becomes DDP, `ACCELERATE_USE_C
 DeepSpeed off, a rank started without the distributed variables trains alone), so every rank
 checks, once the Trainer exists, that the distributed type and world size in effect are the
 expected ones, and, once the model is wrapped (`ShardingCheck`, at the start of training), that
-the sharding is real: DTensor parameters on a mesh of the world size for FSDP, a ZeRO engine of
-the asked stage (every parameter partitioned for ZeRO-3), a DDP wrapper for `ddp`. A mismatch
-stops every rank with a TunefleetError. What is in effect is recorded in plan.json.
+the sharding is real: for FSDP every trainable parameter a DTensor (FSDP2) or inside a flat
+parameter (FSDP1) on a mesh of the world size, and for FSDP-QLoRA the 4-bit base too; a ZeRO
+engine of the asked stage (every parameter partitioned for ZeRO-3); a DDP wrapper for `ddp`. A
+mismatch stops every rank with a TunefleetError. What is in effect is recorded in plan.json.
 
 The expectation comes from `tunefleet launch` (TUNEFLEET_* variables, `command.launch_env`);
 without them (torchrun or `accelerate launch` by hand) it is derived from the recipe and
@@ -24,11 +25,15 @@ from typing import Any
 from transformers import TrainerCallback
 
 from tunefleet.distributed import cpu_fsdp
+from tunefleet.launch.compat import padding_free_problem
 from tunefleet.launch.core.errors import TunefleetError
 from tunefleet.launch.core.hardware import Hardware
 from tunefleet.launch.core.layout import ENV_DISTRIBUTED_TYPE, ENV_NUM_MACHINES, ENV_WORLD_SIZE, write_json
 from tunefleet.launch.core.recipe import Recipe
 from tunefleet.launch.templates import FSDP_STRATEGIES, ZERO_STAGE, expected_distributed_type
+
+QUANTIZED_LINEAR = ("Linear4bit", "Linear8bitLt")
+"""bitsandbytes' layer classes: how many of them the trained model holds shows the base really is quantized."""
 
 FIX = "launch with `tunefleet launch RECIPE --nproc N` (CPU) or `--gpus N`, which renders the matching accelerate config"
 
@@ -105,14 +110,52 @@ def in_effect(trainer: Any, precision: Any) -> dict[str, Any]:
     import torch
 
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    quantized: dict[str, int] = {}
+    for module in trainer.model.modules():
+        name = type(module).__name__
+        if name in QUANTIZED_LINEAR and type(module).__module__.startswith("bitsandbytes"):
+            quantized[name] = quantized.get(name, 0) + 1
     return {
+        "quantized_modules": quantized,
         "world_size": trainer.args.world_size,
         "distributed_type": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1],
         "backend": torch.distributed.get_backend() if dist else None,
         "device": str(trainer.args.device),
         "mixed_precision": precision.mode,
         "model_dtype": str(precision.dtype).replace("torch.", ""),
+        "trainable_dtypes": sorted(
+            {str(p.dtype).replace("torch.", "") for p in trainer.model.parameters() if p.requires_grad}
+        ),
     }
+
+
+def check_padding_free(model: Any, recipe: Recipe) -> None:
+    """Packed samples stay apart only for verified model types and attention implementations, and
+    only without a KV cache (with one, transformers builds no block mask: samples would see each other)."""
+    if recipe.batch.padding_free is not True:
+        return
+    config = model.config
+    problem = padding_free_problem(config.model_type, getattr(config, "_attn_implementation", None))
+    if problem is None and getattr(config, "use_cache", False):
+        problem = "the model's KV cache is on, and with it the attention would not keep packed samples apart"
+    if problem:
+        raise TunefleetError(
+            f"batch.padding_free: {problem}", "set batch.padding_free=false (micro batches grouped by length)"
+        )
+
+
+def ranks_that_read_weights(model: Any) -> list[int]:
+    """Collective (every rank calls it, before training): the ranks whose base weights were read
+    from the checkpoint; the others started on the meta device (`loading.rank0_loads_weights`) and
+    receive rank 0's weights when the model is sharded."""
+    import torch.distributed as dist
+
+    read = not any(p.is_meta for p in model.parameters())
+    if not (dist.is_available() and dist.is_initialized()):
+        return [0] if read else []
+    flags: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, read)
+    return [rank for rank, flag in enumerate(flags) if flag]
 
 
 # ----------------------------------------------------------------------------- sharding
@@ -140,32 +183,61 @@ def sharding_in_effect(model: Any, wrapped: Any) -> dict[str, Any]:
         return {
             "kind": "fsdp2",
             "params": len(params),
+            "sharded_params": len(dtensors),
             "dtensor_params": len(dtensors),
+            "trainable_sharded_params": sum(isinstance(p, DTensor) for p in trainable),
             "trainable_dtensor_params": sum(isinstance(p, DTensor) for p in trainable),
             "trainable_params": len(trainable),
             "mesh_size": mesh.size(),
             "mesh_device": mesh.device_type,
             "placements": sorted({str(pl) for p in dtensors for pl in p.placements}),
         }
+    fsdp1 = _fsdp1_sharding(wrapped)
+    if fsdp1 is not None:
+        return fsdp1
     if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
         return {"kind": "ddp", "params": len(params)}
     return {"kind": "none", "params": len(params), "wrapper": type(wrapped).__name__}
+
+
+def _fsdp1_sharding(wrapped: Any) -> dict[str, Any] | None:
+    """FSDP1 (`FullyShardedDataParallel` modules): the original parameters live in flat parameters,
+    one per wrapped unit, each sharded over the unit's process group; None when there is no FSDP1.
+
+    Counted in original parameters, read from each flat parameter's metadata (`_num_params`), so the
+    numbers compare with FSDP2's; parameters left outside every flat parameter are replicated."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp._flat_param import FlatParameter
+
+    units = [m for m in wrapped.modules() if isinstance(m, FullyShardedDataParallel)]
+    if not units:
+        return None
+    flat = [p for p in wrapped.parameters() if isinstance(p, FlatParameter)]
+    loose = [
+        p
+        for p in wrapped.parameters()
+        if not isinstance(p, FlatParameter) and not getattr(p, "_fsdp_flattened", False)
+    ]
+    flattened = sum(p._num_params for p in flat)
+    trainable_flattened = sum(p._num_params for p in flat if p.requires_grad)
+    return {
+        "kind": "fsdp1",
+        "params": flattened + len(loose),
+        "sharded_params": flattened,
+        "trainable_sharded_params": trainable_flattened,
+        "trainable_params": trainable_flattened + sum(p.requires_grad for p in loose),
+        "flat_params": len(flat),
+        "units": len(units),
+        "mesh_size": units[0].world_size,
+        "sharding_strategy": units[0].sharding_strategy.name,
+    }
 
 
 def check_sharding(strategy: str, sharding: dict[str, Any], world_size: int) -> None:
     kind = sharding["kind"]
     problem = None
     if strategy in FSDP_STRATEGIES:
-        if kind != "fsdp2":
-            problem = f"the model is wrapped as {kind}, with no DTensor parameter"
-        elif (
-            sharding["trainable_dtensor_params"] != sharding["trainable_params"]
-            or sharding["mesh_size"] != world_size
-        ):
-            problem = (
-                f"{sharding['trainable_dtensor_params']} of {sharding['trainable_params']} trainable parameters "
-                f"are sharded, on a mesh of {sharding['mesh_size']} (world size {world_size})"
-            )
+        problem = _fsdp_problem(strategy, sharding, world_size)
     elif strategy in ZERO_STAGE:
         stage = ZERO_STAGE[strategy]
         if kind != f"deepspeed-zero{stage}":
@@ -176,6 +248,28 @@ def check_sharding(strategy: str, sharding: dict[str, Any], world_size: int) -> 
         problem = f"the model is not wrapped in DistributedDataParallel ({kind})"
     if problem:
         raise TunefleetError(f"parallel.strategy={strategy}: {problem}", FIX)
+
+
+def _fsdp_problem(strategy: str, sharding: dict[str, Any], world_size: int) -> str | None:
+    """FSDP1 or FSDP2: every trainable parameter sharded on a mesh of the world size; for
+    fsdp-qlora the frozen 4-bit base too (sharding it is the point of the strategy)."""
+    kind = sharding["kind"]
+    if kind not in ("fsdp1", "fsdp2"):
+        return f"the model is wrapped as {kind}, with no DTensor or flat (FSDP1) parameter"
+    if (
+        sharding["trainable_sharded_params"] != sharding["trainable_params"]
+        or sharding["mesh_size"] != world_size
+    ):
+        return (
+            f"{sharding['trainable_sharded_params']} of {sharding['trainable_params']} trainable parameters "
+            f"are sharded ({kind}), on a mesh of {sharding['mesh_size']} (world size {world_size})"
+        )
+    if strategy == "fsdp-qlora" and sharding["sharded_params"] != sharding["params"]:
+        return (
+            f"only {sharding['sharded_params']} of {sharding['params']} parameters are sharded ({kind}): "
+            "the rest of the 4-bit base is replicated on every rank"
+        )
+    return None
 
 
 class ShardingCheck(TrainerCallback):

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tunefleet.launch.compat import BNB, sharded_4bit
 from tunefleet.launch.core.errors import RecipeError, TunefleetError
 from tunefleet.launch.core.layout import atomic_dir
 from tunefleet.launch.core.recipe import PRECISION_DTYPE, ModelConfig, Recipe
+from tunefleet.launch.loading import placed_on_gpu_at_load, rank0_loads_weights
 
 _DTYPES = {
     "bfloat16": torch.bfloat16,
@@ -55,9 +58,10 @@ def resolve_precision(recipe: Recipe) -> Precision:
 
 def resolve_model_path(model: ModelConfig) -> str:
     """The path or hub id to load; the built-in demo model is built locally on first use."""
-    from tunefleet.distributed.demo_model import TINY_LLAMA_ID, ensure_tiny_llama
+    from tunefleet.distributed.demo_model import TINY_LLAMA_ID, ensure_tiny_llama, use_one_thread
 
     if model.name_or_path == TINY_LLAMA_ID:
+        use_one_thread()
         return str(ensure_tiny_llama())
     if model.name_or_path.startswith("tunefleet:"):
         raise RecipeError(
@@ -126,8 +130,8 @@ def quantization_config(model: ModelConfig, precision: Precision) -> Any | None:
     )
 
 
-def load_model(path: str, recipe: Recipe, precision: Precision) -> Any:
-    """The base model in the recipe's dtype and quantization, ready for PEFT."""
+def load_kwargs(recipe: Recipe, precision: Precision, *, local_rank: int = 0) -> dict[str, Any]:
+    """The keyword arguments of `from_pretrained` for the recipe: dtype, quantization, placement."""
     m = recipe.model
     kwargs: dict[str, Any] = {
         "dtype": precision.dtype,
@@ -139,9 +143,70 @@ def load_model(path: str, recipe: Recipe, precision: Precision) -> Any:
     qconfig = quantization_config(m, precision)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
-    model = from_pretrained(path, **kwargs)
+    device_map = _device_map(recipe, precision, local_rank)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    return kwargs
+
+
+def _device_map(recipe: Recipe, precision: Precision, local_rank: int) -> dict[str, Any] | None:
+    """The rank's GPU when the weights must be loaded straight onto it (`loading.placed_on_gpu_at_load`:
+    MXFP4), else None (transformers' or the trainer's placement)."""
+    if not placed_on_gpu_at_load(recipe, use_cpu=precision.use_cpu):
+        return None
+    return {"": local_rank}
+
+
+def load_model(path: str, recipe: Recipe, precision: Precision, *, rank: int = 0, world_size: int = 1) -> Any:
+    """The base model in the recipe's dtype and quantization, ready for PEFT.
+
+    Under FSDP2 with several processes only rank 0 reads the weights; the other ranks build the
+    model on the meta device (buffers real: rotary tables are computed, not loaded) and receive
+    rank 0's weights when accelerate shards the model (`loading.rank0_loads_weights`)."""
+    if rank != 0 and rank0_loads_weights(recipe, world_size) and _broadcast_loading_in_effect(precision):
+        model = empty_model(path, recipe, precision)
+    else:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+        model = from_pretrained(path, **load_kwargs(recipe, precision, local_rank=local_rank))
     model.config.use_cache = False  # the cache is useless in training and breaks gradient checkpointing
     return model
+
+
+def _broadcast_loading_in_effect(precision: Precision) -> bool:
+    """Whether accelerate will broadcast rank 0's weights into this rank's shards: launched with an
+    FSDP config that turns RAM-efficient loading on (accelerate's variables), and FSDP really in
+    effect (on CPU only through distributed/cpu_fsdp.py). Otherwise accelerate runs DDP, or nothing
+    distributed, with this rank's weights as loaded: they must be real, so that the run reaches the
+    check that stops it with a clear error (guard.check_distributed) instead of failing on the meta
+    device."""
+    from tunefleet.distributed import cpu_fsdp
+
+    def on(name: str) -> bool:
+        return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+    if not (on("ACCELERATE_USE_FSDP") and on("FSDP_CPU_RAM_EFFICIENT_LOADING")):
+        return False
+    return not precision.use_cpu or cpu_fsdp.is_enabled()
+
+
+def empty_model(path: str, recipe: Recipe, precision: Precision) -> Any:
+    """The model's architecture with its parameters on the meta device: nothing read, nothing held."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    m = recipe.model
+    try:
+        config = AutoConfig.from_pretrained(path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    except OSError as exc:
+        raise TunefleetError(
+            f"cannot load the config of model.name_or_path={path!r}: {exc}",
+            "check the model id or directory (and HF_TOKEN for gated models; offline machines need a local copy)",
+        ) from None
+    kwargs: dict[str, Any] = {"dtype": precision.dtype, "trust_remote_code": m.trust_remote_code}
+    if m.attn_implementation:
+        kwargs["attn_implementation"] = m.attn_implementation
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, **kwargs)
 
 
 def from_pretrained(path: str, **kwargs: Any) -> Any:
@@ -157,18 +222,40 @@ def from_pretrained(path: str, **kwargs: Any) -> Any:
         ) from None
 
 
-def apply_peft(model: Any, recipe: Recipe) -> Any:
-    """Wrap the base model with the recipe's LoRA/DoRA adapter (k-bit preparation for QLoRA)."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def prepare_quantized(model: Any, recipe: Recipe) -> Any:
+    """Get a bitsandbytes base ready for adapters.
 
-    from tunefleet.launch.params import lora_config_kwargs
+    Replicated (single, ddp, ZeRO-2): PEFT's `prepare_model_for_kbit_training`, which also casts
+    every non-quantized weight (embeddings, output head, norms) to fp32. Sharded: the FSDP-QLoRA
+    references (TRL's sharded-QLoRA path, PEFT's and Answer.AI's FSDP-QLoRA scripts) skip it, and so
+    does this: the fp32 copies would double or quadruple what the unquantized weights cost on every
+    rank, and FSDP1 cannot flatten fp32 norms with the 16-bit 4-bit storage of their layer. What
+    training needs from it is kept: a frozen base (get_peft_model freezes it anyway) and, with
+    activation checkpointing, gradients on the embedding output so checkpointed layers backpropagate."""
+    if not sharded_4bit(recipe.parallel.strategy, recipe.model.quantization):
+        from peft import prepare_model_for_kbit_training
 
-    if recipe.model.quantization in ("nf4", "fp4", "int8"):
-        model = prepare_model_for_kbit_training(
+        return prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=recipe.train.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if recipe.train.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model
+
+
+def apply_peft(model: Any, recipe: Recipe) -> Any:
+    """Wrap the base model with the recipe's LoRA/DoRA adapter (k-bit preparation for QLoRA)."""
+    from peft import LoraConfig, get_peft_model
+
+    from tunefleet.launch.params import check_module_names, lora_config_kwargs
+
+    if recipe.model.quantization in BNB:
+        model = prepare_quantized(model, recipe)
+    check_module_names(model, recipe.peft)
     try:
         return get_peft_model(model, LoraConfig(**lora_config_kwargs(recipe.peft)))
     except ValueError as exc:
@@ -176,6 +263,21 @@ def apply_peft(model: Any, recipe: Recipe) -> Any:
         raise RecipeError(
             f"peft: {exc}", "check peft.target_modules against the model's module names"
         ) from None
+
+
+def materialize_adapter(model: Any) -> Any:
+    """Give trainable parameters still on the meta device (a rank that read no weights:
+    `load_model`) CPU storage. accelerate maps the optimizer's parameters to their FSDP2 shards by
+    storage address (`data_ptr`), which is 0 for every meta tensor: the optimizer would then hold
+    one parameter many times (seen here as a failed checkpoint save). The values are never read:
+    rank 0's are broadcast into the shards. The frozen base stays on the meta device."""
+    import torch.nn as nn
+
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.requires_grad and param.is_meta:
+                module._parameters[name] = nn.Parameter(torch.zeros_like(param, device="cpu"))
+    return model
 
 
 def save_adapter(model: Any, tokenizer: Any, out_dir: Path, state_dict: dict[str, Any] | None = None) -> None:
@@ -187,12 +289,33 @@ def save_adapter(model: Any, tokenizer: Any, out_dir: Path, state_dict: dict[str
         tokenizer.save_pretrained(tmp)
 
 
-def match_adapter_dtype(model: Any, recipe: Recipe, precision: Precision) -> None:
-    """fp32 asked means fp32 adapters. TRL's SFTTrainer casts QLoRA adapters to bf16 whatever the
-    precision (the QLoRA paper's default); in an fp32 run bf16 rounding made 2-process losses
-    differ from 1 by ~1e-4."""
-    if recipe.model.quantization not in ("nf4", "fp4", "int8") or precision.mode != "fp32":
+def adapter_dtype(recipe: Recipe) -> torch.dtype | None:
+    """The dtype every trainable parameter has when training starts; None leaves PEFT's choice.
+
+    The one decision about adapter dtypes. Unquantized bases: PEFT already keeps adapters in fp32
+    (`autocast_adapter_dtype`) and nothing recasts them. bitsandbytes bases: TRL's SFTTrainer casts
+    the LoRA A/B weights of a quantized model to bf16 whatever the precision, and leaves DoRA's
+    magnitude in fp32; every precision needs one fp32 dtype instead:
+    - fp16: the gradient scaler cannot unscale 16-bit gradients (fp16: "Attempting to unscale FP16
+      gradients", seen here; bf16: PyTorch's CUDA unscale kernel is built for fp32 and fp16 only);
+      fp32 adapters under fp16 autocast is the mixed-precision recipe;
+    - bf16: FSDP2 needs one dtype for the trainable parameters of a unit ("FSDP expects uniform
+      original parameter dtype": bf16 LoRA beside fp32 DoRA magnitudes in QDoRA), accelerate's own
+      fp32 upcast of trainable parameters is skipped when 4-bit parameters exist, and a bf16
+      magnitude would be frozen by rounding (TRL keeps it fp32 for that reason); the compute still
+      runs in bf16 (autocast, FSDP's mixed-precision policy);
+    - fp32: fp32 asked means fp32 (bf16 rounding made 2-process losses differ from 1 by ~1e-4).
+    Under DeepSpeed the engine keeps its own 16-bit copy and fp32 master weights whatever this is."""
+    if recipe.model.quantization in BNB:
+        return torch.float32
+    return None
+
+
+def match_adapter_dtype(model: Any, recipe: Recipe) -> None:
+    """Give every trainable parameter `adapter_dtype` (after the trainer exists: TRL recasts before)."""
+    dtype = adapter_dtype(recipe)
+    if dtype is None:
         return
     for param in model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -34,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunefleet.launch.core.data_identity import hash_data
 from tunefleet.launch.core.errors import DataError
 from tunefleet.launch.core.layout import CACHE_DIR, ENV_PREPARE_WAIT_S, atomic_dir, atomic_write
 from tunefleet.launch.core.recipe import Recipe
@@ -89,26 +89,6 @@ class PreparedData:
 # ----------------------------------------------------------------------------- the fingerprint
 
 
-def _hash_source(h: Any, source: str, split: str) -> str:
-    """Feed a data source into `h`; return how it was identified (for meta.json)."""
-    local = Path(os.path.expanduser(source))
-    if local.is_file():
-        files = [local]
-    elif local.is_dir():
-        files = sorted(p for p in local.rglob("*") if p.is_file())
-    else:  # a `datasets` name: its content is not available without downloading it
-        h.update(f"dataset:{source}:{split}".encode())
-        return f"dataset name {source!r}, split {split!r} (content not hashed)"
-    for path in files:
-        h.update(str(path.relative_to(local) if local.is_dir() else path.name).encode() + b"\0")
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        h.update(b"\0")
-    total = sum(p.stat().st_size for p in files)
-    return f"{len(files)} file(s), {total:,} bytes hashed"
-
-
 def _hash_tokenizer(h: Any, tokenizer: Any) -> None:
     with tempfile.TemporaryDirectory(prefix="tunefleet-tok-") as tmp:
         tokenizer.save_pretrained(tmp)
@@ -130,10 +110,7 @@ def _digests(recipe: Recipe) -> tuple[dict[str, str], dict[str, str], dict[str, 
 
     d = recipe.data
     h = hashlib.sha256()
-    sources = {"path": _hash_source(h, d.path, d.split)}
-    if d.eval_path:
-        h.update(b"eval\0")
-        sources["eval_path"] = _hash_source(h, d.eval_path, d.split)
+    sources = hash_data(h, d)
     section = {k: v for k, v in dataclasses.asdict(d).items() if k not in _NOT_IN_KEY}
     code = hashlib.sha256()
     for path in sorted(Path(data_mod.__file__).parent.glob("*.py")):  # the tokenisation code itself

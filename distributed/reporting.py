@@ -44,6 +44,7 @@ class MetricsCallback(TrainerCallback):
         else:
             return
         row["elapsed_s"] = round(time.monotonic() - self.start, 3)
+        row["time"] = round(time.time(), 3)
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -101,6 +102,29 @@ class ProgressCallback(TrainerCallback):
             self.progress = None
 
 
+def peak_gpu_memory_gib() -> float | None:
+    """The most GPU memory this rank's tensors have held so far (torch's allocator), or None on CPU.
+
+    Recorded in plan.json after loading (`in_effect.gpu_peak_after_load_gib`) and at the end
+    (`in_effect.gpu_peak_gib`), to set beside the plan's estimates."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 1024**3, 3)
+
+
+def record_in_effect(plan_path: Path, **values: Any) -> None:
+    """Add values to plan.json's `in_effect` (rank 0, after the run started)."""
+    from tunefleet.launch.core.layout import write_json
+
+    if not plan_path.exists():
+        return
+    plan = json.loads(plan_path.read_text(encoding="utf-8"))
+    plan.setdefault("in_effect", {}).update(values)
+    write_json(plan_path, plan)
+
+
 def plot_loss(metrics_path: Path, out_path: Path) -> None:
     """Plot training (and evaluation) loss against the optimizer step."""
     import matplotlib
@@ -139,8 +163,33 @@ def print_table(title: str, rows: list[tuple[str, str]]) -> None:
     Console().print(table)
 
 
+def batching_line(batching: dict[str, Any]) -> str:
+    """How the micro batches are made, and the padding they cost (epoch 1)."""
+    if batching["padding_free"]:
+        order = "grouped by length, " if batching["group_by_length"] else ""
+        return (
+            f"padding-free: {order}each micro batch packed into one row (samples kept apart by position_ids)"
+        )
+    ratio = batching["padded_token_ratio"]
+    if batching["group_by_length"]:
+        return (
+            f"micro batches grouped by length: padded tokens {ratio:.2f}x the real ones "
+            f"({batching['padded_token_ratio_in_order']:.2f}x in sampler order)"
+        )
+    return f"micro batches in sampler order: padded tokens {ratio:.2f}x the real ones"
+
+
 def start_rows(
-    checked: Any, schedule: Any, data: Any, precision: Any, expected: Any, *, trainable: int, total: int
+    checked: Any,
+    schedule: Any,
+    data: Any,
+    precision: Any,
+    expected: Any,
+    *,
+    trainable: int,
+    total: int,
+    batching: dict[str, Any],
+    warnings: list[str],
 ) -> list[tuple[str, str]]:
     """The run summary printed before the first step (`checked`: the preflight's result)."""
     recipe, batch = checked.recipe, checked.batch
@@ -168,6 +217,7 @@ def start_rows(
             f"micro {batch.micro_batch_size} x accum {batch.grad_accum_steps} x world "
             f"{batch.world_size} = global {batch.global_batch_size} samples/step",
         ),
+        ("batching", batching_line(batching)),
         (
             "schedule",
             f"{schedule.steps_per_epoch} steps/epoch ({schedule.dropped_rows_per_epoch} samples of the last "
@@ -180,8 +230,20 @@ def start_rows(
             "sharding checked when training starts, recorded in plan.json)",
         ),
         *[("compat", note) for note in checked.notes],
+        *[("warning", w) for w in warnings],
         ("output", recipe.output_dir),
     ]
+
+
+def _final_loss(trainer: Any, result: Any) -> str:
+    """Where the run ended up (the last logged training loss) and the mean over this attempt."""
+    trained = trainer.state.global_step - getattr(trainer, "_initial_global_step", 0)
+    if not trained:
+        return "no step left to train: the checkpoint was written at the last step"
+    logged = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    if not logged:
+        return f"{result.training_loss:.4f} (mean over this attempt's {trained} step(s))"
+    return f"{logged[-1]:.4f} (last logged step; mean over this attempt's {trained} step(s) {result.training_loss:.4f})"
 
 
 def done_rows(
@@ -192,7 +254,7 @@ def done_rows(
     tokens = trainer.state.num_input_tokens_seen
     return [
         ("steps", f"{trainer.state.global_step}"),
-        ("final loss", f"{result.training_loss:.4f} (mean over the run)"),
+        ("final loss", _final_loss(trainer, result)),
         ("time", f"{elapsed_s:.1f} s total, {train_s:.1f} s training"),
         ("throughput", f"{tokens / max(train_s, 1e-9):,.0f} tokens/s ({tokens:,} tokens)"),
         *([("eval loss", f"{eval_loss:.4f} (last evaluation)")] if eval_loss is not None else []),

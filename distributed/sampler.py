@@ -8,13 +8,20 @@ rank `r` takes slice `(a * world_size + r) * micro`. Whatever the split, global 
 epoch `e` holds the same samples, so with the loss normalised over the global token count the
 optimizer step is the same.
 
+With `batch.group_by_length` (the default) the samples of one global batch are the same, but
+within the step they are sorted by length and cut into micro batches of similar length (less
+padding), and the micro batches are dealt to ranks so that every rank gets about the same number
+of tokens (`group_by_length`). Deterministic from the step's samples, so from (seed, epoch, step);
+the loss of a step (the token sum over the global batch divided by its label-token count) and its
+gradients do not depend on how the samples are split.
+
 The sampler can start at any (epoch, step) directly: resuming does not replay batches.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from tunefleet.launch.core.batch import BatchPlan
 
@@ -24,6 +31,37 @@ def epoch_order(num_rows: int, *, seed: int, epoch: int) -> list[int]:
     order = list(range(num_rows))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
     return order
+
+
+def mixture_counts(sizes: Sequence[int], weights: Sequence[float]) -> list[int]:
+    """Samples each source contributes to one epoch of a mixture: the epoch keeps the total row count,
+    shared out by weight (largest remainder, ties to the earlier source)."""
+    total, norm = sum(sizes), sum(weights)
+    exact = [total * w / norm for w in weights]
+    counts = [int(x) for x in exact]
+    by_remainder = sorted(range(len(sizes)), key=lambda s: (-(exact[s] - counts[s]), s))
+    for s in by_remainder[: total - sum(counts)]:
+        counts[s] += 1
+    return counts
+
+
+def mixture_order(sizes: Sequence[int], weights: Sequence[float], *, seed: int, epoch: int) -> list[int]:
+    """One epoch of a weighted mixture, as row indices into the sources laid end to end.
+
+    Source s gives `mixture_counts(...)[s]` samples: a fresh random subset of its rows when that
+    is fewer than it has, else every row once per whole pass (each pass reshuffled) and a random
+    subset for the rest. The samples of all sources are then shuffled together. Deterministic
+    from (seed, epoch); like `epoch_order`, never from the world size."""
+    starts = [sum(sizes[:s]) for s in range(len(sizes))]
+    picked: list[int] = []
+    for s, (size, count) in enumerate(zip(sizes, mixture_counts(sizes, weights), strict=True)):
+        rng = random.Random((seed * 1_000_003 + epoch) * 1_009 + s)
+        passes, rest = divmod(count, size)
+        for _ in range(passes):
+            picked += [starts[s] + i for i in rng.sample(range(size), size)]
+        picked += [starts[s] + i for i in rng.sample(range(size), rest)]
+    random.Random(seed * 1_000_003 + epoch).shuffle(picked)
+    return picked
 
 
 def global_batches(
@@ -43,23 +81,82 @@ def micro_batch(
     return batch[start : start + micro_batch_size]
 
 
+def split_in_order(
+    batch: list[int], *, world_size: int, grad_accum_steps: int, micro_batch_size: int
+) -> list[list[list[int]]]:
+    """Every rank's micro batches of one global batch, in sampler order: result[rank][a]."""
+    return [
+        [
+            micro_batch(batch, accum_step=a, rank=r, world_size=world_size, micro_batch_size=micro_batch_size)
+            for a in range(grad_accum_steps)
+        ]
+        for r in range(world_size)
+    ]
+
+
+def micro_batch_cost(rows: list[int], lengths: Sequence[int], *, padding_free: bool) -> int:
+    """Tokens one forward pass computes on: the real tokens of a padding-free row, or micro batch x
+    the longest sample of a padded one."""
+    if padding_free:
+        return sum(lengths[i] for i in rows)
+    return len(rows) * max(lengths[i] for i in rows)
+
+
+def group_by_length(
+    batch: list[int],
+    lengths: Sequence[int],
+    *,
+    world_size: int,
+    grad_accum_steps: int,
+    micro_batch_size: int,
+    padding_free: bool = False,
+) -> list[list[list[int]]]:
+    """Every rank's micro batches of one global batch, grouped by length: result[rank][a].
+
+    The samples are sorted by length (ties by row index) and cut into micro batches of
+    consecutive samples; the micro batches, most expensive first, each go to the rank with the
+    fewest tokens so far among those that still need one (every rank gets `grad_accum_steps`)."""
+    ordered = sorted(batch, key=lambda i: (lengths[i], i))
+    micro = [ordered[k : k + micro_batch_size] for k in range(0, len(ordered), micro_batch_size)]
+    costs = [micro_batch_cost(m, lengths, padding_free=padding_free) for m in micro]
+    per_rank: list[list[list[int]]] = [[] for _ in range(world_size)]
+    load = [0] * world_size
+    for k in sorted(range(len(micro)), key=lambda k: (-costs[k], k)):
+        open_ranks = [r for r in range(world_size) if len(per_rank[r]) < grad_accum_steps]
+        r = min(open_ranks, key=lambda r: (load[r], r))
+        per_rank[r].append(micro[k])
+        load[r] += costs[k]
+    return per_rank
+
+
 class GlobalBatchSampler:
     """A batch sampler yielding this rank's micro batches, global batch after global batch.
 
     The batch plan and the steps per epoch come from the run's schedule (computed once, in
     `tunefleet.launch.core.batch`); the sampler checks that they fit its rows and rank.
-    `len()` is the number of micro batches this rank sees per epoch
-    (steps_per_epoch x grad_accum_steps), which is what the HF Trainer expects.
+    `lengths` (tokens of every row) turns on `group_by_length`. `len()` is the number of micro
+    batches this rank sees per epoch (steps_per_epoch x grad_accum_steps), which is what the HF
+    Trainer expects.
     """
 
     def __init__(
-        self, num_rows: int, *, batch: BatchPlan, steps_per_epoch: int, rank: int, seed: int
+        self,
+        num_rows: int,
+        *,
+        batch: BatchPlan,
+        steps_per_epoch: int,
+        rank: int,
+        seed: int,
+        lengths: Sequence[int] | None = None,
+        padding_free: bool = False,
     ) -> None:
         g = batch.global_batch_size
         if not steps_per_epoch * g <= num_rows < (steps_per_epoch + 1) * g:
             raise ValueError(f"{steps_per_epoch} steps of {g} samples do not fit {num_rows} rows (drop last)")
         if not 0 <= rank < batch.world_size:
             raise ValueError(f"rank {rank} is not in a world of {batch.world_size}")
+        if lengths is not None and len(lengths) != num_rows:
+            raise ValueError(f"{len(lengths)} lengths for {num_rows} rows")
         self.num_rows = num_rows
         self.global_batch_size = g
         self.micro_batch_size = batch.micro_batch_size
@@ -68,11 +165,34 @@ class GlobalBatchSampler:
         self.steps_per_epoch = steps_per_epoch
         self.rank = rank
         self.seed = seed
+        self.lengths = lengths
+        self.padding_free = padding_free
         self.epoch = 0
         self.start_step = 0
 
+    def split(self, batch: list[int]) -> list[list[list[int]]]:
+        """Every rank's micro batches of one global batch."""
+        shape = {
+            "world_size": self.world_size,
+            "grad_accum_steps": self.grad_accum_steps,
+            "micro_batch_size": self.micro_batch_size,
+        }
+        if self.lengths is None:
+            return split_in_order(batch, **shape)
+        return group_by_length(batch, self.lengths, padding_free=self.padding_free, **shape)
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def seek_to_step(self, global_step: int, *, total_steps: int) -> None:
+        """Start the next iteration right after optimizer step `global_step` (steps done so far);
+        with every step of the run done, the next iteration yields nothing."""
+        if global_step >= total_steps:
+            self.seek(epoch=global_step // self.steps_per_epoch, step_in_epoch=self.steps_per_epoch)
+        else:
+            self.seek(
+                epoch=global_step // self.steps_per_epoch, step_in_epoch=global_step % self.steps_per_epoch
+            )
 
     def seek(self, *, epoch: int, step_in_epoch: int) -> None:
         """Start the next iteration at global batch `step_in_epoch` of `epoch` (no replay)."""
@@ -92,11 +212,35 @@ class GlobalBatchSampler:
         )
         start, self.start_step = self.start_step, 0
         for batch in batches[start:]:
-            for a in range(self.grad_accum_steps):
-                yield micro_batch(
-                    batch,
-                    accum_step=a,
-                    rank=self.rank,
-                    world_size=self.world_size,
-                    micro_batch_size=self.micro_batch_size,
-                )
+            yield from self.split(batch)[self.rank]
+
+
+def padded_token_ratio(
+    lengths: Sequence[int],
+    *,
+    batch: BatchPlan,
+    steps_per_epoch: int,
+    seed: int,
+    grouped: bool,
+    epoch: int = 0,
+) -> float:
+    """Tokens the forward passes of one epoch compute on (micro batches padded to their longest
+    sample) over the real tokens: 1.0 is no padding at all."""
+    samplers = [
+        GlobalBatchSampler(
+            len(lengths),
+            batch=batch,
+            steps_per_epoch=steps_per_epoch,
+            rank=rank,
+            seed=seed,
+            lengths=lengths if grouped else None,
+        )
+        for rank in range(batch.world_size)
+    ]
+    padded = real = 0
+    for sampler in samplers:
+        sampler.set_epoch(epoch)
+        for rows in sampler:
+            padded += micro_batch_cost(rows, lengths, padding_free=False)
+            real += micro_batch_cost(rows, lengths, padding_free=True)
+    return padded / max(real, 1)

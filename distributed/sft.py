@@ -39,6 +39,7 @@ from tunefleet.launch.core.layout import (
     atomic_write,
     write_json,
 )
+from tunefleet.launch.core.noise import quiet_libraries, quiet_transformers
 from tunefleet.launch.core.recipe import Recipe
 from tunefleet.launch.preflight import Preflight, preflight
 
@@ -99,9 +100,9 @@ def run(
     args = training_arguments(recipe, checked.batch, schedule, precision, has_eval=data.eval is not None)
     dist = _join_world(rank)
     _prepare_run_dir(checked, rank, dist)
-    model = _build_model(model_path, recipe, precision)
+    model = _build_model(model_path, recipe, precision, rank)
     trainer = _build_trainer(checked, schedule, model, args, tokenizer, data)
-    model_mod.match_adapter_dtype(trainer.model, recipe, precision)
+    model_mod.match_adapter_dtype(trainer.model, recipe)
     _check_and_report(trainer, checked, schedule, data, plan, precision, rank)
     result = trainer.train(resume_from_checkpoint=checked.start.checkpoint)
     if trainer.tf_stopped:
@@ -117,13 +118,12 @@ def run(
 def _preflight(recipe: Recipe, options: StartOptions, rank: Rank) -> Preflight:
     """The start-up checks, on this rank's hardware; library noise silenced from here on."""
     import torch
-    from transformers.utils import logging as hf_logging
 
     from tunefleet.distributed import guard
 
     hw = guard.runtime_hardware(rank.world_size, use_cpu=not torch.cuda.is_available())
     checked = preflight(recipe, hw, options)
-    hf_logging.set_verbosity_error()
+    quiet_transformers()
     return checked
 
 
@@ -185,6 +185,7 @@ def run_plan(checked: Preflight, schedule: Schedule, data: Any, model_path: str)
         schedule=schedule,
         model_config=read_model_config(config_file) if config_file.exists() else None,
         notes=checked.notes,
+        resolve=False,  # preflight resolved it for this hardware already
     )
 
 
@@ -239,6 +240,7 @@ def training_arguments(
         packing=False,
         dataset_kwargs={"skip_prepare_dataset": True},
         include_num_input_tokens_seen="non_padding",
+        use_liger_kernel=t.liger_kernel,
         average_tokens_across_devices=True,
         ddp_find_unused_parameters=False,
         disable_tqdm=True,
@@ -298,6 +300,8 @@ def _announce_resume(out: Path, checked: Preflight) -> None:
     from tunefleet.launch.core import rundir
 
     checkpoint = str(checked.start.checkpoint)
+    if checked.start.note:
+        print(f"note: {checked.start.note}", flush=True)
     rundir.truncate_metrics(out / METRICS_FILE, checkpoint)
     m = ckpt.read_manifest(Path(checkpoint))
     print(
@@ -309,18 +313,20 @@ def _announce_resume(out: Path, checked: Preflight) -> None:
         print(f"  changed since that checkpoint (harmless): {note}", flush=True)
 
 
-def _build_model(model_path: str, recipe: Recipe, precision: Any) -> Any:
-    """The base model with the recipe's adapter.
+def _build_model(model_path: str, recipe: Recipe, precision: Any, rank: Rank) -> Any:
+    """The base model with the recipe's adapter (under FSDP2 only rank 0 reads the weights).
 
     The adapter's random init (LoRA A) comes from train.seed, identical on every rank and every
     world size (the Trainer seeds only after the model exists: unseeded, runs could never match)."""
     from transformers import set_seed
 
+    from tunefleet.distributed import guard
     from tunefleet.distributed import model as model_mod
 
-    model = model_mod.load_model(model_path, recipe, precision)
+    model = model_mod.load_model(model_path, recipe, precision, rank=rank.rank, world_size=rank.world_size)
+    guard.check_padding_free(model, recipe)
     set_seed(recipe.train.seed)
-    return model_mod.apply_peft(model, recipe)
+    return model_mod.materialize_adapter(model_mod.apply_peft(model, recipe))
 
 
 def _build_trainer(
@@ -328,6 +334,7 @@ def _build_trainer(
 ) -> Any:
     """The trainer with tunefleet's sample order, atomic checkpoints, stop flag and callbacks."""
     from transformers.trainer_callback import PrinterCallback
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from tunefleet.distributed import tracking
     from tunefleet.distributed.evaluation import FinalEvalCallback
@@ -335,14 +342,22 @@ def _build_trainer(
     from tunefleet.distributed.trainer import StopFlag, TunefleetTrainer
 
     recipe, out = checked.recipe, Path(checked.recipe.output_dir)
+    padding_free = recipe.batch.padding_free is True
     trainer = TunefleetTrainer(
         model=model,
         args=args,
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
+        # padding-free: TRL's collator packs a micro batch into one row, position_ids restarting at
+        # every sample and the first label of each sample masked (it was never a target)
+        data_collator=DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)
+        if padding_free
+        else None,
         batch=checked.batch,
         schedule=schedule,
+        group_by_length=recipe.batch.group_by_length,
+        padding_free=padding_free,
         callbacks=[MetricsCallback(out / METRICS_FILE), ProgressCallback()]
         + ([FinalEvalCallback()] if data.eval is not None else []),
         manifest={
@@ -351,6 +366,7 @@ def _build_trainer(
             "world_size": checked.batch.world_size,
             "strategy": recipe.parallel.strategy,
             "batch_plan": checked.batch.to_dict(),
+            "data_fingerprint": checked.data_fingerprint,
         },
         keep_last=recipe.checkpoint.keep_last,
         stop=StopFlag(),
@@ -372,11 +388,12 @@ def _check_and_report(
     """No silent fallback (the distributed type and world size now, the sharding once the model is
     wrapped); the run summary and plan.json on rank 0; the stop signals from here on."""
     from tunefleet.distributed import cpu_fsdp, guard
-    from tunefleet.distributed.reporting import print_table, start_rows
+    from tunefleet.distributed.reporting import peak_gpu_memory_gib, print_table, start_rows
 
     recipe, out = checked.recipe, Path(checked.recipe.output_dir)
     expected = guard.expectation(recipe, checked.hw)
     guard.check_distributed(trainer.accelerator.state, expected, recipe.parallel.strategy)
+    weights_read_by = guard.ranks_that_read_weights(trainer.model)
     trainer.add_callback(
         guard.ShardingCheck(
             trainer, recipe.parallel.strategy, rank.world_size, out / PLAN_FILE if rank.main else None
@@ -384,9 +401,20 @@ def _check_and_report(
     )
     if rank.main:
         trainable, total = trainer.model.get_nb_trainable_parameters()
+        batching = trainer.batching()
         print_table(
             "tunefleet run",
-            start_rows(checked, schedule, data, precision, expected, trainable=trainable, total=total),
+            start_rows(
+                checked,
+                schedule,
+                data,
+                precision,
+                expected,
+                trainable=trainable,
+                total=total,
+                batching=batching,
+                warnings=plan.get("warnings", []),
+            ),
         )
         in_effect = {
             **guard.in_effect(trainer, precision),
@@ -395,6 +423,9 @@ def _check_and_report(
             "compat_notes": checked.notes,
             "train_examples": len(data.train),
             "steps_per_epoch": schedule.steps_per_epoch,
+            "batching": batching,
+            "weights_read_by_ranks": weights_read_by,
+            "gpu_peak_after_load_gib": peak_gpu_memory_gib(),
         }
         write_json(out / PLAN_FILE, {**plan, "in_effect": in_effect})
     trainer.tf_stop.install()
@@ -422,12 +453,19 @@ def _finish(
     """The final adapter (gathered on every rank), then rank 0's plot, samples and summary."""
     from tunefleet.distributed.evaluation import final_eval_loss, write_samples
     from tunefleet.distributed.final_adapter import save_final_adapter
-    from tunefleet.distributed.reporting import done_rows, plot_loss, print_table
+    from tunefleet.distributed.reporting import (
+        done_rows,
+        peak_gpu_memory_gib,
+        plot_loss,
+        print_table,
+        record_in_effect,
+    )
 
     out = Path(recipe.output_dir)
     save_final_adapter(trainer, tokenizer, out / FINAL_DIR)  # FSDP / ZeRO-3 gather the adapter first
     if not rank.main:
         return
+    record_in_effect(out / PLAN_FILE, gpu_peak_gib=peak_gpu_memory_gib())
     plot_loss(out / METRICS_FILE, out / LOSS_PLOT)
     samples = write_samples(
         trainer.model,
@@ -454,17 +492,20 @@ def _finish(
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
     args = build_parser().parse_args(argv)
     rank = Rank.from_env()
+    # the first process of each machine speaks for it: its launcher reads the exit file it writes
+    node_main = int(os.environ.get("LOCAL_RANK", rank.rank)) == 0
     try:
         recipe = recipe_mod.load(args.recipe, args.overrides)
         code = run(recipe, options=StartOptions.from_args(args))
     except TunefleetError as exc:
-        if rank.main:
+        if node_main:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         code = EXIT_REFUSED
     exit_file = os.environ.get(ENV_EXIT_FILE)
-    if exit_file and rank.main:
+    if exit_file and node_main:
         Path(exit_file).write_text(f"{code}\n", encoding="utf-8")
     _close_process_group()
     return code

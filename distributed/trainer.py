@@ -42,7 +42,7 @@ from trl import SFTTrainer
 
 from tunefleet.distributed import ds_reshard
 from tunefleet.distributed.final_adapter import save_checkpoint_adapter
-from tunefleet.distributed.sampler import GlobalBatchSampler
+from tunefleet.distributed.sampler import GlobalBatchSampler, padded_token_ratio
 from tunefleet.launch.core import checkpoints as ckpt
 from tunefleet.launch.core.batch import BatchPlan, Schedule
 
@@ -59,6 +59,15 @@ def debug_loss_norm() -> str:
     if value not in DEBUG_LOSS_NORMS:
         raise ValueError(f"{DEBUG_LOSS_NORM_ENV}={value!r}: expected one of {', '.join(DEBUG_LOSS_NORMS)}")
     return value
+
+
+def example_lengths(dataset: Any) -> list[int]:
+    """Tokens of every example, read from the Arrow column without decoding the rows."""
+    import pyarrow.compute as pc
+
+    if getattr(dataset, "_indices", None) is not None:  # a selection: the table's order is not the dataset's
+        return [len(ids) for ids in dataset["input_ids"]]
+    return pc.list_value_length(dataset.data.column("input_ids")).to_pylist()
 
 
 class StopFlag:
@@ -117,6 +126,8 @@ class TunefleetTrainer(SFTTrainer):
         *args: Any,
         batch: BatchPlan,
         schedule: Schedule,
+        group_by_length: bool,
+        padding_free: bool,
         manifest: dict[str, Any],
         keep_last: int | None,
         stop: StopFlag | None = None,
@@ -126,6 +137,8 @@ class TunefleetTrainer(SFTTrainer):
         self.tf_schedule = schedule
         self.tf_global_batch_size = batch.global_batch_size
         self.tf_steps_per_epoch = schedule.steps_per_epoch
+        self.tf_group_by_length = group_by_length
+        self.tf_padding_free = padding_free
         self.tf_manifest = manifest
         self.tf_keep_last = keep_last
         self.tf_stop = stop
@@ -134,6 +147,7 @@ class TunefleetTrainer(SFTTrainer):
         self.tf_save_times_s: list[float] = []
         self.tf_loss_norm = debug_loss_norm()
         super().__init__(*args, **kwargs)
+        self.tf_lengths = example_lengths(self.train_dataset)
         if self.tf_loss_norm != "global" and self.args.process_index == 0:
             print(
                 f"WARNING: {DEBUG_LOSS_NORM_ENV}={self.tf_loss_norm}: the loss is normalised per micro batch "
@@ -141,6 +155,25 @@ class TunefleetTrainer(SFTTrainer):
                 flush=True,
             )
         self.add_callback(StepBoundary(self))
+
+    def batching(self) -> dict[str, Any]:
+        """How micro batches are made (for the summary and plan.json), with the padding they cost."""
+        ratios = {
+            grouped: padded_token_ratio(
+                self.tf_lengths,
+                batch=self.tf_batch,
+                steps_per_epoch=self.tf_steps_per_epoch,
+                seed=self.args.seed,
+                grouped=grouped,
+            )
+            for grouped in (False, True)
+        }
+        return {
+            "group_by_length": self.tf_group_by_length,
+            "padding_free": self.tf_padding_free,
+            "padded_token_ratio": round(1.0 if self.tf_padding_free else ratios[self.tf_group_by_length], 4),
+            "padded_token_ratio_in_order": round(ratios[False], 4),
+        }
 
     def get_train_dataloader(self) -> DataLoader:
         assert self.train_dataset is not None
@@ -150,6 +183,8 @@ class TunefleetTrainer(SFTTrainer):
             steps_per_epoch=self.tf_steps_per_epoch,
             rank=self.args.process_index,
             seed=self.args.seed,
+            lengths=self.tf_lengths if self.tf_group_by_length else None,
+            padding_free=self.tf_padding_free,
         )
         self.tf_sampler = sampler
         return EpochDataLoader(
@@ -174,10 +209,10 @@ class TunefleetTrainer(SFTTrainer):
         # the recipe's intervals win over the ones saved in the checkpoint (a harmless change on resume)
         self.state.compute_steps(self.args, max_steps)
         if resume_from_checkpoint is not None and self.tf_sampler is not None:
-            # seek to the exact sample position; 0 batches for the trainer to skip (no replay)
-            self.tf_sampler.seek(
-                epoch=epochs_trained, step_in_epoch=self.state.global_step % self.tf_steps_per_epoch
-            )
+            # seek to the exact sample position; 0 batches for the trainer to skip (no replay). A
+            # checkpoint of the last step leaves nothing to train: the trainer goes straight to the end
+            # (it would otherwise train the next batch before checking max_steps)
+            self.tf_sampler.seek_to_step(self.state.global_step, total_steps=max_steps)
         return epochs_trained, 0
 
     def _prepare_for_training(
@@ -266,6 +301,15 @@ class TunefleetTrainer(SFTTrainer):
         if self.tf_loss_norm == "micro-batch":
             num_items_in_batch = None
         return batch_samples, num_items_in_batch
+
+    def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+        """A padding-free row has no padding and no attention mask: every token counts (the stock
+        count would skip every eos, which doubles as the pad token)."""
+        if self.tf_padding_free and "attention_mask" not in inputs:
+            tokens = torch.as_tensor(inputs["input_ids"].numel(), device=self.args.device, dtype=torch.int64)
+            self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
+            return
+        super()._track_num_input_tokens(inputs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:

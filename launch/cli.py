@@ -9,6 +9,7 @@ from typing import Any
 
 from tunefleet.launch.core.args import StartOptions, add_overrides, add_run_arguments
 from tunefleet.launch.core.errors import TunefleetError
+from tunefleet.launch.core.noise import quiet_libraries
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -27,11 +28,19 @@ def _launch(args: argparse.Namespace) -> int:
         import torch  # only to count the GPUs
 
         visible_gpus = torch.cuda.device_count()
+    if args.nnodes > 1 and args.main_port is None:
+        raise TunefleetError(
+            f"--nnodes {args.nnodes} needs --main-port (a port free on node 0, the same on every machine)",
+            "pass e.g. --main-port 29500 on every machine",
+        )
     hw = ws.hardware(
         nproc=args.nproc,
         gpus=args.gpus,
         visible_gpus=visible_gpus,
         main_port=args.main_port or ws.free_port(),
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        main_address=args.main_address,
     )
     if args.gpus is not None and not args.dry_run and visible_gpus < args.gpus:
         raise TunefleetError(
@@ -39,13 +48,16 @@ def _launch(args: argparse.Namespace) -> int:
             "use --nproc N for CPU processes, or --dry-run to only render the files",
         )
     plan = ws.prepare_launch(args.recipe, args.overrides, hw, options=StartOptions.from_args(args))
-    if not args.dry_run:
-        ws.write_launch_files(plan)
-    print(ws.summary(plan, dry_run=args.dry_run), flush=True)
     if args.dry_run:
+        print(ws.summary(plan, dry_run=True), flush=True)
         for name, text in plan.files.items():
             print(f"\n--- {plan.config_dir / name}\n{text.rstrip()}")
         return 0
+    if hw.num_machines > 1:
+        ws.start_nodes(plan, join_timeout_s=args.join_timeout)
+    else:
+        ws.write_launch_files(plan)
+    print(ws.summary(plan), flush=True)
     return ws.run_launch(plan)
 
 
@@ -126,11 +138,12 @@ def _add_train(sub: Any) -> None:
 def _add_launch(sub: Any) -> None:
     p = sub.add_parser(
         "launch",
-        help="train a recipe on N CPU processes or GPUs of this machine (accelerate launch)",
+        help="train a recipe on N CPU processes or GPUs of this machine, or of each of several (accelerate launch)",
         description="Resolve the recipe for the hardware (compatibility matrix), write the accelerate "
         "and DeepSpeed configs, the resolved recipe and the exact command into "
-        "<output_dir>/launch/, print them, then run `accelerate launch`. Exits with the "
-        "run's code (75: checkpointed, requeue; 2: refused).",
+        "<output_dir>/launch/ (launch/node-R/ with --nnodes), print them, then run `accelerate "
+        "launch`. With --nnodes N, run it on each machine: they meet on node 0's port first. "
+        "Exits with the run's code (75: checkpointed, requeue; 2: refused).",
     )
     p.add_argument("recipe", help="recipe YAML file")
     add_run_arguments(p)
@@ -144,7 +157,30 @@ def _add_launch(sub: Any) -> None:
         help="N GPU processes (default: every visible GPU; 1 CPU process without GPUs)",
     )
     p.add_argument(
-        "--main-port", type=int, default=None, metavar="PORT", help="rendezvous port (default: a free port)"
+        "--main-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="rendezvous port on node 0 (default on one machine: a free port; required with --nnodes)",
+    )
+    nodes = p.add_argument_group("several machines (run the same command on each, with its own --node-rank)")
+    nodes.add_argument("--nnodes", type=int, default=1, metavar="N", help="number of machines (default 1)")
+    nodes.add_argument(
+        "--node-rank",
+        type=int,
+        default=0,
+        metavar="R",
+        help="this machine's rank, 0..N-1 (0 hosts the rendezvous)",
+    )
+    nodes.add_argument(
+        "--main-address", default=None, metavar="HOST", help="address of node 0, reachable from every machine"
+    )
+    nodes.add_argument(
+        "--join-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="how long the machines wait for each other before giving up with the missing ones named (default 300)",
     )
     p.add_argument(
         "--dry-run", action="store_true", help="print the configs and the command; write and run nothing"
@@ -254,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func

@@ -1,9 +1,9 @@
 """The command that starts a run's processes, built purely and run by a thin function.
 
 One builder for every place that starts ranks: `launcher_options` gives a launcher's options for
-one node (torchrun or accelerate launch) and `entrypoint_args` what every rank runs; `tunefleet
-launch` (`build_launch_command`), the SLURM script (`slurm/sbatch.py`) and `tunefleet plan`
-(`node_commands`) put them together. Values that a node's shell must expand (`$SLURM_NODEID`)
+one node (torchrun, accelerate launch, or `tunefleet launch` itself) and `entrypoint_args` what
+every rank runs; `tunefleet launch` (`build_launch_command`, also on each of several machines), the
+SLURM script (`slurm/sbatch.py`) and `tunefleet plan` (`node_commands`) put them together. Values that a node's shell must expand (`$SLURM_NODEID`)
 are `ShellVar`s; everything else is quoted. `run_command` starts a command, forwards
 SIGINT/SIGTERM/SIGUSR1 and returns its exit code.
 
@@ -34,6 +34,12 @@ ENTRYPOINT = "tunefleet.distributed.sft"
 """The module every process runs (`python -m tunefleet.distributed.sft --recipe FILE`)."""
 
 Launcher = Literal["torchrun", "accelerate"]
+NodeLauncher = Literal["torchrun", "accelerate", "tunefleet"]
+"""What starts one node's processes: torchrun, accelerate launch, or `tunefleet launch` (which runs
+accelerate launch with the rendered configs, after the nodes have met)."""
+
+DEFAULT_MAIN_PORT = 29500
+"""The rendezvous port the per-node commands of `tunefleet plan` use (any port free on node 0)."""
 
 
 @dataclass(frozen=True)
@@ -51,7 +57,7 @@ Word = str | ShellVar
 
 
 def launcher_options(
-    launcher: Launcher,
+    launcher: NodeLauncher,
     *,
     nodes: int,
     procs_per_node: int,
@@ -59,8 +65,10 @@ def launcher_options(
     main_address: Word,
     main_port: Word,
     accelerate_config: str | None = None,
+    use_cpu: bool = False,
 ) -> list[list[Word]]:
-    """The options of one node's launcher, one option with its value per group."""
+    """The options of one node's launcher, one option with its value per group. `use_cpu` picks
+    `tunefleet launch`'s `--nproc` (CPU processes) over `--gpus`."""
     if launcher == "torchrun":
         return [
             ["--nnodes", str(nodes)],
@@ -68,6 +76,14 @@ def launcher_options(
             ["--node_rank", node_rank],
             ["--master_addr", main_address],
             ["--master_port", main_port],
+        ]
+    if launcher == "tunefleet":
+        return [
+            ["--nnodes", str(nodes)],
+            ["--nproc" if use_cpu else "--gpus", str(procs_per_node)],
+            ["--node-rank", node_rank],
+            ["--main-address", main_address],
+            ["--main-port", main_port],
         ]
     if accelerate_config is None:
         raise TunefleetError("accelerate launch needs a config file", "render the accelerate config first")
@@ -105,26 +121,26 @@ def node_commands(
     recipe_path: str, overrides: Sequence[str], *, nodes: int, procs_per_node: int
 ) -> list[str]:
     """What a user runs on each node for `tunefleet plan`: `tunefleet train` for one process,
-    `tunefleet launch --gpus N` on one machine, torchrun on each of several machines."""
+    `tunefleet launch --gpus N` on one machine, `tunefleet launch --nnodes ...` on each of several
+    machines (`$MAIN_ADDRESS`: the address of node 0, which every node must reach)."""
     sets = [w for o in overrides for w in ("--set", o)]
     if nodes == 1:
         if procs_per_node == 1:
             return [shell_words(["tunefleet", "train", recipe_path, *sets])]
         return [shell_words(["tunefleet", "launch", recipe_path, "--gpus", str(procs_per_node), *sets])]
-    tail = entrypoint_args(recipe_path, extra=sets)
     return [
         shell_lines(
             [
-                ["torchrun"],
+                ["tunefleet", "launch", recipe_path],
                 *launcher_options(
-                    "torchrun",
+                    "tunefleet",
                     nodes=nodes,
                     procs_per_node=procs_per_node,
                     node_rank=str(rank),
-                    main_address=ShellVar("MASTER_ADDR"),
-                    main_port=ShellVar("MASTER_PORT"),
+                    main_address=ShellVar("MAIN_ADDRESS"),
+                    main_port=str(DEFAULT_MAIN_PORT),
                 ),
-                *tail,
+                sets,
             ]
         )
         for rank in range(nodes)
@@ -178,18 +194,28 @@ def build_launch_command(
             f"no {ACCELERATE_FILE} among the rendered configs {sorted(config_paths)}",
             "render the configs with templates.render_files first",
         ) from None
-    argv = [
-        python or sys.executable,
-        "-m",
-        "accelerate.commands.accelerate_cli",
-        "launch",
-        "--config_file",
-        accelerate_config,
-    ]
+    argv = [python or sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch"]
+    if hw.num_machines > 1:  # accelerate's multi-machine options (static rendezvous on node 0)
+        argv += [
+            str(w)
+            for group in launcher_options(
+                "accelerate",
+                nodes=hw.num_machines,
+                procs_per_node=hw.procs_per_machine,
+                node_rank=str(hw.machine_rank),
+                main_address=str(hw.main_process_ip),
+                main_port=str(hw.main_process_port),
+                accelerate_config=accelerate_config,
+            )
+            for w in group
+        ]
+    else:
+        argv += ["--config_file", accelerate_config]
     if hw.use_cpu and recipe.parallel.strategy == "ddp" and hw.num_processes > 1:
         # The config says MULTI_GPU already; the flags make the one incantation that starts N
-        # CPU ranks explicit. Never for DeepSpeed/FSDP: --multi_gpu would override their type.
-        argv += ["--multi_gpu", "--num_processes", str(hw.num_processes)]
+        # CPU ranks explicit (on several machines too: measured, 2 x 2 ranks on loopback). Never
+        # for DeepSpeed/FSDP: --multi_gpu would override their type.
+        argv += ["--multi_gpu"] + (["--num_processes", str(hw.num_processes)] if hw.num_machines == 1 else [])
     sets = [w for o in overrides for w in ("--set", o)]
     argv += [
         str(w)

@@ -27,10 +27,33 @@ DEEPSPEED_STRATEGIES = ("deepspeed-zero2", "deepspeed-zero3")
 BNB_4BIT = ("nf4", "fp4")
 BNB = ("nf4", "fp4", "int8")
 
+SHARDED_4BIT_STRATEGIES = ("fsdp-qlora", "deepspeed-zero3")
+"""Strategies that shard a bitsandbytes 4-bit base."""
+
+
+def sharded_4bit(strategy: str, quantization: str) -> bool:
+    """Whether the 4-bit base is sharded over the ranks (FSDP-QLoRA, ZeRO-3 + QLoRA): its 4-bit
+    weights are then stored in the parameter dtype (`_sharded_4bit_storage`), and its other weights
+    stay in the model dtype (`distributed/model.py: prepare_quantized`, `memory.py`)."""
+    return quantization in BNB_4BIT and strategy in SHARDED_4BIT_STRATEGIES
+
+
 OFFLOAD_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
 """Optimizers that survive ZeRO optimizer offload unchanged: accelerate replaces the torch
 optimizer by DeepSpeedCPUAdam (`map_pytorch_optim_to_deepspeed`), in AdamW mode only for
 torch AdamW; SGD or the bitsandbytes optimizers would silently become (non-W) Adam."""
+
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+"""Attention kernels that take packed samples natively (`cu_seq_lens` from `position_ids`)."""
+
+PADDING_FREE_ATTENTION = ("eager", "sdpa", *VARLEN_ATTENTION)
+"""Attention implementations that keep packed samples apart (sdpa/eager through the block mask
+transformers builds from `position_ids`)."""
+
+PADDING_FREE_MODEL_TYPES = ("gemma", "llama", "mistral", "mixtral", "phi3", "qwen2", "qwen3", "qwen3_moe")
+"""Model types whose packed samples were checked to stay apart, logits of each sample in a packed row
+equal to its logits alone, with sdpa and eager (tests/test_padding_free.py). gpt-oss is not among
+them: its packed samples leak into each other there (measured)."""
 
 _PREQUANTIZED_NAME = re.compile(r"(?:^|[-_/.])(gptq|awq)(?:[-_/.]|$)", re.IGNORECASE)
 
@@ -179,10 +202,31 @@ def _bitsandbytes_under_fsdp(r: _Resolution) -> None:
         )
 
 
+def _fsdp1_with_4bit(r: _Resolution) -> None:
+    """FSDP1 flattens each unit's parameters into one tensor of one dtype. Shown on CPU with plain
+    FSDP1 on 2 gloo processes and the tiny demo model (tests/test_fsdp1.py): after PEFT's k-bit
+    preparation a decoder layer holds fp32 norms beside the 16-bit storage of its 4-bit weights
+    ("Must flatten tensors with uniform dtype"); without it (as tunefleet prepares sharded QLoRA)
+    the layer flattens, but bitsandbytes re-registers every 4-bit weight as a new parameter in each
+    forward (its quant-state repair), outside the flat parameters the sharding check counts.
+    accelerate runs FSDP1 only on GPUs, so the combination has never run here: refused."""
+    m, par = r.recipe.model, r.recipe.parallel
+    if par.strategy in FSDP_STRATEGIES and par.fsdp_version == 1 and m.quantization in BNB_4BIT:
+        raise _fail(
+            "parallel.fsdp_version",
+            f"FSDP1 with a {m.quantization} base is not supported: FSDP1 flattens each layer into one "
+            "tensor of one dtype (PEFT's k-bit preparation puts fp32 norms beside the 16-bit 4-bit "
+            "storage: 'Must flatten tensors with uniform dtype'), and bitsandbytes re-registers the 4-bit "
+            "weights outside FSDP1's flat parameters at every forward; it has never run on a GPU here",
+            "use parallel.fsdp_version=2 (the default): FSDP2 shards the 4-bit base as DTensors",
+        )
+
+
 def _qdora_under_zero3(r: _Resolution) -> None:
     """Measured: QDoRA (4-bit + use_dora) under ZeRO-3 fails in the first forward ('Params4bit'
     object has no attribute 'ds_status'); DoRA under ZeRO-2/ZeRO-3 unquantized and QDoRA under
-    ZeRO-2 trained and matched DDP losses exactly."""
+    ZeRO-2 trained and matched DDP losses exactly. QDoRA under fsdp-qlora trains in bf16 on 2 gloo
+    processes (tests/test_launch.py) since every trainable parameter is fp32 (model.adapter_dtype)."""
     m, p, s = r.recipe.model, r.recipe.peft, r.recipe.parallel.strategy
     if p.method == "dora" and m.quantization in BNB_4BIT and s == "deepspeed-zero3":
         raise _fail(
@@ -219,7 +263,7 @@ def _sharded_4bit_storage(r: _Resolution) -> None:
     fsdp_utils). ZeRO-3 sharded uint8 and float storage alike here (measured); the HF ZeRO-3
     QLoRA recipe uses the parameter dtype, so it is the default there, not a requirement."""
     m, s = r.recipe.model, r.recipe.parallel.strategy
-    if m.quantization not in BNB_4BIT or s not in ("fsdp-qlora", "deepspeed-zero3"):
+    if not sharded_4bit(s, m.quantization):
         return
     strict = s == "fsdp-qlora"
     precision = r.recipe.train.precision
@@ -266,14 +310,78 @@ def _sharded_4bit_storage(r: _Resolution) -> None:
         )
 
 
+def padding_free_problem(model_type: str | None, attn_implementation: str | None) -> str | None:
+    """Why packed samples would not be kept apart, or None. Isolation rests on the attention
+    reading sample boundaries from `position_ids` (flash attention's varlen kernels, or the block
+    mask transformers builds from them for sdpa/eager when there is no attention mask and no KV
+    cache); tests/test_padding_free.py checks it, sample by sample, for every model type listed."""
+    if attn_implementation is not None and attn_implementation not in PADDING_FREE_ATTENTION:
+        return (
+            f"the attention implementation {attn_implementation!r} is not known to keep packed samples apart"
+        )
+    if model_type is not None and model_type not in PADDING_FREE_MODEL_TYPES:
+        return (
+            f"model type {model_type!r} is not among those verified to keep packed samples apart "
+            f"({', '.join(PADDING_FREE_MODEL_TYPES)}): its attention may let samples see each other"
+        )
+    return None
+
+
+def _padding_free(r: _Resolution) -> None:
+    """`auto` packs micro batches only where it is faster; packing is refused where samples could leak."""
+    b, m = r.recipe.batch, r.recipe.model
+    varlen = not r.hw.use_cpu and m.attn_implementation in VARLEN_ATTENTION
+    if b.padding_free == "auto":
+        why = (
+            "flash attention's variable-length kernels attend within each sample"
+            if varlen
+            else f"{m.attn_implementation or 'sdpa'} on {'CPU' if r.hw.use_cpu else 'GPU'} attends over the whole "
+            "packed row, slower than micro batches grouped by length; batch.padding_free=true forces it"
+        )
+        r.replace("batch", f"batch.padding_free: auto -> {str(varlen).lower()} ({why})", padding_free=varlen)
+    if r.recipe.batch.padding_free is not True:
+        return
+    model_type = r.model_config.get("model_type") if r.model_config is not None else None
+    problem = padding_free_problem(model_type, m.attn_implementation)
+    if problem:
+        raise _fail(
+            "batch.padding_free", problem, "set batch.padding_free=false (micro batches grouped by length)"
+        )
+    if not varlen:
+        r.notes.append(
+            f"batch.padding_free: {m.attn_implementation or 'sdpa'} keeps packed samples apart with a block mask "
+            "over the whole row, which costs more than padding on this hardware (tools/bench_throughput.py)"
+        )
+
+
+def _gpu_kernels(r: _Resolution) -> None:
+    """Flash attention and Liger are CUDA kernels: on CPU they are refused, never silently skipped."""
+    m, t = r.recipe.model, r.recipe.train
+    if r.hw.use_cpu and m.attn_implementation in VARLEN_ATTENTION:
+        raise _fail(
+            "model.attn_implementation",
+            f"{m.attn_implementation} is a CUDA kernel; this run has no GPU",
+            "use model.attn_implementation=sdpa (or leave it unset) on CPU",
+        )
+    if r.hw.use_cpu and t.liger_kernel:
+        raise _fail(
+            "train.liger_kernel",
+            "Liger's Triton kernels need a CUDA GPU; this run has none",
+            "set train.liger_kernel=false on CPU",
+        )
+
+
 RULES = (
     _processes,
     _fsdp_on_cpu,
     _prequantized,
     _bitsandbytes_under_fsdp,
+    _fsdp1_with_4bit,
     _qdora_under_zero3,
     _zero_offload_optimizer,
     _sharded_4bit_storage,
+    _gpu_kernels,
+    _padding_free,
 )
 """The compatibility matrix in the order it is applied: each rule refuses what breaks (naming the
 fix) or fills in what a strategy silently requires (with a note)."""

@@ -5,17 +5,23 @@ part states its assumption; the activation formula was checked tensor by tensor 
 autograd saves for a Llama block with PEFT LoRA (tests/test_plan.py). Assumed throughout:
 
 - Training runs on GPUs with bf16/fp16 mixed precision (autocast) or in fp32; base weights in
-  `weight_dtype`. For bitsandbytes (nf4/fp4/int8) the trainer calls PEFT's
-  `prepare_model_for_kbit_training`, which casts every non-quantized base parameter
-  (embeddings, output head, norms) to fp32.
-- Adapter parameters are fp32 (PEFT's `autocast_adapter_dtype`), their gradients too; under
-  DeepSpeed, which casts the module to bf16/fp16, they are 16-bit with an fp32 master copy.
+  `weight_dtype`. For bitsandbytes (nf4/fp4/int8) on a replicated base (single, ddp, ZeRO-2) the
+  trainer calls PEFT's `prepare_model_for_kbit_training`, which casts every non-quantized base
+  parameter (embeddings, output head, norms) to fp32; a sharded 4-bit base (fsdp-qlora, ZeRO-3)
+  keeps them in `weight_dtype` (`compat.sharded_4bit`).
+- Adapter parameters are fp32 (PEFT's `autocast_adapter_dtype`; `model.adapter_dtype` for a
+  quantized base), their gradients too; under DeepSpeed, which casts the module to bf16/fp16,
+  they are 16-bit with an fp32 master copy.
 - Sharding: `fsdp`, `fsdp-qlora` and `deepspeed-zero3` divide weights, gradients and
   optimizer state by the world size; `deepspeed-zero2` divides gradients and optimizer state;
   `ddp` and `single` divide nothing. Activations are never sharded (data parallel only).
 - Offload: `offload_params` (ZeRO-3/FSDP) keeps weights in CPU memory, gathering one layer
   at a time; `offload_optimizer` (ZeRO-2/3, FSDP) keeps optimizer state (and the fp32
   master copy) in CPU memory.
+
+Loading has its own peak, before any of the above (`estimate_load_memory`): per GPU and in host
+RAM per node, from how transformers, bitsandbytes and accelerate load (read in their source; the
+FSDP host-RAM behaviour measured on CPU), stated part by part.
 
 torch-free: it works from parameter counts and the model's config.json.
 """
@@ -28,6 +34,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tunefleet.launch.compat import BNB, sharded_4bit
 from tunefleet.launch.core.errors import RecipeError
 
 GIB = 1024**3
@@ -265,6 +272,14 @@ class MemoryInputs:
     attn_implementation: str | None = None
     offload_params: bool = False
     offload_optimizer: bool = False
+    procs_per_node: int = 1
+    """Processes per node (host RAM at load is counted per node)."""
+    rank0_loads_weights: bool = False
+    """Only global rank 0 reads the base weights, the others start on the meta device
+    (`loading.rank0_loads_weights`)."""
+    placed_on_gpu_at_load: bool = False
+    """The weights are loaded straight onto the rank's GPU (a device_map: MXFP4 on single/ddp/ZeRO-2,
+    `distributed/model.py: load_kwargs`); bitsandbytes always is."""
 
     @property
     def compute_bytes(self) -> int:
@@ -291,7 +306,26 @@ class MemoryInputs:
 
     @property
     def _plain_bytes(self) -> int:
-        return 4 if self.quantization in ("nf4", "fp4", "int8") else self.weight_bytes
+        """Bytes of a non-quantized base parameter in training: PEFT's k-bit preparation makes them
+        fp32 on a replicated bitsandbytes base; a sharded 4-bit base keeps the model dtype."""
+        if self.quantization in BNB and not sharded_4bit(self.strategy, self.quantization):
+            return 4
+        return self.weight_bytes
+
+    @property
+    def loaded_weight_bytes(self) -> float:
+        """Bytes of the whole base as `from_pretrained` returns it (before any k-bit preparation)."""
+        bits = (
+            quantized_bits(self.quantization, double_quant=self.double_quant) if self.quantized_params else 0
+        )
+        return (
+            self.quantized_params * bits / 8 + (self.base_params - self.quantized_params) * self.weight_bytes
+        )
+
+    @property
+    def largest_tensor_bytes(self) -> int:
+        """The embedding matrix in the load dtype: the largest tensor that passes through whole."""
+        return self.shape.vocab_size * self.shape.hidden_size * self.weight_bytes
 
     def check(self) -> None:
         if self.offload_params and self.strategy not in ("fsdp", "fsdp-qlora", "deepspeed-zero3"):
@@ -452,6 +486,110 @@ def _transient_parts(i: MemoryInputs) -> list[MemoryPart]:
         )
     )
     return parts
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadEstimate:
+    """Estimated peak memory while the model loads (before the first step): one GPU, host RAM of one node."""
+
+    gpu: MemoryEstimate
+    host_per_node: MemoryEstimate
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"gpu": self.gpu.to_dict(), "host_per_node": self.host_per_node.to_dict()}
+
+
+def _gpu_at_load(i: MemoryInputs) -> list[MemoryPart]:
+    """The base on one GPU between `from_pretrained` and the first step."""
+    quantized = i.quantization in BNB
+    if quantized:
+        # bitsandbytes places the whole quantized model on the rank's GPU (its quantizer's
+        # device_map); FSDP and ZeRO-3 shard it only afterwards, and accelerate's RAM-efficient
+        # loading is skipped when 4-bit parameters exist. A replicated base then gets PEFT's
+        # fp32 copies of its non-quantized weights.
+        whole = max(i.loaded_weight_bytes, i.stored_weight_bytes)
+        why = "the whole quantized model on every GPU (bitsandbytes loads it there; sharding comes after)"
+        parts = [_part("base weights at load", whole, why)]
+    elif i.offload_params:
+        parts = [_part("base weights at load", 0, "parameters offloaded to CPU memory")]
+    elif i.strategy in SHARDED_WEIGHTS:
+        how = (
+            "broadcast from rank 0 into the shards"
+            if i.rank0_loads_weights
+            else "FSDP moves each unit's shard to the GPU"
+            if i.strategy != "deepspeed-zero3"
+            else "zero.Init builds the model partitioned"
+        )
+        parts = [
+            _part(
+                "base weights at load", i.loaded_weight_bytes / i.world_size, f"/ {i.world_size} ranks: {how}"
+            ),
+            _part(
+                "tensor in flight",
+                i.largest_tensor_bytes,
+                "one whole tensor (the embedding) while it is sharded",
+            ),
+        ]
+    else:
+        where = "loaded there" if i.placed_on_gpu_at_load else "moved there whole by the trainer"
+        parts = [
+            _part("base weights at load", i.loaded_weight_bytes, f"the whole model on every GPU ({where})")
+        ]
+    parts.append(_part("CUDA context and workspace", CONTEXT_BYTES, "allowance"))
+    return parts
+
+
+def _host_at_load(i: MemoryInputs) -> list[MemoryPart]:
+    """Host RAM of one node while loading (the page cache of the checkpoint files is not counted:
+    it is shared by the processes and reclaimable)."""
+    n = i.procs_per_node
+    if i.quantization in BNB or i.placed_on_gpu_at_load:
+        part = _part(
+            "checkpoint tensors in flight",
+            n * i.largest_tensor_bytes,
+            f"{n} process(es) x one tensor: the weights go from the files to the GPU tensor by tensor",
+        )
+    elif i.rank0_loads_weights:
+        part = _part(
+            "base weights (rank 0)",
+            i.loaded_weight_bytes,
+            "only global rank 0 reads the weights (the others start on the meta device): one copy, on its node",
+        )
+    elif i.strategy == "deepspeed-zero3":
+        part = _part(
+            "checkpoint tensors in flight",
+            n * i.largest_tensor_bytes,
+            f"{n} process(es) x one tensor: zero.Init builds the model partitioned (not measured here)",
+        )
+    else:
+        part = _part(
+            "base weights",
+            n * i.loaded_weight_bytes,
+            f"{n} process(es) x the whole model: each rank reads the full checkpoint into host RAM "
+            "(transformers 5 does so under FSDP too, measured on CPU)",
+        )
+    parts = [part]
+    if i.offload_params:
+        parts.append(
+            _part(
+                "offloaded weights",
+                n * i.stored_weight_bytes / i.weight_shards,
+                f"{n} process(es) x their offloaded shard of the base",
+            )
+        )
+    return parts
+
+
+def estimate_load_memory(inputs: MemoryInputs) -> LoadEstimate:
+    """Peak memory while the model loads: one GPU and the host RAM of one node, split into parts."""
+    inputs.check()
+    return LoadEstimate(
+        gpu=MemoryEstimate(parts=tuple(_gpu_at_load(inputs))),
+        host_per_node=MemoryEstimate(parts=tuple(_host_at_load(inputs))),
+    )
 
 
 def estimate_memory(inputs: MemoryInputs) -> MemoryEstimate:

@@ -61,6 +61,47 @@ def lora_config_kwargs(peft: PeftConfig) -> dict[str, Any]:
     return kwargs
 
 
+def linear_module_names(model: Any) -> list[str]:
+    """The distinct names of the model's linear layers, as `peft.target_modules` takes them."""
+    import torch
+
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and name and not name.endswith("lm_head")
+        }
+    )
+
+
+def check_module_names(model: Any, peft: PeftConfig) -> None:
+    """Every listed module name must match a module of the model. PEFT matches a name when a module's
+    full name is it or ends with `.` + it, and ignores a name that matches nothing as long as
+    another one matches: a typo would silently train fewer layers."""
+    names = [name for name, _ in model.named_modules()]
+
+    def unmatched(keys: list[str] | None) -> list[str]:
+        return [k for k in keys or [] if not any(n == k or n.endswith(f".{k}") for n in names)]
+
+    lists = {
+        "peft.target_modules": peft.target_modules if isinstance(peft.target_modules, list) else None,
+        "peft.modules_to_save": peft.modules_to_save,
+    }
+    for key, listed in lists.items():
+        missing = unmatched(listed)
+        if missing:
+            raise RecipeError(
+                f"{key}: {', '.join(repr(m) for m in missing)} match{'es' if len(missing) == 1 else ''} no module of "
+                f"{type(model).__name__}",
+                f"use the model's module names; its linear layers are: {', '.join(linear_module_names(model))}"
+                + (
+                    ""
+                    if key == "peft.target_modules"
+                    else " (modules_to_save also takes e.g. embed_tokens, lm_head)"
+                ),
+            )
+
+
 @dataclass(frozen=True, kw_only=True)
 class ParamCounts:
     """Parameter counts of the base model with the adapter applied."""
@@ -98,7 +139,9 @@ def read_model_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
             f"model config {str(path)!r} does not exist", "pass a config.json or its directory"
         ) from None
     except (OSError, ValueError) as exc:
-        raise RecipeError(f"model config {str(path)!r} cannot be read: {exc}", None) from None
+        raise RecipeError(
+            f"model config {str(path)!r} cannot be read: {exc}", "pass the model's config.json (a JSON file)"
+        ) from None
 
 
 def _quantized_numel(model: Any, quantization: str) -> int:
@@ -169,6 +212,7 @@ def param_counts(
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
             base = sum(p.numel() for p in model.parameters())
             quantized = _quantized_numel(model, quantization)
+            check_module_names(model, peft)
             try:
                 peft_model = get_peft_model(model, LoraConfig(**kwargs))
             except ValueError as exc:

@@ -16,13 +16,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunefleet.launch import command, prep_report
+from tunefleet.launch import command, compat, prep_report
+from tunefleet.launch.compat import BNB
 from tunefleet.launch.core import batch as batch_mod
 from tunefleet.launch.core.batch import BatchPlan, Schedule
 from tunefleet.launch.core.errors import RecipeError
-from tunefleet.launch.core.hardware import strategy_for
+from tunefleet.launch.core.hardware import Hardware, strategy_for
 from tunefleet.launch.core.recipe import PRECISION_DTYPE, Recipe
-from tunefleet.launch.memory import GIB, MemoryInputs, ModelShape, estimate_memory
+from tunefleet.launch.loading import placed_on_gpu_at_load, rank0_loads_weights
+from tunefleet.launch.memory import GIB, MemoryInputs, ModelShape, estimate_load_memory, estimate_memory
+from tunefleet.launch.preflight import recipe_warnings
 
 MAX_ACCUM_STEPS = 64
 """More accumulation steps than this is flagged: each optimizer step then runs that many
@@ -99,6 +102,7 @@ def build_plan(
     previous_batch: Mapping[str, Any] | None = None,
     gpu_memory_gib: float | None = None,
     notes: Sequence[str] = (),
+    resolve: bool = True,
 ) -> dict[str, Any]:
     """Everything `tunefleet plan` shows, as a JSON-serialisable dict.
 
@@ -109,15 +113,22 @@ def build_plan(
     by default it is derived from the data counts. `model_config`: the model's config.json (None:
     no parameter counts or memory). `counts`: precomputed `ParamCounts.to_dict()`; by default
     computed from `model_config` on the meta device. `previous_batch`: the batch plan (or resolved
-    recipe batch) of a run being resumed.
+    recipe batch) of a run being resumed. `resolve`: apply the compatibility matrix for `nodes` x
+    `procs_per_node` GPUs first (the trainer passes a recipe its start-up check resolved already).
     """
-    draft = _Draft(plan={"recipe": recipe_path}, notes=list(notes))
+    draft = _Draft(
+        plan={"recipe": recipe_path, "strategy_asked": recipe.parallel.strategy}, notes=list(notes)
+    )
+    if resolve:
+        recipe = _resolve(
+            draft, recipe, nodes=nodes, procs_per_node=procs_per_node, model_config=model_config
+        )
     bp = _batch(draft, recipe, nodes=nodes, procs_per_node=procs_per_node, previous_batch=previous_batch)
     if data is None and dataset_rows is not None:
         data = DataCounts.from_rows(dataset_rows, recipe, prepared)
     schedule = _data_and_schedule(draft, recipe, bp, data, schedule)
     _learning_rate(draft, recipe, schedule)
-    _warnings(draft, recipe, bp)
+    _warnings(draft, recipe, bp, model_config)
     _parameters_and_memory(draft, recipe, bp, model_config, counts, gpu_memory_gib)
     draft.plan["launch_commands"] = (
         list(launch_commands)
@@ -126,9 +137,34 @@ def build_plan(
             recipe_path or "RECIPE.yaml", overrides, nodes=nodes, procs_per_node=procs_per_node
         )
     )
+    if launch_commands is None and nodes > 1:
+        draft.notes.append(
+            f"run each `launch node R` line on machine R, with MAIN_ADDRESS set to the address of node 0 "
+            f"(every machine must reach it; port {command.DEFAULT_MAIN_PORT} free there) and output_dir "
+            "on storage every machine mounts at the same path"
+        )
     draft.plan["warnings"] = draft.warnings
     draft.plan["notes"] = draft.notes
     return draft.plan
+
+
+def _resolve(
+    draft: _Draft, recipe: Recipe, *, nodes: int, procs_per_node: int, model_config: Mapping[str, Any] | None
+) -> Recipe:
+    """The recipe as a launch on these GPUs would carry it out; what the matrix refuses is a warning here."""
+    hw = Hardware(
+        num_processes=nodes * procs_per_node,
+        num_machines=nodes,
+        main_process_ip="MAIN_ADDRESS" if nodes > 1 else None,
+        use_cpu=False,
+    )
+    try:
+        resolved, notes = compat.resolve_with_notes(recipe, hw, model_config)
+    except RecipeError as exc:
+        draft.warnings.append(f"refused at launch: {exc.problem} (fix: {exc.fix})")
+        return recipe
+    draft.notes += notes
+    return resolved
 
 
 def _batch(
@@ -154,7 +190,7 @@ def _batch(
             "model": recipe.model.name_or_path,
             "quantization": recipe.model.quantization,
             "strategy": strategy,
-            "strategy_asked": recipe.parallel.strategy,
+            "strategy_asked": draft.plan.get("strategy_asked", recipe.parallel.strategy),
             "nodes": nodes,
             "procs_per_node": procs_per_node,
             "world_size": bp.world_size,
@@ -164,12 +200,9 @@ def _batch(
             "global_batch_tokens": bp.global_batch_tokens,
             "max_length": bp.max_length,
             "batch_target": bp.target,
+            "batching": {"group_by_length": b.group_by_length, "padding_free": b.padding_free},
         }
     )
-    if strategy != recipe.parallel.strategy:
-        draft.notes.append(
-            f"parallel.strategy: {recipe.parallel.strategy} -> {strategy} on {bp.world_size} process(es)"
-        )
     if bp.target == "tokens":
         draft.notes.append(
             f"global batch set by batch.global_batch_tokens={b.global_batch_tokens}: "
@@ -279,9 +312,16 @@ def _learning_rate(draft: _Draft, recipe: Recipe, schedule: Schedule | None) -> 
         )
 
 
-def _warnings(draft: _Draft, recipe: Recipe, bp: BatchPlan) -> None:
+def _warnings(draft: _Draft, recipe: Recipe, bp: BatchPlan, model_config: Mapping[str, Any] | None) -> None:
     """Settings that run, but probably not as the user meant."""
     world, asked = bp.world_size, recipe.parallel.strategy
+    draft.warnings += recipe_warnings(recipe)
+    context = _context_length(model_config)
+    if context and recipe.data.max_length > context:
+        draft.warnings.append(
+            f"data.max_length={recipe.data.max_length} is beyond the model's context of {context:,} tokens "
+            "(max_position_embeddings): it never saw positions past it; lower data.max_length"
+        )
     if bp.grad_accum_steps > MAX_ACCUM_STEPS:
         draft.warnings.append(
             f"{bp.grad_accum_steps} accumulation steps (> {MAX_ACCUM_STEPS}): every optimizer step "
@@ -294,6 +334,14 @@ def _warnings(draft: _Draft, recipe: Recipe, bp: BatchPlan) -> None:
         )
     if world == 1 and asked not in ("auto", "single", "ddp"):
         draft.warnings.append(f"parallel.strategy={asked} on one process shards nothing")
+
+
+def _context_length(model_config: Mapping[str, Any] | None) -> int | None:
+    if model_config is None:
+        return None
+    config = model_config.get("text_config") or model_config
+    value = config.get("max_position_embeddings")
+    return int(value) if isinstance(value, int) else None
 
 
 def _precision(recipe: Recipe) -> tuple[str, str | None]:
@@ -320,6 +368,7 @@ def _parameters_and_memory(
             "base_params": None,
             "quantized_params": None,
             "memory": None,
+            "load_memory": None,
         }
     )
     if model_config is None:
@@ -345,32 +394,36 @@ def _parameters_and_memory(
     if assumed:
         draft.notes.append(assumed)
     weight_dtype = m.dtype if m.dtype != "auto" else PRECISION_DTYPE[precision]
-    estimate = estimate_memory(
-        MemoryInputs(
-            shape=ModelShape.from_config(model_config),
-            base_params=counts["base"],
-            adapter_params=counts["adapter"],
-            trainable_params=counts["trainable"],
-            quantized_params=counts["quantized"],
-            quantization=effective_quant,
-            double_quant=m.double_quant,
-            precision=precision,
-            weight_bytes=_DTYPE_BYTES[weight_dtype],
-            strategy=plan["strategy"],
-            world_size=bp.world_size,
-            micro_batch_size=bp.micro_batch_size,
-            max_length=recipe.data.max_length,
-            gradient_checkpointing=recipe.train.gradient_checkpointing,
-            optimizer=recipe.train.optimizer,
-            lora_targets=recipe.peft.target_modules,
-            lora_rank=recipe.peft.r,
-            lora_dropout=recipe.peft.dropout,
-            attn_implementation=m.attn_implementation,
-            offload_params=recipe.parallel.offload == "optimizer+params",
-            offload_optimizer=recipe.parallel.offload != "none",
-        )
+    inputs = MemoryInputs(
+        shape=ModelShape.from_config(model_config),
+        base_params=counts["base"],
+        adapter_params=counts["adapter"],
+        trainable_params=counts["trainable"],
+        quantized_params=counts["quantized"],
+        quantization=effective_quant,
+        double_quant=m.double_quant,
+        precision=precision,
+        weight_bytes=_DTYPE_BYTES[weight_dtype],
+        strategy=plan["strategy"],
+        world_size=bp.world_size,
+        micro_batch_size=bp.micro_batch_size,
+        max_length=recipe.data.max_length,
+        gradient_checkpointing=recipe.train.gradient_checkpointing,
+        optimizer=recipe.train.optimizer,
+        lora_targets=recipe.peft.target_modules,
+        lora_rank=recipe.peft.r,
+        lora_dropout=recipe.peft.dropout,
+        attn_implementation=m.attn_implementation,
+        offload_params=recipe.parallel.offload == "optimizer+params",
+        offload_optimizer=recipe.parallel.offload != "none",
+        procs_per_node=plan["procs_per_node"],
+        rank0_loads_weights=rank0_loads_weights(recipe, bp.world_size),
+        placed_on_gpu_at_load=placed_on_gpu_at_load(recipe, use_cpu=False),
     )
+    estimate = estimate_memory(inputs)
+    at_load = estimate_load_memory(inputs)
     plan["memory"] = estimate.to_dict()
+    plan["load_memory"] = at_load.to_dict()
     draft.notes.append(
         f"memory is estimated at data.max_length={recipe.data.max_length} for every sample (the worst "
         "case: batches padded to their longest sequence use less)"
@@ -380,6 +433,16 @@ def _parameters_and_memory(
             f"estimated {estimate.total_bytes / GIB:.1f} GiB per GPU exceeds {gpu_memory_gib:g} GiB: "
             "turn on train.gradient_checkpointing, lower batch.micro_batch_size or data.max_length, "
             "quantize, or shard (fsdp / deepspeed-zero3)"
+        )
+    if gpu_memory_gib is not None and at_load.gpu.total_bytes > gpu_memory_gib * GIB:
+        draft.warnings.append(
+            f"loading needs an estimated {at_load.gpu.total_bytes / GIB:.1f} GiB per GPU, more than "
+            f"{gpu_memory_gib:g} GiB: the model cannot load"
+            + (
+                " (bitsandbytes loads the whole quantized model on every GPU before FSDP or ZeRO-3 shard it)"
+                if m.quantization in BNB and plan["strategy"] != "single"
+                else ""
+            )
         )
 
 
@@ -439,8 +502,15 @@ def render_plan(plan: Mapping[str, Any]) -> str:
         rows.append(("parameters", "? (the model's config.json is not available)"))
     mem = plan.get("memory")
     if mem:
-        rows.append(("memory / GPU", f"~{mem['total_gib']:.1f} GiB (estimate)"))
+        rows.append(("memory / GPU", f"~{mem['total_gib']:.1f} GiB in training (estimate)"))
         rows += [(f"  {p['name']}", f"{p['bytes'] / GIB:8.2f} GiB  {p['note']}") for p in mem["parts"]]
+    load = plan.get("load_memory")
+    if load:
+        for label, key in (("at load / GPU", "gpu"), ("at load / node RAM", "host_per_node")):
+            rows.append((label, f"~{load[key]['total_gib']:.1f} GiB (estimate)"))
+            rows += [
+                (f"  {p['name']}", f"{p['bytes'] / GIB:8.2f} GiB  {p['note']}") for p in load[key]["parts"]
+            ]
     for i, cmd in enumerate(plan["launch_commands"]):
         label = "launch" if len(plan["launch_commands"]) == 1 else f"launch node {i}"
         rows.append((label, cmd))

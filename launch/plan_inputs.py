@@ -131,16 +131,20 @@ def make_plan(
     for value, name in ((nodes, "--nodes"), (gpus_per_node, "--gpus-per-node")):
         if value < 1:
             raise RecipeError(f"{name} must be >= 1, got {value}", f"pass {name} 1 or more")
+    if gpu_memory_gib is not None and not gpu_memory_gib > 0:
+        raise RecipeError(
+            f"--gpu-memory-gib must be > 0, got {gpu_memory_gib}", "pass the GPU's memory, e.g. 80"
+        )
     recipe = recipe_mod.load(recipe_path, list(overrides))
     notes: list[str] = []
-    try:
-        if model_config_path:
-            model_config: dict[str, Any] | None = read_model_config(model_config_path)
-        else:
+    model_config: dict[str, Any] | None = None
+    if model_config_path:  # asked for explicitly: a missing or broken file is an error
+        model_config = read_model_config(model_config_path)
+    else:
+        try:
             model_config = find_model_config(recipe.model)
-    except RecipeError as exc:
-        model_config = None
-        notes.append(f"no parameter counts or memory estimate: {exc.problem} (fix: {exc.fix})")
+        except RecipeError as exc:
+            notes.append(f"no parameter counts or memory estimate: {exc.problem} (fix: {exc.fix})")
     rows, why = count_dataset_rows(recipe.data, base_dir=Path(recipe_path).parent)
     if why:
         notes.append(f"dataset rows unknown: {why}")

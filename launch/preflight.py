@@ -20,6 +20,7 @@ from tunefleet.launch import compat
 from tunefleet.launch.core import rundir
 from tunefleet.launch.core.args import StartOptions
 from tunefleet.launch.core.batch import BatchPlan, plan_batch
+from tunefleet.launch.core.data_identity import data_fingerprint
 from tunefleet.launch.core.errors import TunefleetError
 from tunefleet.launch.core.hardware import Hardware
 from tunefleet.launch.core.recipe import Recipe
@@ -30,6 +31,13 @@ TRACKER_PACKAGES = {
     "mlflow": ("mlflow", "pip install mlflow"),
 }
 """`train.report_to` name -> (the package it needs, how to install it)."""
+
+KERNEL_PACKAGES = {
+    "flash_attention_2": ("flash_attn", "pip install flash-attn --no-build-isolation"),
+    "flash_attention_3": ("flash_attn_interface", "build flash-attention 3 from its repository (hopper/)"),
+    "liger_kernel": ("liger_kernel", "pip install liger-kernel"),
+}
+"""GPU kernels a recipe can ask for -> (the module that provides it, how to install it)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +60,28 @@ class Preflight:
     resume_notes: list[str]
     """Harmless changes since that checkpoint (world size, micro batch, logging, ...)."""
 
+    data_fingerprint: str
+    """The data's bytes, recorded in every checkpoint (`core/data_identity.py`)."""
+
+    warnings: list[str]
+    """Settings that run, but probably not as meant (`recipe_warnings`)."""
+
+
+MAX_PLAUSIBLE_LR = 0.1
+"""Above this a LoRA fine-tune diverges: the seeds use 1e-4 to 3e-4, the demo 3e-3."""
+
+
+def recipe_warnings(recipe: Recipe) -> list[str]:
+    """Values that are valid but almost certainly not meant. (What needs the model's config, like a
+    data.max_length beyond its context, is checked where the config is read: `plan.build_plan`.)"""
+    warnings = []
+    if recipe.train.lr > MAX_PLAUSIBLE_LR:
+        warnings.append(
+            f"train.lr={recipe.train.lr:g} is far above the learning rates LoRA fine-tuning uses (1e-5 to 1e-2; "
+            "the seeds use 1e-4 to 3e-4): expect the loss to diverge"
+        )
+    return warnings
+
 
 def check_trackers(report_to: list[str]) -> None:
     """Fail before any model is loaded when a listed tracker's package is missing."""
@@ -61,6 +91,21 @@ def check_trackers(report_to: list[str]) -> None:
             raise TunefleetError(
                 f"train.report_to lists {name}, but the {module} package is not installed",
                 f"{install}, or remove {name} from train.report_to",
+            )
+
+
+def check_kernels(recipe: Recipe) -> None:
+    """Fail before any model is loaded when an asked-for GPU kernel's package is missing."""
+    asked = [recipe.model.attn_implementation] + (["liger_kernel"] if recipe.train.liger_kernel else [])
+    for name in asked:
+        if name not in KERNEL_PACKAGES:
+            continue
+        module, install = KERNEL_PACKAGES[name]
+        if importlib.util.find_spec(module) is None:
+            key = "train.liger_kernel" if name == "liger_kernel" else "model.attn_implementation"
+            raise TunefleetError(
+                f"{key} asks for {name}, but the {module} package is not installed",
+                f"{install}, or drop {key}",
             )
 
 
@@ -79,7 +124,19 @@ def preflight(recipe: Recipe, hw: Hardware, options: StartOptions) -> Preflight:
     """Run every start-up check (see the module doc); raise TunefleetError on the first failure."""
     resolved, notes = compat.resolve_with_notes(recipe, hw)
     batch = batch_plan(resolved, hw)
+    rundir.check_output_location(resolved)
     start = rundir.decide_start(Path(resolved.output_dir), options)
-    resume_notes = rundir.check_resume(start.checkpoint, resolved, batch) if start.checkpoint else []
+    data = data_fingerprint(resolved.data)
+    resume_notes = rundir.check_resume(start.checkpoint, resolved, batch, data) if start.checkpoint else []
     check_trackers(list(resolved.train.report_to))
-    return Preflight(recipe=resolved, hw=hw, batch=batch, notes=notes, start=start, resume_notes=resume_notes)
+    check_kernels(resolved)
+    return Preflight(
+        recipe=resolved,
+        hw=hw,
+        batch=batch,
+        notes=notes,
+        start=start,
+        resume_notes=resume_notes,
+        data_fingerprint=data,
+        warnings=recipe_warnings(resolved),
+    )

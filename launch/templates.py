@@ -72,8 +72,9 @@ def expected_distributed_type(recipe: Recipe, hw: Hardware) -> str:
 def _fsdp_config(recipe: Recipe, hw: Hardware) -> dict[str, Any]:
     par = recipe.parallel
     v1 = par.fsdp_version == 1
-    # RAM-efficient loading: rank 0 reads the weights, the others start empty and receive
-    # their shards; accelerate's launcher refuses it without sync_module_states.
+    # RAM-efficient loading: rank 0's weights are broadcast into the shards (only rank 0 reads
+    # them: loading.rank0_loads_weights); accelerate's launcher refuses it without
+    # sync_module_states. It does nothing for a 4-bit base (accelerate skips it with Params4bit).
     ram_efficient = hw.num_processes > 1
     cfg: dict[str, Any] = {
         "fsdp_version": par.fsdp_version,

@@ -1,15 +1,16 @@
-"""`tunefleet launch`: one machine, N processes, through `accelerate launch`.
+"""`tunefleet launch`: N processes through `accelerate launch`, on this machine or on each of several.
 
 `prepare_launch` is pure apart from reading the recipe and looking at the output directory: it
 resolves the recipe on the asked hardware (`compat.resolve`, refusing what is known to break),
 renders the accelerate/DeepSpeed configs, the launched (fully resolved) recipe and the command,
-and returns them with the notes. `write_launch_files` writes them into `<output_dir>/launch/`;
-`run_launch` runs the command (`command.run_command`: own process group, signals forwarded)
-and returns the run's exit code. No torch here.
+and returns them with the notes. `write_launch_files` writes them into `<output_dir>/launch/`
+(`launch/node-<R>/` on each of several machines); `run_launch` runs the command
+(`command.run_command`: own process group, signals forwarded) and returns the run's exit code.
+`start_nodes` lets the machines of a multi-machine launch meet first (`launch/join.py`). No torch.
 
-The ranks read `<output_dir>/launch/recipe.yaml`, so what is launched is exactly what was
-printed. Starting over (`--overwrite`) moves the old run aside here, before the new files are
-written; the ranks then find a fresh directory.
+The ranks read the launched `recipe.yaml`, so what is launched is exactly what was printed.
+Starting over (`--overwrite`) moves the old run aside here (on node 0 only), before the new
+files are written; the ranks then find a fresh directory.
 """
 
 from __future__ import annotations
@@ -53,24 +54,58 @@ class LaunchPlan:
     """What the ranks will find in output_dir: `fresh`, `resume`, or `overwrite` (moved aside first)."""
     resume_notes: list[str] = dataclasses.field(default_factory=list)
     """Harmless changes since the checkpoint a resume continues from."""
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    """Settings that run, but probably not as meant."""
+    start_note: str | None = None
+    """Why the newest checkpoint was passed over (damaged), when it was."""
+    checkpoint: str | None = None
+    """The checkpoint a resume continues from."""
 
 
-def hardware(*, nproc: int | None, gpus: int | None, visible_gpus: int, main_port: int) -> Hardware:
-    """`--nproc N`: N CPU processes; `--gpus N`: N GPU processes; neither: every visible GPU, else 1 CPU process."""
+def hardware(
+    *,
+    nproc: int | None,
+    gpus: int | None,
+    visible_gpus: int,
+    main_port: int,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    main_address: str | None = None,
+) -> Hardware:
+    """`--nproc N`: N CPU processes; `--gpus N`: N GPU processes; neither: every visible GPU, else 1
+    CPU process. Per machine: with `nnodes` machines the world is nnodes times as large."""
     if nproc is not None and gpus is not None:
         raise TunefleetError(
             "--nproc and --gpus exclude each other", "--nproc N for CPU processes, --gpus N for GPUs"
         )
-    for flag, value in (("--nproc", nproc), ("--gpus", gpus)):
+    for flag, value, what in (
+        ("--nproc", nproc, "process"),
+        ("--gpus", gpus, "process"),
+        ("--nnodes", nnodes, "machine"),
+    ):
         if value is not None and value < 1:
-            raise TunefleetError(f"{flag} {value}: at least 1 process", f"use e.g. {flag} 2")
+            raise TunefleetError(f"{flag} {value}: at least 1 {what}", f"use e.g. {flag} 2")
+    if nnodes > 1 and not main_address:
+        raise TunefleetError(
+            f"--nnodes {nnodes} needs --main-address (the address of node 0, reachable from every node)",
+            "pass --main-address HOST --main-port PORT, the same on every machine",
+        )
+    if nnodes == 1 and node_rank != 0:
+        raise TunefleetError(f"--node-rank {node_rank} without --nnodes", "pass --nnodes N on every machine")
     if nproc is not None:
-        return Hardware(num_processes=nproc, use_cpu=True, main_process_port=main_port)
-    if gpus is not None:
-        return Hardware(num_processes=gpus, use_cpu=False, main_process_port=main_port)
-    if visible_gpus > 0:
-        return Hardware(num_processes=visible_gpus, use_cpu=False, main_process_port=main_port)
-    return Hardware(num_processes=1, use_cpu=True, main_process_port=main_port)
+        per_node, use_cpu = nproc, True
+    elif gpus is not None:
+        per_node, use_cpu = gpus, False
+    else:
+        per_node, use_cpu = (visible_gpus, False) if visible_gpus > 0 else (1, True)
+    return Hardware(
+        num_processes=per_node * nnodes,
+        num_machines=nnodes,
+        machine_rank=node_rank,
+        main_process_ip=main_address if nnodes > 1 else None,
+        main_process_port=main_port,
+        use_cpu=use_cpu,
+    )
 
 
 def free_port() -> int:
@@ -93,6 +128,8 @@ def prepare_launch(
     checked = preflight(recipe_mod.load(recipe_path, overrides), hw, options)
     recipe = checked.recipe
     config_dir = Path(recipe.output_dir).absolute() / LAUNCH_DIR
+    if hw.num_machines > 1:  # output_dir is shared: one directory per machine
+        config_dir /= f"node-{hw.machine_rank}"
     files = render_files(recipe, hw, str(config_dir))
     origin = shlex.join([recipe_path, *(arg for o in overrides for arg in ("--set", o))])
     files[RECIPE_FILE] = f"# launched by: tunefleet launch {origin}\n" + recipe_mod.dump(recipe)
@@ -111,17 +148,59 @@ def prepare_launch(
         env=env,
         start=checked.start.mode,
         resume_notes=checked.resume_notes,
+        warnings=checked.warnings,
+        start_note=checked.start.note,
+        checkpoint=checked.start.checkpoint,
     )
 
 
 def write_launch_files(plan: LaunchPlan) -> None:
-    """Move an old run aside (`--overwrite`), then write the files into `<output_dir>/launch/`."""
-    if plan.start == "overwrite":
+    """Move an old run aside (`--overwrite`, node 0 only), then write the files into the launch
+    directory."""
+    if plan.start == "overwrite" and plan.hw.machine_rank == 0:
         moved = rundir.move_aside(Path(plan.recipe.output_dir))
         print(f"moved the previous run aside: {moved}", flush=True)
     for name, text in plan.files.items():
         atomic_write(plan.config_dir / name, text)
     (plan.config_dir / EXIT_FILE).unlink(missing_ok=True)
+
+
+def start_nodes(plan: LaunchPlan, *, join_timeout_s: float) -> None:
+    """Several machines: meet the other nodes (`join.py`), then write this node's files. Node 0
+    writes (and moves an old run aside) before it lets the others go, so that they never write
+    into a directory about to be moved."""
+    from tunefleet.launch import join
+
+    hw = plan.hw
+    start = (
+        f"resume {Path(plan.checkpoint).name}" if plan.start == "resume" and plan.checkpoint else plan.start
+    )
+    me = join.Member(
+        node_rank=hw.machine_rank,
+        nodes=hw.num_machines,
+        procs_per_node=hw.procs_per_machine,
+        use_cpu=hw.use_cpu,
+        recipe=recipe_mod.to_dict(plan.recipe),
+        start=start,
+    )
+    address, port = str(hw.main_process_ip), hw.main_process_port
+    print(
+        f"node {hw.machine_rank} of {hw.num_machines}: "
+        + (
+            f"waiting for the other nodes on port {port} (up to {join_timeout_s:g} s)"
+            if hw.machine_rank == 0
+            else f"joining node 0 at {address}:{port} (up to {join_timeout_s:g} s)"
+        ),
+        flush=True,
+    )
+    if hw.machine_rank == 0:
+        join.host(
+            me, port=port, address=address, timeout_s=join_timeout_s, ready=lambda: write_launch_files(plan)
+        )
+    else:
+        join.join(me, address=address, port=port, timeout_s=join_timeout_s)
+        write_launch_files(plan)
+    print(f"node {hw.machine_rank}: all {hw.num_machines} nodes are here, starting", flush=True)
 
 
 def run_launch(plan: LaunchPlan) -> int:
@@ -146,12 +225,20 @@ def summary(plan: LaunchPlan, *, dry_run: bool = False) -> str:
         "resume": "continues its newest checkpoint",
         "overwrite": "the old run is moved aside",
     }.get(plan.start, plan.start)
+    nodes = (
+        f" on {hw.num_machines} machines (this is node {hw.machine_rank}; node 0 at "
+        f"{hw.main_process_ip}:{hw.main_process_port})"
+        if hw.num_machines > 1
+        else ""
+    )
     lines = [
         f"tunefleet launch: parallel.strategy={plan.recipe.parallel.strategy}, {hw.num_processes} {where} "
-        f"process(es), output_dir={plan.recipe.output_dir} ({start})"
+        f"process(es){nodes}, output_dir={plan.recipe.output_dir} ({start})"
     ]
     lines += [f"  note: {n}" for n in plan.notes]
+    lines += [f"  note: {plan.start_note}"] if plan.start_note else []
     lines += [f"  changed since the checkpoint (harmless): {n}" for n in plan.resume_notes]
+    lines += [f"  warning: {w}" for w in plan.warnings]
     lines += [f"  {'would write' if dry_run else 'wrote'} {plan.config_dir / name}" for name in plan.files]
     lines += ["", plan.files[COMMAND_FILE].splitlines()[-1]]
     return "\n".join(lines)

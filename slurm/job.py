@@ -7,8 +7,13 @@ options. `build_job` returns the file texts; `write_job` writes them:
 
 - `<output_dir>/recipe.yaml`: the resolved recipe (overrides baked in, output_dir absolute).
   Every node and every restart trains from this one file;
-- the sbatch script (`<output_dir>/slurm.sbatch` unless `--out`), which runs `tunefleet
-  prepare` once in the batch shell, then one launcher per node.
+- the sbatch script (`<output_dir>/slurm.sbatch` unless `--out`), which checks that the job's
+  Python imports tunefleet and torch at this machine's versions, runs `tunefleet prepare` once in
+  the batch shell, then one launcher per node.
+
+The job's Python is the interpreter running `tunefleet slurm` (`sys.executable`, absolute: a venv
+works without being activated), or `--python`, which must be one executable found here that
+imports tunefleet at the same versions (`job_python`).
 
 `submit_job` records the job id in `<output_dir>/slurm-job.json` for `tunefleet status`.
 
@@ -23,8 +28,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +42,7 @@ from tunefleet.launch.core import checkpoints as ckpt
 from tunefleet.launch.core import recipe as recipe_mod
 from tunefleet.launch.core.args import StartOptions
 from tunefleet.launch.core.batch import BatchPlan
-from tunefleet.launch.core.errors import RunDirError
+from tunefleet.launch.core.errors import RunDirError, TunefleetError
 from tunefleet.launch.core.hardware import Hardware
 from tunefleet.launch.core.layout import (
     RESOLVED_RECIPE,
@@ -47,7 +56,16 @@ from tunefleet.launch.core.recipe import Recipe
 from tunefleet.launch.preflight import Preflight, preflight
 from tunefleet.launch.templates import ACCELERATE_FILE, render_files
 from tunefleet.slurm import status as status_mod
-from tunefleet.slurm.sbatch import DEFAULT_CHECKPOINT_S, ClusterSpec, Launch, render_sbatch
+from tunefleet.slurm.sbatch import (
+    DEFAULT_CHECKPOINT_S,
+    PYTHON_CHECK,
+    PYTHON_CHECK_IMPORTS,
+    PYTHON_FIX,
+    ClusterSpec,
+    Launch,
+    check_spec,
+    render_sbatch,
+)
 from tunefleet.slurm.submit import submit, write_script
 
 
@@ -70,6 +88,12 @@ class Job:
     """The accelerate (and DeepSpeed) configs of a GPU job, by path."""
     notes: list[str] = dataclasses.field(default_factory=list)
     """One line per setting the compatibility matrix filled in or changed."""
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    """Settings that run, but probably not as meant."""
+    python: str = ""
+    """The interpreter the job runs (checked by the script before anything starts)."""
+    versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    """The versions of tunefleet and torch it must have (this machine's)."""
 
 
 def measured_checkpoint_s(out: Path) -> tuple[int, str]:
@@ -88,6 +112,81 @@ def measured_checkpoint_s(out: Path) -> tuple[int, str]:
         f"measured {seconds} s: slowest save {max(saves):.2f} s of {len(saves)} checkpoint(s) "
         f"+ slowest step {step_s:.2f} s"
     )
+
+
+def login_versions() -> dict[str, str]:
+    """The versions of tunefleet and torch in this interpreter: the job's Python must have them."""
+    versions = {}
+    for name in PYTHON_CHECK_IMPORTS:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:  # not installed as a distribution: check the import only
+            continue
+    return versions
+
+
+def job_python(python: str | None, versions: dict[str, str]) -> str:
+    """The interpreter the job runs: this one (`sys.executable`, as submitit does) unless `--python`
+    names another, which must be one executable found here that imports tunefleet at the same
+    versions (the job checks again on the node, after `--env-setup`)."""
+    if python is None:
+        return os.path.abspath(sys.executable)
+    found = shutil.which(python)
+    if found is None:
+        words = python.split()
+        if len(words) > 1 and shutil.which(words[0]):
+            raise TunefleetError(
+                f"--python {python!r} is not one executable: the job runs it as one program name",
+                f"pass the interpreter alone (--python {words[0]}); set interpreter options through "
+                "variables (--env PYTHONUNBUFFERED=1)",
+            )
+        raise TunefleetError(f"--python {python!r}: no such executable here", PYTHON_FIX)
+    wanted = [f"{name}={versions.get(name, '')}" for name in PYTHON_CHECK_IMPORTS]
+    try:
+        result = subprocess.run(
+            [found, "-c", PYTHON_CHECK, "find", *wanted], capture_output=True, text=True, timeout=120
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise TunefleetError(f"--python {python!r} ({found}) does not run: {exc}", PYTHON_FIX) from None
+    if result.returncode != 0:
+        lines = [line.removeprefix("tunefleet: ") for line in result.stderr.strip().splitlines()]
+        said = "; ".join(lines[1:] or lines[-3:])  # the first line names the interpreter
+        raise TunefleetError(f"--python {python!r} ({found}) cannot run tunefleet: {said}", PYTHON_FIX)
+    return python
+
+
+SCRIPT_MARKER = "# Generated by tunefleet.slurm.sbatch.render_sbatch"
+RESOLVED_MARKER = "# resolved recipe"
+"""The first lines tunefleet writes: a file that starts otherwise is not tunefleet's to replace."""
+
+
+def _check_writable_output(path: Path, what: str, marker: str, inputs: list[Path]) -> None:
+    """Never overwrite a file tunefleet did not write, an input of the run, or a directory."""
+    if any(path.resolve() == p.expanduser().resolve() for p in inputs if p.exists()) and not _starts_with(
+        path, marker
+    ):
+        raise TunefleetError(
+            f"{what} would be written to {str(path)!r}, which is an input of this run (the recipe or its data)",
+            "write it elsewhere (--out FILE, or another output_dir)",
+        )
+    if path.is_dir():
+        raise TunefleetError(
+            f"{what} would be written to {str(path)!r}, which is a directory", "pass a file path (--out FILE)"
+        )
+    if path.exists() and not _starts_with(path, marker):
+        raise TunefleetError(
+            f"{str(path)!r} exists and was not written by tunefleet: {what} would overwrite it",
+            "choose another path (--out FILE), or move that file away first",
+        )
+
+
+def _starts_with(path: Path, marker: str) -> bool:
+    try:
+        with path.open(encoding="utf-8", errors="replace") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return any(line.startswith(marker) for line in head.splitlines()[:3])
 
 
 def _cluster_hardware(spec: ClusterSpec) -> Hardware:
@@ -126,17 +225,20 @@ def build_job(
     spec: ClusterSpec,
     *,
     script_path: str | Path | None = None,
-    python: str = "python",
+    python: str | None = None,
     measure_checkpoint: bool = True,
 ) -> Job:
-    """Load and check everything; return the texts to write. With `measure_checkpoint`,
-    `spec.checkpoint_s` is replaced by what an earlier attempt measured (or the default)."""
+    """Load and check everything; return the texts to write. `python`: the job's interpreter (None:
+    this one, see `job_python`). With `measure_checkpoint`, `spec.checkpoint_s` is replaced by what
+    an earlier attempt measured (or the default)."""
+    check_spec(spec)  # node and process counts before any batch math is done with them
     recipe = recipe_mod.load(recipe_file, overrides)
     out = Path(os.path.abspath(os.path.expanduser(recipe.output_dir)))
     hw = _cluster_hardware(spec)
     checked = _preflight(dataclasses.replace(recipe, output_dir=str(out)), hw)
     recipe = checked.recipe
-    launch = Launch(python=python, prepare=True)
+    versions = login_versions()
+    launch = Launch(python=job_python(python, versions), expect_versions=versions, prepare=True)
     config_files: dict[Path, str] = {}
     if not hw.use_cpu:  # accelerate launch, with the configs `tunefleet launch` renders
         config_files, accelerate_config = _accelerate_configs(recipe, hw, out)
@@ -149,6 +251,9 @@ def build_job(
         note = f"given: {spec.checkpoint_s} s"
     recipe_path = out / RESOLVED_RECIPE
     script = Path(os.path.abspath(script_path)) if script_path else out / SLURM_SCRIPT
+    inputs = [Path(recipe_file), *(Path(p) for p in (recipe.data.path, recipe.data.eval_path) if p)]
+    _check_writable_output(script, "the sbatch script (--out)", SCRIPT_MARKER, inputs)
+    _check_writable_output(recipe_path, "the resolved recipe", RESOLVED_MARKER, inputs)
     text = render_sbatch(spec, recipe_path=str(recipe_path), output_dir=str(out), launch=launch)
     header = (
         f"# resolved recipe for SLURM, written by tunefleet slurm {time.strftime('%Y-%m-%d %H:%M:%S')} "
@@ -166,6 +271,9 @@ def build_job(
         resume_from=checked.start.checkpoint,
         config_files=config_files,
         notes=checked.notes,
+        warnings=checked.warnings,
+        python=launch.python,
+        versions=versions,
     )
 
 

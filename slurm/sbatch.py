@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import posixpath
 import re
 import shlex
@@ -28,7 +29,7 @@ from typing import Any, Literal, NoReturn
 from tunefleet.launch.command import Launcher as ResolvedLauncher
 from tunefleet.launch.command import ShellVar, entrypoint_args, launcher_options, shell_lines
 from tunefleet.launch.core.errors import TunefleetError
-from tunefleet.launch.core.layout import EXIT_REQUEUE
+from tunefleet.launch.core.layout import EXIT_REFUSED, EXIT_REQUEUE
 
 PREEMPT_SIGNAL = "USR1"
 """Signal SLURM sends to the batch shell before the time limit; the script forwards it."""
@@ -46,6 +47,17 @@ PORT_SPAN = 20000
 
 DEFAULT_MODULE = "tunefleet.distributed.sft"
 """The Python module each process runs (`-m`)."""
+
+GPU_JOB_CPUS_PER_GPU = 8
+"""CPUs per GPU a GPU job requests when `cpus_per_task` is not set: the training process, its data
+loading and the NCCL / pin-memory threads. Without a request many clusters give the whole task one
+core, shared by every rank of the node. Nodes with fewer cores per GPU: set cpus_per_task (sbatch
+refuses a request no node can meet at submission)."""
+
+GPU_JOB_MEM_PER_GPU_GB = 32
+"""Host memory per GPU (GB) a GPU job requests when `mem` is not set. Loading is the peak: without
+a request many clusters grant a small default per core, and ranks that each read the checkpoint
+into host RAM are killed while loading. `tunefleet plan` shows the host RAM per node at load."""
 
 SECRET_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
 """Read from the environment at run time; never written into a generated script."""
@@ -73,10 +85,12 @@ class ClusterSpec:
     """Training processes per node; None means one per GPU, or 1 on CPU nodes."""
 
     cpus_per_task: int | None = None
-    """CPUs for the one task per node (shared by its processes); None keeps SLURM's default (1)."""
+    """CPUs for the one task per node (shared by its processes); None requests
+    GPU_JOB_CPUS_PER_GPU per GPU on GPU nodes, one per process on CPU nodes."""
 
     mem: str | None = None
-    """Memory per node, SLURM syntax (`64G`, `500000M`; `0` = all of it); None keeps the default."""
+    """Memory per node, SLURM syntax (`64G`, `500000M`; `0` = all of it); None requests
+    GPU_JOB_MEM_PER_GPU_GB per GPU on GPU nodes and keeps the cluster's default on CPU nodes."""
 
     time: str = "24:00:00"
     """Time limit, SLURM syntax: `MM`, `MM:SS`, `HH:MM:SS`, `D-HH`, `D-HH:MM`, `D-HH:MM:SS`."""
@@ -156,7 +170,14 @@ class Launch:
     """Extra arguments after `--recipe FILE` (quoted)."""
 
     python: str = "python"
-    """Python interpreter on the nodes after `env_setup` (it runs the launcher in-process)."""
+    """Python interpreter on the nodes after `env_setup` (it runs the launcher in-process). One
+    executable: a path, or a name looked up on the node's PATH. `tunefleet slurm` passes the
+    interpreter it runs in unless told otherwise."""
+
+    expect_versions: Mapping[str, str] = field(default_factory=dict)
+    """Distribution name -> version the job's Python must have (`tunefleet`, `torch`: those of the
+    login node). The script checks them, and that tunefleet and torch import, before anything
+    starts; an empty mapping checks the imports only."""
 
     prepare: bool = False
     """Run `tunefleet prepare RECIPE` in the batch shell before the launch: the data is tokenised
@@ -180,7 +201,7 @@ def cluster_spec_from_dict(raw: Mapping[str, Any]) -> ClusterSpec:
         if isinstance(data.get(key), list):
             data[key] = tuple(data[key])
     spec = ClusterSpec(**data)
-    _check_spec(spec)
+    check_spec(spec)
     return spec
 
 
@@ -195,6 +216,7 @@ _MEM = re.compile(r"[0-9]+[KMGT]?")
 _TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_VERSION = re.compile(r"[A-Za-z0-9_.+!-]+")
 _SECRET_WORDS = r"(?:TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|SECRET_KEY)"
 _SECRET_NAME = re.compile(rf"[A-Za-z0-9_]*{_SECRET_WORDS}", re.IGNORECASE)
 # `NAME=literal` for a secret-looking NAME; `NAME="$(cat file)"` or `NAME=$OTHER` reads at run time.
@@ -221,6 +243,33 @@ _FIELD_OPTIONS = {
     "restart": ("--requeue", "--no-requeue", "--dependency", "-d"),
 }
 _MANAGED_OPTIONS = {flag: name for name, flags in _FIELD_OPTIONS.items() for flag in flags}
+
+_FIELD_FLAGS = {
+    "nodes": "--nodes",
+    "gpus_per_node": "--gpus-per-node (and --gpu-type)",
+    "cpus_per_task": "--cpus-per-task",
+    "mem": "--mem",
+    "time": "--time",
+    "partition": "--partition",
+    "account": "--account",
+    "qos": "--qos",
+    "constraint": "--constraint",
+    "exclusive": "--exclusive",
+    "job_name": "--job-name",
+    "checkpoint_s": "--checkpoint-s",
+    "restart": "--restart",
+}
+"""The `tunefleet slurm` option that sets each field (the log and the working directory have none)."""
+
+
+def _managed_fix(field_name: str) -> str:
+    flag = _FIELD_FLAGS.get(field_name)
+    if flag:
+        return f"use tunefleet slurm's {flag} option (or the cluster spec's {field_name!r} key)"
+    return (
+        f"leave it to tunefleet: the job log is <output_dir>/slurm-%j.out (append mode across restarts); "
+        f"in a cluster spec file set {field_name!r}"
+    )
 
 
 def _fail(where: str, problem: str, fix: str) -> NoReturn:
@@ -293,8 +342,8 @@ def _time_limit_s(value: str) -> int | None:
     return total
 
 
-def _check_spec(spec: ClusterSpec) -> None:
-    """Every field of the spec, before any of it is written into a script."""
+def check_spec(spec: ClusterSpec) -> None:
+    """Every field of the spec, before any of it is written into a script (or a batch is planned)."""
     _check_resources(spec)
     _check_names_and_paths(spec)
     _check_restart(spec)
@@ -408,7 +457,11 @@ def _check_extra_sbatch(spec: ClusterSpec) -> None:
         _check_secret_free(option, where)
         flag = option.split("=", 1)[0].split(" ", 1)[0]
         if flag in _MANAGED_OPTIONS:
-            _fail(where, f"{flag} is set by the cluster spec", f"set {_MANAGED_OPTIONS[flag]} instead")
+            _fail(
+                where,
+                f"{flag} is set by tunefleet from the cluster spec",
+                _managed_fix(_MANAGED_OPTIONS[flag]),
+            )
 
 
 def _resolve_launcher(spec: ClusterSpec, launch: Launch) -> Literal["torchrun", "accelerate"]:
@@ -438,6 +491,21 @@ def _resolve_launcher(spec: ClusterSpec, launch: Launch) -> Literal["torchrun", 
     if not _MODULE.fullmatch(_check_text(launch.module, "launch.module")):
         _fail("launch.module", f"{launch.module!r} is not a Python module name", "write e.g. my_pkg.train")
     _check_text(launch.python, "launch.python")
+    if not isinstance(launch.expect_versions, Mapping):
+        _fail(
+            "launch.expect_versions", "expected a mapping of name: version", "pass e.g. {'torch': '2.13.0'}"
+        )
+    for name, version in launch.expect_versions.items():
+        if (
+            name not in PYTHON_CHECK_IMPORTS
+            or not isinstance(version, str)
+            or not _VERSION.fullmatch(version)
+        ):
+            _fail(
+                f"launch.expect_versions.{name}",
+                f"{version!r} is not a version of one of {sorted(PYTHON_CHECK_IMPORTS)}",
+                "pass versions as importlib.metadata.version() gives them",
+            )
     if isinstance(launch.module_args, str) or not isinstance(launch.module_args, Sequence):
         _fail("launch.module_args", "expected a list of arguments", "write module_args as a list")
     for i, arg in enumerate(launch.module_args):
@@ -447,6 +515,44 @@ def _resolve_launcher(spec: ClusterSpec, launch: Launch) -> Literal["torchrun", 
 
 
 # ----------------------------------------------------------------------------- rendering
+
+PYTHON_CHECK_IMPORTS = {"tunefleet": "tunefleet.launch.cli", "torch": "torch"}
+"""Distribution -> the module the job imports from it (`tunefleet prepare` runs tunefleet.launch.cli)."""
+
+# The job's Python must run tunefleet: checked before anything starts in the job (mode `import`)
+# and, by `tunefleet slurm`, on the login node (mode `find`: locate only, no torch import there).
+# Plain Python 3 on purpose: it may be run by an interpreter that has nothing installed.
+PYTHON_CHECK = f"""import importlib, importlib.util, sys
+IMPORTS = {json.dumps(PYTHON_CHECK_IMPORTS)}
+mode, found, problems = sys.argv[1], [], []
+for arg in sys.argv[2:]:
+    name, _, wanted = arg.partition("=")
+    try:
+        if mode == "import":
+            importlib.import_module(IMPORTS[name])
+        elif importlib.util.find_spec(IMPORTS[name]) is None:
+            raise ModuleNotFoundError("No module named %r" % IMPORTS[name])
+        from importlib.metadata import version
+        have = version(name)
+    except Exception as exc:
+        problems.append("cannot import %s: %s: %s" % (name, type(exc).__name__, exc))
+        continue
+    found.append("%s %s" % (name, have))
+    if wanted and have != wanted:
+        problems.append("%s is %s here, but %s where this job was written" % (name, have, wanted))
+out = sys.stderr if problems else sys.stdout
+print("tunefleet: python %s: %s" % (sys.executable, ", ".join(found) or "neither tunefleet nor torch"), file=out)
+for problem in problems:
+    print("tunefleet: " + problem, file=sys.stderr)
+sys.exit(3 if problems else 0)
+"""
+
+PYTHON_FIX = (
+    "run `tunefleet slurm` with the Python the nodes should use (the job runs that interpreter), "
+    "or pass --python PATH (run after the --env-setup lines)"
+)
+"""What to do when the job's Python cannot run tunefleet (printed by the script and the login check)."""
+
 
 # torchrun and accelerate launch turn any worker failure into exit code 1 (measured), which would
 # hide the trainer's EXIT_REQUEUE. This relay runs the launcher in-process and exits with
@@ -471,7 +577,6 @@ except SignalException as err:  # the launcher itself was sent TERM (preemption,
 
 
 def _sbatch_options(spec: ClusterSpec, output_dir: str) -> list[str]:
-    procs = _procs_per_node(spec)
     options: dict[str, str | None] = {
         "--job-name": spec.job_name,
         "--nodes": str(spec.nodes),
@@ -484,12 +589,11 @@ def _sbatch_options(spec: ClusterSpec, output_dir: str) -> list[str]:
     }
     if spec.gpus_per_node:
         options["--gpus-per-node"] = _gpus(spec)
-    if spec.cpus_per_task is not None:
-        options["--cpus-per-task"] = str(spec.cpus_per_task)
-    elif spec.gpus_per_node == 0 and procs > 1:
-        options["--cpus-per-task"] = str(procs)  # one CPU per gloo process at least
+    cpus = _cpus_per_task(spec)
+    if cpus is not None:
+        options["--cpus-per-task"] = str(cpus)
     for flag, value in (
-        ("--mem", spec.mem),
+        ("--mem", _mem(spec)),
         ("--partition", spec.partition),
         ("--account", spec.account),
         ("--qos", spec.qos),
@@ -511,6 +615,26 @@ def _sbatch_options(spec: ClusterSpec, output_dir: str) -> list[str]:
         f"#SBATCH {flag}" if value is None else f"#SBATCH {flag}={value}"
         for flag, value in sorted(options.items())
     ]
+
+
+def _cpus_per_task(spec: ClusterSpec) -> int | None:
+    """CPUs of the one task per node: as set, else GPU_JOB_CPUS_PER_GPU per GPU (or per process,
+    if more), else one per gloo process on CPU nodes (None for one process: SLURM's default)."""
+    if spec.cpus_per_task is not None:
+        return spec.cpus_per_task
+    procs = _procs_per_node(spec)
+    if spec.gpus_per_node:
+        return GPU_JOB_CPUS_PER_GPU * max(spec.gpus_per_node, procs)
+    return procs if procs > 1 else None
+
+
+def _mem(spec: ClusterSpec) -> str | None:
+    """Memory per node: as set, else GPU_JOB_MEM_PER_GPU_GB per GPU on GPU nodes."""
+    if spec.mem is not None:
+        return spec.mem
+    if spec.gpus_per_node:
+        return f"{GPU_JOB_MEM_PER_GPU_GB * spec.gpus_per_node}G"
+    return None
 
 
 def _procs_per_node(spec: ClusterSpec) -> int:
@@ -570,13 +694,14 @@ def render_sbatch(
     The script is made of the sections below, in this order.
     """
     launch = launch or Launch()
-    _check_spec(spec)
+    check_spec(spec)
     recipe_path = _check_text(recipe_path, "recipe_path")
     output_dir = _check_text(output_dir, "output_dir")
     launcher = _resolve_launcher(spec, launch)
     lines = [
         *_header_lines(spec, launcher, output_dir),
         *_environment_lines(spec),
+        *_python_check_lines(launch),
         *_rendezvous_lines(spec),
         *_signal_lines(spec),
         *_prepare_lines(launch, recipe_path),
@@ -609,6 +734,27 @@ def _environment_lines(spec: ClusterSpec) -> list[str]:
         "# Environment",
         *spec.env_setup,
         *[f"export {name}={shlex.quote(value)}" for name, value in spec.env.items()],
+        "",
+    ]
+
+
+def _python_check_lines(launch: Launch) -> list[str]:
+    """Fail in seconds, before `tunefleet prepare` and srun, when the job's Python cannot run
+    tunefleet: not found, tunefleet or torch missing, or other versions than the login node's."""
+    q = shlex.quote
+    wanted = [
+        f"{name}={launch.expect_versions[name]}" if name in launch.expect_versions else name
+        for name in PYTHON_CHECK_IMPORTS
+    ]
+    return [
+        "# The job's Python must import tunefleet and torch, at the versions of the login node.",
+        f"TUNEFLEET_PYTHON_CHECK={q(PYTHON_CHECK)}",
+        f'{q(launch.python)} -c "$TUNEFLEET_PYTHON_CHECK" import {" ".join(q(w) for w in wanted)} || {{',
+        "  check_rc=$?",
+        '  echo "tunefleet: the job\'s Python cannot run tunefleet (exit $check_rc): nothing was started" >&2',
+        f"  echo {q(f'tunefleet: fix: {PYTHON_FIX}')} >&2",
+        f"  exit {EXIT_REFUSED}",
+        "}",
         "",
     ]
 
@@ -661,6 +807,11 @@ def _step_lines(spec: ClusterSpec, launch: Launch, launcher: ResolvedLauncher, r
     srun = ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
     if spec.gpus_per_node:
         srun.append(f"--gpus-per-node={_gpus(spec)}")
+    cpus = _cpus_per_task(spec)
+    if cpus is not None:
+        # since Slurm 22.05 srun no longer inherits the job's --cpus-per-task: without it the step
+        # gets one CPU per task and every rank of the node shares it
+        srun.append(f"--cpus-per-task={cpus}")
     return [
         "# One task per node. The command is single-quoted: $SLURM_NODEID expands on each node",
         "# inside the step (in this shell it is always 0, which would make every node rank 0).",

@@ -18,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from tunefleet.launch.core import checkpoints as ckpt
+from tunefleet.launch.core.errors import TunefleetError
 from tunefleet.launch.core.layout import (
     FINAL_DIR,
+    METRICS_FILE,
     PLAN_FILE,
+    RESOLVED_RECIPE,
     SLURM_JOB_FILE,
     read_metrics,
     training_rows,
@@ -103,9 +106,20 @@ def job_chain(entry: dict[str, Any]) -> list[str]:
     return chain
 
 
+RUN_FILES = (RESOLVED_RECIPE, PLAN_FILE, METRICS_FILE, SLURM_JOB_FILE, FINAL_DIR)
+"""What a tunefleet output directory holds once a run or a job has started."""
+
+
 def read_status(out: str | Path) -> dict[str, Any]:
     """Everything `tunefleet status` shows, as a JSON-serialisable dict."""
     out = Path(out).expanduser().absolute()
+    if not out.is_dir():
+        raise TunefleetError(f"{str(out)!r} is not a directory", "pass the output_dir of a run")
+    if not any((out / name).exists() for name in RUN_FILES) and ckpt.latest(out) is None:
+        raise TunefleetError(
+            f"{str(out)!r} is not a tunefleet run: it holds none of {', '.join(RUN_FILES)} and no checkpoint",
+            "pass the output_dir of a run (its recipe's output_dir), e.g. runs/demo-slurm",
+        )
     status: dict[str, Any] = {"output_dir": str(out), "finished": (out / FINAL_DIR).is_dir(), "job": None}
     jobs = read_jobs(out)
     if jobs:

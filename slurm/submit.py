@@ -63,5 +63,8 @@ def submit(path: str | os.PathLike, *, sbatch_args: Sequence[str] = ()) -> str:
     result = _sbatch(["--parsable", *sbatch_args, str(path)])
     job_id = result.stdout.strip().split(";")[0]
     if not job_id.isdigit():
-        raise SubmitError(f"sbatch printed {result.stdout.strip()!r} instead of a job id", None)
+        raise SubmitError(
+            f"sbatch printed {result.stdout.strip()!r} instead of a job id",
+            "check `squeue --me` whether the job was queued; a site wrapper around sbatch may print more",
+        )
     return job_id

@@ -87,9 +87,10 @@ def test_loadable(built, tokenizer):
         cfg.num_key_value_heads,
         cfg.intermediate_size,
         cfg.max_position_embeddings,
-    ) == (64, 2, 4, 2, 176, 1024)
+    ) == (128, 2, 4, 2, 352, 1024)
     assert cfg.tie_word_embeddings is False
-    assert cfg.vocab_size == len(tokenizer) == 2000
+    # the BPE trainer stops below the 2000 target when the corpus runs out of merges
+    assert cfg.vocab_size == len(tokenizer) and 1500 <= len(tokenizer) <= demo_model.VOCAB_SIZE
     assert cfg.bos_token_id == tokenizer.bos_token_id
     assert cfg.eos_token_id == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     assert model.generation_config.eos_token_id == tokenizer.eos_token_id
@@ -288,15 +289,19 @@ def _jsonl(name: str) -> list[dict]:
 
 
 def test_alpaca_demo():
+    """Facts the demo learns in about a minute: few rows, short fixed-format answers, the README's
+    prompts first (samples.jsonl shows the first rows)."""
     rows = _jsonl("alpaca_demo.jsonl")
-    assert 350 <= len(rows) <= 450
+    assert 100 <= len(rows) <= 200
     assert all(set(r) == {"instruction", "input", "output"} for r in rows)
     assert all(isinstance(v, str) for r in rows for v in r.values())
     assert all(r["instruction"] and r["output"] for r in rows)
     with_input = sum(1 for r in rows if r["input"])
-    assert 0.25 < with_input / len(rows) < 0.42
-    assert max(len(r["output"].split()) for r in rows) < 40
+    assert 0.25 < with_input / len(rows) < 0.5
+    assert max(len(r["output"].split()) for r in rows) <= 8
     assert len({(r["instruction"], r["input"]) for r in rows}) == len(rows)
+    assert rows[0] == {"instruction": "Spell the word cat.", "input": "", "output": "C-A-T"}
+    assert rows[1]["output"] == "The capital of France is Paris."
 
 
 def test_chat_demo():

@@ -17,7 +17,7 @@ from tunefleet.launch.core.errors import TunefleetError
 from tunefleet.launch.core.layout import SAMPLES_FILE
 from tunefleet.launch.preflight import check_trackers
 
-EVAL = ["data.eval_ratio=0.05"]  # the first 20 of the 400 demo rows
+EVAL = ["data.eval_ratio=0.05"]  # the first 6 of the 136 demo rows
 
 
 def _interrupt(out: Path) -> None:
@@ -76,6 +76,7 @@ def test_eval_loss_at_intervals_and_samples(tmp_path: Path) -> None:
     assert [s["reference"] for s in samples] == [r["output"] for r in demo]
     assert [s["prompt"].split("\n\n")[0] for s in samples] == [r["instruction"] for r in demo]
     assert all(isinstance(s["generated"], str) and isinstance(s["stopped"], bool) for s in samples)
+    assert all(isinstance(s["base"], str) for s in samples)  # the same prompt, adapter off
 
 
 @pytest.mark.slow

@@ -1,7 +1,11 @@
 """What only a CUDA GPU can show (skipped elsewhere by the `gpu` marker, see conftest.py).
 
-Not run on the CPU machines CI uses: these are the checks to run on a GPU box
-(`.venv/bin/python -m pytest -m gpu`).
+Not run on the CPU machines CI uses, and never run yet (no GPU was available): these are the
+checks to run on a GPU box (`.venv/bin/python -m pytest -m gpu`, or `tools/gpu_smoke.sh`, which
+runs them and then the same SMOKE_RUNS with a summary of exit codes, sharding and peak memory).
+Each needs CUDA for a stated reason: bitsandbytes' CUDA kernels and paged optimizers, NCCL,
+accelerate's FSDP1 (it looks up a GPU for sync_module_states), FSDP/DeepSpeed on CUDA devices,
+DeepSpeed's CPU-Adam offload next to a GPU, fp16 mixed precision and its gradient scaler.
 """
 
 from __future__ import annotations
@@ -84,3 +88,120 @@ def test_nccl_ddp_two_gpus(tmp_path: Path) -> None:
     subprocess.run(cmd, check=True, timeout=600)
     plan = json.loads((out / "plan.json").read_text())
     assert plan["in_effect"]["backend"] == "nccl" and plan["in_effect"]["world_size"] == 2
+
+
+def test_flash_attention_padding_free_equals_padded(tmp_path: Path) -> None:
+    """flash attention's varlen kernels on packed micro batches (what `auto` picks on GPUs): the same
+    losses as grouped padded micro batches (bf16 tolerance)."""
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is None:
+        pytest.skip("flash-attn is not installed (pip install flash-attn --no-build-isolation)")
+    runs = {}
+    for mode, padding_free in (("packed", "auto"), ("padded", "false")):
+        out = tmp_path / mode
+        recipe = R.load(
+            DEMO,
+            [
+                f"output_dir={out}",
+                *QUICK,
+                "train.precision=bf16",
+                "model.dtype=bfloat16",
+                "model.attn_implementation=flash_attention_2",
+                f"batch.padding_free={padding_free}",
+            ],
+        )
+        assert sft.run(recipe) == 0
+        runs[mode] = losses(out)
+        batching = json.loads((out / "plan.json").read_text())["in_effect"]["batching"]
+        assert batching["padding_free"] is (mode == "packed")
+    assert max(abs(a - b) for a, b in zip(runs["packed"], runs["padded"], strict=True)) < 2e-2
+
+
+def test_liger_kernel_trains(tmp_path: Path) -> None:
+    """train.liger_kernel through transformers' integration: trains, finite losses."""
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        pytest.skip("liger-kernel is not installed (pip install liger-kernel)")
+    out = tmp_path / "run"
+    recipe = R.load(
+        DEMO,
+        [
+            f"output_dir={out}",
+            *QUICK,
+            "train.precision=bf16",
+            "model.dtype=bfloat16",
+            "train.liger_kernel=true",
+        ],
+    )
+    assert sft.run(recipe) == 0
+    values = losses(out)
+    assert len(values) == 4 and all(v == v for v in values)
+
+
+SMOKE_COMMON = [
+    "train.max_steps=4",
+    "train.logging_steps=1",
+    "train.save_steps=2",
+    "train.warmup_ratio=0",
+    "data.limit=64",
+    "data.max_length=128",
+    "batch.micro_batch_size=4",
+    "batch.global_batch_size=8",
+    "train.precision=bf16",
+    "model.dtype=auto",
+]
+"""tools/gpu_smoke.sh's COMMON."""
+
+SMOKE_RUNS: dict[str, tuple[list[str], str]] = {
+    # name: (--set values, sharding kind in plan.json); tools/gpu_smoke.sh runs the same list
+    "fsdp-qlora": (
+        ["parallel.strategy=fsdp-qlora", "model.quantization=nf4", "train.optimizer=adamw_torch"],
+        "fsdp2",
+    ),
+    "fsdp-qdora": (
+        [
+            "parallel.strategy=fsdp-qlora",
+            "model.quantization=nf4",
+            "train.optimizer=adamw_torch",
+            "peft.method=dora",
+        ],
+        "fsdp2",
+    ),
+    "fsdp1": (["parallel.strategy=fsdp", "parallel.fsdp_version=1"], "fsdp1"),
+    "fsdp2-ckpt": (["parallel.strategy=fsdp", "train.gradient_checkpointing=true"], "fsdp2"),
+    "zero3-qlora": (["parallel.strategy=deepspeed-zero3", "model.quantization=nf4"], "deepspeed-zero3"),
+    "zero3-offload": (
+        ["parallel.strategy=deepspeed-zero3", "parallel.offload=optimizer", "train.optimizer=adamw_torch"],
+        "deepspeed-zero3",
+    ),
+    "fp16-qlora": (["model.quantization=nf4", "train.precision=fp16"], "none"),
+}
+
+
+@pytest.mark.parametrize("name", list(SMOKE_RUNS))
+def test_smoke_run_on_one_gpu(tmp_path: Path, name: str) -> None:
+    """`tunefleet launch --gpus 1` of each path that would otherwise meet a GPU first in a user's
+    run: it trains 4 steps, checkpoints, the sharding check passes (FSDP1's flat parameters, the
+    4-bit base sharded under FSDP-QLoRA), every trainable parameter is fp32, peak memory recorded."""
+    overrides, kind = SMOKE_RUNS[name]
+    out = tmp_path / name
+    cmd = [sys.executable, "-m", "tunefleet.launch.cli", "launch", str(DEMO), "--gpus", "1"]
+    for o in [f"output_dir={out}", *SMOKE_COMMON, *overrides]:
+        cmd += ["--set", o]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    values = losses(out)
+    assert len(values) == 4 and all(v == v for v in values)
+    effect = json.loads((out / "plan.json").read_text())["in_effect"]
+    assert effect["device"].startswith("cuda") and effect["sharding"]["kind"] == kind
+    if kind in ("fsdp1", "fsdp2"):
+        assert effect["sharding"]["sharded_params"] == effect["sharding"]["params"]
+    if name == "zero3-offload":
+        assert effect["sharding"]["offload_optimizer"] is True
+    if "model.quantization=nf4" in overrides:
+        assert effect["trainable_dtypes"] == ["float32"]
+    assert effect["mixed_precision"] == ("fp16" if name == "fp16-qlora" else "bf16")
+    assert effect["gpu_peak_gib"] > 0 and effect["gpu_peak_after_load_gib"] > 0
+    assert (out / "final" / "adapter_model.safetensors").exists()

@@ -12,7 +12,8 @@ type, world size, gloo and the sharding in effect, and complete checkpoints. ZeR
 FSDP2 resume from a checkpoint on the same world size with the same losses (FSDP2 resharding on
 another world size is tested in test_fsdp_checkpoints.py; ZeRO resharding is ds_reshard.py's, tested there). FSDP without the
 compatibility layer must stop with the fallback error (the day it trains sharded instead,
-upstream supports FSDP on CPU and the layer can go).
+upstream supports FSDP on CPU and the layer can go). FSDP-QLoRA with DoRA trains under bf16 mixed
+precision (one fp32 dtype for every trainable parameter).
 """
 
 from __future__ import annotations
@@ -289,8 +290,22 @@ def test_guard_stops_silent_fallbacks(monkeypatch: pytest.MonkeyPatch, tmp_path:
             guard.Expectation(distributed_type="MULTI_CPU", world_size=2, source="the recipe"),
             "ddp",
         )
-    with pytest.raises(TunefleetError, match="no DTensor parameter"):
+    with pytest.raises(TunefleetError, match=r"no DTensor or flat \(FSDP1\) parameter"):
         guard.check_sharding("fsdp", {"kind": "ddp", "params": 3}, 2)
+    # FSDP-QLoRA exists to shard the 4-bit base: a replicated frozen base is refused
+    half = {
+        "kind": "fsdp2",
+        "params": 10,
+        "sharded_params": 7,
+        "trainable_sharded_params": 3,
+        "trainable_params": 3,
+        "mesh_size": 2,
+    }
+    guard.check_sharding("fsdp", half, 2)  # plain LoRA: the trainable parameters are what must be sharded
+    with pytest.raises(
+        TunefleetError, match="only 7 of 10 parameters are sharded .* replicated on every rank"
+    ):
+        guard.check_sharding("fsdp-qlora", half, 2)
     with pytest.raises(TunefleetError, match="only 1 of 3 parameters are ZeRO-3 partitioned"):
         guard.check_sharding(
             "deepspeed-zero3", {"kind": "deepspeed-zero3", "params": 3, "partitioned_params": 1}, 2
@@ -323,10 +338,18 @@ def test_cpu_fsdp_switch(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # ----------------------------------------------------------------------------- slow: real runs
 
+IN_ORDER = "batch.group_by_length=false"
+"""The references cut micro batches in sampler order; the launched runs group them by length (the
+default): the same steps, whatever the strategy."""
+
 REFERENCES = {
-    "lora-8": [],
-    "qlora-8": [*QLORA, "model.quant_storage_dtype=float32"],  # what ZeRO-3 / FSDP-QLoRA resolve to on CPU
-    "lora-6": ["batch.global_batch_size=6"],
+    "lora-8": [IN_ORDER],
+    "qlora-8": [
+        IN_ORDER,
+        *QLORA,
+        "model.quant_storage_dtype=float32",
+    ],  # what ZeRO-3 / FSDP-QLoRA resolve to on CPU
+    "lora-6": [IN_ORDER, "batch.global_batch_size=6"],
 }
 
 CASES: dict[str, tuple[int, list[str], str, str, str]] = {
@@ -342,6 +365,13 @@ CASES: dict[str, tuple[int, list[str], str, str, str]] = {
         "deepspeed-zero3",
     ),
     "fsdp": (2, ["parallel.strategy=fsdp"], "lora-8", "FSDP", "fsdp2"),
+    "ddp-padding-free": (
+        2,
+        ["parallel.strategy=ddp", "batch.padding_free=true"],
+        "lora-8",
+        "MULTI_CPU",
+        "ddp",
+    ),
     "fsdp-qlora": (2, ["parallel.strategy=fsdp-qlora", *QLORA], "qlora-8", "FSDP", "fsdp2"),
     "zero2-3proc": (
         3,
@@ -421,6 +451,8 @@ def test_launch_trains_like_one_process(workdir: Path, name: str) -> None:
     effect = json.loads((out / "plan.json").read_text())["in_effect"]
     assert (effect["distributed_type"], effect["world_size"], effect["backend"]) == (dist_type, nproc, "gloo")
     assert effect["sharding"]["kind"] == sharding
+    # plain FSDP2: only rank 0 read the base weights (the others received them: losses equal above)
+    assert effect["weights_read_by_ranks"] == ([0] if name == "fsdp" else list(range(nproc)))
     if sharding == "fsdp2":  # FSDP really shards: every parameter a DTensor on a mesh of the world size
         assert effect["cpu_fsdp_layer"] is True
         assert effect["sharding"]["dtensor_params"] == effect["sharding"]["params"]
@@ -459,6 +491,31 @@ def test_resume_on_the_same_world_size(workdir: Path, name: str) -> None:
     assert sorted(got) == [3, 4]
     assert max(abs(got[s] - want[s]) for s in got) <= TOL
     # FSDP2 shards on another world size: tests/test_fsdp_checkpoints.py
+
+
+@pytest.mark.slow
+def test_fsdp_qdora_in_bf16_trains(workdir: Path) -> None:
+    """FSDP-QLoRA with DoRA under bf16 mixed precision: TRL casts LoRA A/B to bf16 and leaves DoRA's
+    magnitudes fp32, and FSDP2 refused the mix in the first forward ("FSDP expects uniform original
+    parameter dtype"); every trainable parameter is now fp32 (model.adapter_dtype), computed in bf16."""
+    out = workdir / "fsdp-qdora-bf16"
+    overrides = [
+        "parallel.strategy=fsdp-qlora",
+        *QLORA,
+        "peft.method=dora",
+        "train.precision=bf16",
+        "model.dtype=auto",
+    ]
+    proc = run_launch(out, 2, overrides)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    values = losses(out)
+    assert sorted(values) == list(range(1, STEPS + 1)) and all(v == v for v in values.values())
+    effect = json.loads((out / "plan.json").read_text())["in_effect"]
+    assert (effect["mixed_precision"], effect["model_dtype"]) == ("bf16", "bfloat16")
+    assert effect["trainable_dtypes"] == ["float32"]
+    sharding = effect["sharding"]
+    assert sharding["kind"] == "fsdp2" and sharding["sharded_params"] == sharding["params"]
+    assert any("lora_magnitude_vector" in k for k in adapter(out / "final"))
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ GENERATORS = {
     "tunefleet.launch",
     "tunefleet.launch.command",
     "tunefleet.launch.compat",
+    "tunefleet.launch.loading",
     "tunefleet.launch.memory",
     "tunefleet.launch.params",
     "tunefleet.launch.plan",
@@ -36,6 +37,7 @@ GENERATORS = {
 }
 COMMAND_LINE = {
     "tunefleet.launch.cli",
+    "tunefleet.launch.join",
     "tunefleet.launch.plan_inputs",
     "tunefleet.launch.workstation",
     "tunefleet.slurm.cli",

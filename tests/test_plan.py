@@ -18,6 +18,7 @@ from tunefleet.launch.memory import (
     MemoryInputs,
     ModelShape,
     activation_bytes_per_token_per_layer,
+    estimate_load_memory,
     estimate_memory,
 )
 from tunefleet.launch.params import LOFTQ_CONFIG, count_params, lora_config_kwargs, param_counts
@@ -177,7 +178,9 @@ PUBLISHED = {
     "qwen3-14b": (14_768_307_200, 16, 32, "all-linear", 64_225_280, 14_832_532_480),
     "qwen2.5-7b-instruct": (7_615_616_512, 16, 32, "all-linear", 40_370_176, 7_655_986_688),
     "llama-varco-8b-instruct": (8_030_261_248, 8, 32, ["q_proj", "v_proj"], 3_407_872, 8_033_669_120),
-    "gpt-oss-20b": (20_914_757_184, 16, 32, ALL_PROJ, 7_962_624, 20_922_719_808),
+    # seed 000 lists all seven projections for gpt-oss and prints 7,962,624 trainable parameters: PEFT
+    # silently ignored gate/up/down, which gpt-oss's experts do not have; tunefleet refuses that list
+    "gpt-oss-20b": (20_914_757_184, 16, 32, ALL_PROJ[:4], 7_962_624, 20_922_719_808),
 }
 
 
@@ -190,11 +193,15 @@ def test_fixture_models_on_the_meta_device(name: str) -> None:
     if config["model_type"] != "gpt_oss":  # its experts are not nn.Linear: LoRA reaches attention only
         names = ALL_PROJ if targets == "all-linear" else targets
         assert counts.trainable == _closed_form_lora(config, r, names)
-    # all-linear = the seven projections on these architectures
+    # all-linear = the seven projections on these architectures (the four attention ones on gpt-oss)
+    linear = ALL_PROJ[:4] if config["model_type"] == "gpt_oss" else ALL_PROJ
     assert (
         count_params(config, PeftConfig(r=r, alpha=alpha, target_modules="all-linear"))[0]
-        == count_params(config, PeftConfig(r=r, alpha=alpha, target_modules=ALL_PROJ))[0]
+        == count_params(config, PeftConfig(r=r, alpha=alpha, target_modules=linear))[0]
     )
+    if config["model_type"] == "gpt_oss":
+        with pytest.raises(RecipeError, match="'gate_proj', 'up_proj', 'down_proj' match no module"):
+            param_counts(FIXTURES / name, PeftConfig(r=r, alpha=alpha, target_modules=ALL_PROJ))
 
 
 def test_quantized_parameter_counts() -> None:
@@ -366,6 +373,50 @@ def test_memory_quantization_checkpointing_optimizer() -> None:
     assert total.to_dict()["total_gib"] == round(total.total_bytes / GIB, 2)
 
 
+def test_sharded_qlora_keeps_plain_weights_in_the_model_dtype() -> None:
+    """fsdp-qlora and ZeRO-3 skip PEFT's k-bit preparation (distributed/model.py): embeddings, norms
+    and head stay 2-byte; a replicated QLoRA base has them in fp32."""
+    quantized, rest = 13_212_057_600, 14_768_307_200 - 13_212_057_600
+    common = dict(quantization="nf4", quantized_params=quantized)
+    for strategy in ("fsdp-qlora", "deepspeed-zero3"):
+        assert _parts(strategy=strategy, **common)["base weights"] == pytest.approx(
+            (quantized * 4.127 / 8 + rest * 2) / 8, rel=1e-3
+        )
+    assert _parts(strategy="ddp", **common)["base weights"] == pytest.approx(
+        quantized * 4.127 / 8 + rest * 4, rel=1e-3
+    )
+
+
+def _load(**kwargs: object) -> tuple[dict[str, int], dict[str, int]]:
+    est = estimate_load_memory(MemoryInputs(**{**COMMON, "procs_per_node": 8, **kwargs}))
+    return {p.name: p.bytes for p in est.gpu.parts}, {p.name: p.bytes for p in est.host_per_node.parts}
+
+
+def test_memory_at_load() -> None:
+    full_bf16 = 14_768_307_200 * 2
+    embedding = QWEN3.vocab_size * QWEN3.hidden_size * 2
+    # bitsandbytes: the whole quantized model on every GPU, whatever shards it afterwards
+    quantized, rest = 13_212_057_600, 14_768_307_200 - 13_212_057_600
+    gpu, host = _load(strategy="fsdp-qlora", quantization="nf4", quantized_params=quantized)
+    assert gpu["base weights at load"] == pytest.approx(quantized * 4.127 / 8 + rest * 2, rel=1e-3)
+    assert host == {"checkpoint tensors in flight": 8 * embedding}
+    # replicated QLoRA: PEFT's fp32 copies are made on the GPU right after loading
+    gpu, _ = _load(strategy="ddp", quantization="nf4", quantized_params=quantized)
+    assert gpu["base weights at load"] == pytest.approx(quantized * 4.127 / 8 + rest * 4, rel=1e-3)
+    # plain FSDP2: rank 0 reads, the others receive their shards (one copy per node, not 8)
+    gpu, host = _load(strategy="fsdp", rank0_loads_weights=True)
+    assert gpu["base weights at load"] == full_bf16 // 8 and gpu["tensor in flight"] == embedding
+    assert host == {"base weights (rank 0)": full_bf16}
+    # without it (FSDP1), and for ddp, every rank reads the whole checkpoint into host RAM
+    _, host = _load(strategy="fsdp")
+    assert host == {"base weights": 8 * full_bf16}
+    gpu, host = _load(strategy="ddp")
+    assert gpu["base weights at load"] == full_bf16 and host == {"base weights": 8 * full_bf16}
+    # MXFP4 loaded onto the GPU (device_map): only tensors in flight in host RAM
+    _, host = _load(strategy="ddp", placed_on_gpu_at_load=True)
+    assert host == {"checkpoint tensors in flight": 8 * embedding}
+
+
 # ----------------------------------------------------------------------------- the plan
 
 
@@ -429,8 +480,12 @@ def test_plan_on_several_nodes() -> None:
     )
     assert (plan["world_size"], plan["grad_accum_steps"], plan["trainable_params"]) == (8, 8, None)
     assert len(plan["launch_commands"]) == 2
-    assert "--nnodes 2 --nproc_per_node 4 --node_rank 1" in plan["launch_commands"][1]
-    assert plan["launch_commands"][0].endswith("--recipe r.yaml --set train.max_steps=10")
+    # `tunefleet launch` on each machine, through the one per-node option builder
+    assert plan["launch_commands"][1] == (
+        'tunefleet launch r.yaml --nnodes 2 --gpus 4 --node-rank 1 --main-address "$MAIN_ADDRESS" '
+        "--main-port 29500 --set train.max_steps=10"
+    )
+    assert "--node-rank 0 " in plan["launch_commands"][0]
     with pytest.raises(RecipeError, match="nearest valid global batches: 48, 72"):
         build_plan(
             _recipe(batch={"micro_batch_size": 4, "global_batch_size": 64}),
@@ -465,10 +520,14 @@ def test_plan_warnings() -> None:
         dataset_rows=None,
         model_config=None,
     )
-    assert "parallel.strategy=single on 4 processes is refused" in " ".join(plan["warnings"])
+    assert (
+        "refused at launch: parallel.strategy: `single` runs one process, but 4 were asked for"
+        in " ".join(plan["warnings"])
+    )
     plan = build_plan(_recipe(), nodes=2, procs_per_node=2, dataset_rows=None, model_config=None)
     assert plan["strategy"] == "ddp" and plan["strategy_asked"] == "auto" and plan["warnings"] == []
-    assert "parallel.strategy: auto -> ddp on 4 process(es)" in plan["notes"]
+    assert "parallel.strategy: auto -> ddp (4 processes)" in plan["notes"]
+    assert plan["batching"] == {"group_by_length": True, "padding_free": False}  # auto: sdpa is faster padded
     assert plan["steps_per_epoch"] is None and plan["total_steps"] is None
     plan = build_plan(
         _recipe(train={"max_steps": 5}), dataset_rows=None, model_config=QWEN3_CONFIG, gpu_memory_gib=8
@@ -476,6 +535,25 @@ def test_plan_warnings() -> None:
     assert (plan["total_steps"], plan["warmup_steps"]) == (5, 1)
     assert any("only 5 optimizer steps" in w for w in plan["warnings"])
     assert any("exceeds 8 GiB" in w for w in plan["warnings"])
+    assert any("the model cannot load" in w for w in plan["warnings"])  # 9.2 GiB of nf4 Qwen3-14B
+
+
+def test_plan_shows_memory_at_load() -> None:
+    """FSDP-QLoRA shards in training but loads the whole 4-bit model on every GPU first."""
+    recipe = _recipe(parallel={"strategy": "fsdp-qlora"}, train={"optimizer": "adamw_torch"})
+    plan = build_plan(recipe, procs_per_node=4, model_config=QWEN3_CONFIG, gpu_memory_gib=9)
+    load, train = plan["load_memory"], plan["memory"]
+    assert load["gpu"]["total_bytes"] > 9 * GIB > train["total_bytes"] - 4 * GIB
+    assert any("the model cannot load (bitsandbytes loads the whole" in w for w in plan["warnings"])
+    text = render_plan(plan)
+    assert "at load / GPU" in text and "at load / node RAM" in text and "in training (estimate)" in text
+    plain = build_plan(
+        _recipe(model={"quantization": "none"}, parallel={"strategy": "fsdp"}),
+        procs_per_node=4,
+        model_config=QWEN3_CONFIG,
+    )
+    host = plain["load_memory"]["host_per_node"]
+    assert [p["name"] for p in host["parts"]] == ["base weights (rank 0)"]
 
 
 def test_count_dataset_rows(tmp_path: Path) -> None:
@@ -553,3 +631,42 @@ def test_plan_modules_import_without_torch() -> None:
         "assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_values_that_run_but_are_not_meant_are_warned_about() -> None:
+    """lr 30 and a max_length beyond the model's context used to pass without a word."""
+    plan = build_plan(
+        _recipe(train={"lr": 30}, data={"path": "d.jsonl", "max_length": 65536}),
+        dataset_rows=1000,
+        model_config=QWEN3_CONFIG,
+    )
+    text = " | ".join(plan["warnings"])
+    assert "train.lr=30 is far above" in text
+    assert (
+        f"data.max_length=65536 is beyond the model's context of {QWEN3_CONFIG['max_position_embeddings']:,}"
+        in text
+    )
+    quiet = build_plan(_recipe(), dataset_rows=1000, model_config=QWEN3_CONFIG)
+    assert not any("train.lr" in w or "context" in w for w in quiet["warnings"])
+
+
+def test_library_noise_is_silenced(capfd: pytest.CaptureFixture[str]) -> None:
+    """bitsandbytes' kernel-download line and the libraries' deprecation warnings do not reach the user."""
+    import logging
+    import warnings
+
+    from tunefleet.launch.core.noise import quiet_libraries
+
+    with warnings.catch_warnings(record=True) as caught:
+        quiet_libraries()
+        logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load CPU gemm_4bit_forward")
+        warnings.warn_explicit(
+            "all_gather_into_tensor is deprecated",
+            FutureWarning,
+            "c10d_logger.py",
+            83,
+            module="torch.distributed",
+        )
+        warnings.warn_explicit("a real problem", UserWarning, "x.py", 1, module="tunefleet.launch.plan")
+    assert "gemm_4bit_forward" not in capfd.readouterr().err
+    assert [str(w.message) for w in caught] == ["a real problem"]  # real warnings still reach the user

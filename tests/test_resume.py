@@ -232,7 +232,7 @@ def test_changed_recipe_is_refused_harmless_change_allowed(reference: Path, tmp_
             recipe(tmp_path / "a", "peft.r=8", "batch.global_batch_size=16"),
             resume=str(reference / "checkpoint-8"),
         )
-    assert "peft.r: 16 -> 8" in str(err.value) and "batch.global_batch_size: 8 -> 16" in str(err.value)
+    assert "peft.r: 64 -> 8" in str(err.value) and "batch.global_batch_size: 8 -> 16" in str(err.value)
     out = tmp_path / "b"
     assert (
         sft.run(
@@ -265,3 +265,38 @@ def test_retention_keeps_newest(tmp_path: Path) -> None:
     out = tmp_path / "run"
     assert sft.run(recipe(out, "checkpoint.keep_last=2", "train.epochs=1")) == 0
     assert [p.name for p in ckpt.complete_checkpoints(out)] == ["checkpoint-4", "checkpoint-5"]
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_checkpoint_at_the_last_step_goes_straight_to_final(tmp_path: Path, nproc: int) -> None:
+    """7 steps (5 per epoch: the run ends inside epoch 2), interrupted after its checkpoint at
+    step 7 and before final/: the rerun trains no step and writes the same final adapter."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    done = tmp_path / "done"
+    assert sft.run(recipe(done, "train.max_steps=7")) == 0
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(done, interrupted)
+    shutil.rmtree(interrupted / "final")  # the SIGUSR1-at-the-last-step state: checkpoint-7, no final/
+    proc = start_recipe(interrupted, nproc, "train.max_steps=7")
+    assert proc.wait(timeout=300) == 0
+    assert sorted(losses(interrupted)) == list(range(1, 8))  # no step 8
+    assert ckpt.step_of(ckpt.latest(interrupted)) == 7  # and no checkpoint-8
+    want, got = (
+        load_file(done / "final" / "adapter_model.safetensors"),
+        load_file(interrupted / "final" / "adapter_model.safetensors"),
+    )
+    assert want.keys() == got.keys() and all((want[k] == got[k]).all() for k in want)
+
+
+def start_recipe(out: Path, nproc: int, *extra: str) -> subprocess.Popen:
+    """Like `start`, with extra overrides."""
+    cmd = [sys.executable]
+    if nproc > 1:
+        cmd += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1"]
+        cmd += ["--master_port", str(free_port())]
+    cmd += ["-m", "tunefleet.distributed.sft", *cli_args(out, *extra)]
+    log = open(out.parent / f"{out.name}-{time.monotonic_ns()}.log", "w")  # noqa: SIM115
+    return subprocess.Popen(cmd, env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -10,7 +10,6 @@ from collections import Counter
 
 import pytest
 
-from tunefleet.distributed import sampler as S
 from tunefleet.distributed.sampler import GlobalBatchSampler, epoch_order
 from tunefleet.distributed.sampler import global_batches as _global_batches
 from tunefleet.launch.core.batch import plan_batch, plan_schedule
@@ -165,13 +164,13 @@ def test_seek_starts_at_the_exact_step_without_iterating_earlier_ones(
     accum = global_ // (micro * world)
     steps = rows // global_
     calls: list[int] = []
-    real_micro_batch = S.micro_batch
+    real_split = GlobalBatchSampler.split
 
-    def counting_micro_batch(batch: list[int], **kwargs: int) -> list[int]:
-        calls.append(1)
-        return real_micro_batch(batch, **kwargs)
+    def counting_split(self: GlobalBatchSampler, batch: list[int]) -> list[list[list[int]]]:
+        calls.append(1)  # one global batch split into every rank's micro batches
+        return real_split(self, batch)
 
-    monkeypatch.setattr(S, "micro_batch", counting_micro_batch)
+    monkeypatch.setattr(GlobalBatchSampler, "split", counting_split)
     for rank in range(world):
 
         def make(rank: int = rank) -> GlobalBatchSampler:
@@ -193,7 +192,7 @@ def test_seek_starts_at_the_exact_step_without_iterating_earlier_ones(
                 got = list(s)
                 assert got == everything[start * accum :]
                 assert first == (got[0] if got else None)
-                assert len(calls) == (steps - start) * accum, "earlier steps were iterated"
+                assert len(calls) == steps - start, "earlier steps were iterated"
                 # the seek is one-shot: the next pass (next epoch) starts from its beginning
                 s.set_epoch(epoch + 1)
                 nxt = make()
@@ -217,3 +216,106 @@ def test_a_schedule_that_does_not_fit_the_rows_is_refused() -> None:
             GlobalBatchSampler(100, batch=batch, steps_per_epoch=steps, rank=0, seed=SEED)
     with pytest.raises(ValueError, match="rank 2 is not in a world of 2"):
         GlobalBatchSampler(100, batch=batch, steps_per_epoch=12, rank=2, seed=SEED)
+
+
+# ----------------------------------------------------------------------------- grouped by length
+
+
+def long_tailed_lengths(rows: int, *, seed: int = 0, max_length: int = 512) -> list[int]:
+    """Token lengths like the issue's benchmark data: median ~200, p90 ~400, some cut at max_length."""
+    import random
+
+    rng = random.Random(seed)
+    return [min(max_length, max(8, int(rng.lognormvariate(5.3, 0.55)))) for _ in range(rows)]
+
+
+def padded_tokens(per_rank: list[list[list[int]]], lengths: list[int]) -> int:
+    return sum(len(mb) * max(lengths[i] for i in mb) for batches in per_rank for mb in batches)
+
+
+def grouped_sampler(
+    rows: int, lengths: list[int], *, global_: int, micro: int, world: int, rank: int
+) -> GlobalBatchSampler:
+    batch = plan_batch(micro_batch_size=micro, global_batch_size=global_, max_length=8, world_size=world)
+    return GlobalBatchSampler(
+        rows, batch=batch, steps_per_epoch=rows // global_, rank=rank, seed=SEED, lengths=lengths
+    )
+
+
+@pytest.mark.parametrize(("rows", "global_", "micro", "world"), COMBOS)
+def test_grouping_keeps_the_samples_of_every_step(rows: int, global_: int, micro: int, world: int) -> None:
+    lengths = long_tailed_lengths(rows)
+    accum = global_ // (micro * world)
+    for epoch in (0, 3):
+        expected = global_batches(rows, global_batch_size=global_, seed=SEED, epoch=epoch)
+        per_rank = []
+        for rank in range(world):
+            s = grouped_sampler(rows, lengths, global_=global_, micro=micro, world=world, rank=rank)
+            s.set_epoch(epoch)
+            per_rank.append(list(s))
+            assert all(len(mb) == micro for mb in per_rank[-1]) and len(per_rank[-1]) == len(expected) * accum
+        for k in range(len(expected)):
+            assert step_union(per_rank, k, accum) == sorted(expected[k]), f"epoch {epoch} step {k}"
+
+
+def test_grouping_cuts_padding_and_balances_the_ranks() -> None:
+    """960 long-tailed rows, global batch 64 of micro batches of 8 (the issue's benchmark shape)."""
+    from tunefleet.distributed.sampler import group_by_length, micro_batch_cost, split_in_order
+
+    lengths = long_tailed_lengths(960)
+    real = sum(lengths[i] for b in global_batches(960, global_batch_size=64, seed=SEED, epoch=0) for i in b)
+    ratios = {}
+    for name, split in (("in order", split_in_order), ("grouped", None)):
+        total = 0
+        for b in global_batches(960, global_batch_size=64, seed=SEED, epoch=0):
+            shape = dict(world_size=1, grad_accum_steps=8, micro_batch_size=8)
+            per_rank = split(b, **shape) if split else group_by_length(b, lengths, **shape)
+            total += padded_tokens(per_rank, lengths)
+        ratios[name] = total / real
+    print(f"padded / real tokens: {ratios}")
+    assert ratios["in order"] > 1.5 and ratios["grouped"] < 1.2
+    for b in global_batches(960, global_batch_size=64, seed=SEED, epoch=1):
+        per_rank = group_by_length(b, lengths, world_size=4, grad_accum_steps=2, micro_batch_size=8)
+        loads = [
+            sum(micro_batch_cost(mb, lengths, padding_free=False) for mb in batches) for batches in per_rank
+        ]
+        biggest = max(micro_batch_cost(mb, lengths, padding_free=False) for bs in per_rank for mb in bs)
+        assert max(loads) - min(loads) <= biggest, loads  # no rank waits longer than one micro batch
+        assert per_rank == group_by_length(
+            list(reversed(b)), lengths, world_size=4, grad_accum_steps=2, micro_batch_size=8
+        )
+
+
+def test_grouped_seek_matches_the_full_pass() -> None:
+    lengths = long_tailed_lengths(101)
+    for rank in range(2):
+        full = grouped_sampler(101, lengths, global_=12, micro=3, world=2, rank=rank)
+        full.set_epoch(2)
+        everything = list(full)
+        s = grouped_sampler(101, lengths, global_=12, micro=3, world=2, rank=rank)
+        s.seek(epoch=2, step_in_epoch=3)
+        assert list(s) == everything[3 * 2 :]
+
+
+def test_seek_to_step_is_the_position_after_that_step() -> None:
+    """After k optimizer steps the next micro batch is the first of step k (epoch k // steps per
+    epoch); after the last step of the run there is none (no extra step on resume)."""
+    rows, global_, micro, world = 101, 12, 3, 2  # 8 steps per epoch, 5 rows dropped
+    for rank in range(world):
+        everything = []
+        for epoch in range(3):
+            s = make_sampler(rows, global_=global_, micro=micro, world=world, rank=rank)
+            s.set_epoch(epoch)
+            everything += list(s)
+        accum = global_ // (micro * world)
+        for k in (0, 1, 7, 8, 9, 15, 16, 17):
+            s = make_sampler(rows, global_=global_, micro=micro, world=world, rank=rank)
+            s.seek_to_step(k, total_steps=24)
+            s.set_epoch(k // 8)  # what the trainer does at the start of the epoch
+            first = next(iter(s))
+            assert first == everything[k * accum], k
+        for k in (24, 30):
+            s = make_sampler(rows, global_=global_, micro=micro, world=world, rank=rank)
+            s.seek_to_step(k, total_steps=24)
+            s.set_epoch(k // 8)
+            assert list(s) == []

@@ -11,14 +11,20 @@ import dataclasses
 import itertools
 import os
 import shlex
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tunefleet.launch.core.errors import TunefleetError
-from tunefleet.launch.core.layout import EXIT_REQUEUE
+from tunefleet.launch.core.layout import EXIT_REFUSED, EXIT_REQUEUE
 from tunefleet.slurm.sbatch import (
+    GPU_JOB_CPUS_PER_GPU,
+    GPU_JOB_MEM_PER_GPU_GB,
+    PYTHON_CHECK,
+    PYTHON_CHECK_IMPORTS,
     ClusterSpec,
     ClusterSpecError,
     Launch,
@@ -80,7 +86,12 @@ CASES: dict[str, tuple[ClusterSpec, dict]] = {
         dict(
             recipe_path="/scratch/runs/demo/recipe.yaml",
             output_dir="/scratch/runs/demo",
-            launch=Launch(prepare=True),
+            # what `tunefleet slurm` passes: its own interpreter and the versions it has
+            launch=Launch(
+                prepare=True,
+                python="/scratch/venv/bin/python",
+                expect_versions={"tunefleet": "0.1.0", "torch": "2.13.0+cpu"},
+            ),
         ),
     ),
     "cpu_single_no_restart": (
@@ -211,8 +222,8 @@ def test_bash_syntax(
         (dict(env_setup=["export WANDB_API_KEY=0123abcd"]), "secret"),
         (dict(env_setup=["module load a\nmodule load b"]), "newline"),
         (dict(env_setup="source x"), "list of shell lines"),
-        (dict(extra_sbatch=["--nodes=8"]), "--nodes is set by the cluster spec"),
-        (dict(extra_sbatch=["-p gpu"]), "-p is set by the cluster spec"),
+        (dict(extra_sbatch=["--nodes=8"]), "--nodes is set by tunefleet from the cluster spec"),
+        (dict(extra_sbatch=["-p gpu"]), "-p is set by tunefleet from the cluster spec"),
         (dict(extra_sbatch=["--comment=$USER"]), "expand no"),
         (dict(extra_sbatch=["reservation=x"]), "not a plain sbatch option"),
         (dict(extra_sbatch=["--comment=x\n#SBATCH --qos=y"]), "newline"),
@@ -236,6 +247,16 @@ def test_hostile_or_invalid_spec_refused(spec_fields: dict, match: str) -> None:
         ),
         (dict(recipe_path="r.yaml", output_dir="/o", launch=Launch(module="x; rm -rf /")), "launch.module"),
         (dict(recipe_path="r.yaml", output_dir="/o", launch=Launch(module_args=["a\nb"])), "module_args"),
+        (
+            dict(
+                recipe_path="r.yaml", output_dir="/o", launch=Launch(expect_versions={"torch": "1; rm -rf /"})
+            ),
+            "launch.expect_versions.torch",
+        ),
+        (
+            dict(recipe_path="r.yaml", output_dir="/o", launch=Launch(expect_versions={"numpy": "2.0"})),
+            "launch.expect_versions.numpy",
+        ),
     ],
 )
 def test_hostile_render_arguments_refused(kwargs: dict, match: str) -> None:
@@ -292,7 +313,8 @@ STUB_SBATCH = r"""#!/bin/bash
 echo "sbatch $*" >> "$STUB_LOG"; echo 5151
 """
 STUB_PYTHON = r"""#!/bin/bash
-# stand-in for the python that runs `tunefleet prepare` (in the batch shell) and the launcher
+# stand-in for the python that checks itself, runs `tunefleet prepare` (in the batch shell) and the launcher
+if [[ "$1 $3" == "-c import" ]]; then echo "check-call ${*:4}" >> "$STUB_LOG"; exit "${STUB_CHECK_RC:-0}"; fi
 if [[ "$2" == "tunefleet.launch.cli" ]]; then echo "prepare-call $3 $4" >> "$STUB_LOG"; exit "${STUB_PREPARE_RC:-0}"; fi
 # the launcher: record argv (NUL-separated) and the environment
 printf '%s\0' "$@" > "$STUB_DIR/node-$SLURM_NODEID.argv"
@@ -399,6 +421,39 @@ def test_accelerate_command_per_node(tmp_path: Path) -> None:
         }
         assert argv[16:] == ["-m", "tunefleet.distributed.sft", "--recipe", HOSTILE_PATH]
     assert "srun-option --gpus-per-node=4" in calls
+    # Slurm >= 22.05: the step gets the job's CPUs only when srun asks for them
+    assert f"srun-option --cpus-per-task={4 * GPU_JOB_CPUS_PER_GPU}" in calls
+
+
+def _sbatch_lines(spec: ClusterSpec) -> dict[str, str]:
+    text = render_sbatch(spec, recipe_path="/r.yaml", output_dir="/o", launch=Launch(accelerate_config="/a"))
+    return dict(
+        line.removeprefix("#SBATCH ").split("=", 1)
+        for line in text.splitlines()
+        if line.startswith("#SBATCH --") and "=" in line
+    )
+
+
+def test_gpu_jobs_request_cpus_and_memory_per_node() -> None:
+    """Without a request many clusters give the task one core and a small memory share: the ranks
+    of a node would share one core, and ranks loading the checkpoint run out of host memory."""
+    lines = _sbatch_lines(ClusterSpec(nodes=2, gpus_per_node=4))
+    assert lines["--cpus-per-task"] == str(4 * GPU_JOB_CPUS_PER_GPU)
+    assert lines["--mem"] == f"{4 * GPU_JOB_MEM_PER_GPU_GB}G"
+    # more processes than GPUs: CPUs follow the processes
+    assert _sbatch_lines(ClusterSpec(gpus_per_node=2, procs_per_node=4))["--cpus-per-task"] == str(
+        4 * GPU_JOB_CPUS_PER_GPU
+    )
+    # set values win, and srun passes the same CPU count
+    spec = ClusterSpec(gpus_per_node=8, cpus_per_task=20, mem="500G")
+    lines = _sbatch_lines(spec)
+    assert (lines["--cpus-per-task"], lines["--mem"]) == ("20", "500G")
+    text = render_sbatch(spec, recipe_path="/r.yaml", output_dir="/o", launch=Launch(accelerate_config="/a"))
+    assert "srun --ntasks-per-node=1 --kill-on-bad-exit=1 --gpus-per-node=8 --cpus-per-task=20 " in text
+    # CPU jobs: one CPU per gloo process, memory left to the cluster
+    cpu = _sbatch_lines(ClusterSpec(procs_per_node=2))
+    assert cpu["--cpus-per-task"] == "2" and "--mem" not in cpu
+    assert "--cpus-per-task" not in _sbatch_lines(ClusterSpec())
 
 
 def test_requeue_on_exit_code(tmp_path: Path) -> None:
@@ -459,6 +514,58 @@ def test_prepare_runs_once_before_the_launch(tmp_path: Path) -> None:
         "srun-option --ntasks-per-node=1"
     )
     assert not list(tmp_path.rglob("pwned*"))
+
+
+def test_python_check_runs_before_prepare_and_launch(tmp_path: Path) -> None:
+    launch = Launch(prepare=True, expect_versions={"torch": "2.13.0+cpu"})
+    rc, out, calls = _run_script(tmp_path, ClusterSpec(nodes=2), launch=launch)
+    assert rc == 0, out
+    lines = calls.splitlines()
+    assert lines[0] == "check-call tunefleet torch=2.13.0+cpu", calls
+    assert lines.index(f"prepare-call prepare {HOSTILE_PATH}") > 0
+
+
+def test_failed_python_check_stops_everything(tmp_path: Path) -> None:
+    rc, out, calls = _run_script(
+        tmp_path, ClusterSpec(), launch=Launch(prepare=True), extra_env={"STUB_CHECK_RC": "3"}
+    )
+    assert rc == EXIT_REFUSED and "the job's Python cannot run tunefleet (exit 3)" in out, out
+    assert "fix: run `tunefleet slurm` with the Python the nodes should use" in out
+    assert calls.splitlines() == ["check-call tunefleet torch"], calls  # no prepare, no srun, no requeue
+
+
+def test_python_check_program_with_real_interpreters(tmp_path: Path) -> None:
+    """The check the script runs, run by this interpreter (passes; fails on another version) and
+    by one without tunefleet (the system Python 3, when there is one)."""
+    from importlib.metadata import version
+
+    have = {name: version(name) for name in PYTHON_CHECK_IMPORTS}
+    ok = subprocess.run(
+        [sys.executable, "-c", PYTHON_CHECK, "import", *(f"{n}={v}" for n, v in have.items())],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert (
+        f"tunefleet: python {sys.executable}: tunefleet {have['tunefleet']}, torch {have['torch']}"
+        in ok.stdout
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", PYTHON_CHECK, "find", "tunefleet", "torch=1.0.0"],
+        capture_output=True,
+        text=True,
+    )
+    assert other.returncode == 3
+    assert f"torch is {have['torch']} here, but 1.0.0 where this job was written" in other.stderr
+    bare = shutil.which("python3", path="/usr/bin:/bin")
+    if bare is None or subprocess.run([bare, "-c", "import torch"], capture_output=True).returncode == 0:
+        pytest.skip("no Python 3 without torch on this machine")
+    missing = subprocess.run(
+        [bare, "-c", PYTHON_CHECK, "import", "tunefleet", "torch"], capture_output=True, text=True
+    )
+    assert missing.returncode == 3
+    assert "cannot import tunefleet: ModuleNotFoundError: No module named 'tunefleet'" in missing.stderr
 
 
 def test_failed_prepare_stops_before_the_launch(tmp_path: Path) -> None:

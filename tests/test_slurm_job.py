@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
-from importlib import resources
+from importlib import metadata, resources
 from pathlib import Path
 
 import pytest
@@ -149,10 +150,86 @@ def test_slurm_writes_resolved_recipe_and_script(tmp_path: Path, monkeypatch, ca
     assert recipe.train.max_steps == 7 and recipe.output_dir == str(out)
     assert Path(recipe.data.path).is_absolute() and Path(recipe.data.path).is_file()
     script = (out / "slurm.sbatch").read_text()
-    assert f"python -m tunefleet.launch.cli prepare {out}/recipe.yaml" in script
+    assert f"{sys.executable} -m tunefleet.launch.cli prepare {out}/recipe.yaml" in script
     assert script.index("tunefleet.launch.cli prepare") < script.index("\nsrun ")
     assert f"--recipe {out}/recipe.yaml" in script and "#SBATCH --signal=B:USR1@120" in script
     assert subprocess.run(["/bin/bash", "-n", str(out / "slurm.sbatch")]).returncode == 0
+
+
+def test_slurm_job_runs_this_interpreter_by_default(tmp_path: Path, monkeypatch, capsys) -> None:
+    """No --python: the job runs the interpreter that wrote it (absolute, so the venv need not be
+    activated on the nodes) and checks tunefleet's and torch's versions before anything starts."""
+    out = tmp_path / "run"
+    assert _slurm(tmp_path, out, "--nodes", "2", monkeypatch=monkeypatch) == 0
+    script = (out / "slurm.sbatch").read_text()
+    versions = f"tunefleet={metadata.version('tunefleet')} torch={metadata.version('torch')}"
+    check = f'{sys.executable} -c "$TUNEFLEET_PYTHON_CHECK" import {versions} ||'
+    assert check in script and f"{sys.executable} -m tunefleet.launch.cli prepare" in script
+    assert f"exec {sys.executable} -c" in script  # the launcher on every node
+    assert script.index(check) < script.index("tunefleet.launch.cli prepare") < script.index("\nsrun ")
+    assert f"python   {sys.executable} (must import tunefleet" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("python", "message"),
+    [
+        ("python -u", "--python 'python -u' is not one executable"),
+        ("/nonexistent/bin/python", "--python '/nonexistent/bin/python': no such executable here"),
+        ("/usr/bin/python3", "cannot run tunefleet: cannot import tunefleet: ModuleNotFoundError"),
+    ],
+)
+def test_slurm_refuses_a_python_that_cannot_run_tunefleet(
+    tmp_path: Path, monkeypatch, capsys, python: str, message: str
+) -> None:
+    """Checked on the login node before anything is written: these would fail only after queueing
+    (`python -u` with exit 127)."""
+    if python == "/usr/bin/python3" and not (
+        Path(python).exists() and subprocess.run([python, "-c", "import tunefleet"]).returncode != 0
+    ):
+        pytest.skip("no system Python 3 without tunefleet here")
+    out = tmp_path / "run"
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # `python` of `python -u` resolves here (or not at all)
+    argv = ["slurm", str(DEMO), "--time", "30", "--gpus-per-node", "0", "--nodes", "1", "--python", python]
+    if python == "python -u" and shutil.which("python") is None:
+        argv[-1] = "python3 -u"
+        message = "--python 'python3 -u' is not one executable"
+    assert cli.main([*argv, "--set", f"output_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "fix:" in err, err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_an_unreachable_controller_is_a_warning_not_a_spec_error(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The real sbatch, pointed at a controller that does not answer: the script is written and the
+    output says the controller was not reachable (it used to be reported as a cluster-spec problem)."""
+    import shutil
+
+    if shutil.which("sbatch") is None:
+        pytest.skip("sbatch is not installed (Debian's slurm-client)")
+    conf = tmp_path / "slurm.conf"
+    conf.write_text(
+        "ClusterName=down\nSlurmctldHost=localhost\nSlurmctldPort=6899\nAuthType=auth/none\n"
+        "CredType=cred/none\nNodeName=n1 CPUs=1 State=UNKNOWN\nPartitionName=p Nodes=n1 Default=YES\n"
+    )
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    out = tmp_path / "run"
+    argv = [
+        "slurm",
+        str(DEMO),
+        "--time",
+        "30",
+        "--gpus-per-node",
+        "0",
+        "--nodes",
+        "1",
+        "--set",
+        f"output_dir={out}",
+    ]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "not checked: the SLURM controller did not answer" in printed, printed
+    assert (out / "slurm.sbatch").is_file()
 
 
 def test_slurm_gpu_job_uses_rendered_accelerate_config(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -191,7 +268,7 @@ def test_slurm_refuses_finished_run_and_changed_training(tmp_path: Path, monkeyp
     other = tmp_path / "other"
     _fake_checkpoint(other, step=4, save_s=1.0, recipe=R.load(DEMO, [f"output_dir={other}"]))
     assert _slurm(tmp_path, other, "--nodes", "1", "--set", "peft.r=4", monkeypatch=monkeypatch) == 2
-    assert "peft.r: 16 -> 4" in capsys.readouterr().err
+    assert "peft.r: 64 -> 4" in capsys.readouterr().err
     assert not (other / "slurm.sbatch").exists()
 
 

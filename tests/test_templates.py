@@ -498,6 +498,7 @@ def test_quant_storage_set_with_a_note() -> None:
         model={**QLORA, "quant_storage_dtype": "bfloat16", "dtype": "bfloat16"},
         parallel={"strategy": "fsdp-qlora"},
         train={"precision": "bf16"},
+        batch={"padding_free": False},
     )
     assert compat.check_compat(explicit, GPU4) == []
 

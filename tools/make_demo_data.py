@@ -3,9 +3,12 @@
     python tools/make_demo_data.py            # rewrite recipes/data/{alpaca_demo,chat_demo}.jsonl, corpus.txt
     python tools/make_demo_data.py --check    # exit 1 if the files on disk differ from what would be written
 
-The tasks are small synthetic ones a tiny model can pick up quickly (fixed answer formats, short
-outputs): reverse the words, add numbers, capitals, uppercase, sort letters, plurals, even/odd,
-opposites, count words, first letter, spell a word, bigger number. `corpus.txt` (the text the demo
+`alpaca_demo.jsonl` (the data of `recipes/demo.yaml`) holds facts the tiny demo model can learn
+in about a minute on a CPU, in a few fixed answer formats: capitals, spelling, plurals, opposites,
+each asked once plainly and (but opposites) once more with the subject in the input. Its first rows
+are DEMO_PROMPTS, the prompts the demo's `samples.jsonl` and the README show. `chat_demo.jsonl`
+holds harder small synthetic tasks (reverse the words, add numbers, uppercase, sort letters, count
+words, even/odd, ...) as conversations, for the chat-format tests. `corpus.txt` (the text the demo
 tokenizer of `tunefleet.distributed.demo_model` is trained on) is derived from the two JSONL files
 plus some generic English sentences and the usual prompt scaffolding (Alpaca headers, chat roles).
 
@@ -24,7 +27,6 @@ from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "recipes" / "data"
 SEED = 20240611
-N_ALPACA = 400
 N_CHAT = 200
 
 WORDS = [
@@ -364,7 +366,7 @@ def task_bigger(rng: random.Random) -> tuple[str, str, str]:
     return f"Which number is bigger, {a} or {b}?", "", f"{max(a, b)} is bigger than {min(a, b)}."
 
 
-# A third of the tasks take an input, so round-robin gives a third of the rows an input.
+# The chat demo's tasks (a third of them take an input).
 WITH_INPUT: list[Task] = [task_reverse, task_uppercase, task_sort_letters, task_count_words, task_add_list]
 WITHOUT_INPUT: list[Task] = [
     task_capital,
@@ -378,29 +380,74 @@ WITHOUT_INPUT: list[Task] = [
 ]
 
 
-def _task_cycle() -> list[Task]:
-    # 5 with input + 10 without input (two of them twice) = 15 per cycle, one third with input
-    return WITH_INPUT + WITHOUT_INPUT + [task_add_inline, task_even]
+# --- the alpaca demo: facts to memorise, in a few fixed answer formats ------------------------
+
+DEMO_COUNTRIES = [
+    "Australia", "Brazil", "Canada", "China", "Cuba", "Egypt", "France", "Germany", "Greece", "Iceland",
+    "India", "Ireland", "Italy", "Japan", "Kenya", "Mexico", "Norway", "Peru", "Russia", "Spain",
+]  # fmt: skip
+SPELL_WORDS = [
+    "cat", "dog", "sun", "moon", "star", "tree", "fish", "bird", "book", "door",
+    "rain", "snow", "milk", "salt", "apple", "river", "green", "house", "light", "stone",
+]  # fmt: skip
+DEMO_PLURALS = [
+    "mouse", "child", "tooth", "foot", "man", "woman", "goose", "sheep",
+    "knife", "leaf", "city", "baby", "box", "bus", "person", "ox",
+]  # fmt: skip
+DEMO_OPPOSITES = [
+    "hot", "big", "up", "fast", "happy", "open", "full", "wet", "early", "strong", "near", "young",
+]  # fmt: skip
+"""The facts of the alpaca demo, a subset of the tables above: few enough (136 rows) that the tiny
+model learns every one of them in about a minute on a CPU."""
+
+DEMO_PROMPTS = [
+    "Spell the word cat.",
+    "What is the capital of France?",
+    "What is the opposite of hot?",
+    "What is the plural of mouse?",
+]
+"""The first rows of the alpaca demo, in this order: the prompts `samples.jsonl` shows at the end of
+`make demo`, and the README's `tunefleet generate --compare-base` example."""
 
 
-def make_alpaca(rng: random.Random, n: int = N_ALPACA) -> list[dict[str, str]]:
-    cycle = _task_cycle()
-    rows: list[dict[str, str]] = []
-    seen: set[tuple[str, str]] = set()
-    i = 0
-    while len(rows) < n:
-        task = cycle[i % len(cycle)]
-        i += 1
-        for _ in range(50):  # retry duplicates (capitals, plurals, ... have small tables)
-            instr, inp, out = task(rng)
-            if (instr, inp) not in seen:
-                break
-        else:
-            continue
-        seen.add((instr, inp))
-        rows.append({"instruction": instr, "input": inp, "output": out})
-    rng.shuffle(rows)
+def _spelled(word: str) -> str:
+    return "-".join(word.upper())
+
+
+def alpaca_facts() -> list[dict[str, str]]:
+    """Every row of the alpaca demo, unordered: each fact once without an input and (capitals,
+    spelling, plurals) once more with the subject in the input, so the model sees each fact twice
+    and picks up both prompt shapes. Opposites are asked both ways round."""
+    rows = []
+
+    def add(instruction: str, inp: str, output: str) -> None:
+        rows.append({"instruction": instruction, "input": inp, "output": output})
+
+    for country in DEMO_COUNTRIES:
+        city = CAPITALS[country]
+        add(f"What is the capital of {country}?", "", f"The capital of {country} is {city}.")
+        add("Name the capital city of this country.", country, f"The capital of {country} is {city}.")
+    for word in SPELL_WORDS:
+        add(f"Spell the word {word}.", "", _spelled(word))
+        add("Spell this word.", word, _spelled(word))
+    for word in DEMO_PLURALS:
+        plural = PLURALS[word]
+        add(f"What is the plural of {word}?", "", f"The plural of {word} is {plural}.")
+        add("Give the plural of this word.", word, f"The plural of {word} is {plural}.")
+    for word in DEMO_OPPOSITES:
+        opposite = OPPOSITES[word]
+        add(f"What is the opposite of {word}?", "", f"The opposite of {word} is {opposite}.")
+        add(f"What is the opposite of {opposite}?", "", f"The opposite of {opposite} is {word}.")
     return rows
+
+
+def make_alpaca(rng: random.Random) -> list[dict[str, str]]:
+    """The facts shuffled, with DEMO_PROMPTS' rows first (the rows `samples.jsonl` shows)."""
+    rows = alpaca_facts()
+    first = {row["instruction"]: row for row in rows if row["instruction"] in DEMO_PROMPTS}
+    rest = [row for row in rows if row["instruction"] not in first]
+    rng.shuffle(rest)
+    return [first[prompt] for prompt in DEMO_PROMPTS] + rest
 
 
 def _user_text(instr: str, inp: str) -> str:

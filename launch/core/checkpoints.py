@@ -13,6 +13,7 @@ The output directory is assumed to be on storage shared by all nodes (checked at
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -50,7 +51,12 @@ def fsync_tree(root: Path) -> None:
     """Flush every file under `root` (this rank's part of a checkpoint) to stable storage."""
     for dirpath, _, names in os.walk(root):
         for name in names:
-            _fsync_file(Path(dirpath) / name)
+            try:
+                _fsync_file(Path(dirpath) / name)
+            except FileNotFoundError:
+                # another rank's temporary file, renamed meanwhile: that rank flushes it (seen with
+                # 2 ranks sharing the directory: the walk listed `.tmpXXXX`, the open found nothing)
+                continue
         _fsync_dir(Path(dirpath))
 
 
@@ -66,9 +72,43 @@ def file_list(root: Path) -> dict[str, int]:
     return dict(sorted(files.items()))
 
 
+FULL_CHECKSUM_BYTES = 256 * 1024**2
+"""Files up to this size are checksummed whole; larger ones (a full model's DeepSpeed or FSDP shards)
+by a sample: their size, first, middle and last SAMPLE_BYTES, so a save stays cheap."""
+
+SAMPLE_BYTES = 4 * 1024**2
+
+
+def checksum(path: Path) -> str:
+    """SHA-256 of a file, whole up to FULL_CHECKSUM_BYTES, else of a sample (`sample:` prefix)."""
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        if size <= FULL_CHECKSUM_BYTES:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+            return h.hexdigest()
+        h.update(str(size).encode())
+        for offset in (0, size // 2, size - SAMPLE_BYTES):
+            f.seek(offset)
+            h.update(f.read(SAMPLE_BYTES))
+    return "sample:" + h.hexdigest()
+
+
+def damaged_file(path: Path) -> str | None:
+    """The first file of a complete checkpoint whose content no longer matches the checksum in its
+    manifest (a file rewritten or corrupted at the same size), or None. Manifests written before
+    checksums were recorded have none to compare."""
+    for rel, digest in read_manifest(path).get("checksums", {}).items():
+        if checksum(path / rel) != digest:
+            return rel
+    return None
+
+
 def finalize(tmp: Path, final: Path, manifest: dict[str, Any]) -> None:
-    """Rank 0, after every rank flushed its part: manifest, marker, rename into place."""
-    manifest = {**manifest, "files": file_list(tmp)}
+    """Rank 0, after every rank flushed its part: manifest (sizes and checksums), marker, rename."""
+    files = file_list(tmp)
+    manifest = {**manifest, "files": files, "checksums": {rel: checksum(tmp / rel) for rel in files}}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     _fsync_file(tmp / MANIFEST)
     (tmp / COMPLETE).write_text("ok\n", encoding="utf-8")

@@ -209,6 +209,11 @@ class TrainConfig:
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=list)
     """Experiment trackers to log to (none by default)."""
 
+    liger_kernel: bool = False
+    """Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) through
+    transformers' integration: less memory and more speed on GPUs. Needs a CUDA GPU and the
+    `liger-kernel` package."""
+
 
 @dataclass(kw_only=True, slots=True)
 class BatchConfig:
@@ -223,6 +228,17 @@ class BatchConfig:
     """Alternative target: tokens per optimizer step counted at data.max_length (torchtitan's
     convention). It must be a multiple of data.max_length; the global batch becomes
     global_batch_tokens // data.max_length samples (leave global_batch_size out, or equal)."""
+
+    group_by_length: bool = True
+    """Within each optimizer step, sort its samples by length and cut them into micro batches of
+    similar length (less padding), dealt to the ranks so each gets about the same number of tokens.
+    The samples of every step, and so the loss and the gradients, stay those of `false`."""
+
+    padding_free: Literal["auto"] | bool = "auto"
+    """Put each micro batch's samples in one row with `position_ids` restarting at every sample and
+    no padding; the attention keeps the samples apart. `auto`: on where it is faster (flash
+    attention's variable-length kernels: `model.attn_implementation: flash_attention_2/3` on GPUs),
+    off elsewhere (sdpa on CPU attends over the whole row); the plan and the run summary say which."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -372,9 +388,32 @@ def _type_error(value: Any, tp: Any, where: str) -> RecipeError:
     )
 
 
+SYNONYMS = {
+    "learning_rate": "lr",
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "num_train_epochs": "epochs",
+    "num_epochs": "epochs",
+    "max_seq_length": "max_length",
+    "max_seq_len": "max_length",
+    "per_device_train_batch_size": "micro_batch_size",
+    "batch_size": "micro_batch_size",
+    "optim": "optimizer",
+    "lr_scheduler_type": "lr_scheduler",
+    "torch_dtype": "dtype",
+    "model_name_or_path": "name_or_path",
+    "model_name": "name_or_path",
+}
+"""Names other tools use for a recipe key (transformers' TrainingArguments, PEFT's LoraConfig, TRL)."""
+
+
 def _unknown_key(key: str, valid: list[str], prefix: str) -> RecipeError:
     full = f"{prefix}{key}"
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    close = [SYNONYMS[key]] if SYNONYMS.get(key) in valid else []
+    if not close:
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     if not close:
         # catch synonyms difflib cannot see (peft.rank -> peft.r)
         close = [v for v in valid if v and (key.startswith(v) or v.startswith(key))][:1]
@@ -435,7 +474,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(value_text) if value_text.strip() else ""
     except yaml.YAMLError as exc:
-        raise RecipeError(f"--set {text!r}: the value is not valid YAML ({exc})", None) from None
+        raise RecipeError(
+            f"--set {text!r}: the value is not valid YAML ({getattr(exc, 'problem', None) or exc})",
+            f"quote the value: --set '{key}=\"{value_text.strip()}\"' (or close its brackets)",
+        ) from None
+    comment = re.search(r"(^|\s)#", value_text)
+    if comment and "#" not in yaml.safe_dump(value):  # YAML read the rest of the value as a comment
+        raise RecipeError(
+            f"--set {text!r}: YAML reads everything from {value_text[comment.start() :].strip()!r} on as a "
+            f"comment, so the value would be {value!r}",
+            f"quote the value: --set '{key}=\"{value_text.strip()}\"'",
+        )
     return key.split("."), value
 
 
@@ -450,7 +499,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise RecipeError(f"--set {text!r}: {part!r} is not a section", None)
+                raise RecipeError(
+                    f"--set {text!r}: {part!r} is not a section",
+                    f"set a key inside a section, e.g. --set {part}=...",
+                )
             node = child
         node[path[-1]] = value
     return out
@@ -541,6 +593,7 @@ def _validate_data(d: DataConfig) -> None:
 
 def _validate_train(t: TrainConfig) -> None:
     _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}", "use e.g. 2e-4")
+    _check(0 <= t.seed < 2**32, "train.seed", f"must be in [0, 2**32), got {t.seed}", "use e.g. 42")
     _check(
         0 <= t.warmup_ratio < 1,
         "train.warmup_ratio",
@@ -673,6 +726,32 @@ def from_dict(raw: Any, overrides: list[str] | None = None) -> Recipe:
     return validate(_build(Recipe, raw, ""))
 
 
+def _duplicate_key(text: str) -> tuple[str, int, int] | None:
+    """The first key written twice in one mapping of a YAML text, as (dotted key, first line,
+    second line), or None. PyYAML keeps the last value without a word."""
+
+    def walk(node: yaml.Node, prefix: str) -> tuple[str, int, int] | None:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key_node, value_node in node.value:
+                key, line = str(key_node.value), key_node.start_mark.line + 1
+                if key in seen:
+                    return f"{prefix}{key}", seen[key], line
+                seen[key] = line
+                found = walk(value_node, f"{prefix}{key}.")
+                if found:
+                    return found
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                found = walk(item, prefix)
+                if found:
+                    return found
+        return None
+
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    return walk(root, "") if root is not None else None
+
+
 def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe YAML file, apply `--set` overrides, validate."""
     path = Path(path)
@@ -684,11 +763,27 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
             "pass the path of a YAML recipe, e.g. recipes/demo.yaml",
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"recipe file {str(path)!r} cannot be read: {exc}", None) from None
+        raise RecipeError(
+            f"recipe file {str(path)!r} cannot be read: {exc}",
+            "check the path and that it is a UTF-8 YAML file",
+        ) from None
     try:
+        duplicate = _duplicate_key(text)
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise RecipeError(f"recipe file {str(path)!r} is not valid YAML: {exc}", None) from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise RecipeError(
+            f"recipe file {str(path)!r} is not valid YAML{where}: {getattr(exc, 'problem', None) or exc}",
+            f"fix the YAML{where} (quote values that hold ':', '#' or brackets)",
+        ) from None
+    if duplicate:
+        key, first, second = duplicate
+        raise RecipeError(
+            f"{path}: {key} is written twice (lines {first} and {second}); YAML would keep the second "
+            "without a word",
+            f"delete one of the two {key.rsplit('.', 1)[-1]!r} lines",
+        )
     try:
         recipe = from_dict(raw, overrides)
     except RecipeError as exc:
@@ -745,16 +840,19 @@ HARMLESS_ON_RESUME = (
     "train.eval_steps",
     "train.report_to",
     "train.gradient_checkpointing",
+    "train.liger_kernel",
     "batch.micro_batch_size",
+    "batch.group_by_length",
+    "batch.padding_free",
     "parallel.",
     "checkpoint.",
     "model.attn_implementation",
-    "data.eval_path",
-    "data.eval_ratio",
     "data.num_proc",
 )
 """Keys that may change between a checkpoint and its resumption without changing the training
-(logging, node count, micro batch and thus accumulation, ...). Everything else must match."""
+(logging, node count, micro batch and thus accumulation, ...). Everything else must match: the
+evaluation split included (`data.eval_ratio` holds out the first rows, so changing it changes the
+training rows and their order)."""
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -10,6 +10,7 @@ the SLURM job builder and every rank call both through `tunefleet.launch.preflig
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,9 @@ class Start:
     checkpoint: str | None
     """The checkpoint a `resume` continues from."""
 
+    note: str | None = None
+    """Why the newest complete checkpoint was passed over (damaged), when it was."""
+
 
 def inspect_output_dir(path: Path) -> RunDirState:
     if not path.exists():
@@ -61,6 +65,50 @@ def inspect_output_dir(path: Path) -> RunDirState:
     checkpoint = str(newest) if newest else None
     foreign = bool(entries) and not (path / RESOLVED_RECIPE).exists() and not finished and checkpoint is None
     return RunDirState(True, finished, checkpoint, foreign)
+
+
+def check_output_location(recipe: Recipe) -> None:
+    """output_dir can be created and written, and is apart from the data: a run inside a data
+    directory would be read as data by every later run on it, and a run directory holding the data
+    would move it aside with `--overwrite`."""
+    out = Path(recipe.output_dir).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise RunDirError(
+            f"output_dir {str(out)!r} exists and is not a directory", "choose another output_dir"
+        )
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RunDirError(
+            f"output_dir {str(out)!r} is below {str(existing)!r}, which is a file, not a directory",
+            "choose an output_dir whose parents are directories",
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "output_dir" if existing == out else f"{str(existing)!r}, where output_dir would be created,"
+        raise RunDirError(
+            f"{what} {'' if existing != out else repr(str(out)) + ' '}is not writable by this user",
+            "choose a directory you can write to (or fix its permissions)",
+        )
+    for key in ("path", "eval_path"):
+        value = getattr(recipe.data, key)
+        if not value:
+            continue
+        data = Path(value).expanduser().absolute()
+        if not data.exists():
+            continue  # a dataset name, or a file the data loader will report
+        if data.is_dir() and (out == data or data in out.parents):
+            raise RunDirError(
+                f"output_dir {str(out)!r} is inside the data directory data.{key}={str(data)!r}: its "
+                "checkpoints and adapters would be read as data by every later run on that directory",
+                "put output_dir outside the data (e.g. runs/NAME next to it)",
+            )
+        if out in data.parents:
+            raise RunDirError(
+                f"output_dir {str(out)!r} holds data.{key}={str(data)!r}: --overwrite would move the data "
+                "aside with the old run",
+                "put output_dir outside the data (e.g. runs/NAME next to it)",
+            )
 
 
 def decide_start(path: Path, options: StartOptions) -> Start:
@@ -86,8 +134,29 @@ def decide_start(path: Path, options: StartOptions) -> Start:
                 f"output_dir {str(path)!r} holds an unfinished run with checkpoint {Path(state.checkpoint).name}",
                 "drop --no-resume to continue it, or pass --overwrite to start over (the old run is moved aside)",
             )
-        return Start("resume", state.checkpoint)
+        return _newest_undamaged(path)
     return Start("fresh", None)
+
+
+def _newest_undamaged(path: Path) -> Start:
+    """The newest complete checkpoint whose files match their checksums; a damaged newer one is
+    passed over, and said so."""
+    damaged: list[str] = []
+    for checkpoint in reversed(ckpt.complete_checkpoints(path)):
+        bad = ckpt.damaged_file(checkpoint)
+        if bad is None:
+            note = (
+                f"{'; '.join(damaged)}: continuing from {checkpoint.name}, the newest complete checkpoint "
+                "whose files match their checksums"
+                if damaged
+                else None
+            )
+            return Start("resume", str(checkpoint), note)
+        damaged.append(f"{checkpoint.name} is damaged ({bad} differs from the checksum in its manifest)")
+    raise RunDirError(
+        f"output_dir {str(path)!r}: every checkpoint is damaged: {'; '.join(damaged)}",
+        "restore the files from a backup, or start over with --overwrite (the old run is moved aside)",
+    )
 
 
 def _explicit_resume(path: Path, state: RunDirState, options: StartOptions) -> Start:
@@ -106,14 +175,39 @@ def _explicit_resume(path: Path, state: RunDirState, options: StartOptions) -> S
             f"output_dir {str(path)!r} already holds a finished run ({FINAL_DIR}/ exists)",
             "choose a new output_dir to continue from that checkpoint",
         )
+    bad = ckpt.damaged_file(Path(resume))
+    if bad is not None:
+        older = [
+            c
+            for c in ckpt.complete_checkpoints(Path(resume).parent)
+            if ckpt.step_of(c) < ckpt.step_of(Path(resume))
+        ]
+        raise RunDirError(
+            f"--resume {resume!r} is damaged: {bad} differs from the checksum in its manifest",
+            f"resume from an older complete checkpoint (--resume {older[-1]})"
+            if older
+            else "restore the checkpoint's files, or start over",
+        )
     return Start("resume", resume)
 
 
-def check_resume(checkpoint: str | Path, recipe: Recipe, batch: BatchPlan) -> list[str]:
+def check_resume(
+    checkpoint: str | Path, recipe: Recipe, batch: BatchPlan, data_fingerprint: str
+) -> list[str]:
     """The one resume check: refuse to continue `checkpoint` under a recipe that changes the
-    training, or with a strategy / world size that cannot read its files. Returns one line per
-    harmless change (world size, micro batch, logging, ...)."""
+    training, over data that changed since, or with a strategy / world size that cannot read its
+    files. Returns one line per harmless change (world size, micro batch, logging, ...)."""
     manifest = ckpt.read_manifest(Path(checkpoint))
+    saved = manifest.get("data_fingerprint")
+    if saved is not None and saved != data_fingerprint:
+        raise RunDirError(
+            f"the data changed since {Path(checkpoint).name} was written: data.path={recipe.data.path!r}"
+            + (f" / data.eval_path={recipe.data.eval_path!r}" if recipe.data.eval_path else "")
+            + f" no longer has the bytes it trained on (fingerprint {saved} -> {data_fingerprint}); resuming "
+            "would continue its sample order over other rows",
+            "restore the data the run started with, or start a new run on the new data (a new output_dir, "
+            "or --overwrite)",
+        )
     breaking, harmless = recipe_mod.resume_diff(manifest["recipe"], recipe)
     if breaking:  # every difference at once (the global batch among them)
         raise RunDirError(

@@ -1,0 +1,577 @@
+"""The catalogue of bad and unusual inputs: every one must end in ONE clear error (what was wrong,
+where, and a `fix:` line), exit code 2 from the command line, and nothing written that was not
+there before. No traceback, no silent acceptance.
+
+Each entry is (id, what to run, a fragment the message must contain). The commands run in this
+process through `tunefleet.launch.cli.main` (the real argument parsing, checks and messages; an
+unexpected exception fails the test with its traceback). Add an entry for every bug of this kind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from tunefleet.launch import cli
+
+DEMO = Path(str(resources.files("tunefleet.recipes"))) / "demo.yaml"
+DATA = DEMO.parent / "data" / "alpaca_demo.jsonl"
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    argv: Callable[[Path], list[str]]
+    """The command line (after `tunefleet`), given a fresh scratch directory."""
+    expect: str
+    """A fragment of the error message."""
+    setup: Callable[[Path], None] | None = None
+
+
+def recipe_file(tmp: Path, text: str) -> str:
+    path = tmp / "r.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+BASE_YAML = "output_dir: {out}\nmodel:\n  name_or_path: tunefleet:tiny-llama\ndata:\n  path: {data}\n"
+
+
+def yaml_recipe(extra: str) -> Callable[[Path], list[str]]:
+    return lambda t: ["plan", recipe_file(t, BASE_YAML.format(out=t / "run", data=DATA) + extra)]
+
+
+def plan(*sets: str) -> Callable[[Path], list[str]]:
+    return lambda t: [
+        "plan",
+        str(DEMO),
+        "--set",
+        f"output_dir={t / 'run'}",
+        *[a for s in sets for a in ("--set", s)],
+    ]
+
+
+def launch(*sets: str, nproc: int = 2, extra: tuple[str, ...] = ()) -> Callable[[Path], list[str]]:
+    return lambda t: [
+        "launch",
+        str(DEMO),
+        "--nproc",
+        str(nproc),
+        "--dry-run",
+        "--set",
+        f"output_dir={t / 'run'}",
+        *[a for s in sets for a in ("--set", s)],
+        *extra,
+    ]
+
+
+def train(*sets: str, extra: tuple[str, ...] = ()) -> Callable[[Path], list[str]]:
+    return lambda t: [
+        "train",
+        str(DEMO),
+        "--set",
+        f"output_dir={t / 'run'}",
+        *[a for s in sets for a in ("--set", s)],
+        *extra,
+    ]
+
+
+def slurm(*flags: str, sets: tuple[str, ...] = ()) -> Callable[[Path], list[str]]:
+    return lambda t: [
+        "slurm",
+        str(DEMO),
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "0",
+        "--time",
+        "00:30:00",
+        "--set",
+        f"output_dir={t / 'run'}",
+        *[a for s in sets for a in ("--set", s)],
+        *flags,
+    ]
+
+
+# ----------------------------------------------------------------------------- setups
+
+
+def finished_run(t: Path) -> None:
+    (t / "run" / "final").mkdir(parents=True)
+    (t / "run" / "recipe.yaml").write_text("# resolved recipe\n")
+
+
+def foreign_dir(t: Path) -> None:
+    (t / "run").mkdir()
+    (t / "run" / "notes.txt").write_text("mine")
+
+
+def checkpoint(t: Path, *, step: int = 2, **manifest: object) -> Path:
+    """A complete checkpoint as the trainer writes it, of the demo recipe run with `output_dir`."""
+    from tunefleet.launch.core import checkpoints as ckpt
+    from tunefleet.launch.core import recipe as R
+    from tunefleet.launch.core.data_identity import data_fingerprint
+
+    recipe = R.load(DEMO, [f"output_dir={t / 'run'}", "parallel.strategy=single", "batch.padding_free=false"])
+    run = t / "run"
+    run.mkdir(exist_ok=True)
+    (run / "recipe.yaml").write_text("# resolved recipe\n" + R.dump(recipe))
+    tmp = run / f".tmp-checkpoint-{step}"
+    tmp.mkdir()
+    (tmp / "adapter_model.safetensors").write_bytes(b"0123456789" * 10)
+    base = {
+        "recipe": R.to_dict(recipe),
+        "world_size": 1,
+        "strategy": "single",
+        "batch_plan": {
+            "global_batch_size": 16,
+            "world_size": 1,
+            "micro_batch_size": 8,
+            "grad_accum_steps": 2,
+        },
+        "data_fingerprint": data_fingerprint(recipe.data),
+        "step": step,
+        "samples_seen": step * 16,
+    }
+    ckpt.finalize(tmp, run / f"checkpoint-{step}", {**base, **manifest})
+    return run / f"checkpoint-{step}"
+
+
+def damaged_checkpoint(t: Path) -> None:
+    path = checkpoint(t)
+    (path / "adapter_model.safetensors").write_bytes(b"9876543210" * 10)  # same size, other bytes
+
+
+def changed_data(t: Path) -> None:
+    checkpoint(t, data_fingerprint="0000000000000000")
+
+
+def incomplete_checkpoint(t: Path) -> None:
+    path = checkpoint(t)
+    (path / "COMPLETE").unlink()
+
+
+def data_dir_with_run_inside(t: Path) -> None:
+    (t / "data").mkdir()
+    shutil.copy(DATA, t / "data" / "train.jsonl")
+
+
+def file_in_the_way(t: Path) -> None:
+    (t / "blocker").write_text("a file")
+
+
+def existing_script(t: Path) -> None:
+    (t / "job.sh").write_text("#!/bin/bash\necho my own job script\n")
+
+
+def not_a_run(t: Path) -> None:
+    (t / "somedir").mkdir()
+    (t / "somedir" / "x.txt").write_text("x")
+
+
+def nonempty_merge_out(t: Path) -> None:
+    (t / "merged").mkdir()
+    (t / "merged" / "keep.txt").write_text("x")
+
+
+CATALOGUE = [
+    # ------------------------------------------------------------------ the recipe and --set
+    Case("unknown key", plan("peft.rank=8"), "did you mean peft.r?"),
+    Case("other tools' key name", plan("train.learning_rate=1e-4"), "did you mean train.lr?"),
+    Case(
+        "HF batch size name",
+        plan("batch.per_device_train_batch_size=4"),
+        "did you mean batch.micro_batch_size?",
+    ),
+    Case(
+        "duplicate key",
+        yaml_recipe("train:\n  lr: 1e-4\n  epochs: 1\n  lr: 3e-4\n"),
+        "train.lr is written twice (lines",
+    ),
+    Case("# in a --set value", plan("output_dir=/runs/exp #3"), "as a comment"),
+    Case("negative seed", plan("train.seed=-1"), "train.seed: must be in"),
+    Case("rank 0", plan("peft.r=0"), "peft.r: must be > 0"),
+    Case("dropout 1", plan("peft.dropout=1"), "peft.dropout: must be in [0, 1)"),
+    Case("eval ratio 1.5", plan("data.eval_ratio=1.5"), "data.eval_ratio: must be in [0, 1)"),
+    Case(
+        "eval path and ratio",
+        plan("data.eval_ratio=0.1", f"data.eval_path={DATA}"),
+        "both data.eval_path and data.eval_ratio",
+    ),
+    Case("max_steps 0", plan("train.max_steps=0"), "train.max_steps: must be -1"),
+    Case("epochs 0", plan("train.epochs=0"), "train.epochs: must be > 0"),
+    Case("micro batch 0", plan("batch.micro_batch_size=0"), "batch.micro_batch_size: must be > 0"),
+    Case(
+        "global not a multiple of micro",
+        plan("batch.global_batch_size=10"),
+        "not a multiple of batch.micro_batch_size=8",
+    ),
+    Case(
+        "token budget not a multiple",
+        plan("batch.global_batch_tokens=1000"),
+        "is not a multiple of data.max_length=256",
+    ),
+    Case(
+        "token budget and samples disagree",
+        plan("batch.global_batch_tokens=4096", "batch.global_batch_size=32"),
+        "disagrees with batch.global_batch_tokens",
+    ),
+    Case("fsdp key without fsdp", plan("parallel.fsdp_version=1"), "only the fsdp strategies read it"),
+    Case("offload without sharding", plan("parallel.offload=optimizer"), "needs a sharding strategy"),
+    Case(
+        "ZeRO-2 param offload",
+        plan("parallel.strategy=deepspeed-zero2", "parallel.offload=optimizer+params"),
+        "ZeRO-2 does not partition parameters",
+    ),
+    Case(
+        "loftq on 4-bit", plan("peft.init=loftq", "model.quantization=nf4"), "loftq needs an unquantized base"
+    ),
+    Case(
+        "pissa on 4-bit",
+        plan("peft.init=pissa", "model.quantization=nf4"),
+        "pissa decomposes the base weights",
+    ),
+    Case("quantization typo", plan("model.quantization=nf5"), "did you mean 'nf4'"),
+    Case("precision fp8", plan("train.precision=fp8"), "train.precision: 'fp8' is not one of"),
+    Case(
+        "recipe is a list",
+        lambda t: ["plan", recipe_file(t, "- a\n- b\n")],
+        "a recipe is a mapping of sections",
+    ),
+    Case("recipe file missing", lambda t: ["plan", str(t / "nope.yaml")], "does not exist"),
+    Case("invalid YAML", lambda t: ["plan", recipe_file(t, "model: [unclosed\n")], "is not valid YAML"),
+    Case("--set without =", plan("train.lr"), "expected section.key=value"),
+    Case("--set bad key", plan("train..lr=1"), "is not a dotted key"),
+    Case("--set bad YAML", plan("train.lr=[1"), "the value is not valid YAML"),
+    Case("unknown tracker", plan("train.report_to=[neptune]"), "is not one of"),
+    Case("empty target list", plan("peft.target_modules=[]"), "peft.target_modules: is an empty list"),
+    Case("limit 0", plan("data.limit=0"), "data.limit: must be > 0"),
+    Case("max_length 0", plan("data.max_length=0"), "data.max_length: must be > 0"),
+    Case("keep_last 0", plan("checkpoint.keep_last=0"), "checkpoint.keep_last: must be >= 1"),
+    Case("empty output_dir", plan("output_dir="), "output_dir: is empty"),
+    Case("lr 0", plan("train.lr=0"), "train.lr: must be > 0"),
+    Case("unknown section", plan("trian.lr=1e-4"), "did you mean train"),
+    Case("wrong type", plan("peft.r=eight"), "peft.r: expected int"),
+    # ------------------------------------------------------------------ hardware and strategy (tunefleet launch)
+    Case(
+        "single on 2 processes",
+        launch("parallel.strategy=single"),
+        "`single` runs one process, but 2 were asked for",
+    ),
+    Case("FSDP1 on CPU", launch("parallel.strategy=fsdp", "parallel.fsdp_version=1"), "FSDP1 needs GPUs"),
+    Case(
+        "fsdp with a 4-bit base",
+        launch("parallel.strategy=fsdp", "model.quantization=nf4"),
+        "use parallel.strategy=fsdp-qlora",
+    ),
+    Case(
+        "fsdp-qlora without 4-bit",
+        launch("parallel.strategy=fsdp-qlora"),
+        "fsdp-qlora shards a bitsandbytes 4-bit base",
+    ),
+    Case(
+        "int8 under FSDP",
+        launch("parallel.strategy=fsdp-qlora", "model.quantization=int8"),
+        "fsdp-qlora shards a bitsandbytes 4-bit base",
+    ),
+    Case(
+        "paged 8-bit under FSDP-QLoRA",
+        launch("parallel.strategy=fsdp-qlora", "model.quantization=nf4", "train.optimizer=paged_adamw_8bit"),
+        "paged_adamw_8bit fails",
+    ),
+    Case(
+        "QDoRA under ZeRO-3",
+        launch("parallel.strategy=deepspeed-zero3", "model.quantization=nf4", "peft.method=dora"),
+        "DoRA on a 4-bit base crashes under ZeRO-3",
+    ),
+    Case(
+        "SGD with ZeRO offload",
+        launch("parallel.strategy=deepspeed-zero3", "parallel.offload=optimizer", "train.optimizer=sgd"),
+        "DeepSpeed's CPU Adam",
+    ),
+    Case(
+        "bitsandbytes on gpt-oss",
+        launch("model.name_or_path=openai/gpt-oss-20b", "model.quantization=nf4", nproc=1),
+        "ships MXFP4 weights",
+    ),
+    Case(
+        "flash attention on CPU",
+        launch("model.attn_implementation=flash_attention_2", nproc=1),
+        "is a CUDA kernel",
+    ),
+    Case(
+        "Liger on CPU", launch("train.liger_kernel=true", nproc=1), "Liger's Triton kernels need a CUDA GPU"
+    ),
+    Case("--nproc 0", launch(nproc=0), "at least 1 process"),
+    # ------------------------------------------------------------------ the output directory
+    Case(
+        "output_dir below a file",
+        train("output_dir={tmp}/blocker/run"),
+        "which is a file, not a directory",
+        file_in_the_way,
+    ),
+    Case(
+        "output_dir inside the data directory",
+        train("data.path={tmp}/data", "output_dir={tmp}/data/run"),
+        "inside the data directory",
+        data_dir_with_run_inside,
+    ),
+    Case(
+        "output_dir holds the data",
+        train("data.path={tmp}/data/train.jsonl", "output_dir={tmp}"),
+        "--overwrite would move the data",
+        data_dir_with_run_inside,
+    ),
+    Case(
+        "output_dir is a file",
+        train("output_dir={tmp}/blocker"),
+        "exists and is not a directory",
+        file_in_the_way,
+    ),
+    Case("finished run", train(), "already holds a finished run", finished_run),
+    Case("foreign directory", train(), "holds files that are not a tunefleet run", foreign_dir),
+    Case(
+        "--resume of an incomplete checkpoint",
+        train(extra=("--resume", "{tmp}/run/checkpoint-2")),
+        "is not a complete tunefleet checkpoint",
+        incomplete_checkpoint,
+    ),
+    Case(
+        "--resume with --overwrite",
+        train(extra=("--resume", "{tmp}/run/checkpoint-2", "--overwrite")),
+        "cannot be combined with --overwrite",
+        lambda t: checkpoint(t) and None,
+    ),
+    Case(
+        "--no-resume with a checkpoint",
+        train(extra=("--no-resume",)),
+        "holds an unfinished run",
+        lambda t: checkpoint(t) and None,
+    ),
+    Case(
+        "data changed under a run",
+        train("parallel.strategy=single", "batch.padding_free=false"),
+        "the data changed since checkpoint-2",
+        changed_data,
+    ),
+    Case(
+        "eval split changed on resume",
+        train("parallel.strategy=single", "batch.padding_free=false", "data.eval_ratio=0.1"),
+        "data.eval_ratio: 0.0 -> 0.1",
+        lambda t: checkpoint(t) and None,
+    ),
+    Case(
+        "damaged checkpoint, --resume",
+        train(
+            "parallel.strategy=single",
+            "batch.padding_free=false",
+            extra=("--resume", "{tmp}/run/checkpoint-2"),
+        ),
+        "is damaged: adapter_model.safetensors",
+        damaged_checkpoint,
+    ),
+    Case(
+        "every checkpoint damaged",
+        train("parallel.strategy=single", "batch.padding_free=false"),
+        "every checkpoint is damaged",
+        damaged_checkpoint,
+    ),
+    # ------------------------------------------------------------------ data
+    Case("missing data file", train("data.path={tmp}/missing.jsonl"), "does not exist"),
+    Case(
+        "malformed JSONL",
+        train("data.path={tmp}/bad.jsonl"),
+        "bad.jsonl:2: malformed JSON line",
+        lambda t: (t / "bad.jsonl").write_text('{"instruction": "a", "output": "b"}\n{oops}\n') and None,
+    ),
+    Case(
+        "missing alpaca field",
+        train("data.path={tmp}/d.jsonl"),
+        "needs the field 'instruction'",
+        lambda t: (t / "d.jsonl").write_text('{"question": "a", "answer": "b"}\n') and None,
+    ),
+    Case(
+        "empty data file",
+        train("data.path={tmp}/e.jsonl"),
+        "holds no rows",
+        lambda t: (t / "e.jsonl").write_text("\n") and None,
+    ),
+    Case(
+        "no assistant turn",
+        train("data.path={tmp}/c.jsonl", "data.format=messages"),
+        "has no assistant turn",
+        lambda t: (
+            (t / "c.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+            and None
+        ),
+    ),
+    Case("too little data", train("data.limit=4"), "fewer than one global batch"),
+    Case(
+        "unsupported file type",
+        train("data.path={tmp}/d.csv"),
+        "unsupported file type",
+        lambda t: (t / "d.csv").write_text("a,b\n") and None,
+    ),
+    # ------------------------------------------------------------------ tunefleet slurm
+    Case("--nodes 0", lambda t: [*slurm()(t)[:2], "--nodes", "0", *slurm()(t)[4:]], "nodes: must be >= 1"),
+    Case("--procs-per-node 0", slurm("--procs-per-node", "0"), "procs_per_node: must be >= 1"),
+    Case("--time 0", lambda t: [a if a != "00:30:00" else "0" for a in slurm()(t)], "time: '0' is zero"),
+    Case(
+        "--time garbage",
+        lambda t: [a if a != "00:30:00" else "soon" for a in slurm()(t)],
+        "is not a SLURM time limit",
+    ),
+    Case(
+        "--extra-sbatch=--output",
+        slurm("--extra-sbatch=--output=x.log"),
+        "the job log is <output_dir>/slurm-%j.out",
+    ),
+    Case("--extra-sbatch=--nodes", slurm("--extra-sbatch=--nodes=3"), "use tunefleet slurm's --nodes option"),
+    Case("secret in --env", slurm("--env", "HF_TOKEN=hf_abc"), "is a secret"),
+    Case(
+        "secret in --env-setup",
+        slurm("--env-setup", "export WANDB_API_KEY=abc123"),
+        "looks like it writes a secret",
+    ),
+    Case("partition with a space", slurm("--partition", "a b"), "cannot be written on an #SBATCH line"),
+    Case("--mem bogus", slurm("--mem", "lots"), "mem: 'lots' cannot be written"),
+    Case("--job-name with a space", slurm("--job-name", "my job"), "job_name: 'my job' cannot be written"),
+    Case("--out is a directory", slurm("--out", "{tmp}"), "which is a directory"),
+    Case(
+        "--out is someone's file",
+        slurm("--out", "{tmp}/job.sh"),
+        "was not written by tunefleet",
+        existing_script,
+    ),
+    Case("--out is the recipe", lambda t: [*slurm("--out", str(DEMO))(t)], "is an input of this run"),
+    Case("--env not NAME=VALUE", slurm("--env", "JUSTNAME"), "is not NAME=VALUE"),
+    Case(
+        "single on 2 nodes",
+        slurm("--nodes", "2", sets=("parallel.strategy=single",)),
+        "`single` runs one process",
+    ),
+    # ------------------------------------------------------------------ plan, status, merge, generate
+    Case(
+        "plan --model-config missing",
+        lambda t: ["plan", str(DEMO), "--model-config", str(t / "nope.json")],
+        "does not exist",
+    ),
+    Case(
+        "plan --gpu-memory-gib -4",
+        lambda t: ["plan", str(DEMO), "--gpu-memory-gib", "-4"],
+        "--gpu-memory-gib must be > 0",
+    ),
+    Case("plan --nodes 0", lambda t: ["plan", str(DEMO), "--nodes", "0"], "--nodes must be >= 1"),
+    Case(
+        "status of a directory that is not a run",
+        lambda t: ["status", str(t / "somedir")],
+        "is not a tunefleet run",
+        not_a_run,
+    ),
+    Case("status of a missing directory", lambda t: ["status", str(t / "nope")], "is not a directory"),
+    Case(
+        "merge into a non-empty directory",
+        lambda t: ["merge", str(t), "--out", str(t / "merged")],
+        "already exists and is not empty",
+        nonempty_merge_out,
+    ),
+    Case(
+        "merge of a directory that is not a run",
+        lambda t: ["merge", str(t / "somedir"), "--out", str(t / "m")],
+        "is neither a run directory",
+        not_a_run,
+    ),
+    Case("generate without prompts", lambda t: ["generate", str(t)], "no prompts given"),
+    Case(
+        "generate --batch-size 0",
+        lambda t: ["generate", str(t), "--prompt", "hi", "--batch-size", "0"],
+        "--batch-size and --max-new-tokens must be >= 1",
+    ),
+    Case(
+        "generate on a non-run",
+        lambda t: ["generate", str(t / "somedir"), "--prompt", "hi"],
+        "is neither a run directory",
+        not_a_run,
+    ),
+]
+
+
+def _expand(argv: list[str], tmp: Path) -> list[str]:
+    return [a.replace("{tmp}", str(tmp)) for a in argv]
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() if p.is_file() else b""
+        for p in sorted(root.rglob("*"))
+        if "__pycache__" not in p.parts
+    }
+
+
+@pytest.mark.parametrize("case", CATALOGUE, ids=[c.id for c in CATALOGUE])
+def test_bad_input_gives_one_clear_error(
+    case: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if case.setup is not None:
+        case.setup(tmp_path)
+    argv = _expand(case.argv(tmp_path), tmp_path)
+    before = _snapshot(tmp_path)
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, f"exit {code}, expected 2 (a refusal); stderr:\n{err}"
+    assert err.startswith("error: ") and case.expect in err, err
+    assert "\n  fix: " in err, f"no fix named:\n{err}"
+    assert "Traceback" not in err
+    assert _snapshot(tmp_path) == before, "a refused command changed the files"
+
+
+def test_the_catalogue_counts() -> None:
+    """How many inputs the catalogue tries (reported in the issue's closing note)."""
+    ids = [c.id for c in CATALOGUE]
+    assert len(ids) == len(set(ids)) and len(ids) >= 90
+
+
+def test_target_module_typo_is_refused_with_the_model_s_names(tiny_model_dir: Path) -> None:
+    """`[q_projj, v_proj]` used to train only v_proj (PEFT ignores a name that matches nothing when
+    another matches); every listed name must match, the model's linear names are listed."""
+    from transformers import AutoModelForCausalLM
+
+    from tunefleet.launch.core.errors import RecipeError
+    from tunefleet.launch.core.recipe import PeftConfig
+    from tunefleet.launch.params import check_module_names
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    check_module_names(
+        model, PeftConfig(target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens"])
+    )
+    with pytest.raises(RecipeError, match="'q_projj' matches no module") as err:
+        check_module_names(model, PeftConfig(target_modules=["q_projj", "v_proj"]))
+    assert "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in str(err.value)
+    with pytest.raises(RecipeError, match="peft.modules_to_save: 'embed_token' matches no module"):
+        check_module_names(model, PeftConfig(modules_to_save=["embed_token"]))
+
+
+def test_unwritable_output_directory_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """output_dir on a read-only filesystem (root may write anywhere else): refused before anything
+    starts, for a new run below it and for the directory itself."""
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(readonly)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only filesystem here: {mounted.stderr.decode().strip()}")
+    try:
+        for out in (readonly, readonly / "run"):
+            code = cli.main(["launch", str(DEMO), "--nproc", "1", "--dry-run", "--set", f"output_dir={out}"])
+            err = capsys.readouterr().err
+            assert code == 2 and "is not writable by this user" in err and "\n  fix: " in err, err
+    finally:
+        subprocess.run(["umount", str(readonly)], check=True)

@@ -1,0 +1,130 @@
+"""The checkpoint format (`launch/core/checkpoints.py`), fast and without training: finalize,
+completeness, checksums, cleanup and retention. (Real interrupted runs: tests/test_resume.py.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tunefleet.launch.core import checkpoints as ckpt
+from tunefleet.launch.core.args import StartOptions
+from tunefleet.launch.core.rundir import decide_start
+
+
+def write_checkpoint(run: Path, step: int, files: dict[str, bytes] | None = None) -> Path:
+    tmp = run / f"{ckpt.TMP_PREFIX}{step}"
+    tmp.mkdir(parents=True)
+    for rel, data in (
+        files or {"adapter_model.safetensors": b"w" * 100, "sub/optimizer.pt": b"o" * 50}
+    ).items():
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / rel).write_bytes(data)
+    final = run / f"{ckpt.PREFIX}{step}"
+    ckpt.finalize(tmp, final, {"step": step})
+    return final
+
+
+def test_finalize_writes_manifest_marker_and_renames(tmp_path: Path) -> None:
+    path = write_checkpoint(tmp_path, 3)
+    assert not (tmp_path / f"{ckpt.TMP_PREFIX}3").exists() and ckpt.is_complete(path)
+    manifest = ckpt.read_manifest(path)
+    assert manifest["step"] == 3
+    assert manifest["files"] == {"adapter_model.safetensors": 100, "sub/optimizer.pt": 50}
+    assert set(manifest["checksums"]) == set(manifest["files"]) and ckpt.damaged_file(path) is None
+
+
+def test_finalize_replaces_an_incomplete_leftover_but_never_a_complete_checkpoint(tmp_path: Path) -> None:
+    leftover = tmp_path / f"{ckpt.PREFIX}4"
+    leftover.mkdir()
+    (leftover / "adapter_model.safetensors").write_bytes(b"half")
+    path = write_checkpoint(tmp_path, 4)
+    assert ckpt.is_complete(path) and (path / "adapter_model.safetensors").read_bytes() == b"w" * 100
+    before = ckpt.read_manifest(path)
+    write_checkpoint(tmp_path, 4, {"adapter_model.safetensors": b"x" * 7})  # the same step again
+    assert ckpt.read_manifest(path) == before and not (tmp_path / f"{ckpt.TMP_PREFIX}4").exists()
+
+
+def test_a_checkpoint_without_marker_or_with_a_short_file_is_not_complete(tmp_path: Path) -> None:
+    a, b, c = (write_checkpoint(tmp_path, s) for s in (1, 2, 3))
+    (b / ckpt.COMPLETE).unlink()
+    (c / "sub" / "optimizer.pt").write_bytes(b"o" * 49)
+    assert [ckpt.is_complete(p) for p in (a, b, c)] == [True, False, False]
+    assert ckpt.latest(tmp_path) == a
+
+
+def test_same_size_corruption_is_found_by_the_checksum(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_checkpoint(tmp_path, 1)
+    (path / "sub" / "optimizer.pt").write_bytes(b"p" * 50)
+    assert ckpt.is_complete(path) and ckpt.damaged_file(path) == "sub/optimizer.pt"
+    # large files are checksummed by a sample (size, start, middle, end)
+    monkeypatch.setattr(ckpt, "FULL_CHECKSUM_BYTES", 64)
+    monkeypatch.setattr(ckpt, "SAMPLE_BYTES", 8)
+    big = write_checkpoint(tmp_path, 2, {"shard.bin": bytes(range(256)) * 4})
+    assert ckpt.read_manifest(big)["checksums"]["shard.bin"].startswith("sample:")
+    data = bytearray((big / "shard.bin").read_bytes())
+    data[-1] ^= 1  # in the sampled tail
+    (big / "shard.bin").write_bytes(bytes(data))
+    assert ckpt.damaged_file(big) == "shard.bin"
+
+
+def test_resume_passes_over_a_damaged_newest_checkpoint_and_says_so(tmp_path: Path) -> None:
+    for step in (1, 2, 3):
+        write_checkpoint(tmp_path, step)
+    (tmp_path / "recipe.yaml").write_text("# resolved recipe\n")
+    (tmp_path / f"{ckpt.PREFIX}3" / "adapter_model.safetensors").write_bytes(b"z" * 100)
+    start = decide_start(tmp_path, StartOptions())
+    assert start.mode == "resume" and Path(str(start.checkpoint)).name == "checkpoint-2"
+    assert start.note is not None and "checkpoint-3 is damaged (adapter_model.safetensors" in start.note
+
+
+def test_cleanup_removes_temporary_and_incomplete_only(tmp_path: Path) -> None:
+    done = write_checkpoint(tmp_path, 1)
+    broken = write_checkpoint(tmp_path, 2)
+    (broken / ckpt.COMPLETE).unlink()
+    (tmp_path / f"{ckpt.TMP_PREFIX}3").mkdir()
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    removed = sorted(p.name for p in ckpt.cleanup_incomplete(tmp_path))
+    assert removed == [f"{ckpt.TMP_PREFIX}3", f"{ckpt.PREFIX}2"]
+    assert (
+        sorted(p.name for p in tmp_path.iterdir()) == [f"{ckpt.PREFIX}1", "metrics.jsonl"] and done.exists()
+    )
+
+
+@pytest.mark.parametrize(
+    ("keep", "kept"), [(1, [5]), (2, [4, 5]), (3, [3, 4, 5]), (9, [1, 2, 3, 4, 5]), (None, [1, 2, 3, 4, 5])]
+)
+def test_retention_keeps_exactly_the_newest(tmp_path: Path, keep: int | None, kept: list[int]) -> None:
+    for step in range(1, 6):
+        write_checkpoint(tmp_path, step)
+    deleted = ckpt.apply_retention(tmp_path, keep)
+    assert sorted(ckpt.step_of(p) for p in deleted) == [s for s in range(1, 6) if s not in kept]
+    assert [ckpt.step_of(p) for p in ckpt.complete_checkpoints(tmp_path)] == kept
+
+
+def test_retention_counts_complete_checkpoints_only(tmp_path: Path) -> None:
+    for step in range(1, 4):
+        write_checkpoint(tmp_path, step)
+    (tmp_path / f"{ckpt.PREFIX}3" / ckpt.COMPLETE).unlink()  # the newest is not complete
+    ckpt.apply_retention(tmp_path, 1)
+    assert [ckpt.step_of(p) for p in ckpt.complete_checkpoints(tmp_path)] == [
+        2
+    ]  # the newest complete one stays
+
+
+def test_fsync_tree_skips_a_file_another_rank_renamed(tmp_path: Path, monkeypatch) -> None:
+    """Ranks share the checkpoint's temporary directory: a walk may list another rank's temporary
+    file just before that rank renames it."""
+    import os
+
+    (tmp_path / "adapter.safetensors").write_bytes(b"x")
+    real_walk = os.walk
+
+    def walk_listing_a_vanished_file(root):
+        for dirpath, dirs, names in real_walk(root):
+            yield dirpath, dirs, [*names, ".tmp-renamed-meanwhile"]
+
+    monkeypatch.setattr(os, "walk", walk_listing_a_vanished_file)
+    ckpt.fsync_tree(tmp_path)  # no FileNotFoundError
