@@ -279,9 +279,13 @@ class _Heartbeat:
         return lambda done: self(phase, done, total)
 
 
-def make_cache(recipe: Recipe, tokenizer: Any, *, show: bool = True) -> PreparedData:
+def make_cache(
+    recipe: Recipe, tokenizer: Any, *, show: bool = True, others_wait: bool = False
+) -> PreparedData:
     """The cache of this recipe: found, or made here (its time, processes and notes in `built`).
-    A failure is left in a `.failed` file next to the cache for the waiting ranks, then raised."""
+    On a failure, with `others_wait` (ranks of the same run waiting for it) the error is left in a
+    `.failed` file next to the cache for them; without, the directories made here are removed
+    again (a refused command leaves nothing behind). Then it is raised."""
     fp, inputs = fingerprint(recipe, tokenizer)
     path = cache_path(recipe, fp)
     found = load_cache(path)
@@ -289,11 +293,20 @@ def make_cache(recipe: Recipe, tokenizer: Any, *, show: bool = True) -> Prepared
         return found
     failed = _marker(path, "failed")
     failed.unlink(missing_ok=True)
+    made_dirs = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # deepest first
     started = time.monotonic()
     try:
         _build(recipe, tokenizer, fp, inputs, path, show=show)
     except Exception as exc:
-        atomic_write(failed, f"{type(exc).__name__}: {exc}")
+        _marker(path, "progress").unlink(missing_ok=True)
+        if others_wait:
+            atomic_write(failed, f"{type(exc).__name__}: {exc}")
+        else:
+            for directory in made_dirs:
+                try:
+                    directory.rmdir()
+                except OSError:  # not empty: something else is in it now
+                    break
         raise
     finally:
         _marker(path, "progress").unlink(missing_ok=True)
@@ -342,10 +355,14 @@ def wait_for_cache(recipe: Recipe, tokenizer: Any, *, poll_s: float = 0.5) -> Pr
         time.sleep(poll_s)
 
 
-def load_or_prepare(recipe: Recipe, tokenizer: Any, *, main: bool, show: bool = True) -> PreparedData:
+def load_or_prepare(
+    recipe: Recipe, tokenizer: Any, *, main: bool, world_size: int, show: bool = True
+) -> PreparedData:
     """What every rank of a run calls: the first rank finds or makes the cache, the others wait
     for it; all of them memory-map it."""
-    return make_cache(recipe, tokenizer, show=show) if main else wait_for_cache(recipe, tokenizer)
+    if main:
+        return make_cache(recipe, tokenizer, show=show, others_wait=world_size > 1)
+    return wait_for_cache(recipe, tokenizer)
 
 
 def keep_cache(moved: Path, out: Path) -> None:

@@ -132,7 +132,7 @@ def _load_data(recipe: Recipe, tokenizer: Any, rank: Rank) -> Any:
     matches, else made once here by rank 0 while the other ranks wait for it."""
     from tunefleet.distributed.prepare import load_or_prepare
 
-    data = load_or_prepare(recipe, tokenizer, main=rank.main, show=rank.main)
+    data = load_or_prepare(recipe, tokenizer, main=rank.main, world_size=rank.world_size, show=rank.main)
     if rank.main and data.built is None:
         print(f"tokenised data from the cache {data.cache_dir} (tunefleet prepare)", flush=True)
     elif rank.main:

@@ -496,7 +496,7 @@ def _rank(tmp_path: str, data: str, main: bool, queue) -> None:
     recipe = _recipe(Path(tmp_path), Path(data))
     tok = model_mod.load_tokenizer(model_mod.resolve_model_path(recipe.model), recipe.model)
     try:
-        got = prep.load_or_prepare(recipe, tok, main=main, show=False)
+        got = prep.load_or_prepare(recipe, tok, main=main, world_size=2, show=False)
         queue.put((main, got.built is not None, got.train.to_list()))
     except DataError as exc:
         queue.put((main, "error", str(exc)))

@@ -93,11 +93,11 @@ def test_trainer_loads_the_same_examples_from_the_cache(tmp_path: Path, tiny_mod
     out, data = tmp_path / "run", _data_copy(tmp_path)
     recipe = _recipe(out, data, "data.eval_ratio=0.25")
     tokenizer = model_mod.load_tokenizer(str(tiny_model_dir), recipe.model)
-    fresh = prep.load_or_prepare(recipe, tokenizer, main=True, show=False)
+    fresh = prep.load_or_prepare(recipe, tokenizer, main=True, world_size=2, show=False)
     assert fresh.built is not None and fresh.cache_dir.parent == out / prep.CACHE_DIR
     result = prep.prepare(recipe)
     assert result.hit and result.path == fresh.cache_dir
-    cached = prep.load_or_prepare(recipe, tokenizer, main=False)  # another rank: finds it at once
+    cached = prep.load_or_prepare(recipe, tokenizer, main=False, world_size=2)  # another rank: finds it at once
     assert cached.built is None and cached.fingerprint == fresh.fingerprint
     assert cached.train.to_list() == fresh.train.to_list()
     assert (
