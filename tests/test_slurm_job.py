@@ -97,7 +97,9 @@ def test_trainer_loads_the_same_examples_from_the_cache(tmp_path: Path, tiny_mod
     assert fresh.built is not None and fresh.cache_dir.parent == out / prep.CACHE_DIR
     result = prep.prepare(recipe)
     assert result.hit and result.path == fresh.cache_dir
-    cached = prep.load_or_prepare(recipe, tokenizer, main=False, world_size=2)  # another rank: finds it at once
+    cached = prep.load_or_prepare(
+        recipe, tokenizer, main=False, world_size=2
+    )  # another rank: finds it at once
     assert cached.built is None and cached.fingerprint == fresh.fingerprint
     assert cached.train.to_list() == fresh.train.to_list()
     assert (
