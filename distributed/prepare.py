@@ -1,21 +1,24 @@
-"""Tokenise a recipe's data once, before the distributed job starts (`tunefleet prepare RECIPE`).
+"""The tokenised data of a recipe, made once and memory-mapped by every rank.
 
-Without this, every rank of a job reads and tokenises the data itself at start-up; on a large
-dataset the ranks then reach the first collective minutes apart and time out. `prepare` writes
-the tokenised examples to `<output_dir>/.cache/tokenized-<fingerprint>/` (a `datasets` Arrow
-directory per split plus `meta.json`), and `tunefleet.distributed.sft` loads them, memory-mapped,
-whenever the same fingerprint finds a cache; otherwise it tokenises by itself as before.
+`tunefleet prepare RECIPE`, or else the first rank of a run, tokenises the data
+(`data.parallel.build`: batched, on several processes) into
+`<output_dir>/.cache/tokenized-<fingerprint>/` (Arrow shards per split plus `meta.json`); the
+other ranks wait for it (`wait_for_cache`) and every rank memory-maps it. A later run with the
+same inputs finds it (a cache hit).
 
 The fingerprint is a SHA-256 over
 - the data: every byte of `data.path` and `data.eval_path` (all files of a directory), or the
   dataset name and split for a `datasets` hub name (whose content is not hashed);
 - the tokenizer as loaded (the files `save_pretrained` writes, so a hub tokenizer, a local
   directory and the pad token tunefleet sets are all covered);
-- the recipe's `data` section (format, max_length, limit, eval split, ...);
+- the recipe's `data` section (format, max_length, limit, eval split, ...; not `num_proc`, which
+  does not change the tokens);
 - the tokenisation code itself (`distributed/data/`), so a change to the masking rebuilds it.
 
 The cache is written to a temporary directory and renamed into place (a reader sees a whole
 cache or none); older caches of the same output directory are deleted after a new one is complete.
+While the first rank tokenises, it keeps a progress file next to the cache up to date; a failure
+leaves a `.failed` file with its error, so the waiting ranks stop at once.
 """
 
 from __future__ import annotations
@@ -23,15 +26,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tunefleet.launch.core.data_identity import hash_data
-from tunefleet.launch.core.layout import CACHE_DIR, atomic_dir
+from tunefleet.launch.core.errors import DataError
+from tunefleet.launch.core.layout import CACHE_DIR, ENV_PREPARE_WAIT_S, atomic_dir, atomic_write
 from tunefleet.launch.core.recipe import Recipe
 
 CACHE_PREFIX = "tokenized-"
@@ -39,13 +44,22 @@ META_FILE = "meta.json"
 HEAD_ROWS = 16
 """Raw rows kept in the cache (the first of each split): what `samples.jsonl` prompts are made of."""
 
+HEAD_ROW_CHARS = 100_000
+"""A head row longer than this (as JSON) is not kept: meta.json stays small whatever the data."""
+
+WAIT_S = 1800.0
+"""How long the other ranks wait without a sign of progress (ENV_PREPARE_WAIT_S overrides it)."""
+
 _VOLATILE_TOKENIZER_KEYS = ("is_local", "local_files_only", "name_or_path", "cache_dir", "_commit_hash")
 """Keys `save_pretrained` writes that say where a tokenizer came from, not how it tokenises."""
+
+_NOT_IN_KEY = ("num_proc",)
+"""Data settings that do not change the tokens."""
 
 
 @dataclass
 class PreparedData:
-    """The tokenised data of a recipe, from the cache or tokenised here."""
+    """The tokenised data of a recipe, memory-mapped from its cache."""
 
     train: Any
     """`datasets.Dataset` of {input_ids, labels}."""
@@ -54,20 +68,23 @@ class PreparedData:
     """The same for the evaluation split, or None."""
 
     train_stats: dict[str, Any]
-    """`build_dataset` statistics of the training split (rows, examples, truncated, tokens, ...)."""
+    """What tokenising the training split kept, cut and dropped (`data.counts.Tally.to_dict()`)."""
 
     rows: list[dict]
-    """Raw training rows: all of them, or the first HEAD_ROWS when read from the cache."""
+    """The first raw training rows (HEAD_ROWS)."""
 
     eval_rows: list[dict]
-    """Raw evaluation rows, the same way."""
+    """The first raw evaluation rows."""
 
     eval_row_count: int
-    """Evaluation rows in total (eval_rows may be only the first ones)."""
+    """Evaluation rows in total (eval_rows are only the first ones)."""
 
     fingerprint: str
-    cache_dir: Path | None
-    """Where the data came from; None when tokenised in this process."""
+    cache_dir: Path
+    built: dict[str, Any] | None = None
+    """How this process made the cache (seconds, processes, notes), or None when it was found."""
+
+    eval_stats: dict[str, Any] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- the fingerprint
@@ -88,19 +105,34 @@ def _hash_tokenizer(h: Any, tokenizer: Any) -> None:
             h.update(path.name.encode() + b"\0" + data + b"\0")
 
 
-def fingerprint(recipe: Recipe, tokenizer: Any) -> tuple[str, dict[str, Any]]:
-    """The cache key of the tokenised data, and what went into it (written to meta.json)."""
+def _digests(recipe: Recipe) -> tuple[dict[str, str], dict[str, str], dict[str, Any]]:
+    """Everything in the key but the tokenizer: (digests, how the sources were hashed, the section)."""
     from tunefleet.distributed import data as data_mod
 
     d = recipe.data
     h = hashlib.sha256()
     sources = hash_data(h, d)
+    section = {k: v for k, v in dataclasses.asdict(d).items() if k not in _NOT_IN_KEY}
+    code = hashlib.sha256()
+    for path in sorted(Path(data_mod.__file__).parent.glob("*.py")):  # the tokenisation code itself
+        code.update(path.read_bytes())
+    digests = {
+        "data": h.hexdigest(),
+        "section": hashlib.sha256(json.dumps(section, sort_keys=True).encode()).hexdigest(),
+        "code": code.hexdigest(),
+    }
+    return digests, sources, section
+
+
+def fingerprint(recipe: Recipe, tokenizer: Any) -> tuple[str, dict[str, Any]]:
+    """The cache key of the tokenised data, and what went into it (written to meta.json)."""
+    digests, sources, section = _digests(recipe)
+    h = hashlib.sha256()
     _hash_tokenizer(h, tokenizer)
-    section = dataclasses.asdict(d)
-    h.update(json.dumps(section, sort_keys=True).encode())
-    for code in sorted(Path(data_mod.__file__).parent.glob("*.py")):  # the tokenisation code itself
-        h.update(code.read_bytes())
-    return h.hexdigest()[:16], {"sources": sources, "data": section}
+    digests["tokenizer"] = h.hexdigest()
+    key = hashlib.sha256("\0".join(digests[k] for k in sorted(digests)).encode()).hexdigest()[:16]
+    model = {"name_or_path": recipe.model.name_or_path, "revision": recipe.model.revision}
+    return key, {"sources": sources, "data": section, "digests": digests, "model": model}
 
 
 def cache_root(recipe: Recipe) -> Path:
@@ -111,52 +143,26 @@ def cache_path(recipe: Recipe, fp: str) -> Path:
     return cache_root(recipe) / f"{CACHE_PREFIX}{fp}"
 
 
-# ----------------------------------------------------------------------------- tokenising
+def _marker(path: Path, kind: str) -> Path:
+    return path.with_name(f".{path.name}.{kind}")
 
 
-def tokenize(recipe: Recipe, tokenizer: Any, fp: str) -> PreparedData:
-    """Read and tokenise the data in this process (what every rank did before the cache)."""
-    from datasets import Dataset
-
-    from tunefleet.distributed import data as data_mod
-
-    d = recipe.data
-    rows = data_mod.load_rows(d.path, split=d.split, limit=d.limit, what="data.path")
-    eval_rows: list[dict] = []
-    if d.eval_path:
-        eval_rows = data_mod.load_rows(d.eval_path, split=d.split, what="data.eval_path")
-    elif d.eval_ratio:
-        rows, eval_rows = data_mod.split_eval(rows, d.eval_ratio)
-    train, stats = data_mod.build_dataset(rows, cfg=d, tokenizer=tokenizer, where=d.path)
-    evaluation = None
-    if eval_rows:
-        examples, _ = data_mod.build_dataset(
-            eval_rows, cfg=d, tokenizer=tokenizer, where=d.eval_path or f"{d.path} (eval split)"
-        )
-        evaluation = Dataset.from_list(examples)
-    return PreparedData(
-        train=Dataset.from_list(train),
-        eval=evaluation,
-        train_stats=stats,
-        rows=rows,
-        eval_rows=eval_rows,
-        eval_row_count=len(eval_rows),
-        fingerprint=fp,
-        cache_dir=None,
-    )
+# ----------------------------------------------------------------------------- reading the cache
 
 
 def load_cache(path: Path) -> PreparedData | None:
-    """The cache at `path`, or None when there is none (a half-written one is never visible)."""
+    """The cache at `path`, memory-mapped, or None when there is none (a half-written one is
+    never visible)."""
     if not (path / META_FILE).is_file():
         return None
-    from datasets import load_from_disk
+    from tunefleet.distributed.data import parallel
 
     meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
     return PreparedData(
-        train=load_from_disk(str(path / "train")),
-        eval=load_from_disk(str(path / "eval")) if meta["eval_examples"] else None,
+        train=parallel.load(path / "train", meta["train_shards"]),
+        eval=parallel.load(path / "eval", meta["eval_shards"]) if meta["eval_shards"] else None,
         train_stats=meta["train_stats"],
+        eval_stats=meta["eval_stats"],
         rows=meta["head_rows"],
         eval_rows=meta["head_eval_rows"],
         eval_row_count=meta["eval_rows"],
@@ -165,38 +171,206 @@ def load_cache(path: Path) -> PreparedData | None:
     )
 
 
-def write_cache(prepared: PreparedData, path: Path, inputs: dict[str, Any]) -> Path:
-    """Write `prepared` to `path` atomically; delete the output directory's other caches."""
-    from datasets.utils.logging import disable_progress_bar
+def find_stats(recipe: Recipe) -> tuple[dict[str, Any], str] | None:
+    """The training split's counts from a cache of this output directory made from the same data
+    bytes, data settings, tokenisation code and model (by name: the tokenizer is not loaded), and
+    the cache's name; None when there is none. For `tunefleet plan`, which never loads a model."""
+    root = cache_root(recipe)
+    metas = sorted(root.glob(f"{CACHE_PREFIX}*/{META_FILE}")) if root.is_dir() else []
+    if not metas:
+        return None
+    digests, _, _ = _digests(recipe)
+    model = {"name_or_path": recipe.model.name_or_path, "revision": recipe.model.revision}
+    for path in metas:
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        same = all(meta.get("digests", {}).get(k) == v for k, v in digests.items())
+        if same and meta.get("model") == model:
+            return meta["train_stats"], path.parent.name
+    return None
 
-    disable_progress_bar()  # a progress bar per split in every job log says nothing
+
+# ----------------------------------------------------------------------------- making the cache
+
+
+def _head(rows: list[dict]) -> list[dict]:
+    return [r for r in rows[:HEAD_ROWS] if len(json.dumps(r, default=str)) <= HEAD_ROW_CHARS]
+
+
+def _build(
+    recipe: Recipe, tokenizer: Any, fp: str, inputs: dict[str, Any], path: Path, *, show: bool
+) -> None:
+    """Read and tokenise the data into the cache at `path` (atomically)."""
+    from tunefleet.distributed import data as data_mod
+    from tunefleet.distributed.data import parallel
+    from tunefleet.distributed.data.progress import RowProgress
+
+    started = time.monotonic()
+    d = recipe.data
+    beat = _Heartbeat(_marker(path, "progress"))
+    beat("reading the data")
+    rows = data_mod.load_rows(d.path, split=d.split, limit=d.limit, what="data.path")
+    eval_rows: list[dict] = []
+    if d.eval_path:
+        eval_rows = data_mod.load_rows(d.eval_path, split=d.split, what="data.eval_path")
+    elif d.eval_ratio:
+        rows, eval_rows = data_mod.split_eval(rows, d.eval_ratio)
+    splits = [("train", rows, d.path)]
+    if eval_rows:
+        splits.append(("eval", eval_rows, d.eval_path or f"{d.path} (eval split)"))
+    built: dict[str, parallel.Built] = {}
     with atomic_dir(path, first_wins=True) as tmp:  # a cache written meanwhile is as good as ours
-        prepared.train.save_to_disk(str(tmp / "train"))
-        if prepared.eval is not None:
-            prepared.eval.save_to_disk(str(tmp / "eval"))
+        for name, split_rows, where in splits:
+            display = RowProgress(len(split_rows), f"tokenising {name}") if show else None
+            built[name] = parallel.build(
+                split_rows,
+                cfg=d,
+                tokenizer=tokenizer,
+                where=where,
+                out_dir=tmp / name,
+                procs=parallel.default_procs(len(split_rows), d.num_proc),
+                display=display,
+                on_rows=beat.counter(f"tokenising {name}", len(split_rows)),
+            )
         meta = {
-            "fingerprint": prepared.fingerprint,
+            "fingerprint": fp,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "train_examples": len(prepared.train),
-            "eval_examples": len(prepared.eval) if prepared.eval is not None else 0,
-            "eval_rows": prepared.eval_row_count,
-            "train_stats": prepared.train_stats,
-            "head_rows": prepared.rows[:HEAD_ROWS],
-            "head_eval_rows": prepared.eval_rows[:HEAD_ROWS],
+            "seconds": round(time.monotonic() - started, 3),
+            "procs": built["train"].procs,
+            "notes": [n for b in built.values() for n in b.notes],
+            "train_shards": built["train"].shards,
+            "eval_shards": built["eval"].shards if "eval" in built else [],
+            "train_examples": built["train"].stats["examples"],
+            "eval_examples": built["eval"].stats["examples"] if "eval" in built else 0,
+            "eval_rows": len(eval_rows),
+            "train_stats": built["train"].stats,
+            "eval_stats": built["eval"].stats if "eval" in built else {},
+            "head_rows": _head(rows),
+            "head_eval_rows": _head(eval_rows),
             **inputs,
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=str) + "\n", encoding="utf-8")
-    for other in path.parent.iterdir():
-        if other != path and other.name.startswith((CACHE_PREFIX, f".{CACHE_PREFIX}")):
-            shutil.rmtree(other, ignore_errors=True)
-    return path
+    for other in path.parent.iterdir():  # superseded caches (and their leftovers), not this one's
+        if fp not in other.name and other.name.startswith((CACHE_PREFIX, f".{CACHE_PREFIX}")):
+            if other.is_dir():
+                shutil.rmtree(other, ignore_errors=True)
+            else:
+                other.unlink(missing_ok=True)
 
 
-def load_or_tokenize(recipe: Recipe, tokenizer: Any) -> PreparedData:
-    """What the trainer calls on every rank: the `tunefleet prepare` cache when it matches the
-    recipe, data and tokenizer, else the data tokenised here (nothing is written)."""
+class _Heartbeat:
+    """The progress file the waiting ranks watch (written at most once a second)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.last = path, 0.0
+
+    def __call__(self, phase: str, done: int = 0, total: int = 0) -> None:
+        now = time.monotonic()
+        if now - self.last >= 1.0 or done == total:
+            self.last = now
+            atomic_write(
+                self.path, json.dumps({"phase": phase, "rows_done": done, "rows": total, "pid": os.getpid()})
+            )
+
+    def counter(self, phase: str, total: int) -> Any:
+        """`on_rows` for one split: rows done -> a beat."""
+        return lambda done: self(phase, done, total)
+
+
+def make_cache(
+    recipe: Recipe, tokenizer: Any, *, show: bool = True, others_wait: bool = False
+) -> PreparedData:
+    """The cache of this recipe: found, or made here (its time, processes and notes in `built`).
+    On a failure, with `others_wait` (ranks of the same run waiting for it) the error is left in a
+    `.failed` file next to the cache for them; without, the directories made here are removed
+    again (a refused command leaves nothing behind). Then it is raised."""
+    fp, inputs = fingerprint(recipe, tokenizer)
+    path = cache_path(recipe, fp)
+    found = load_cache(path)
+    if found is not None:
+        return found
+    failed = _marker(path, "failed")
+    failed.unlink(missing_ok=True)
+    made_dirs = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # deepest first
+    started = time.monotonic()
+    try:
+        _build(recipe, tokenizer, fp, inputs, path, show=show)
+    except Exception as exc:
+        _marker(path, "progress").unlink(missing_ok=True)
+        if others_wait:
+            atomic_write(failed, f"{type(exc).__name__}: {exc}")
+        else:
+            for directory in made_dirs:
+                try:
+                    directory.rmdir()
+                except OSError:  # not empty: something else is in it now
+                    break
+        raise
+    finally:
+        _marker(path, "progress").unlink(missing_ok=True)
+    made = load_cache(path)
+    assert made is not None
+    meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+    made.built = {"seconds": time.monotonic() - started, "procs": meta["procs"], "notes": meta["notes"]}
+    return made
+
+
+def wait_for_cache(recipe: Recipe, tokenizer: Any, *, poll_s: float = 0.5) -> PreparedData:
+    """What every rank but the first does: wait until the first rank's cache is complete, then
+    memory-map it. DataError when the first rank failed, or showed no progress for
+    ENV_PREPARE_WAIT_S seconds."""
+    started_wall, started = time.time(), time.monotonic()  # before hashing: the first rank hashes too
     fp, _ = fingerprint(recipe, tokenizer)
-    return load_cache(cache_path(recipe, fp)) or tokenize(recipe, tokenizer, fp)
+    path = cache_path(recipe, fp)
+    limit_s = float(os.environ.get(ENV_PREPARE_WAIT_S, WAIT_S))
+    progress, failed = _marker(path, "progress"), _marker(path, "failed")
+    seen: Any = None
+    changed = started
+    while True:
+        found = load_cache(path)
+        if found is not None:
+            return found
+        # a failure of this launch's first rank (not one left by an earlier launch; 30 s for clocks)
+        if failed.is_file() and failed.stat().st_mtime >= started_wall - 30:
+            raise DataError(
+                f"the first rank could not tokenise the data: {failed.read_text(encoding='utf-8').strip()}",
+                "see the first rank's error above and fix it",
+            )
+        try:
+            stamp: Any = (progress.stat().st_mtime_ns, progress.read_text(encoding="utf-8"))
+        except OSError:
+            stamp = None
+        if stamp != seen:
+            seen, changed = stamp, time.monotonic()
+        if time.monotonic() - changed > limit_s:
+            raise DataError(
+                f"waited {time.monotonic() - started:.0f} s for the first rank to tokenise the data into "
+                f"{path}, {limit_s:.0f} s of them without any sign of progress",
+                f"run `tunefleet prepare RECIPE` before the job (every rank then reads its cache), check the "
+                f"first rank's log, or raise {ENV_PREPARE_WAIT_S}; on several machines, output_dir must be "
+                "on storage that all of them share",
+            )
+        time.sleep(poll_s)
+
+
+def load_or_prepare(
+    recipe: Recipe, tokenizer: Any, *, main: bool, world_size: int, show: bool = True
+) -> PreparedData:
+    """What every rank of a run calls: the first rank finds or makes the cache, the others wait
+    for it; all of them memory-map it."""
+    if main:
+        return make_cache(recipe, tokenizer, show=show, others_wait=world_size > 1)
+    return wait_for_cache(recipe, tokenizer)
+
+
+def keep_cache(moved: Path, out: Path) -> None:
+    """After `--overwrite` moved the old run aside: the tokenised data comes back (it is keyed by
+    its inputs, not by the run, and this run has it memory-mapped already)."""
+    if (moved / CACHE_DIR).is_dir() and not (out / CACHE_DIR).exists():
+        out.mkdir(parents=True, exist_ok=True)
+        (moved / CACHE_DIR).rename(out / CACHE_DIR)
 
 
 @dataclass(frozen=True)
@@ -207,24 +381,26 @@ class PrepareResult:
     train_examples: int
     eval_examples: int
     seconds: float
+    stats: dict[str, Any] = field(default_factory=dict)
+    """What tokenising the training split kept, cut and dropped."""
+    procs: int = 1
+    notes: list[str] = field(default_factory=list)
 
 
-def prepare(recipe: Recipe) -> PrepareResult:
+def prepare(recipe: Recipe, *, show: bool = True) -> PrepareResult:
     """`tunefleet prepare`: make sure the cache for this recipe exists; tokenise only if it does not."""
     from tunefleet.distributed import model as model_mod
 
     started = time.monotonic()
     tokenizer = model_mod.load_tokenizer(model_mod.resolve_model_path(recipe.model), recipe.model)
-    fp, inputs = fingerprint(recipe, tokenizer)
-    path = cache_path(recipe, fp)
-    found = load_cache(path)
-    if found is None:
-        found = tokenize(recipe, tokenizer, fp)
-        write_cache(found, path, inputs)
+    found = make_cache(recipe, tokenizer, show=show)
     return PrepareResult(
-        path=path,
-        hit=found.cache_dir is not None,
+        path=found.cache_dir,
+        hit=found.built is None,
         train_examples=len(found.train),
         eval_examples=len(found.eval) if found.eval is not None else 0,
         seconds=time.monotonic() - started,
+        stats=found.train_stats,
+        procs=found.built["procs"] if found.built else 0,
+        notes=found.built["notes"] if found.built else [],
     )

@@ -9,6 +9,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from tunefleet.launch import prep_report
 from tunefleet.launch.core.layout import FINAL_DIR, LOSS_PLOT, METRICS_FILE, read_jsonl
 from tunefleet.launch.params import describe_variants
 
@@ -212,6 +213,11 @@ def start_rows(
             f"{d.path} [{d.format}]: {data.train_stats['rows']} rows -> {len(data.train)} examples"
             + (f", {len(data.eval)} eval" if data.eval is not None else ""),
         ),
+        *prep_report.lines(data.train_stats, max_length=d.max_length, fmt=d.format),
+        *[
+            ("warning", w)
+            for w in prep_report.warnings(data.train_stats, max_length=d.max_length, fmt=d.format)
+        ],
         (
             "batch",
             f"micro {batch.micro_batch_size} x accum {batch.grad_accum_steps} x world "

@@ -132,12 +132,21 @@ def _preflight(recipe: Recipe, options: StartOptions, rank: Rank) -> Preflight:
 
 
 def _load_data(recipe: Recipe, tokenizer: Any, rank: Rank) -> Any:
-    """The tokenised data: the `tunefleet prepare` cache when it matches, else tokenised here."""
-    from tunefleet.distributed.prepare import load_or_tokenize
+    """The tokenised data, memory-mapped from the cache: the `tunefleet prepare` one when it
+    matches, else made once here by rank 0 while the other ranks wait for it."""
+    from tunefleet.distributed.prepare import load_or_prepare
 
-    data = load_or_tokenize(recipe, tokenizer)
-    if rank.main and data.cache_dir is not None:
+    data = load_or_prepare(recipe, tokenizer, main=rank.main, world_size=rank.world_size, show=rank.main)
+    if rank.main and data.built is None:
         print(f"tokenised data from the cache {data.cache_dir} (tunefleet prepare)", flush=True)
+    elif rank.main:
+        print(
+            f"tokenised {data.train_stats['rows']:,} rows into the cache {data.cache_dir} "
+            f"({data.built['procs']} process(es), {data.built['seconds']:.1f} s)",
+            flush=True,
+        )
+        for note in data.built["notes"]:
+            print(f"note: {note}", flush=True)
     return data
 
 
@@ -196,6 +205,7 @@ def run_plan(checked: Preflight, schedule: Schedule, data: Any, model_path: str)
         train_rows=len(data.train),
         eval_rows=data.eval_row_count,
         counted="examples",
+        prepared=data.train_stats,
     )
     return build_plan(
         checked.recipe,
@@ -285,13 +295,16 @@ def _join_world(rank: Rank) -> Any:
 def _prepare_run_dir(checked: Preflight, rank: Rank, dist: Any) -> None:
     """Rank 0 acts on the preflight's decision (move aside, resolved recipe, leftovers, metrics);
     then every rank checks that the directory is shared."""
+    from tunefleet.distributed.prepare import keep_cache
     from tunefleet.launch.core import checkpoints as ckpt
     from tunefleet.launch.core import rundir
 
     out, start = Path(checked.recipe.output_dir), checked.start
     if rank.main:
         if start.mode == "overwrite":
-            print(f"moved the previous run aside: {rundir.move_aside(out)}", flush=True)
+            moved = rundir.move_aside(out)
+            keep_cache(moved, out)  # the data this run has memory-mapped stays where it was
+            print(f"moved the previous run aside: {moved}", flush=True)
         out.mkdir(parents=True, exist_ok=True)
         if start.mode == "fresh":
             rundir.set_aside_metrics(out)  # an earlier attempt that never checkpointed

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunefleet.launch import command, compat
+from tunefleet.launch import command, compat, prep_report
 from tunefleet.launch.compat import BNB
 from tunefleet.launch.core import batch as batch_mod
 from tunefleet.launch.core.batch import BatchPlan, Schedule
@@ -54,13 +54,26 @@ class DataCounts:
     counted: str = "rows"
     """`rows` (counted before tokenisation, by `tunefleet plan`) or `examples` (by the trainer)."""
 
+    prepared: Mapping[str, Any] | None = None
+    """What tokenising the training split kept, cut and dropped (its counts, as `tunefleet prepare`
+    records them); None when the data has not been tokenised."""
+
     @classmethod
-    def from_rows(cls, rows: int, recipe: Recipe) -> DataCounts:
-        """Counts of a data file before tokenisation: data.limit first, then the hold-out."""
+    def from_rows(cls, rows: int, recipe: Recipe, prepared: Mapping[str, Any] | None = None) -> DataCounts:
+        """Counts of a data file: data.limit first, then the hold-out. With `prepared` (the counts
+        of the same rows tokenised), the training split is counted in examples, as a run counts it."""
         d = recipe.data
         train, held_out = batch_mod.split_rows(
             rows, limit=d.limit, eval_ratio=0 if d.eval_path else d.eval_ratio
         )
+        if prepared is not None and prepared.get("rows") == train:
+            return cls(
+                source_rows=rows,
+                train_rows=prepared["examples"],
+                eval_rows=held_out,
+                counted="examples",
+                prepared=prepared,
+            )
         return cls(source_rows=rows, train_rows=train, eval_rows=held_out)
 
 
@@ -80,6 +93,7 @@ def build_plan(
     procs_per_node: int = 1,
     dataset_rows: int | None = None,
     data: DataCounts | None = None,
+    prepared: Mapping[str, Any] | None = None,
     schedule: Schedule | None = None,
     model_config: Mapping[str, Any] | None,
     counts: Mapping[str, int] | None = None,
@@ -94,7 +108,8 @@ def build_plan(
     """Everything `tunefleet plan` shows, as a JSON-serialisable dict.
 
     The data: `data` (counts), or `dataset_rows` (rows of data.path before data.limit and the
-    evaluation hold-out), or neither (steps then come from train.max_steps alone). `schedule`: the
+    evaluation hold-out) with `prepared` (what tokenising it kept, cut and dropped, when known), or
+    neither (steps then come from train.max_steps alone). `schedule`: the
     schedule a run really trains with (the trainer passes it, so plan.json shows exactly what runs);
     by default it is derived from the data counts. `model_config`: the model's config.json (None:
     no parameter counts or memory). `counts`: precomputed `ParamCounts.to_dict()`; by default
@@ -111,7 +126,7 @@ def build_plan(
         )
     bp = _batch(draft, recipe, nodes=nodes, procs_per_node=procs_per_node, previous_batch=previous_batch)
     if data is None and dataset_rows is not None:
-        data = DataCounts.from_rows(dataset_rows, recipe)
+        data = DataCounts.from_rows(dataset_rows, recipe, prepared)
     schedule = _data_and_schedule(draft, recipe, bp, data, schedule)
     _learning_rate(draft, recipe, schedule)
     _warnings(draft, recipe, bp, model_config)
@@ -216,13 +231,23 @@ def _data_and_schedule(
         draft.notes.append(
             "rows are counted before tokenisation: examples that lose every answer token to "
             "truncation are dropped when training starts, which can lower the step counts"
+            + (
+                " (how many, and why, is known once the data is tokenised: `tunefleet prepare RECIPE`)"
+                if data.prepared is None
+                else ""
+            )
         )
+    prepared = None
+    if data is not None and data.prepared is not None:
+        prepared = prep_report.summary(data.prepared, max_length=d.max_length, fmt=d.format)
+        draft.warnings += prepared["warnings"]
     draft.plan.update(
         {
             "source_rows": data.source_rows if data else None,
             "dataset_rows": data.train_rows if data else None,
             "eval_rows": data.eval_rows if data else None,
             "data_counted": data.counted if data else None,
+            "data_preparation": prepared,
         }
     )
     if schedule is None and data is not None:
@@ -439,6 +464,15 @@ def _n(value: Any) -> str:
     return "?" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
 
 
+def _preparation_rows(prepared: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    if not prepared:
+        return []
+    lines = prep_report.lines(prepared["counts"], max_length=prepared["max_length"], fmt=prepared["format"])
+    return [("  tokenised", f"{prepared['rows']:,} rows -> {prepared['examples']:,} examples")] + [
+        (f"  {label}", text) for label, text in lines
+    ]
+
+
 def render_plan(plan: Mapping[str, Any]) -> str:
     """The plan as text for a terminal."""
     rows: list[tuple[str, str]] = [
@@ -455,6 +489,7 @@ def render_plan(plan: Mapping[str, Any]) -> str:
             f"{_n(plan['source_rows'])} rows -> {_n(plan['dataset_rows'])} for training"
             + (f", {plan['eval_rows']:,} held out" if plan.get("eval_rows") else ""),
         ),
+        *_preparation_rows(plan.get("data_preparation")),
         (
             "schedule",
             f"{_n(plan['steps_per_epoch'])} steps/epoch, {_n(plan['total_steps'])} steps in total "

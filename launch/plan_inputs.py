@@ -68,7 +68,13 @@ def count_dataset_rows(
         path = Path(base_dir) / path
     if not path.exists():
         if path.suffix.lower() in (".jsonl", ".json", ".parquet") or data.path.startswith((".", "/", "~")):
-            return None, f"data file {data.path!r} does not exist"
+            places = recipe_mod.data_path_places(data.path)
+            if base_dir is not None and not Path(data.path).expanduser().is_absolute():
+                places = [(Path(base_dir) / data.path, "next to the recipe")] + [
+                    p for p in places if p[1] != "next to the recipe"
+                ]
+            looked = " and ".join(f"{place} ({name})" for place, name in places)
+            return None, f"data file {data.path!r} does not exist (looked for {looked})"
         return None, f"{data.path!r} is not a local file (a Hub dataset is not read by the planner)"
     suffix = path.suffix.lower()
     try:
@@ -77,10 +83,10 @@ def count_dataset_rows(
 
             return len(load_rows(str(path), split=data.split)), None
         if suffix == ".jsonl":
-            with path.open(encoding="utf-8") as f:
+            with path.open(encoding="utf-8-sig") as f:
                 return sum(1 for line in f if line.strip()), None
         if suffix == ".json":
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not data
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError:  # JSON Lines named .json, as the trainer accepts
@@ -142,11 +148,20 @@ def make_plan(
     rows, why = count_dataset_rows(recipe.data, base_dir=Path(recipe_path).parent)
     if why:
         notes.append(f"dataset rows unknown: {why}")
+    prepared = None
+    if rows is not None:
+        from tunefleet.distributed.prepare import find_stats
+
+        found = find_stats(recipe)
+        if found is not None:
+            prepared = found[0]
+            notes.append(f"truncation and dropped rows as counted by `tunefleet prepare` (cache {found[1]})")
     return build_plan(
         recipe,
         nodes=nodes,
         procs_per_node=gpus_per_node,
         dataset_rows=rows,
+        prepared=prepared,
         model_config=model_config,
         recipe_path=recipe_path,
         overrides=overrides,

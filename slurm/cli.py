@@ -17,15 +17,25 @@ from tunefleet.launch.core.errors import TunefleetError
 
 def _prepare(args: argparse.Namespace) -> int:
     from tunefleet.distributed.prepare import prepare
+    from tunefleet.launch import prep_report
     from tunefleet.launch.core import recipe as recipe_mod
 
-    result = prepare(recipe_mod.load(args.recipe, args.overrides))
+    recipe = recipe_mod.load(args.recipe, args.overrides)
+    result = prepare(recipe)
     evaluation = f" + {result.eval_examples} eval" if result.eval_examples else ""
     what = "cache hit, nothing tokenised" if result.hit else "tokenised"
+    procs = "" if result.hit else f", {result.procs} process(es)"
     print(
-        f"{what}: {result.train_examples} training examples{evaluation} in {result.path} "
-        f"({result.seconds:.1f} s)"
+        f"{what}: {result.train_examples} training examples{evaluation} from {result.stats['rows']} rows "
+        f"in {result.path} ({result.seconds:.1f} s{procs})"
     )
+    d = recipe.data
+    for label, text in prep_report.lines(result.stats, max_length=d.max_length, fmt=d.format):
+        print(f"  {label}: {text}")
+    for note in result.notes:
+        print(f"note: {note}")
+    for warning in prep_report.warnings(result.stats, max_length=d.max_length, fmt=d.format):
+        print(f"warning: {warning}")
     return 0
 
 

@@ -733,3 +733,122 @@ def test_messages_from_system_user_assistant_columns() -> None:
     labelled = [t for t, lab in zip(ex["input_ids"], ex["labels"], strict=True) if lab != -100]
     assert tok.decode(labelled) == "Paris.<|eot_id|>"
     assert "Be brief." in tok.decode(ex["input_ids"])
+
+
+# ----------------------------------------------------------------------------- messages that say what is wrong
+
+
+def test_null_field_says_null_not_missing() -> None:
+    """`"output": null` is not a missing field, and the format is already right: say so."""
+    tok = make_tokenizer("llama3")
+    with pytest.raises(DataError) as info:
+        tok_ex({"instruction": "Say hi.", "input": "", "output": None}, "alpaca", tok)
+    assert "'output' is null in this row" in info.value.problem and "t.jsonl row 1" in info.value.problem
+    assert "data.format" not in info.value.fix and "'output'" in info.value.fix
+    with pytest.raises(DataError, match="'messages' is null in this row") as info:
+        tok_ex({"messages": None}, "messages", tok)
+    assert "data.format" not in info.value.fix
+
+
+def test_sharegpt_rows_name_messages_field_and_the_shape() -> None:
+    """ShareGPT rows with data.format=messages already set: not "set data.format=messages"."""
+    tok = make_tokenizer("llama3")
+    row = {"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]}
+    with pytest.raises(DataError) as info:
+        tok_ex(row, "messages", tok)
+    assert "'conversations' field holds ShareGPT turns (from/value)" in info.value.problem
+    assert "data.messages_field=conversations" in info.value.fix and "role/content" in info.value.fix
+    assert "data.format" not in info.value.fix
+    with pytest.raises(DataError, match="ShareGPT keys from/value") as info:
+        tok_ex(row, "messages", tok, messages_field="conversations")
+    assert "role/content" in info.value.fix
+    # role/content turns under another name: the field to set
+    with pytest.raises(DataError) as info:
+        tok_ex({"chat": conversation(1, False)}, "messages", tok)
+    assert info.value.fix == "set data.messages_field=chat"
+
+
+@pytest.mark.parametrize("name", ["bom.jsonl", "bom.json"])
+def test_utf8_byte_order_mark_is_accepted(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    body = "".join(json.dumps(r) + "\n" for r in ROWS) if name.endswith("l") else json.dumps(ROWS)
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    assert D.load_rows(str(path)) == ROWS
+
+
+def test_bom_counted_by_the_planner(tmp_path: Path) -> None:
+    from tunefleet.launch.plan_inputs import count_dataset_rows
+
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(ROWS).encode())
+    assert count_dataset_rows(DataConfig(path=str(path))) == (len(ROWS), None)
+
+
+def test_missing_relative_path_names_both_places(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relative data.path is looked for next to the recipe, then in the working directory: a
+    missing one names both, in that order."""
+    import yaml
+
+    from tunefleet.launch.core import recipe as R
+
+    recipe_dir, work = tmp_path / "recipes", tmp_path / "work"
+    recipe_dir.mkdir()
+    work.mkdir()
+    (recipe_dir / "r.yaml").write_text(
+        yaml.safe_dump(
+            {"output_dir": "o", "model": {"name_or_path": "m"}, "data": {"path": "data/gone.jsonl"}}
+        )
+    )
+    monkeypatch.chdir(work)
+    recipe = R.load(recipe_dir / "r.yaml")
+    with pytest.raises(DataError) as info:
+        D.load_rows(recipe.data.path)
+    text = info.value.problem
+    near, cwd = str(recipe_dir.resolve() / "data/gone.jsonl"), str(work / "data/gone.jsonl")
+    assert f"{near} (next to the recipe)" in text and f"{cwd} (the working directory)" in text
+    assert text.index(near) < text.index(cwd)
+
+
+def test_no_sequence_length_warning_while_tokenising() -> None:
+    """transformers' "Token indices sequence length is longer than ..." is noise here: tunefleet
+    truncates to data.max_length itself."""
+    import logging
+
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from tunefleet.distributed.demo_model import ensure_tiny_llama
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    handler, logger = Keep(), hf_logging.get_logger("transformers")
+    logger.addHandler(handler)
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()
+    try:
+        row = {"instruction": "Repeat.", "output": " ".join(WORDS * 20)}
+        tok = AutoTokenizer.from_pretrained(ensure_tiny_llama())  # model_max_length 1024
+        tok.encode(row["output"])  # the warning is live here (a test that can fail)
+        assert any("Token indices sequence length" in m for m in seen)
+        cfg = DataConfig(path="x", format="alpaca", max_length=2000)
+        for build in (D.build_dataset, _batched_dataset):
+            seen.clear()
+            tok = AutoTokenizer.from_pretrained(ensure_tiny_llama())  # warns once per tokenizer object
+            examples, stats = build([row], cfg=cfg, tokenizer=tok, where="long.jsonl")
+            assert stats["max_tokens"] > 1024 and stats["truncated"] == 0
+            assert not any("Token indices sequence length" in m for m in seen)
+    finally:
+        logger.removeHandler(handler)
+        hf_logging.set_verbosity(before)
+
+
+def _batched_dataset(rows, *, cfg, tokenizer, where):
+    from tunefleet.distributed.data.batched import Batcher
+    from tunefleet.distributed.data.counts import Tally
+
+    tally = Tally()
+    return Batcher(tokenizer, cfg).rows(rows, 1, where, tally), tally.to_dict()

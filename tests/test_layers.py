@@ -30,6 +30,7 @@ GENERATORS = {
     "tunefleet.launch.params",
     "tunefleet.launch.plan",
     "tunefleet.launch.preflight",
+    "tunefleet.launch.prep_report",
     "tunefleet.launch.templates",
     "tunefleet.slurm",
     "tunefleet.slurm.sbatch",
@@ -44,6 +45,20 @@ COMMAND_LINE = {
     "tunefleet.slurm.status",
     "tunefleet.slurm.submit",
 }
+
+
+DATA_LAYERS = {
+    "loading": 0,
+    "chat": 1,
+    "skeleton": 1,
+    "counts": 2,
+    "tokenization": 2,
+    "batched": 2,
+    "progress": 3,
+    "parallel": 3,
+}
+"""The layers inside the runtime's `distributed/data/` package: loading <- chat spans <-
+tokenization (the per-row reference, the counts, the batched path) <- the multi-process build."""
 
 
 def layer_of(module: str) -> str:
@@ -127,6 +142,21 @@ def test_no_import_cycles() -> None:
         if start not in state:
             visit(start, [start])
     assert cycles == []
+
+
+def test_the_data_package_keeps_its_layers() -> None:
+    """Inside distributed/data/: no module imports a higher one; every module has a layer."""
+    package = "tunefleet.distributed.data."
+    names = [m[len(package) :] for m in modules() if m.startswith(package)]
+    assert sorted(names) == sorted(DATA_LAYERS), "give the new module its layer in DATA_LAYERS"
+    upward = [
+        f"{a} imports {b}"
+        for a, b in sorted(import_edges())
+        if a.startswith(package)
+        and b.startswith(package)
+        and DATA_LAYERS[b[len(package) :]] > DATA_LAYERS[a[len(package) :]]
+    ]
+    assert upward == []
 
 
 def test_the_layer_test_sees_a_violation(monkeypatch: pytest.MonkeyPatch) -> None:

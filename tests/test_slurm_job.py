@@ -85,22 +85,31 @@ def test_fingerprint_covers_the_tokenizer(tmp_path: Path, tiny_model_dir: Path) 
 
 
 def test_trainer_loads_the_same_examples_from_the_cache(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A run's first rank makes the cache when there is none; `tunefleet prepare` then finds it,
+    and the examples are those of the per-row reference."""
+    from tunefleet.distributed import data as data_mod
     from tunefleet.distributed import model as model_mod
 
     out, data = tmp_path / "run", _data_copy(tmp_path)
     recipe = _recipe(out, data, "data.eval_ratio=0.25")
     tokenizer = model_mod.load_tokenizer(str(tiny_model_dir), recipe.model)
-    fresh = prep.load_or_tokenize(recipe, tokenizer)
-    assert fresh.cache_dir is None and not (out / prep.CACHE_DIR).exists()  # nothing written
+    fresh = prep.load_or_prepare(recipe, tokenizer, main=True, world_size=2, show=False)
+    assert fresh.built is not None and fresh.cache_dir.parent == out / prep.CACHE_DIR
     result = prep.prepare(recipe)
-    cached = prep.load_or_tokenize(recipe, tokenizer)
-    assert cached.cache_dir == result.path and cached.fingerprint == fresh.fingerprint
+    assert result.hit and result.path == fresh.cache_dir
+    cached = prep.load_or_prepare(
+        recipe, tokenizer, main=False, world_size=2
+    )  # another rank: finds it at once
+    assert cached.built is None and cached.fingerprint == fresh.fingerprint
     assert cached.train.to_list() == fresh.train.to_list()
     assert (
         cached.eval.to_list() == fresh.eval.to_list() and cached.eval_row_count == fresh.eval_row_count == 6
     )
     assert cached.train_stats == fresh.train_stats
-    assert cached.rows == fresh.rows[: prep.HEAD_ROWS] and cached.eval_rows == fresh.eval_rows
+    rows = data_mod.load_rows(str(data))
+    reference, stats = data_mod.build_dataset(rows[6:], cfg=recipe.data, tokenizer=tokenizer, where="x")
+    assert fresh.train.to_list() == reference and fresh.train_stats == stats
+    assert cached.rows == rows[6:][: prep.HEAD_ROWS] and cached.eval_rows == rows[:6]
 
 
 @pytest.mark.slow

@@ -1,7 +1,15 @@
 """Training data: load rows, render them in one of four formats, tokenise with answer-only labels.
 
-Three layers, each a module: `loading` (data sources to rows, the evaluation hold-out), `chat`
-(chat-template rendering and assistant-answer spans) and `tokenization` (rows to ids and labels).
+Three layers (`tests/test_layers.py` checks that each module imports only its own layer and those
+below):
+
+1. `loading` (data sources to rows, the evaluation hold-out);
+2. `chat` (chat-template rendering and assistant-answer spans, the reference) and `skeleton`
+   (the same spans with one template run per conversation);
+3. `tokenization` (rows to ids and labels, the per-row reference), `counts` (what was kept, cut
+   and dropped), `batched` (the same ids and labels for many rows at once), then on top
+   `parallel` (a split on several processes into Arrow shards) and `progress` (its display).
+
 `datasets`, `pyarrow` and `transformers` are imported only inside the functions that need them,
 so importing this package is cheap.
 
@@ -18,7 +26,8 @@ Formats (``data.format``):
 
 How the answer tokens are found: every format is reduced to a rendered string plus the
 character spans that are trained on (:func:`chat.messages_spans` for chat templates). The string
-is then tokenised piece by piece at the span boundaries (:func:`tokenization.encode_pieces`): each piece is
+is then tokenised piece by piece at the span boundaries (:func:`tokenization.encode_pieces`;
+`batched.Encoder.pieces` computes the same for many rows at once): each piece is
 the tail of the tokenisation of the whole text up to its end when that is a prefix-extension of
 what came before (so, in the usual case, the ids are exactly the tokenisation of the full text),
 and is tokenised on its own when a token would straddle the boundary. The labelled tokens

@@ -90,7 +90,48 @@ def chat_template(tokenizer: Any) -> str:
     return template
 
 
-def messages_spans(tokenizer: Any, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
+class Renderings:
+    """The renderings of one conversation that the answer-span rule compares, each made by the
+    chat template (the reference). `skeleton.SkeletonRenderings` gives the same strings without
+    running the template once per turn."""
+
+    def __init__(self, tokenizer: Any, messages: list[dict], where: str) -> None:
+        self.tokenizer, self.messages, self.where = tokenizer, messages, where
+
+    def full(self) -> str:
+        """The whole conversation, without a generation prompt."""
+        return render(self.tokenizer, self.messages, self.where, add_generation_prompt=False)
+
+    def before(self, i: int) -> str:
+        """The turns before turn `i`, with the generation prompt."""
+        return render(self.tokenizer, self.messages[:i], self.where, add_generation_prompt=True)
+
+    def upto(self, i: int) -> str:
+        """The turns up to and including turn `i`."""
+        return render(self.tokenizer, self.messages[: i + 1], self.where, add_generation_prompt=False)
+
+    def generation(self) -> tuple[str, list[tuple[int, int]]] | None:
+        """The whole conversation rendered with the character spans of its ``{% generation %}``
+        blocks, untrimmed; None when transformers cannot say."""
+        try:
+            from transformers.utils.chat_template_utils import render_jinja_template
+
+            out: Any = render_jinja_template(  # (rendered texts, generation char spans per text)
+                conversations=[self.messages],
+                chat_template=chat_template(self.tokenizer),
+                return_assistant_tokens_mask=True,
+                add_generation_prompt=False,
+                **self.tokenizer.special_tokens_map,
+            )
+            rendered, indices = out
+        except Exception:  # noqa: BLE001 — internal API: fall back to the content search
+            return None
+        return rendered[0], [(int(a), int(b)) for a, b in indices[0]]
+
+
+def messages_spans(
+    tokenizer: Any, messages: list[dict], where: str, renderings: Renderings | None = None
+) -> tuple[str, list[tuple[int, int]]]:
     """Render a conversation and find the character span of each assistant answer: what the
     model writes after the generation prompt, up to and including the end-of-turn text the
     template puts after the content (e.g. ``<|eot_id|>``, ``<|im_end|>``), without the
@@ -111,15 +152,17 @@ def messages_spans(tokenizer: Any, messages: list[dict], where: str) -> tuple[st
        followed by the end-of-turn text, found the same way as in 1.
 
     2 and 3 serve templates that re-render an answer once later turns follow (Qwen3 gives only
-    the final answer a think block). If all fail: DataError.
+    the final answer a think block). If all fail: DataError. `renderings` supplies the renderings
+    (by default the template makes each: 2 per assistant turn).
     """
-    full = render(tokenizer, messages, where, add_generation_prompt=False)
+    r = renderings or Renderings(tokenizer, messages, where)
+    full = r.full()
     assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     spans: list[tuple[int, int] | None] = []
     uptos: dict[int, str] = {}
     for i in assistant:
-        before = render(tokenizer, messages[:i], where, add_generation_prompt=True)
-        upto = uptos[i] = render(tokenizer, messages[: i + 1], where, add_generation_prompt=False)
+        before = r.before(i)
+        upto = uptos[i] = r.upto(i)
         span = None
         if upto.startswith(before) and full.startswith(before):
             start = len(before)
@@ -131,7 +174,7 @@ def messages_spans(tokenizer: Any, messages: list[dict], where: str) -> tuple[st
         return full, spans  # type: ignore[return-value]
     template = chat_template(tokenizer)
     if _GENERATION_RE.search(template):
-        marked = _generation_spans(tokenizer, template, messages, full)
+        marked = _generation_spans(r.generation(), full)
         if marked is not None and len(marked) == len(assistant):
             spans = [
                 span
@@ -170,11 +213,7 @@ def _turn_end(tokenizer: Any, full: str, pos: int, other: str, other_pos: int) -
     `full` (gpt-oss's ``<|end|>`` where the final turn has ``<|return|>``, GLM's next-turn
     ``<|user|>``), the span takes it: the model must learn to stop.
     """
-    n = 0
-    limit = min(len(full) - pos, len(other) - other_pos)
-    while n < limit and full[pos + n] == other[other_pos + n]:
-        n += 1
-    end = pos + n
+    end = pos + _agreement(full, pos, other, other_pos)
     pattern, longest = _added_tokens_pattern(tokenizer)
     if pattern is not None and end < len(full):
         for m in pattern.finditer(full, max(pos, end - longest + 1), min(len(full), end + longest)):
@@ -193,6 +232,19 @@ def _turn_end(tokenizer: Any, full: str, pos: int, other: str, other_pos: int) -
             if following is not None:
                 end = following.end()
     return end
+
+
+def _agreement(a: str, a_pos: int, b: str, b_pos: int) -> int:
+    """How many characters `a` from `a_pos` and `b` from `b_pos` have in common at their start
+    (a binary search over slice compares: a long answer costs a few compares, not a Python loop)."""
+    lo, hi = 0, min(len(a) - a_pos, len(b) - b_pos)  # a[..lo] agree; a[..hi + 1] do not
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[a_pos + lo : a_pos + mid] == b[b_pos + lo : b_pos + mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 _ADDED_TOKENS_CACHE: dict[int, tuple[Any, Any, int]] = {}
@@ -220,25 +272,12 @@ def _added_tokens_pattern(tokenizer: Any) -> tuple[re.Pattern | None, int]:
     return pattern, longest
 
 
-def _generation_spans(tokenizer: Any, template: str, messages: list[dict], full: str) -> list | None:
+def _generation_spans(generation: tuple[str, list[tuple[int, int]]] | None, full: str) -> list | None:
     """Character spans of the template's ``{% generation %}`` blocks, whitespace-trimmed."""
-    try:
-        from transformers.utils.chat_template_utils import render_jinja_template
-
-        out: Any = render_jinja_template(  # (rendered texts, generation char spans per text)
-            conversations=[messages],
-            chat_template=template,
-            return_assistant_tokens_mask=True,
-            add_generation_prompt=False,
-            **tokenizer.special_tokens_map,
-        )
-        rendered, indices = out
-    except Exception:  # noqa: BLE001 — internal API: fall back to the content search
-        return None
-    if rendered[0] != full:
+    if generation is None or generation[0] != full:
         return None
     spans = []
-    for start, end in indices[0]:
+    for start, end in generation[1]:
         text = full[start:end]
         start += len(text) - len(text.lstrip())
         end -= len(text) - len(text.rstrip())

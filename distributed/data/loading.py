@@ -14,6 +14,7 @@ from typing import Any
 
 from tunefleet.launch.core.batch import held_out_rows
 from tunefleet.launch.core.errors import DataError
+from tunefleet.launch.core.recipe import data_path_places
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 """File types read from local files and from directories of data files."""
@@ -46,8 +47,9 @@ def load_rows(
     elif local.exists():
         raise DataError(f"{what}: {text!r} is neither a file nor a directory", f"point {what} at a data file")
     elif _looks_like_path(text):
+        looked = " and ".join(f"{place} ({name})" for place, name in data_path_places(text))
         raise DataError(
-            f"{what}: data file {text!r} does not exist (relative paths are read from {os.getcwd()})",
+            f"{what}: data file {text!r} does not exist (looked for {looked})",
             f"fix {what}: give the path of a {'/'.join(DATA_SUFFIXES)} file or a dataset directory",
         )
     else:
@@ -81,8 +83,8 @@ def _read_file(path: Path, *, limit: int | None, what: str) -> list[dict]:
 
 
 def _open_text(path: Path, what: str) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
+    try:  # utf-8-sig: a byte-order mark that some editors write at the start is not data
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(
             f"{what}: {str(path)!r} is not UTF-8 text (byte {exc.start}: {exc.reason})",
@@ -248,7 +250,8 @@ def _read_hub(name: str, *, split: str, limit: int | None, what: str) -> list[di
         raise DataError(
             f"{what}: {name!r} is not a local file or directory, and the dataset could not be "
             f"found locally or on the Hub ({type(exc).__name__}: {first_line(exc)})",
-            f"check {what} (relative paths are read from {os.getcwd()}) and data.split; offline, "
+            f"check {what} (a relative path is looked for next to the recipe, then in {os.getcwd()}) "
+            "and data.split; offline, "
             "point it at a local .jsonl/.parquet file or a save_to_disk directory",
         ) from None
     if isinstance(ds, datasets.DatasetDict):  # pragma: no cover — split= was given

@@ -14,6 +14,10 @@ class TunefleetError(Exception):
         self.fix = fix
         super().__init__(problem if fix is None else f"{problem}\n  fix: {fix}")
 
+    def __reduce__(self) -> tuple:
+        # pickled whole (problem and fix apart) when a worker process raises it to its parent
+        return (type(self), (self.problem, self.fix))
+
 
 class RecipeError(TunefleetError):
     """The recipe (YAML or --set overrides) is invalid."""

@@ -44,7 +44,7 @@ SLURM_JOB_FILE = "slurm-job.json"
 
 TRACKING_FILE = "tracking.json"
 CACHE_DIR = ".cache"
-"""Tokenised data written by `tunefleet prepare` (safe to delete)."""
+"""Tokenised data written by `tunefleet prepare` or the first rank of a run (safe to delete)."""
 
 # ----------------------------------------------------------------------------- exit codes
 
@@ -68,6 +68,10 @@ ENV_WORLD_SIZE = "TUNEFLEET_WORLD_SIZE"
 ENV_NUM_MACHINES = "TUNEFLEET_NUM_MACHINES"
 ENV_STRATEGY = "TUNEFLEET_STRATEGY"
 ENV_USE_CPU = "TUNEFLEET_USE_CPU"
+
+ENV_PREPARE_WAIT_S = "TUNEFLEET_PREPARE_WAIT_S"
+"""Seconds the other ranks wait without a sign of progress while the first rank tokenises the data
+into the cache (default 1800)."""
 
 
 # ----------------------------------------------------------------------------- writing

@@ -197,6 +197,12 @@ class DataConfig:
     """Train on the answer tokens only (assistant turns / completion / alpaca response):
     prompt tokens get label -100. Ignored for the `text` format."""
 
+    num_proc: int | None = None
+    """Processes that tokenise the data (`tunefleet prepare`, or the first rank of a run that finds
+    no prepared data). None: one per CPU core this process may use (at most 32), fewer for small
+    datasets; 1 tokenises in the main process. Several need Linux (forked workers; elsewhere 1). The
+    tokens are the same for every value, so it is not part of the cache key and may change on resume."""
+
 
 @dataclass(kw_only=True, slots=True)
 class TrainConfig:
@@ -754,6 +760,12 @@ def _validate_data(d: DataConfig) -> None:
         f"must be > 0, got {d.limit}",
         "drop it or use a positive count",
     )
+    _check(
+        d.num_proc is None or d.num_proc >= 1,
+        "data.num_proc",
+        f"must be >= 1 or null, got {d.num_proc}",
+        "drop it (one process per CPU core) or use e.g. 4",
+    )
 
 
 def _validate_train(t: TrainConfig) -> None:
@@ -956,15 +968,37 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return _resolve_data_paths(recipe, path.resolve().parent)
 
 
+_LOOKED_UP_NEXT_TO: dict[str, Path] = {}
+"""Relative data paths this process looked up next to a recipe without finding them there, with
+that recipe's directory: the error that reports a missing data file then names both places."""
+
+
 def _resolve_data_paths(recipe: Recipe, base: Path) -> Recipe:
     """Relative data paths that exist next to the recipe file are made absolute (anything else is
     left as written: a path relative to the working directory, or a dataset name)."""
     d = recipe.data
     for name in ("path", "eval_path"):
         value = getattr(d, name)
-        if value and not Path(value).is_absolute() and (base / value).exists():
+        if not value or Path(value).expanduser().is_absolute() or value.startswith("~"):
+            continue
+        if (base / value).exists():
             setattr(d, name, str((base / value).resolve()))
+        else:
+            _LOOKED_UP_NEXT_TO[value] = base
     return recipe
+
+
+def data_path_places(value: str) -> list[tuple[Path, str]]:
+    """Where a data path is looked for, in order, each with its name: an absolute path is itself; a
+    relative one is looked for next to the recipe (when it came from a recipe file), then in the
+    working directory."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return [(path, "as written")]
+    places = []
+    if value in _LOOKED_UP_NEXT_TO:
+        places.append((_LOOKED_UP_NEXT_TO[value] / path, "next to the recipe"))
+    return [*places, (Path.cwd() / path, "the working directory")]
 
 
 def to_dict(recipe: Recipe) -> dict[str, Any]:
@@ -990,6 +1024,7 @@ HARMLESS_ON_RESUME = (
     "parallel.",
     "checkpoint.",
     "model.attn_implementation",
+    "data.num_proc",
 )
 """Keys that may change between a checkpoint and its resumption without changing the training
 (logging, node count, micro batch and thus accumulation, ...). Everything else must match: the
