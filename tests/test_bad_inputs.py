@@ -321,11 +321,13 @@ CATALOGUE = [
         "aLoRA invocation not in the prompts",
         train("peft.alora_invocation='Response:'"),
         "does not occur before the first trained token in 136 of 136 training examples",
+        keeps="run/.cache",  # checked on the tokenised examples: the cache stays for the fixed rerun
     ),
     Case(
         "EVA without enough tokens per micro batch",
         train("peft.init=eva", "peft.r=256"),
         "EVA's SVD needs micro batches of at least 512 trained tokens",
+        keeps="run/.cache",  # checked on the tokenised examples: the cache stays for the fixed rerun
     ),
     Case(
         "merge of an Activated LoRA run",
