@@ -48,7 +48,7 @@ def make_sampler(rows: int, *, global_: int, micro: int, world: int, rank: int) 
         dataset_rows=rows, global_batch_size=global_, epochs=1, max_steps=-1, warmup_ratio=0
     )
     return GlobalBatchSampler(
-        rows, batch=batch, steps_per_epoch=schedule.steps_per_epoch, rank=rank, seed=SEED
+        [rows], batch=batch, steps_per_epoch=schedule.steps_per_epoch, rank=rank, seed=SEED
     )
 
 
@@ -210,12 +210,12 @@ def test_seek_to_a_later_epoch_matches_that_epoch() -> None:
 
 def test_a_schedule_that_does_not_fit_the_rows_is_refused() -> None:
     batch = plan_batch(micro_batch_size=2, global_batch_size=8, max_length=8, world_size=2)
-    GlobalBatchSampler(100, batch=batch, steps_per_epoch=12, rank=1, seed=SEED)  # 96 of 100 rows
+    GlobalBatchSampler([100], batch=batch, steps_per_epoch=12, rank=1, seed=SEED)  # 96 of 100 rows
     for steps in (11, 13):
         with pytest.raises(ValueError, match="do not fit 100 rows"):
-            GlobalBatchSampler(100, batch=batch, steps_per_epoch=steps, rank=0, seed=SEED)
+            GlobalBatchSampler([100], batch=batch, steps_per_epoch=steps, rank=0, seed=SEED)
     with pytest.raises(ValueError, match="rank 2 is not in a world of 2"):
-        GlobalBatchSampler(100, batch=batch, steps_per_epoch=12, rank=2, seed=SEED)
+        GlobalBatchSampler([100], batch=batch, steps_per_epoch=12, rank=2, seed=SEED)
 
 
 # ----------------------------------------------------------------------------- grouped by length
@@ -238,7 +238,7 @@ def grouped_sampler(
 ) -> GlobalBatchSampler:
     batch = plan_batch(micro_batch_size=micro, global_batch_size=global_, max_length=8, world_size=world)
     return GlobalBatchSampler(
-        rows, batch=batch, steps_per_epoch=rows // global_, rank=rank, seed=SEED, lengths=lengths
+        [rows], batch=batch, steps_per_epoch=rows // global_, rank=rank, seed=SEED, lengths=lengths
     )
 
 

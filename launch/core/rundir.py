@@ -201,7 +201,8 @@ def check_resume(
     saved = manifest.get("data_fingerprint")
     if saved is not None and saved != data_fingerprint:
         raise RunDirError(
-            f"the data changed since {Path(checkpoint).name} was written: data.path={recipe.data.path!r}"
+            f"the data changed since {Path(checkpoint).name} was written: "
+            + ", ".join(f"{s.where}={s.data.path!r}" for s in recipe_mod.data_sources(recipe.data))
             + (f" / data.eval_path={recipe.data.eval_path!r}" if recipe.data.eval_path else "")
             + f" no longer has the bytes it trained on (fingerprint {saved} -> {data_fingerprint}); resuming "
             "would continue its sample order over other rows",
