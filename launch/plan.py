@@ -342,7 +342,7 @@ def _mixture(draft: _Draft, recipe: Recipe, data: DataCounts | None) -> list[dic
             "rows": rows[i] if known else None,
             "samples_per_epoch": per_epoch[i] if known else None,
             "share": round(per_epoch[i] / sum(per_epoch), 4) if known else None,
-            "passes_per_epoch": round(per_epoch[i] / rows[i], 3) if known else None,
+            "passes_per_epoch": round(per_epoch[i] / rows[i], 2) if known else None,
         }
         table.append(entry)
         if known and entry["passes_per_epoch"] > MANY_PASSES:
@@ -529,11 +529,11 @@ def mixture_rows(mixture: Sequence[Mapping[str, Any]] | None, counted: str) -> l
     for m in mixture or []:
         if m["rows"] is None:
             text = (
-                f"{m['path']} [{m['format']}]: weight {m['weight']:g} ({m['weight_share']:.1%}), rows unknown"
+                f"{m['path']} ({m['format']}): weight {m['weight']:g} ({m['weight_share']:.1%}), rows unknown"
             )
         else:
             text = (
-                f"{m['path']} [{m['format']}]: {m['rows']:,} {counted}, weight {m['weight']:g} -> "
+                f"{m['path']} ({m['format']}): {m['rows']:,} {counted}, weight {m['weight']:g} -> "
                 f"{m['share']:.1%} of each epoch ({m['samples_per_epoch']:,} samples, "
                 f"{m['passes_per_epoch']:g} passes)"
             )
