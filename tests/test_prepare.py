@@ -744,3 +744,5 @@ def test_plan_shows_each_source_before_and_after_prepare(tmp_path: Path, tiny_mo
     assert after["data_counted"] == "examples" and sum(examples) == after["dataset_rows"]
     assert examples[0] == 123 and examples[1] < 36  # chat rows lose every answer token at 48 tokens
     assert "examples, weight 1" in render_plan(after)
+    heavy = make_plan(str(DEMO), [*sets[:2], sets[2].replace("limit: 40", "limit: 10, weight: 20")])
+    assert any("data.mixture[1] (" in w and "times per epoch" in w for w in heavy["warnings"])
