@@ -492,6 +492,14 @@ CATALOGUE = [
         "data.limit: is set together with data.mixture",
     ),
     Case(
+        "output_dir holds a mixture source",
+        train(
+            "data.path=", mixture(f"{{path: {DATA}}}", "{path: {tmp}/data/train.jsonl}"), "output_dir={tmp}"
+        ),
+        "holds data.mixture[1].path=",
+        data_dir_with_run_inside,
+    ),
+    Case(
         "mixture weights changed on resume",
         train(
             "parallel.strategy=single",
