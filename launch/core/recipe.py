@@ -157,10 +157,11 @@ class DataConfig:
     """Split to read from a dataset name or directory."""
 
     eval_path: str | None = None
-    """Separate evaluation data (same format); None uses `eval_ratio` or no evaluation."""
+    """Separate evaluation data (in `format`); None uses `eval_ratio` or no evaluation."""
 
     eval_ratio: float = 0.0
-    """Fraction of rows held out for evaluation (the first rows, as seed 003 does)."""
+    """Fraction of rows held out for evaluation (the first rows, as seed 003 does; with a mixture,
+    the first rows of every source)."""
 
     limit: int | None = None
     """Use only the first N rows of the training data (before the eval split). With a mixture, each
