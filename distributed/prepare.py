@@ -447,6 +447,8 @@ class PrepareResult:
     """What tokenising the training split kept, cut and dropped."""
     procs: int = 1
     notes: list[str] = field(default_factory=list)
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    """Rows and examples of each training source (`PreparedData.train_sources`)."""
 
 
 def prepare(recipe: Recipe, *, show: bool = True) -> PrepareResult:
@@ -465,4 +467,5 @@ def prepare(recipe: Recipe, *, show: bool = True) -> PrepareResult:
         stats=found.train_stats,
         procs=found.built["procs"] if found.built else 0,
         notes=found.built["notes"] if found.built else [],
+        sources=found.train_sources,
     )

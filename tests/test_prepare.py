@@ -714,7 +714,9 @@ def test_the_data_fingerprint_covers_every_source(tmp_path: Path) -> None:
     assert data_fingerprint(single.data) == h.hexdigest()[:16]
 
 
-def test_plan_shows_each_source_before_and_after_prepare(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_plan_shows_each_source_before_and_after_prepare(
+    tmp_path: Path, capsys, tiny_model_dir: Path
+) -> None:
     """`tunefleet plan`: rows per source (after its limit and hold-out), weight, the samples and the
     share of each epoch; after `tunefleet prepare`, examples per source."""
     from tunefleet.launch.plan import render_plan
@@ -737,8 +739,12 @@ def test_plan_shows_each_source_before_and_after_prepare(tmp_path: Path, tiny_mo
     text = render_plan(plan)
     shown = f"{CHAT} (messages): 36 rows, weight 1 -> 25.2% of each epoch (40 samples, 1.11 passes)"
     assert re.search(rf"\n  data\.mixture\[1\] +{re.escape(shown)}\n", text), text
-    recipe = R.load(DEMO, sets)
-    prep.make_cache(recipe, tokenizer("tiny"), show=False)  # what `tunefleet prepare` does
+    from tunefleet.launch import cli
+
+    assert cli.main(["prepare", str(DEMO), *[x for s in sets for x in ("--set", s)]]) == 0
+    out = capsys.readouterr().out
+    assert f"  data.mixture[0]: {ALPACA} (alpaca): 123 rows -> 123 examples\n" in out
+    assert f"  data.mixture[1]: {CHAT} (messages): 36 rows -> " in out
     after = make_plan(str(DEMO), sets)
     examples = [m["rows"] for m in after["mixture"]]
     assert after["data_counted"] == "examples" and sum(examples) == after["dataset_rows"]
