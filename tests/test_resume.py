@@ -305,7 +305,7 @@ def start_recipe(out: Path, nproc: int, *extra: str) -> subprocess.Popen:
 def test_a_mixture_resumes_in_its_exact_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A mixture (alpaca 2 : chat 1, 48 examples: 6 steps per epoch) stopped at step 4 and resumed
     continues the mixture's sample order exactly, across the epoch boundary: the same micro batches
-    and the same losses as the uninterrupted run."""
+    and the same losses as the uninterrupted run, on 1 process and on 2; other weights are refused."""
     from tests.test_train import MIXTURE, recording_sampler
 
     data = MIXTURE.parent / "data"
@@ -333,6 +333,29 @@ def test_a_mixture_resumes_in_its_exact_order(tmp_path: Path, monkeypatch: pytes
     assert seen[: 4 * accum] == full[4 * accum : 8 * accum]  # steps 5-8: the rest of epoch 0, then epoch 1
     got, want = losses(out), losses(reference)
     assert sorted(got) == [5, 6, 7, 8] and max(abs(got[s] - want[s]) for s in got) <= 1e-6
+    # the same checkpoint resumed on 2 processes (DDP, gloo; accumulation 2 -> 1): the same losses
+    two = tmp_path / "two"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+    ]
+    cmd += ["--master_port", str(free_port()), "-m", "tunefleet.distributed.sft", "--recipe", str(MIXTURE)]
+    cmd += [a for s in [f"output_dir={two}", *sets] for a in ("--set", s)]
+    done = subprocess.run(
+        [*cmd, "--resume", str(reference / "checkpoint-4")],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    got = losses(two)
+    assert sorted(got) == [5, 6, 7, 8] and max(abs(got[s] - want[s]) for s in got) <= 1e-5
     reweighted = [x.replace("weight: 2", "weight: 3") for x in sets]
     with pytest.raises(TunefleetError, match=r"data.mixture: \[\{'path'"):  # other weights: refused
         sft.run(
