@@ -301,8 +301,10 @@ class _BuiltSplit:
 
 
 def _tokenise_split(
-    name: str, parts: list[Part], d: DataConfig, tokenizer: Any, tmp: Path, beat: Any, *, show: bool
+    name: str, parts: list[Part], d: DataConfig, tokenizer: Any, tmp: Path, beat: _Heartbeat, *, show: bool
 ) -> _BuiltSplit:
+    """Tokenise split `name` source by source, each with its own format, into `tmp/name` (a
+    mixture's sources each in `source-<i>/`); their counts add up to the split's."""
     from tunefleet.distributed.data import parallel
     from tunefleet.distributed.data.counts import Tally
     from tunefleet.distributed.data.progress import RowProgress
