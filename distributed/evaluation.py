@@ -3,7 +3,8 @@
 * `FinalEvalCallback`: when the run has an eval split, the last optimizer step is always
   evaluated (with `train.eval_steps: 0` too), so every run with eval data ends with an eval loss
   in metrics.jsonl, loss.png and the trackers.
-* `write_samples`: a few prompts from the eval split (the first training rows when there is none),
+* `write_samples`: a few prompts from the eval split (the first training rows when there is none;
+  with a mixture, those of its first source),
   their reference answers, the fine-tuned model's greedy answers and the base model's (the
   adapter switched off), in `samples.jsonl`.
 """
@@ -16,7 +17,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from tunefleet.launch.core.recipe import Recipe
+from tunefleet.launch.core.recipe import Recipe, data_sources
 
 SAMPLE_PROMPTS = 4
 SAMPLE_MAX_NEW_TOKENS = 64
@@ -52,13 +53,15 @@ def write_samples(
     """Write `samples.jsonl` (rank 0 only); return a one-line summary for the run table."""
     from tunefleet.distributed.generate import generate, render_prompt, stop_token_ids
 
-    if recipe.data.format == "text":
+    split, rows = ("eval", eval_rows) if eval_rows else ("train", train_rows)
+    # the rows are data.eval_path's (in data.format) or the first training source's (in its format)
+    data = recipe.data if split == "eval" and recipe.data.eval_path else data_sources(recipe.data)[0].data
+    if data.format == "text":
         return "skipped (data.format=text has no prompt/answer split)"
     if recipe.parallel.strategy in SHARDED_STRATEGIES:
         return f"skipped ({recipe.parallel.strategy} shards the model: use `tunefleet generate` on the run)"
-    split, rows = ("eval", eval_rows) if eval_rows else ("train", train_rows)
     prompts = [
-        render_prompt(row, data=recipe.data, tokenizer=tokenizer, where=f"{split} row {i + 1}")
+        render_prompt(row, data=data, tokenizer=tokenizer, where=f"{split} row {i + 1}")
         for i, row in enumerate(rows[:n])
     ]
 
@@ -69,7 +72,7 @@ def write_samples(
             prompts,
             max_new_tokens=max_new_tokens,
             batch_size=n,
-            stop_ids=stop_token_ids(tokenizer, recipe.data.format, model.generation_config),
+            stop_ids=stop_token_ids(tokenizer, data.format, model.generation_config),
         )
 
     try:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunefleet.launch.core.errors import DataError, TunefleetError
+from tunefleet.launch.core.recipe import data_sources
 
 if TYPE_CHECKING:  # pragma: no cover
     from tunefleet.distributed.artifacts import RunAdapter
@@ -347,7 +348,7 @@ def generate_for_run(
 
     adapter = find_adapter(path)
     model, tokenizer = load_run_model(adapter)
-    data = adapter.recipe.data
+    data = data_sources(adapter.recipe.data)[0].data  # a mixture's prompts are rendered like its first source
     prompts = [
         render_prompt(item, data=data, tokenizer=tokenizer, where=f"prompt {i + 1}")
         for i, item in enumerate(items)
@@ -389,8 +390,9 @@ def print_results(adapter: RunAdapter, results: list[dict[str, Any]], *, as_json
     from rich.table import Table
     from rich.text import Text
 
+    prompt_format = data_sources(adapter.recipe.data)[0].data.format
     table = Table(
-        title=f"{adapter.run_dir} ({adapter.label}, {adapter.recipe.data.format} prompts)",
+        title=f"{adapter.run_dir} ({adapter.label}, {prompt_format} prompts)",
         title_justify="left",
         show_lines=True,
     )

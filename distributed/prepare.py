@@ -2,13 +2,16 @@
 
 `tunefleet prepare RECIPE`, or else the first rank of a run, tokenises the data
 (`data.parallel.build`: batched, on several processes) into
-`<output_dir>/.cache/tokenized-<fingerprint>/` (Arrow shards per split plus `meta.json`); the
+`<output_dir>/.cache/tokenized-<fingerprint>/` (Arrow shards per split plus `meta.json`; a
+mixture's sources are tokenised one by one, each with its own format, and laid end to end, their
+example counts recorded in `meta.json` for the sampler); the
 other ranks wait for it (`wait_for_cache`) and every rank memory-maps it. A later run with the
 same inputs finds it (a cache hit).
 
 The fingerprint is a SHA-256 over
-- the data: every byte of `data.path` and `data.eval_path` (all files of a directory), or the
-  dataset name and split for a `datasets` hub name (whose content is not hashed);
+- the data: every byte of `data.path` (or of every `data.mixture` source) and `data.eval_path`
+  (all files of a directory), or the dataset name and split for a `datasets` hub name (whose
+  content is not hashed);
 - the tokenizer as loaded (the files `save_pretrained` writes, so a hub tokenizer, a local
   directory and the pad token tunefleet sets are all covered);
 - the recipe's `data` section (format, max_length, limit, eval split, ...; not `num_proc`, which
@@ -37,7 +40,7 @@ from typing import Any
 from tunefleet.launch.core.data_identity import hash_data
 from tunefleet.launch.core.errors import DataError
 from tunefleet.launch.core.layout import CACHE_DIR, ENV_PREPARE_WAIT_S, atomic_dir, atomic_write
-from tunefleet.launch.core.recipe import Recipe
+from tunefleet.launch.core.recipe import DataConfig, DataSource, Recipe, data_sources
 
 CACHE_PREFIX = "tokenized-"
 META_FILE = "meta.json"
@@ -85,6 +88,15 @@ class PreparedData:
     """How this process made the cache (seconds, processes, notes), or None when it was found."""
 
     eval_stats: dict[str, Any] = field(default_factory=dict)
+
+    train_sources: list[dict[str, Any]] = field(default_factory=list)
+    """Per training source, in order (its examples laid end to end in `train`): recipe key, path,
+    format, weight, rows and examples kept."""
+
+    @property
+    def source_examples(self) -> list[int]:
+        """Examples of every training source: the sizes the mixture sampler shares an epoch out over."""
+        return [s["examples"] for s in self.train_sources]
 
 
 # ----------------------------------------------------------------------------- the fingerprint
@@ -168,13 +180,16 @@ def load_cache(path: Path) -> PreparedData | None:
         eval_row_count=meta["eval_rows"],
         fingerprint=meta["fingerprint"],
         cache_dir=path,
+        train_sources=meta.get("train_sources")  # a cache written before mixtures: one source
+        or [{"where": "data.path", "rows": meta["train_stats"]["rows"], "examples": meta["train_examples"]}],
     )
 
 
-def find_stats(recipe: Recipe) -> tuple[dict[str, Any], str] | None:
+def find_stats(recipe: Recipe) -> tuple[dict[str, Any], str, list[dict[str, Any]]] | None:
     """The training split's counts from a cache of this output directory made from the same data
-    bytes, data settings, tokenisation code and model (by name: the tokenizer is not loaded), and
-    the cache's name; None when there is none. For `tunefleet plan`, which never loads a model."""
+    bytes, data settings, tokenisation code and model (by name: the tokenizer is not loaded), the
+    cache's name and its per-source counts (empty in a cache written before mixtures); None when
+    there is none. For `tunefleet plan`, which never loads a model."""
     root = cache_root(recipe)
     metas = sorted(root.glob(f"{CACHE_PREFIX}*/{META_FILE}")) if root.is_dir() else []
     if not metas:
@@ -188,7 +203,7 @@ def find_stats(recipe: Recipe) -> tuple[dict[str, Any], str] | None:
             continue
         same = all(meta.get("digests", {}).get(k) == v for k, v in digests.items())
         if same and meta.get("model") == model:
-            return meta["train_stats"], path.parent.name
+            return meta["train_stats"], path.parent.name, meta.get("train_sources", [])
     return None
 
 
@@ -203,52 +218,35 @@ def _build(
     recipe: Recipe, tokenizer: Any, fp: str, inputs: dict[str, Any], path: Path, *, show: bool
 ) -> None:
     """Read and tokenise the data into the cache at `path` (atomically)."""
-    from tunefleet.distributed import data as data_mod
-    from tunefleet.distributed.data import parallel
-    from tunefleet.distributed.data.progress import RowProgress
-
     started = time.monotonic()
-    d = recipe.data
     beat = _Heartbeat(_marker(path, "progress"))
     beat("reading the data")
-    rows = data_mod.load_rows(d.path, split=d.split, limit=d.limit, what="data.path")
-    eval_rows: list[dict] = []
-    if d.eval_path:
-        eval_rows = data_mod.load_rows(d.eval_path, split=d.split, what="data.eval_path")
-    elif d.eval_ratio:
-        rows, eval_rows = data_mod.split_eval(rows, d.eval_ratio)
-    splits = [("train", rows, d.path)]
-    if eval_rows:
-        splits.append(("eval", eval_rows, d.eval_path or f"{d.path} (eval split)"))
-    built: dict[str, parallel.Built] = {}
+    splits = _read_splits(recipe.data)
     with atomic_dir(path, first_wins=True) as tmp:  # a cache written meanwhile is as good as ours
-        for name, split_rows, where in splits:
-            display = RowProgress(len(split_rows), f"tokenising {name}") if show else None
-            built[name] = parallel.build(
-                split_rows,
-                cfg=d,
-                tokenizer=tokenizer,
-                where=where,
-                out_dir=tmp / name,
-                procs=parallel.default_procs(len(split_rows), d.num_proc),
-                display=display,
-                on_rows=beat.counter(f"tokenising {name}", len(split_rows)),
-            )
+        built = {
+            name: _tokenise_split(name, parts, recipe.data, tokenizer, tmp, beat, show=show)
+            for name, parts in splits.items()
+            if parts
+        }
+        train, evaluation = built["train"], built.get("eval")
         meta = {
             "fingerprint": fp,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seconds": round(time.monotonic() - started, 3),
-            "procs": built["train"].procs,
+            "procs": train.procs,
             "notes": [n for b in built.values() for n in b.notes],
-            "train_shards": built["train"].shards,
-            "eval_shards": built["eval"].shards if "eval" in built else [],
-            "train_examples": built["train"].stats["examples"],
-            "eval_examples": built["eval"].stats["examples"] if "eval" in built else 0,
-            "eval_rows": len(eval_rows),
-            "train_stats": built["train"].stats,
-            "eval_stats": built["eval"].stats if "eval" in built else {},
-            "head_rows": _head(rows),
-            "head_eval_rows": _head(eval_rows),
+            "train_shards": train.shards,
+            "eval_shards": evaluation.shards if evaluation else [],
+            "train_examples": train.stats["examples"],
+            "eval_examples": evaluation.stats["examples"] if evaluation else 0,
+            "eval_rows": sum(len(rows) for _, rows in splits["eval"]),
+            "train_stats": train.stats,
+            "eval_stats": evaluation.stats if evaluation else {},
+            "train_sources": train.sources,
+            "eval_sources": evaluation.sources if evaluation else [],
+            # the samples' prompts come from the first source (one format)
+            "head_rows": _head(splits["train"][0][1]),
+            "head_eval_rows": _head(splits["eval"][0][1]) if splits["eval"] else [],
             **inputs,
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=str) + "\n", encoding="utf-8")
@@ -258,6 +256,89 @@ def _build(
                 shutil.rmtree(other, ignore_errors=True)
             else:
                 other.unlink(missing_ok=True)
+
+
+Part = tuple[DataSource, list[dict]]
+"""The rows of one source in one split."""
+
+
+def _read_splits(d: DataConfig) -> dict[str, list[Part]]:
+    """The rows of every source, split into training and evaluation rows: `data.eval_path` is one
+    evaluation source (read in data.format); `data.eval_ratio` holds out the first rows of each
+    training source."""
+    from tunefleet.distributed import data as data_mod
+
+    splits: dict[str, list[Part]] = {"train": [], "eval": []}
+    for source in data_sources(d):
+        rows = data_mod.load_rows(source.data.path, split=d.split, limit=source.data.limit, what=source.where)
+        if d.eval_ratio and not d.eval_path:
+            try:
+                rows, held_out = data_mod.split_eval(rows, d.eval_ratio)
+            except DataError as exc:
+                raise DataError(f"{source.where}={source.data.path!r}: {exc.problem}", exc.fix) from None
+            splits["eval"].append((source, held_out))
+        splits["train"].append((source, rows))
+    if d.eval_path:
+        eval_source = DataSource(
+            "data.eval_path", dataclasses.replace(d, path=d.eval_path, mixture=None), 1.0
+        )
+        splits["eval"] = [
+            (eval_source, data_mod.load_rows(d.eval_path, split=d.split, what="data.eval_path"))
+        ]
+    return splits
+
+
+@dataclass(frozen=True)
+class _BuiltSplit:
+    """A split tokenised source by source: its shards laid end to end, in source order."""
+
+    shards: list[str]
+    stats: dict[str, int]
+    procs: int
+    notes: list[str]
+    sources: list[dict[str, Any]]
+    """Per source: recipe key, path, format, rows and the examples kept (the sampler's sizes)."""
+
+
+def _tokenise_split(
+    name: str, parts: list[Part], d: DataConfig, tokenizer: Any, tmp: Path, beat: _Heartbeat, *, show: bool
+) -> _BuiltSplit:
+    """Tokenise split `name` source by source, each with its own format, into `tmp/name` (a
+    mixture's sources each in `source-<i>/`); their counts add up to the split's."""
+    from tunefleet.distributed.data import parallel
+    from tunefleet.distributed.data.counts import Tally
+    from tunefleet.distributed.data.progress import RowProgress
+
+    tally, shards, notes, sources, procs = Tally(), [], [], [], 1
+    for i, (source, rows) in enumerate(parts):
+        sub = f"source-{i}" if d.mixture is not None else ""  # shard names are per source
+        where = source.data.path if name == "train" or d.eval_path else f"{source.data.path} (eval split)"
+        label = f"tokenising {name}" + (f" ({source.where})" if sub else "")
+        built = parallel.build(
+            rows,
+            cfg=source.data,
+            tokenizer=tokenizer,
+            where=where,
+            out_dir=tmp / name / sub,
+            procs=parallel.default_procs(len(rows), d.num_proc),
+            display=RowProgress(len(rows), label) if show else None,
+            on_rows=beat.counter(label, len(rows)),
+        )
+        tally.merge(built.stats)
+        shards += [f"{sub}/{s}" if sub else s for s in built.shards]
+        notes += [n for n in built.notes if n not in notes]
+        procs = max(procs, built.procs)
+        sources.append(
+            {
+                "where": source.where,
+                "path": source.data.path,
+                "format": source.data.format,
+                "weight": source.weight,
+                "rows": built.stats["rows"],
+                "examples": built.stats["examples"],
+            }
+        )
+    return _BuiltSplit(shards=shards, stats=tally.to_dict(), procs=procs, notes=notes, sources=sources)
 
 
 class _Heartbeat:
@@ -385,6 +466,8 @@ class PrepareResult:
     """What tokenising the training split kept, cut and dropped."""
     procs: int = 1
     notes: list[str] = field(default_factory=list)
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    """Rows and examples of each training source (`PreparedData.train_sources`)."""
 
 
 def prepare(recipe: Recipe, *, show: bool = True) -> PrepareResult:
@@ -403,4 +486,5 @@ def prepare(recipe: Recipe, *, show: bool = True) -> PrepareResult:
         stats=found.train_stats,
         procs=found.built["procs"] if found.built else 0,
         notes=found.built["notes"] if found.built else [],
+        sources=found.train_sources,
     )

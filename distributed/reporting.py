@@ -11,7 +11,9 @@ from transformers import TrainerCallback
 
 from tunefleet.launch import prep_report
 from tunefleet.launch.core.layout import FINAL_DIR, LOSS_PLOT, METRICS_FILE, read_jsonl
+from tunefleet.launch.core.recipe import stats_format
 from tunefleet.launch.params import describe_variants
+from tunefleet.launch.plan import mixture_rows
 
 
 class MetricsCallback(TrainerCallback):
@@ -191,8 +193,10 @@ def start_rows(
     total: int,
     batching: dict[str, Any],
     warnings: list[str],
+    mixture: list[dict[str, Any]] | None = None,
 ) -> list[tuple[str, str]]:
-    """The run summary printed before the first step (`checked`: the preflight's result)."""
+    """The run summary printed before the first step (`checked`: the preflight's result; `mixture`:
+    the plan's per-source table)."""
     recipe, batch = checked.recipe, checked.batch
     p, d = recipe.peft, recipe.data
     method = {"lora": "LoRA", "dora": "DoRA"}[p.method] + (" + rsLoRA" if p.use_rslora else "")
@@ -210,13 +214,15 @@ def start_rows(
         ("parameters", f"{trainable:,} trainable of {total:,} ({100 * trainable / total:.3f}%)"),
         (
             "data",
-            f"{d.path} [{d.format}]: {data.train_stats['rows']} rows -> {len(data.train)} examples"
+            (f"{d.path} [{d.format}]: " if d.mixture is None else f"mixture of {len(d.mixture)} sources: ")
+            + f"{data.train_stats['rows']} rows -> {len(data.train)} examples"
             + (f", {len(data.eval)} eval" if data.eval is not None else ""),
         ),
-        *prep_report.lines(data.train_stats, max_length=d.max_length, fmt=d.format),
+        *mixture_rows(mixture, "examples"),
+        *prep_report.lines(data.train_stats, max_length=d.max_length, fmt=stats_format(d)),
         *[
             ("warning", w)
-            for w in prep_report.warnings(data.train_stats, max_length=d.max_length, fmt=d.format)
+            for w in prep_report.warnings(data.train_stats, max_length=d.max_length, fmt=stats_format(d))
         ],
         (
             "batch",

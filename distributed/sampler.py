@@ -1,6 +1,7 @@
 """The sample order: a property of the recipe (seed, epoch), never of the world size.
 
-Epoch `e` is a permutation of the training rows drawn from `seed + e`. It is cut into global
+Epoch `e` is a permutation of the training rows drawn from `seed + e` (with `data.mixture`, the
+samples `mixture_order` draws from the sources, shared out by weight). It is cut into global
 batches of `global_batch_size` samples; the incomplete last global batch of an epoch is dropped
 (its size is reported by the planner). Global batch `k` is then split into
 `grad_accum_steps x world_size` micro batches of `micro_batch_size`: accumulation step `a` on
@@ -23,7 +24,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator, Sequence
 
-from tunefleet.launch.core.batch import BatchPlan
+from tunefleet.launch.core.batch import BatchPlan, mixture_counts
 
 
 def epoch_order(num_rows: int, *, seed: int, epoch: int) -> list[int]:
@@ -31,18 +32,6 @@ def epoch_order(num_rows: int, *, seed: int, epoch: int) -> list[int]:
     order = list(range(num_rows))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
     return order
-
-
-def mixture_counts(sizes: Sequence[int], weights: Sequence[float]) -> list[int]:
-    """Samples each source contributes to one epoch of a mixture: the epoch keeps the total row count,
-    shared out by weight (largest remainder, ties to the earlier source)."""
-    total, norm = sum(sizes), sum(weights)
-    exact = [total * w / norm for w in weights]
-    counts = [int(x) for x in exact]
-    by_remainder = sorted(range(len(sizes)), key=lambda s: (-(exact[s] - counts[s]), s))
-    for s in by_remainder[: total - sum(counts)]:
-        counts[s] += 1
-    return counts
 
 
 def mixture_order(sizes: Sequence[int], weights: Sequence[float], *, seed: int, epoch: int) -> list[int]:
@@ -64,13 +53,28 @@ def mixture_order(sizes: Sequence[int], weights: Sequence[float], *, seed: int, 
     return picked
 
 
+def epoch_samples(sizes: Sequence[int], weights: Sequence[float], *, seed: int, epoch: int) -> list[int]:
+    """The samples of one epoch in order: `epoch_order` over one source, `mixture_order` over several."""
+    if len(sizes) == 1:
+        return epoch_order(sizes[0], seed=seed, epoch=epoch)
+    return mixture_order(sizes, weights, seed=seed, epoch=epoch)
+
+
+def cut_global_batches(order: list[int], *, global_batch_size: int, steps_per_epoch: int) -> list[list[int]]:
+    """The `steps_per_epoch` complete global batches of an epoch's order (the samples after them,
+    fewer than one global batch, are dropped; `batch.plan_schedule` counts them)."""
+    return [order[k * global_batch_size : (k + 1) * global_batch_size] for k in range(steps_per_epoch)]
+
+
 def global_batches(
     num_rows: int, *, global_batch_size: int, steps_per_epoch: int, seed: int, epoch: int
 ) -> list[list[int]]:
-    """The `steps_per_epoch` complete global batches of one epoch, in order (the rows after them,
-    fewer than one global batch, are dropped; `batch.plan_schedule` counts them)."""
-    order = epoch_order(num_rows, seed=seed, epoch=epoch)
-    return [order[k * global_batch_size : (k + 1) * global_batch_size] for k in range(steps_per_epoch)]
+    """The complete global batches of one epoch over one source of `num_rows` rows, in order."""
+    return cut_global_batches(
+        epoch_order(num_rows, seed=seed, epoch=epoch),
+        global_batch_size=global_batch_size,
+        steps_per_epoch=steps_per_epoch,
+    )
 
 
 def micro_batch(
@@ -132,8 +136,10 @@ def group_by_length(
 class GlobalBatchSampler:
     """A batch sampler yielding this rank's micro batches, global batch after global batch.
 
-    The batch plan and the steps per epoch come from the run's schedule (computed once, in
-    `tunefleet.launch.core.batch`); the sampler checks that they fit its rows and rank.
+    `sizes` are the examples of each training source, laid end to end (one size for a single
+    source), `weights` their mixture weights (None: one source). The batch plan and the steps per
+    epoch come from the run's schedule (computed once, in `tunefleet.launch.core.batch`); the
+    sampler checks that they fit its rows and rank.
     `lengths` (tokens of every row) turns on `group_by_length`. `len()` is the number of micro
     batches this rank sees per epoch (steps_per_epoch x grad_accum_steps), which is what the HF
     Trainer expects.
@@ -141,8 +147,9 @@ class GlobalBatchSampler:
 
     def __init__(
         self,
-        num_rows: int,
+        sizes: Sequence[int],
         *,
+        weights: Sequence[float] | None = None,
         batch: BatchPlan,
         steps_per_epoch: int,
         rank: int,
@@ -150,7 +157,12 @@ class GlobalBatchSampler:
         lengths: Sequence[int] | None = None,
         padding_free: bool = False,
     ) -> None:
-        g = batch.global_batch_size
+        g, num_rows = batch.global_batch_size, sum(sizes)
+        weights = [1.0] * len(sizes) if weights is None else list(weights)
+        if not sizes or len(weights) != len(sizes) or min(sizes) <= 0 or min(weights) <= 0:
+            raise ValueError(
+                f"a mixture needs a positive size and weight per source, got {sizes} / {weights}"
+            )
         if not steps_per_epoch * g <= num_rows < (steps_per_epoch + 1) * g:
             raise ValueError(f"{steps_per_epoch} steps of {g} samples do not fit {num_rows} rows (drop last)")
         if not 0 <= rank < batch.world_size:
@@ -158,6 +170,7 @@ class GlobalBatchSampler:
         if lengths is not None and len(lengths) != num_rows:
             raise ValueError(f"{len(lengths)} lengths for {num_rows} rows")
         self.num_rows = num_rows
+        self.sizes, self.weights = list(sizes), weights
         self.global_batch_size = g
         self.micro_batch_size = batch.micro_batch_size
         self.world_size = batch.world_size
@@ -203,12 +216,10 @@ class GlobalBatchSampler:
         return self.steps_per_epoch * self.grad_accum_steps
 
     def __iter__(self) -> Iterator[list[int]]:
-        batches = global_batches(
-            self.num_rows,
+        batches = cut_global_batches(
+            epoch_samples(self.sizes, self.weights, seed=self.seed, epoch=self.epoch),
             global_batch_size=self.global_batch_size,
             steps_per_epoch=self.steps_per_epoch,
-            seed=self.seed,
-            epoch=self.epoch,
         )
         start, self.start_step = self.start_step, 0
         for batch in batches[start:]:
@@ -218,6 +229,8 @@ class GlobalBatchSampler:
 def padded_token_ratio(
     lengths: Sequence[int],
     *,
+    sizes: Sequence[int] | None = None,
+    weights: Sequence[float] | None = None,
     batch: BatchPlan,
     steps_per_epoch: int,
     seed: int,
@@ -225,10 +238,12 @@ def padded_token_ratio(
     epoch: int = 0,
 ) -> float:
     """Tokens the forward passes of one epoch compute on (micro batches padded to their longest
-    sample) over the real tokens: 1.0 is no padding at all."""
+    sample) over the real tokens: 1.0 is no padding at all. `sizes`/`weights`: the mixture (None:
+    one source)."""
     samplers = [
         GlobalBatchSampler(
-            len(lengths),
+            [len(lengths)] if sizes is None else sizes,
+            weights=weights,
             batch=batch,
             steps_per_epoch=steps_per_epoch,
             rank=rank,

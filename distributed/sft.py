@@ -206,6 +206,7 @@ def run_plan(checked: Preflight, schedule: Schedule, data: Any, model_path: str)
         eval_rows=data.eval_row_count,
         counted="examples",
         prepared=data.train_stats,
+        source_train_rows=tuple(data.source_examples),
     )
     return build_plan(
         checked.recipe,
@@ -419,6 +420,8 @@ def _build_trainer(
         schedule=schedule,
         group_by_length=recipe.batch.group_by_length,
         padding_free=padding_free,
+        source_sizes=data.source_examples,
+        source_weights=[s.weight for s in recipe_mod.data_sources(recipe.data)],
         callbacks=[MetricsCallback(out / METRICS_FILE), ProgressCallback()]
         + ([FinalEvalCallback()] if data.eval is not None else []),
         manifest={
@@ -477,6 +480,7 @@ def _check_and_report(
                 total=total,
                 batching=batching,
                 warnings=plan.get("warnings", []),
+                mixture=plan.get("mixture"),
             ),
         )
         in_effect = {

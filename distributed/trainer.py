@@ -1,8 +1,9 @@
 """The TRL SFTTrainer, with tunefleet's sample order and its counters.
 
 Changes to the stock trainer:
-- the training data loader yields this rank's micro batches from `GlobalBatchSampler`, so the
-  samples of every optimizer step are fixed by (seed, epoch), whatever the world size; accelerate
+- the training data loader yields this rank's micro batches from `GlobalBatchSampler` (over the
+  sources of a `data.mixture`, by weight), so the samples of every optimizer step are fixed by
+  (seed, epoch), whatever the world size; accelerate
   does not re-shard it (it would pad the last batch with repeated samples);
 - on resume the sampler seeks straight to the sample position (no batch is replayed);
 - checkpoints are atomic (`distributed/checkpoint.py`): written to a temporary directory, flushed
@@ -129,6 +130,8 @@ class TunefleetTrainer(SFTTrainer):
         schedule: Schedule,
         group_by_length: bool,
         padding_free: bool,
+        source_sizes: list[int],
+        source_weights: list[float],
         manifest: dict[str, Any],
         keep_last: int | None,
         stop: StopFlag | None = None,
@@ -141,6 +144,8 @@ class TunefleetTrainer(SFTTrainer):
         self.tf_steps_per_epoch = schedule.steps_per_epoch
         self.tf_group_by_length = group_by_length
         self.tf_padding_free = padding_free
+        self.tf_source_sizes = source_sizes  # the examples of each source, laid end to end
+        self.tf_source_weights = source_weights
         self.tf_manifest = manifest
         self.tf_keep_last = keep_last
         self.tf_stop = stop
@@ -164,6 +169,8 @@ class TunefleetTrainer(SFTTrainer):
         ratios = {
             grouped: padded_token_ratio(
                 self.tf_lengths,
+                sizes=self.tf_source_sizes,
+                weights=self.tf_source_weights,
                 batch=self.tf_batch,
                 steps_per_epoch=self.tf_steps_per_epoch,
                 seed=self.args.seed,
@@ -190,7 +197,8 @@ class TunefleetTrainer(SFTTrainer):
     def get_train_dataloader(self) -> DataLoader:
         assert self.train_dataset is not None
         sampler = GlobalBatchSampler(
-            len(self.train_dataset),  # type: ignore[arg-type]
+            self.tf_source_sizes,
+            weights=self.tf_source_weights,
             batch=self.tf_batch,
             steps_per_epoch=self.tf_steps_per_epoch,
             rank=self.args.process_index,

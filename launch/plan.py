@@ -22,7 +22,7 @@ from tunefleet.launch.core import batch as batch_mod
 from tunefleet.launch.core.batch import BatchPlan, Schedule
 from tunefleet.launch.core.errors import RecipeError
 from tunefleet.launch.core.hardware import Hardware, strategy_for
-from tunefleet.launch.core.recipe import PRECISION_DTYPE, Recipe
+from tunefleet.launch.core.recipe import PRECISION_DTYPE, Recipe, data_sources, stats_format
 from tunefleet.launch.loading import placed_on_gpu_at_load, rank0_loads_weights
 from tunefleet.launch.memory import GIB, MemoryInputs, ModelShape, estimate_load_memory, estimate_memory
 from tunefleet.launch.params import EVA_DEFAULT_RHO, describe_variants
@@ -43,7 +43,8 @@ class DataCounts:
     """How many rows the run trains and evaluates on."""
 
     source_rows: int
-    """Rows read from data.path (before data.limit and the evaluation hold-out)."""
+    """Rows read from data.path, or from every data.mixture source (before the limits and the
+    evaluation hold-out)."""
 
     train_rows: int
     """Rows (or, in a run, tokenised examples) the training split holds: what the schedule counts."""
@@ -58,23 +59,47 @@ class DataCounts:
     """What tokenising the training split kept, cut and dropped (its counts, as `tunefleet prepare`
     records them); None when the data has not been tokenised."""
 
+    source_train_rows: tuple[int, ...] = ()
+    """`train_rows` of each training source (data.path, or each data.mixture entry), in order;
+    empty when not known per source."""
+
     @classmethod
-    def from_rows(cls, rows: int, recipe: Recipe, prepared: Mapping[str, Any] | None = None) -> DataCounts:
-        """Counts of a data file: data.limit first, then the hold-out. With `prepared` (the counts
-        of the same rows tokenised), the training split is counted in examples, as a run counts it."""
+    def from_rows(
+        cls,
+        rows: int | Sequence[int],
+        recipe: Recipe,
+        prepared: Mapping[str, Any] | None = None,
+        prepared_sources: Sequence[int] = (),
+    ) -> DataCounts:
+        """Counts of the data files (`rows`: one count per training source): each source's limit
+        first, then its hold-out. With `prepared` (the counts of the same rows tokenised, and
+        `prepared_sources` the examples of each source), the training split is counted in
+        examples, as a run counts it."""
         d = recipe.data
-        train, held_out = batch_mod.split_rows(
-            rows, limit=d.limit, eval_ratio=0 if d.eval_path else d.eval_ratio
-        )
-        if prepared is not None and prepared.get("rows") == train:
+        per_source = [rows] if isinstance(rows, int) else list(rows)
+        eval_ratio = 0 if d.eval_path else d.eval_ratio
+        splits = [
+            batch_mod.split_rows(n, limit=s.data.limit, eval_ratio=eval_ratio)
+            for n, s in zip(per_source, data_sources(d), strict=True)
+        ]
+        train = [t for t, _ in splits]
+        held_out = sum(h for _, h in splits)
+        examples = list(prepared_sources) or ([prepared["examples"]] if prepared and len(train) == 1 else [])
+        if prepared is not None and prepared.get("rows") == sum(train) and len(examples) == len(train):
             return cls(
-                source_rows=rows,
+                source_rows=sum(per_source),
                 train_rows=prepared["examples"],
                 eval_rows=held_out,
                 counted="examples",
                 prepared=prepared,
+                source_train_rows=tuple(examples),
             )
-        return cls(source_rows=rows, train_rows=train, eval_rows=held_out)
+        return cls(
+            source_rows=sum(per_source),
+            train_rows=sum(train),
+            eval_rows=held_out,
+            source_train_rows=tuple(train),
+        )
 
 
 @dataclass
@@ -223,7 +248,7 @@ def _data_and_schedule(
     """Rows for training and evaluation, steps per epoch, total and warm-up steps."""
     d, t = recipe.data, recipe.train
     if data is not None and data.counted == "rows":
-        limit_rows = min(data.source_rows, d.limit) if d.limit else data.source_rows
+        limit_rows = data.train_rows + data.eval_rows
         if d.eval_ratio and not d.eval_path and data.eval_rows == 0:
             draft.warnings.append(
                 f"data.eval_ratio={d.eval_ratio} of {limit_rows} rows holds out no evaluation row"
@@ -239,7 +264,7 @@ def _data_and_schedule(
         )
     prepared = None
     if data is not None and data.prepared is not None:
-        prepared = prep_report.summary(data.prepared, max_length=d.max_length, fmt=d.format)
+        prepared = prep_report.summary(data.prepared, max_length=d.max_length, fmt=stats_format(d))
         draft.warnings += prepared["warnings"]
     draft.plan.update(
         {
@@ -248,6 +273,7 @@ def _data_and_schedule(
             "eval_rows": data.eval_rows if data else None,
             "data_counted": data.counted if data else None,
             "data_preparation": prepared,
+            "mixture": _mixture(draft, recipe, data),
         }
     )
     if schedule is None and data is not None:
@@ -290,6 +316,42 @@ def _data_and_schedule(
             "skipped each epoch; the order is reshuffled per epoch, so different rows each time"
         )
     return schedule
+
+
+MANY_PASSES = 4.0
+"""A mixture source seen more often than this per epoch is flagged (it is being memorised)."""
+
+
+def _mixture(draft: _Draft, recipe: Recipe, data: DataCounts | None) -> list[dict[str, Any]] | None:
+    """Per source of a data.mixture: its rows (or examples), weight, and the samples each epoch
+    takes from it (`batch.mixture_counts`, what the sampler draws); None without a mixture."""
+    if recipe.data.mixture is None:
+        return None
+    sources = data_sources(recipe.data)
+    weights = [s.weight for s in sources]
+    rows = list(data.source_train_rows) if data is not None else []
+    known = len(rows) == len(sources) and min(rows, default=0) > 0
+    per_epoch = batch_mod.mixture_counts(rows, weights) if known else []
+    table = []
+    for i, s in enumerate(sources):
+        entry: dict[str, Any] = {
+            "source": s.where.removesuffix(".path"),
+            "path": s.data.path,
+            "format": s.data.format,
+            "weight": s.weight,
+            "weight_share": round(s.weight / sum(weights), 4),
+            "rows": rows[i] if known else None,
+            "samples_per_epoch": per_epoch[i] if known else None,
+            "share": round(per_epoch[i] / sum(per_epoch), 4) if known else None,
+            "passes_per_epoch": round(per_epoch[i] / rows[i], 2) if known else None,
+        }
+        table.append(entry)
+        if known and entry["passes_per_epoch"] > MANY_PASSES:
+            draft.warnings.append(
+                f"{entry['source']} ({s.data.path}) is seen {entry['passes_per_epoch']:g} times per epoch "
+                f"(weight {s.weight:g} on {rows[i]:,} rows): lower its weight or add rows"
+            )
+    return table
 
 
 def _learning_rate(draft: _Draft, recipe: Recipe, schedule: Schedule | None) -> None:
@@ -473,6 +535,23 @@ def _preparation_rows(prepared: Mapping[str, Any] | None) -> list[tuple[str, str
     ]
 
 
+def mixture_rows(mixture: Sequence[Mapping[str, Any]] | None, counted: str) -> list[tuple[str, str]]:
+    rows = []
+    for m in mixture or []:
+        if m["rows"] is None:
+            text = (
+                f"{m['path']} ({m['format']}): weight {m['weight']:g} ({m['weight_share']:.1%}), rows unknown"
+            )
+        else:
+            text = (
+                f"{m['path']} ({m['format']}): {m['rows']:,} {counted}, weight {m['weight']:g} -> "
+                f"{m['share']:.1%} of each epoch ({m['samples_per_epoch']:,} samples, "
+                f"{m['passes_per_epoch']:g} passes)"
+            )
+        rows.append((f"  {m['source']}", text))
+    return rows
+
+
 def render_plan(plan: Mapping[str, Any]) -> str:
     """The plan as text for a terminal."""
     rows: list[tuple[str, str]] = [
@@ -489,6 +568,7 @@ def render_plan(plan: Mapping[str, Any]) -> str:
             f"{_n(plan['source_rows'])} rows -> {_n(plan['dataset_rows'])} for training"
             + (f", {plan['eval_rows']:,} held out" if plan.get("eval_rows") else ""),
         ),
+        *mixture_rows(plan.get("mixture"), plan.get("data_counted") or "rows"),
         *_preparation_rows(plan.get("data_preparation")),
         (
             "schedule",

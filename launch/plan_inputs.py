@@ -16,7 +16,7 @@ from tunefleet.launch.core.errors import RecipeError, TunefleetError
 from tunefleet.launch.core.layout import RESOLVED_RECIPE
 from tunefleet.launch.core.recipe import DataConfig, ModelConfig, Recipe
 from tunefleet.launch.params import read_model_config
-from tunefleet.launch.plan import build_plan
+from tunefleet.launch.plan import DataCounts, build_plan
 
 
 def find_model_config(model: ModelConfig) -> dict[str, Any]:
@@ -59,7 +59,7 @@ def find_model_config(model: ModelConfig) -> dict[str, Any]:
 def count_dataset_rows(
     data: DataConfig, *, base_dir: str | Path | None = None
 ) -> tuple[int | None, str | None]:
-    """Rows in `data.path` before `limit` and the evaluation hold-out, counted cheaply, or
+    """Rows in `data.path` (of one source) before `limit` and the evaluation hold-out, counted cheaply, or
     (None, why not). JSON Lines: non-blank lines; JSON: the list's length; Parquet: the row count
     in its footer; a directory: as the trainer reads it. A relative path is looked up in the
     working directory, then next to the recipe (`base_dir`)."""
@@ -145,23 +145,32 @@ def make_plan(
             model_config = find_model_config(recipe.model)
         except RecipeError as exc:
             notes.append(f"no parameter counts or memory estimate: {exc.problem} (fix: {exc.fix})")
-    rows, why = count_dataset_rows(recipe.data, base_dir=Path(recipe_path).parent)
-    if why:
-        notes.append(f"dataset rows unknown: {why}")
-    prepared = None
-    if rows is not None:
+    rows: list[int] = []
+    for source in recipe_mod.data_sources(recipe.data):
+        count, why = count_dataset_rows(source.data, base_dir=Path(recipe_path).parent)
+        if count is None:
+            where = f" ({source.where})" if recipe.data.mixture is not None else ""
+            notes.append(f"dataset rows unknown{where}: {why}")
+            break
+        rows.append(count)
+    counts = None
+    if len(rows) == len(recipe_mod.data_sources(recipe.data)):
         from tunefleet.distributed.prepare import find_stats
 
         found = find_stats(recipe)
         if found is not None:
-            prepared = found[0]
             notes.append(f"truncation and dropped rows as counted by `tunefleet prepare` (cache {found[1]})")
+        counts = DataCounts.from_rows(
+            rows,
+            recipe,
+            prepared=found[0] if found else None,
+            prepared_sources=[s["examples"] for s in found[2]] if found else (),
+        )
     return build_plan(
         recipe,
         nodes=nodes,
         procs_per_node=gpus_per_node,
-        dataset_rows=rows,
-        prepared=prepared,
+        data=counts,
         model_config=model_config,
         recipe_path=recipe_path,
         overrides=overrides,

@@ -29,12 +29,17 @@ def _prepare(args: argparse.Namespace) -> int:
         f"{what}: {result.train_examples} training examples{evaluation} from {result.stats['rows']} rows "
         f"in {result.path} ({result.seconds:.1f} s{procs})"
     )
-    d = recipe.data
-    for label, text in prep_report.lines(result.stats, max_length=d.max_length, fmt=d.format):
+    d, fmt = recipe.data, recipe_mod.stats_format(recipe.data)
+    for source in result.sources if d.mixture is not None else []:
+        print(
+            f"  {source['where'].removesuffix('.path')}: {source['path']} ({source['format']}): "
+            f"{source['rows']} rows -> {source['examples']} examples"
+        )
+    for label, text in prep_report.lines(result.stats, max_length=d.max_length, fmt=fmt):
         print(f"  {label}: {text}")
     for note in result.notes:
         print(f"note: {note}")
-    for warning in prep_report.warnings(result.stats, max_length=d.max_length, fmt=d.format):
+    for warning in prep_report.warnings(result.stats, max_length=d.max_length, fmt=fmt):
         print(f"warning: {warning}")
     return 0
 

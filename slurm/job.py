@@ -251,7 +251,8 @@ def build_job(
         note = f"given: {spec.checkpoint_s} s"
     recipe_path = out / RESOLVED_RECIPE
     script = Path(os.path.abspath(script_path)) if script_path else out / SLURM_SCRIPT
-    inputs = [Path(recipe_file), *(Path(p) for p in (recipe.data.path, recipe.data.eval_path) if p)]
+    data_paths = [s.data.path for s in recipe_mod.data_sources(recipe.data)] + [recipe.data.eval_path or ""]
+    inputs = [Path(recipe_file), *(Path(p) for p in data_paths if p)]
     _check_writable_output(script, "the sbatch script (--out)", SCRIPT_MARKER, inputs)
     _check_writable_output(recipe_path, "the resolved recipe", RESOLVED_MARKER, inputs)
     text = render_sbatch(spec, recipe_path=str(recipe_path), output_dir=str(out), launch=launch)

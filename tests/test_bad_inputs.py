@@ -115,13 +115,16 @@ def foreign_dir(t: Path) -> None:
     (t / "run" / "notes.txt").write_text("mine")
 
 
-def checkpoint(t: Path, *, step: int = 2, **manifest: object) -> Path:
-    """A complete checkpoint as the trainer writes it, of the demo recipe run with `output_dir`."""
+def checkpoint(t: Path, *, step: int = 2, sets: tuple[str, ...] = (), **manifest: object) -> Path:
+    """A complete checkpoint as the trainer writes it, of the demo recipe run with `output_dir`
+    (and `sets`)."""
     from tunefleet.launch.core import checkpoints as ckpt
     from tunefleet.launch.core import recipe as R
     from tunefleet.launch.core.data_identity import data_fingerprint
 
-    recipe = R.load(DEMO, [f"output_dir={t / 'run'}", "parallel.strategy=single", "batch.padding_free=false"])
+    recipe = R.load(
+        DEMO, [f"output_dir={t / 'run'}", "parallel.strategy=single", "batch.padding_free=false", *sets]
+    )
     run = t / "run"
     run.mkdir(exist_ok=True)
     (run / "recipe.yaml").write_text("# resolved recipe\n" + R.dump(recipe))
@@ -192,6 +195,28 @@ def fake_run(t: Path, *sets: str) -> None:
 def nonempty_merge_out(t: Path) -> None:
     (t / "merged").mkdir()
     (t / "merged" / "keep.txt").write_text("x")
+
+
+CHAT = DEMO.parent / "data" / "chat_demo.jsonl"
+
+
+def mixture(*sources: str) -> str:
+    """`data.mixture=[...]` of the given `{...}` sources, for --set (data.path cleared)."""
+    return f"data.mixture=[{', '.join(sources)}]"
+
+
+MIXTURE = ("data.path=", mixture(f"{{path: {DATA}, weight: 2}}", f"{{path: {CHAT}, format: messages}}"))
+"""The demo's alpaca data and the chat data, 2:1."""
+
+
+def mixture_yaml(sources: str, extra: str = "") -> Callable[[Path], list[str]]:
+    """A recipe file whose data section is `sources` (YAML lines under `data:`)."""
+    head = "output_dir: {out}\nmodel:\n  name_or_path: tunefleet:tiny-llama\ndata:\n"
+    return lambda t: ["plan", recipe_file(t, head.format(out=t / "run") + sources + extra)]
+
+
+def mixture_checkpoint(t: Path) -> None:
+    checkpoint(t, sets=MIXTURE)
 
 
 CATALOGUE = [
@@ -540,6 +565,78 @@ CATALOGUE = [
         train("data.path={tmp}/d.csv"),
         "unsupported file type",
         lambda t: (t / "d.csv").write_text("a,b\n") and None,
+    ),
+    # ------------------------------------------------------------------ data mixtures
+    Case(
+        "data.path and data.mixture",
+        plan(mixture(f"{{path: {CHAT}, format: messages}}")),
+        "data.path: is set ('data/alpaca_demo.jsonl') together with data.mixture",
+    ),
+    Case("empty mixture", plan("data.path=", "data.mixture=[]"), "data.mixture: is an empty list"),
+    Case(
+        "mixture weight 0",
+        plan("data.path=", mixture(f"{{path: {DATA}}}", f"{{path: {CHAT}, weight: 0}}")),
+        "data.mixture[1].weight: must be a number > 0, got 0.0",
+    ),
+    Case(
+        "negative mixture weight",
+        plan("data.path=", mixture(f"{{path: {DATA}, weight: -2}}")),
+        "data.mixture[0].weight: must be a number > 0",
+    ),
+    Case(
+        "mixture weight not a number",
+        plan("data.path=", mixture(f"{{path: {DATA}, weight: lots}}")),
+        "data.mixture[0].weight: expected float",
+    ),
+    Case(
+        "mixture limit 0",
+        plan("data.path=", mixture(f"{{path: {DATA}, limit: 0}}")),
+        "data.mixture[0].limit: must be > 0, got 0",
+    ),
+    Case(
+        "mixture key typo",
+        mixture_yaml(f"  mixture:\n    - path: {DATA}\n      wieght: 2\n"),
+        "unknown recipe key 'data.mixture[0].wieght' — did you mean data.mixture[0].weight?",
+    ),
+    Case(
+        "mixture source without a path",
+        mixture_yaml("  mixture:\n    - weight: 2\n"),
+        "missing required recipe key(s): data.mixture[0].path",
+    ),
+    Case(
+        "mixture as a string",
+        mixture_yaml(f"  mixture: {DATA}\n"),
+        "data.mixture: expected list of mapping of path, format, weight, limit",
+    ),
+    Case(
+        "data.limit with a mixture",
+        plan(*MIXTURE, "data.limit=10"),
+        "data.limit: is set together with data.mixture",
+    ),
+    Case(
+        "output_dir holds a mixture source",
+        train(
+            "data.path=", mixture(f"{{path: {DATA}}}", "{path: {tmp}/data/train.jsonl}"), "output_dir={tmp}"
+        ),
+        "holds data.mixture[1].path=",
+        data_dir_with_run_inside,
+    ),
+    Case(
+        "mixture weights changed on resume",
+        train(
+            "parallel.strategy=single",
+            "batch.padding_free=false",
+            "data.path=",
+            mixture(f"{{path: {DATA}, weight: 3}}", f"{{path: {CHAT}, format: messages}}"),
+        ),
+        "data.mixture: [{'path':",
+        mixture_checkpoint,
+    ),
+    Case(
+        "a mixture source changed under a run",
+        train("parallel.strategy=single", "batch.padding_free=false", *MIXTURE),
+        "the data changed since checkpoint-2 was written: data.mixture[0].path=",
+        lambda t: checkpoint(t, sets=MIXTURE, data_fingerprint="0000000000000000") and None,
     ),
     # ------------------------------------------------------------------ tunefleet slurm
     Case("--nodes 0", lambda t: [*slurm()(t)[:2], "--nodes", "0", *slurm()(t)[4:]], "nodes: must be >= 1"),

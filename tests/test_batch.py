@@ -185,7 +185,7 @@ def test_steps_match_the_trainer_sampler() -> None:
             dataset_rows=rows, global_batch_size=global_, epochs=1, max_steps=-1, warmup_ratio=0
         )
         batch = plan_batch(micro_batch_size=micro, global_batch_size=global_, max_length=8, world_size=world)
-        sampler = GlobalBatchSampler(rows, batch=batch, steps_per_epoch=s.steps_per_epoch, rank=0, seed=1)
+        sampler = GlobalBatchSampler([rows], batch=batch, steps_per_epoch=s.steps_per_epoch, rank=0, seed=1)
         assert len(sampler) == s.steps_per_epoch * batch.grad_accum_steps  # what the HF Trainer divides by
         assert len(list(sampler)) == len(sampler)
         assert sum(len(b) for b in sampler) * world == rows - s.dropped_rows_per_epoch

@@ -6,7 +6,8 @@ order, in a scratch directory that looks like a checkout (recipes/, Makefile, py
 .venv linked in), with .venv/bin first on PATH. What cannot run here for real runs in its
 render-only form, each with its reason in `how_to_run`:
 
-- training commands on the demo recipe run for real, two steps (`--set train.max_steps=2`);
+- training commands on the local recipes (the demo and the data mixture: tiny model, bundled data)
+  run for real, two steps (`--set train.max_steps=2`);
 - `make demo` / `make test`: `make -n` shows what they run; the demo's command then runs as above
   (the whole demo is test_train.py::test_demo_learns_its_facts; `make test` is this suite);
 - the hub recipes (Qwen3-14B, gpt-oss-20b, ...): no network and no GPU here, so `tunefleet launch`
@@ -23,6 +24,7 @@ render-only form, each with its reason in `how_to_run`:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -38,6 +40,8 @@ FIXTURES = Path(__file__).parent / "fixtures" / "model_configs"
 HUB_CONFIGS = {"Qwen/Qwen3-14B": FIXTURES / "qwen3-14b" / "config.json"}
 """Models whose config.json the README tells the user to fetch before `tunefleet plan`."""
 SHORT = "--set train.max_steps=2"
+LOCAL_RECIPES = ("recipes/demo.yaml", "recipes/mixture.yaml")
+"""Recipes of the built-in tiny model on bundled data: their training commands run for real here."""
 
 pytestmark = pytest.mark.slow
 
@@ -90,7 +94,7 @@ def how_to_run(command: str) -> tuple[str | None, str]:
     words = _words(command)
     tool = [w for w in words if not w.startswith("-")][:2]
     recipe = _recipe(words)
-    demo = recipe == "recipes/demo.yaml"
+    demo = recipe in LOCAL_RECIPES
     if words[:2] == [".", ".venv/bin/activate"]:
         return None, "not run: .venv/bin is first on PATH for every command here"
     if words[:2] == ["make", "demo"]:
@@ -195,6 +199,9 @@ def test_recipe_first_lines_run(tmp_path: Path) -> None:
     root = checkout(tmp_path / "checkout")
     run_all(recipe_commands(), root)
     assert (root / "runs" / "demo" / "final" / "adapter_model.safetensors").is_file()
+    assert (root / "runs" / "mixture" / "final" / "adapter_model.safetensors").is_file()
+    mixture = json.loads((root / "runs" / "mixture" / "plan.json").read_text())["mixture"]
+    assert [m["samples_per_epoch"] for m in mixture] == [213, 107]
 
 
 def test_how_each_kind_of_command_runs() -> None:
@@ -202,6 +209,10 @@ def test_how_each_kind_of_command_runs() -> None:
     assert how_to_run("make demo")[0] == "make -n demo"
     assert how_to_run(". .venv/bin/activate")[0] is None
     assert how_to_run("tunefleet train recipes/demo.yaml")[0] == f"tunefleet train recipes/demo.yaml {SHORT}"
+    assert (
+        how_to_run("tunefleet train recipes/mixture.yaml")[0]
+        == f"tunefleet train recipes/mixture.yaml {SHORT}"
+    )
     assert readme_commands("```bash\ntunefleet train recipes/q.yaml  # Qwen3, 'quoted #'\n```") == [
         "tunefleet train recipes/q.yaml"
     ]

@@ -628,3 +628,127 @@ def test_the_first_rows_check_catches_a_wrong_fast_path(monkeypatch) -> None:
     got, stats, notes = batched(rows, cfg, tok)
     assert got == want and stats["reference_rows"] > 0
     assert notes and "batched tokenisation turned off" in notes[0]
+
+
+# ----------------------------------------------------------------------------- data.mixture
+
+ALPACA, CHAT = DEMO_DATA / "alpaca_demo.jsonl", DEMO_DATA / "chat_demo.jsonl"
+
+
+def _mixture(tmp_path: Path, alpaca: Path = ALPACA, chat: Path = CHAT, *extra: str) -> R.Recipe:
+    """The demo recipe over a mixture of alpaca rows (first 40) and chat rows (first 30), 2:1."""
+    return R.load(
+        DEMO,
+        [
+            f"output_dir={tmp_path / 'run'}",
+            "data.path=",
+            f"data.mixture=[{{path: {alpaca}, weight: 2, limit: 40}}, "
+            f"{{path: {chat}, format: messages, limit: 30}}]",
+            *extra,
+        ],
+    )
+
+
+def test_a_mixture_is_tokenised_source_by_source_in_its_own_format(tmp_path: Path) -> None:
+    """Each source is tokenised with its own format (as the reference tokenises it alone), laid end
+    to end in the cache; its example counts are in meta.json for the sampler; data.eval_ratio holds
+    out the first rows of every source."""
+    tok = tokenizer("tiny")
+    recipe = _mixture(tmp_path, ALPACA, CHAT, "data.eval_ratio=0.1")
+    made = prep.make_cache(recipe, tok, show=False)
+    want_train, want_eval = [], []
+    for source, limit in zip(R.data_sources(recipe.data), (40, 30), strict=True):
+        rows = D.load_rows(source.data.path, limit=limit)
+        train, held_out = D.split_eval(rows, 0.1)
+        want_train += D.build_dataset(train, cfg=source.data, tokenizer=tok, where="x")[0]
+        want_eval += D.build_dataset(held_out, cfg=source.data, tokenizer=tok, where="x")[0]
+    assert made.train.to_list() == want_train and made.eval.to_list() == want_eval
+    assert made.source_examples == [36, 27] and made.eval_row_count == 4 + 3
+    assert [s["format"] for s in made.train_sources] == ["alpaca", "messages"]
+    assert made.train_stats["rows"] == 63 and made.rows[0] == D.load_rows(str(ALPACA))[4]  # first source
+    again = prep.load_cache(made.cache_dir)  # what the other ranks and later runs read
+    assert again is not None and again.source_examples == [36, 27]
+
+
+def test_a_bad_mixture_source_is_named(tmp_path: Path) -> None:
+    empty, no_answers = tmp_path / "empty.jsonl", tmp_path / "no_answers.jsonl"
+    empty.write_text("\n")
+    no_answers.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(DataError, match=r"data.mixture\[1\].path: '.*empty.jsonl' holds no rows"):
+        prep._read_splits(_mixture(tmp_path, ALPACA, empty).data)
+    with pytest.raises(
+        DataError, match=r"data.mixture\[0\].path: data file '.*missing.jsonl' does not exist"
+    ):
+        prep._read_splits(_mixture(tmp_path, tmp_path / "missing.jsonl", CHAT).data)
+    with pytest.raises(DataError, match="no_answers.jsonl row 1: .*no assistant turn"):
+        prep.make_cache(_mixture(tmp_path, ALPACA, no_answers), tokenizer("tiny"), show=False)
+    with pytest.raises(DataError, match=r"data.mixture\[1\].path=.*: data.eval_ratio=0.1 of 1 rows"):
+        prep._read_splits(_mixture(tmp_path, ALPACA, no_answers, "data.eval_ratio=0.1").data)
+
+
+def test_the_data_fingerprint_covers_every_source(tmp_path: Path) -> None:
+    """Changing one source's bytes changes the fingerprint a resume is checked against (and the
+    cache key); the weights are a recipe change (refused on resume by the recipe diff), not a data
+    one. A single data.path keeps the fingerprint it had before mixtures existed."""
+    import hashlib
+
+    from tunefleet.launch.core.data_identity import data_fingerprint, hash_source
+
+    chat = tmp_path / "chat.jsonl"
+    chat.write_bytes(CHAT.read_bytes())
+    recipe = _mixture(tmp_path, ALPACA, chat)
+    before = data_fingerprint(recipe.data)
+    tok = tokenizer("tiny")
+    key = prep.fingerprint(recipe, tok)[0]
+    assert data_fingerprint(_mixture(tmp_path, ALPACA, chat, "data.max_length=64").data) == before
+    reweighted = R.load(
+        DEMO, ["output_dir=x", "data.path=", f"data.mixture=[{{path: {ALPACA}}}, {{path: {chat}}}]"]
+    )
+    assert data_fingerprint(reweighted.data) == before
+    assert data_fingerprint(_mixture(tmp_path, chat, ALPACA).data) != before  # the order of the sources
+    chat.write_bytes(CHAT.read_bytes().replace(b"Bangkok", b"Bangkoq"))
+    assert data_fingerprint(recipe.data) != before and prep.fingerprint(recipe, tok)[0] != key
+    single = R.load(DEMO, ["output_dir=x"])
+    h = hashlib.sha256()
+    hash_source(h, single.data.path, "train")
+    assert data_fingerprint(single.data) == h.hexdigest()[:16]
+
+
+def test_plan_shows_each_source_before_and_after_prepare(
+    tmp_path: Path, capsys, tiny_model_dir: Path
+) -> None:
+    """`tunefleet plan`: rows per source (after its limit and hold-out), weight, the samples and the
+    share of each epoch; after `tunefleet prepare`, examples per source."""
+    from tunefleet.launch.plan import render_plan
+    from tunefleet.launch.plan_inputs import make_plan
+
+    sets = [
+        f"output_dir={tmp_path / 'run'}",
+        "data.path=",
+        f"data.mixture=[{{path: {ALPACA}, weight: 3}}, {{path: {CHAT}, format: messages, limit: 40}}]",
+        "data.eval_ratio=0.1",
+        "data.max_length=48",
+    ]
+    plan = make_plan(str(DEMO), sets)
+    assert plan["source_rows"] == 136 + 200 and plan["eval_rows"] == 13 + 4  # before the limit
+    assert plan["dataset_rows"] == 123 + 36 == sum(m["samples_per_epoch"] for m in plan["mixture"])
+    first, second = plan["mixture"]
+    assert (first["rows"], first["weight_share"], first["samples_per_epoch"]) == (123, 0.75, 119)
+    assert (second["rows"], second["samples_per_epoch"], second["passes_per_epoch"]) == (36, 40, 1.11)
+    assert second["share"] == round(40 / 159, 4) and second["format"] == "messages"
+    text = render_plan(plan)
+    shown = f"{CHAT} (messages): 36 rows, weight 1 -> 25.2% of each epoch (40 samples, 1.11 passes)"
+    assert re.search(rf"\n  data\.mixture\[1\] +{re.escape(shown)}\n", text), text
+    from tunefleet.launch import cli
+
+    assert cli.main(["prepare", str(DEMO), *[x for s in sets for x in ("--set", s)]]) == 0
+    out = capsys.readouterr().out
+    assert f"  data.mixture[0]: {ALPACA} (alpaca): 123 rows -> 123 examples\n" in out
+    assert f"  data.mixture[1]: {CHAT} (messages): 36 rows -> " in out
+    after = make_plan(str(DEMO), sets)
+    examples = [m["rows"] for m in after["mixture"]]
+    assert after["data_counted"] == "examples" and sum(examples) == after["dataset_rows"]
+    assert examples[0] == 123 and examples[1] < 36  # chat rows lose every answer token at 48 tokens
+    assert "examples, weight 1" in render_plan(after)
+    heavy = make_plan(str(DEMO), [*sets[:2], sets[2].replace("limit: 40", "limit: 10, weight: 20")])
+    assert any("data.mixture[1] (" in w and "times per epoch" in w for w in heavy["warnings"])

@@ -300,3 +300,65 @@ def start_recipe(out: Path, nproc: int, *extra: str) -> subprocess.Popen:
     cmd += ["-m", "tunefleet.distributed.sft", *cli_args(out, *extra)]
     log = open(out.parent / f"{out.name}-{time.monotonic_ns()}.log", "w")  # noqa: SIM115
     return subprocess.Popen(cmd, env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_a_mixture_resumes_in_its_exact_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mixture (alpaca 2 : chat 1, 48 examples: 6 steps per epoch) stopped at step 4 and resumed
+    continues the mixture's sample order exactly, across the epoch boundary: the same micro batches
+    and the same losses as the uninterrupted run, on 1 process and on 2; other weights are refused."""
+    from tests.test_train import MIXTURE, recording_sampler
+
+    data = MIXTURE.parent / "data"
+    sets = [
+        f"data.mixture=[{{path: {data / 'alpaca_demo.jsonl'}, weight: 2, limit: 24}}, "
+        f"{{path: {data / 'chat_demo.jsonl'}, format: messages, limit: 24}}]",
+        "data.eval_ratio=0",
+        "data.max_length=128",
+        "batch.micro_batch_size=4",
+        "batch.global_batch_size=8",
+        "train.max_steps=8",
+        "train.logging_steps=1",
+        "train.save_steps=1",
+        "checkpoint.keep_last=null",
+    ]
+    seen = recording_sampler(monkeypatch)
+    reference = tmp_path / "reference"
+    assert sft.run(R.load(MIXTURE, [f"output_dir={reference}", *sets])) == 0
+    full = list(seen)
+    seen.clear()
+    assert json.loads((reference / "plan.json").read_text())["steps_per_epoch"] == 6  # 8 steps cross an epoch
+    out = tmp_path / "resumed"
+    assert sft.run(R.load(MIXTURE, [f"output_dir={out}", *sets]), resume=str(reference / "checkpoint-4")) == 0
+    accum = 2
+    assert seen[: 4 * accum] == full[4 * accum : 8 * accum]  # steps 5-8: the rest of epoch 0, then epoch 1
+    got, want = losses(out), losses(reference)
+    assert sorted(got) == [5, 6, 7, 8] and max(abs(got[s] - want[s]) for s in got) <= 1e-6
+    # the same checkpoint resumed on 2 processes (DDP, gloo; accumulation 2 -> 1): the same losses
+    two = tmp_path / "two"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+    ]
+    cmd += ["--master_port", str(free_port()), "-m", "tunefleet.distributed.sft", "--recipe", str(MIXTURE)]
+    cmd += [a for s in [f"output_dir={two}", *sets] for a in ("--set", s)]
+    done = subprocess.run(
+        [*cmd, "--resume", str(reference / "checkpoint-4")],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    got = losses(two)
+    assert sorted(got) == [5, 6, 7, 8] and max(abs(got[s] - want[s]) for s in got) <= 1e-5
+    reweighted = [x.replace("weight: 2", "weight: 3") for x in sets]
+    with pytest.raises(TunefleetError, match=r"data.mixture: \[\{'path'"):  # other weights: refused
+        sft.run(
+            R.load(MIXTURE, [f"output_dir={tmp_path / 'other'}", *reweighted]),
+            resume=str(reference / "checkpoint-4"),
+        )

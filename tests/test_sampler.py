@@ -6,13 +6,14 @@ split) is `tests/test_batch_equivalence.py`.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 
 import pytest
 
-from tunefleet.distributed.sampler import GlobalBatchSampler, epoch_order
+from tunefleet.distributed.sampler import GlobalBatchSampler, epoch_order, mixture_order
 from tunefleet.distributed.sampler import global_batches as _global_batches
-from tunefleet.launch.core.batch import plan_batch, plan_schedule
+from tunefleet.launch.core.batch import mixture_counts, plan_batch, plan_schedule
 
 SEED = 42
 
@@ -48,7 +49,7 @@ def make_sampler(rows: int, *, global_: int, micro: int, world: int, rank: int) 
         dataset_rows=rows, global_batch_size=global_, epochs=1, max_steps=-1, warmup_ratio=0
     )
     return GlobalBatchSampler(
-        rows, batch=batch, steps_per_epoch=schedule.steps_per_epoch, rank=rank, seed=SEED
+        [rows], batch=batch, steps_per_epoch=schedule.steps_per_epoch, rank=rank, seed=SEED
     )
 
 
@@ -210,12 +211,12 @@ def test_seek_to_a_later_epoch_matches_that_epoch() -> None:
 
 def test_a_schedule_that_does_not_fit_the_rows_is_refused() -> None:
     batch = plan_batch(micro_batch_size=2, global_batch_size=8, max_length=8, world_size=2)
-    GlobalBatchSampler(100, batch=batch, steps_per_epoch=12, rank=1, seed=SEED)  # 96 of 100 rows
+    GlobalBatchSampler([100], batch=batch, steps_per_epoch=12, rank=1, seed=SEED)  # 96 of 100 rows
     for steps in (11, 13):
         with pytest.raises(ValueError, match="do not fit 100 rows"):
-            GlobalBatchSampler(100, batch=batch, steps_per_epoch=steps, rank=0, seed=SEED)
+            GlobalBatchSampler([100], batch=batch, steps_per_epoch=steps, rank=0, seed=SEED)
     with pytest.raises(ValueError, match="rank 2 is not in a world of 2"):
-        GlobalBatchSampler(100, batch=batch, steps_per_epoch=12, rank=2, seed=SEED)
+        GlobalBatchSampler([100], batch=batch, steps_per_epoch=12, rank=2, seed=SEED)
 
 
 # ----------------------------------------------------------------------------- grouped by length
@@ -238,7 +239,7 @@ def grouped_sampler(
 ) -> GlobalBatchSampler:
     batch = plan_batch(micro_batch_size=micro, global_batch_size=global_, max_length=8, world_size=world)
     return GlobalBatchSampler(
-        rows, batch=batch, steps_per_epoch=rows // global_, rank=rank, seed=SEED, lengths=lengths
+        [rows], batch=batch, steps_per_epoch=rows // global_, rank=rank, seed=SEED, lengths=lengths
     )
 
 
@@ -319,3 +320,112 @@ def test_seek_to_step_is_the_position_after_that_step() -> None:
             s.seek_to_step(k, total_steps=24)
             s.set_epoch(k // 8)
             assert list(s) == []
+
+
+# ----------------------------------------------------------------------------- weighted mixtures
+
+MIXES = [
+    ([30, 50], [3.0, 1.0]),  # the small source is repeated, the big one subsampled
+    ([40, 40, 21], [1.0, 1.0, 2.0]),
+    ([7, 93], [1.0, 1.0]),  # equal weights on unequal sources: the small one ~7 passes
+    ([100, 5], [1.0, 0.01]),  # a tiny share
+]
+
+
+def source_of(i: int, sizes: list[int]) -> int:
+    """The source a sample index (into the sources laid end to end) belongs to."""
+    for s, end in enumerate(itertools.accumulate(sizes)):
+        if i < end:
+            return s
+    raise AssertionError(i)
+
+
+def mixture_sampler(
+    sizes: list[int], weights: list[float], *, global_: int, micro: int, world: int, rank: int, **kw: object
+) -> GlobalBatchSampler:
+    batch = plan_batch(micro_batch_size=micro, global_batch_size=global_, max_length=8, world_size=world)
+    schedule = plan_schedule(
+        dataset_rows=sum(sizes), global_batch_size=global_, epochs=1, max_steps=-1, warmup_ratio=0
+    )
+    return GlobalBatchSampler(
+        sizes,
+        weights=weights,
+        batch=batch,
+        steps_per_epoch=schedule.steps_per_epoch,
+        rank=rank,
+        seed=SEED,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.mark.parametrize(("sizes", "weights"), MIXES)
+def test_each_epoch_shares_the_rows_out_by_weight(sizes: list[int], weights: list[float]) -> None:
+    """An epoch keeps the total row count; source s gives round(total x w_s / sum w) samples (within
+    one, largest remainder), every row of a source once per whole pass, and the epochs differ."""
+    total = sum(sizes)
+    counts = mixture_counts(sizes, weights)
+    assert sum(counts) == total
+    for s, w in enumerate(weights):
+        assert abs(counts[s] - total * w / sum(weights)) < 1
+    orders = []
+    for epoch in range(3):
+        order = mixture_order(sizes, weights, seed=SEED, epoch=epoch)
+        assert len(order) == total and order == mixture_order(sizes, weights, seed=SEED, epoch=epoch)
+        assert Counter(source_of(i, sizes) for i in order) == {s: c for s, c in enumerate(counts) if c}
+        for s, (size, count) in enumerate(zip(sizes, counts, strict=True)):
+            seen = Counter(i for i in order if source_of(i, sizes) == s)
+            passes, rest = divmod(count, size)
+            assert (
+                sorted(seen.values()) == sorted([passes + 1] * rest + [passes] * (size - rest))[-len(seen) :]
+            )
+        orders.append(order)
+    assert orders[0] != orders[1] != orders[2]
+    assert orders[0] != mixture_order(sizes, weights, seed=SEED + 1, epoch=0)
+
+
+def test_one_source_is_the_plain_epoch_order() -> None:
+    """A mixture of one source (data.mixture with one entry) orders exactly as data.path does."""
+    from tunefleet.distributed.sampler import epoch_samples
+
+    assert epoch_samples([37], [5.0], seed=SEED, epoch=2) == epoch_order(37, seed=SEED, epoch=2)
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["in-order", "grouped"])
+@pytest.mark.parametrize(("sizes", "weights"), MIXES)
+def test_mixture_steps_are_the_same_for_world_size_1_and_2(
+    sizes: list[int], weights: list[float], grouped: bool
+) -> None:
+    """Every optimizer step holds the same samples on 1 process (accumulation 4) and on 2 (2 each),
+    with and without batch.group_by_length; and they are the mixture's order."""
+    lengths = long_tailed_lengths(sum(sizes)) if grouped else None
+    steps: dict[int, list[list[int]]] = {}
+    for world in (1, 2):
+        per_rank = []
+        for rank in range(world):
+            s = mixture_sampler(sizes, weights, global_=8, micro=1, world=world, rank=rank, lengths=lengths)
+            s.set_epoch(1)
+            per_rank.append(list(s))
+        accum = 8 // world
+        steps[world] = [step_union(per_rank, k, accum) for k in range(sum(sizes) // 8)]
+    order = mixture_order(sizes, weights, seed=SEED, epoch=1)
+    assert steps[1] == steps[2] == [sorted(order[k * 8 : (k + 1) * 8]) for k in range(sum(sizes) // 8)]
+
+
+def test_mixture_seek_matches_the_full_pass() -> None:
+    """Resuming a mixture: seeking to (epoch, step) continues the order exactly (no replay)."""
+    sizes, weights = [30, 50], [3.0, 1.0]
+    lengths = long_tailed_lengths(80)
+    for rank in range(2):
+        full = mixture_sampler(sizes, weights, global_=8, micro=2, world=2, rank=rank, lengths=lengths)
+        full.set_epoch(2)
+        everything = list(full)
+        s = mixture_sampler(sizes, weights, global_=8, micro=2, world=2, rank=rank, lengths=lengths)
+        s.seek(epoch=2, step_in_epoch=3)
+        assert list(s) == everything[3 * 2 :]
+
+
+def test_a_bad_mixture_is_refused() -> None:
+    batch = plan_batch(micro_batch_size=2, global_batch_size=8, max_length=8, world_size=1)
+    for sizes, weights in (([10, 0], [1.0, 1.0]), ([10, 10], [1.0, 0.0]), ([10, 10], [1.0])):
+        with pytest.raises(ValueError, match="positive size and weight per source"):
+            GlobalBatchSampler(sizes, weights=weights, batch=batch, steps_per_epoch=2, rank=0, seed=SEED)

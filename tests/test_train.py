@@ -251,3 +251,51 @@ def test_plan_json_total_steps_is_what_the_trainer_runs(tmp_path: Path) -> None:
     assert plan["steps_per_epoch"] == plan["in_effect"]["steps_per_epoch"] == examples // 8
     trained = [r["step"] for r in metrics(out) if "loss" in r]
     assert plan["total_steps"] == trained[-1] == 2 * (examples // 8)
+
+
+MIXTURE = DEMO.parent / "mixture.yaml"
+
+
+def recording_sampler(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    """The micro batches the trainer's data loader takes from its sampler, in order."""
+    from tunefleet.distributed import trainer as trainer_mod
+
+    seen: list[list[int]] = []
+
+    class Recording(trainer_mod.GlobalBatchSampler):
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            for rows in super().__iter__():
+                seen.append(list(rows))
+                yield rows
+
+    monkeypatch.setattr(trainer_mod, "GlobalBatchSampler", Recording)
+    return seen
+
+
+def test_the_mixture_recipe_trains_on_both_sources_by_weight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """recipes/mixture.yaml for one epoch: plan.json has each source's examples and share, and the
+    samples trained are exactly the epoch's mixture order: 2:1 from the alpaca and the chat source."""
+    from collections import Counter
+
+    from tunefleet.distributed.sampler import mixture_order
+
+    seen = recording_sampler(monkeypatch)
+    out = tmp_path / "run"
+    recipe = R.load(MIXTURE, [f"output_dir={out}", "train.epochs=1", "train.save_steps=0"])
+    assert sft.run(recipe) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    alpaca, chat = plan["mixture"]
+    assert (alpaca["format"], chat["format"]) == ("alpaca", "messages")
+    assert (alpaca["rows"], chat["rows"]) == (130, 190)  # 5% of 136 and of 200 held out, nothing dropped
+    assert (alpaca["samples_per_epoch"], chat["samples_per_epoch"]) == (213, 107)
+    assert (alpaca["share"], chat["share"]) == (0.6656, 0.3344) and alpaca["weight_share"] == 0.6667
+    assert plan["eval_rows"] == 6 + 10 and plan["in_effect"]["train_examples"] == 320
+    steps = plan["total_steps"]
+    assert steps == 20 and plan["dropped_rows_per_epoch"] == 0
+    trained = [i for rows in seen[: steps * plan["grad_accum_steps"]] for i in rows]
+    assert sorted(trained) == sorted(mixture_order([130, 190], [2.0, 1.0], seed=42, epoch=0))
+    by_source = Counter("alpaca" if i < 130 else "chat" for i in trained)
+    assert by_source == {"alpaca": 213, "chat": 107}
+    assert [r["samples_seen"] for r in metrics(out) if "loss" in r][-1] == 320

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -286,6 +286,19 @@ def split_rows(rows: int, *, limit: int | None, eval_ratio: float) -> tuple[int,
         rows = min(rows, limit)
     held_out = held_out_rows(rows, eval_ratio)
     return rows - held_out, held_out
+
+
+def mixture_counts(sizes: Sequence[int], weights: Sequence[float]) -> list[int]:
+    """Samples each source contributes to one epoch of a mixture: the epoch keeps the total row count,
+    shared out by weight (largest remainder, ties to the earlier source). The sampler draws them, the
+    planner shows them."""
+    total, norm = sum(sizes), sum(weights)
+    exact = [total * w / norm for w in weights]
+    counts = [int(x) for x in exact]
+    by_remainder = sorted(range(len(sizes)), key=lambda s: (-(exact[s] - counts[s]), s))
+    for s in by_remainder[: total - sum(counts)]:
+        counts[s] += 1
+    return counts
 
 
 def count_warmup_steps(total_steps: int, warmup_ratio: float) -> int:

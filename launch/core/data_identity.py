@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tunefleet.launch.core.recipe import DataConfig
+from tunefleet.launch.core.recipe import DataConfig, data_sources
 
 
 def hash_source(h: Any, source: str, split: str) -> str:
@@ -38,8 +38,13 @@ def hash_source(h: Any, source: str, split: str) -> str:
 
 
 def hash_data(h: Any, data: DataConfig) -> dict[str, str]:
-    """Feed data.path (and data.eval_path) into `h`; return how each was identified."""
-    sources = {"path": hash_source(h, data.path, data.split)}
+    """Feed every training source (data.path, or each data.mixture entry, in order) and
+    data.eval_path into `h`; return how each was identified, by its recipe key."""
+    sources = {}
+    for source in data_sources(data):
+        if data.mixture is not None:
+            h.update(f"{source.where}\0".encode())
+        sources[source.where.removeprefix("data.")] = hash_source(h, source.data.path, data.split)
     if data.eval_path:
         h.update(b"eval\0")
         sources["eval_path"] = hash_source(h, data.eval_path, data.split)

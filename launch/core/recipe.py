@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -164,25 +165,51 @@ class PeftConfig:
 
 
 @dataclass(kw_only=True, slots=True)
-class DataConfig:
+class MixtureSource:
     path: str
     """A local JSONL/JSON/Parquet file, a directory saved with `datasets`, or a Hub dataset name."""
 
+    format: DataFormat | None = None
+    """The format of this source's rows; None takes `data.format`."""
+
+    weight: float = 1.0
+    """This source's share of every epoch, relative to the other sources' weights (> 0)."""
+
+    limit: int | None = None
+    """Use only the first N rows of this source (before its evaluation hold-out)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    path: str = ""
+    """A local JSONL/JSON/Parquet file, a directory saved with `datasets`, or a Hub dataset name.
+    Leave it out when `mixture` lists the sources."""
+
     format: DataFormat = "alpaca"
     """`alpaca` (instruction/input/output), `messages` (chat turns rendered with the model's
-    chat template), `text` (plain text), `prompt-completion`."""
+    chat template), `text` (plain text), `prompt-completion`. With a mixture: the format of the
+    sources that name none, and of `eval_path`."""
+
+    mixture: list[MixtureSource] | None = None
+    """Several training sources instead of `path`: a list of {path, format, weight, limit}. Each
+    epoch keeps the total example count of all sources and shares it out by weight (a source whose
+    share exceeds its examples repeats them, reshuffled; one below gives a fresh random subset
+    each epoch), deterministic from train.seed and the epoch, never the world size. `eval_ratio`
+    holds out the first rows of every source."""
 
     split: str = "train"
     """Split to read from a dataset name or directory."""
 
     eval_path: str | None = None
-    """Separate evaluation data (same format); None uses `eval_ratio` or no evaluation."""
+    """Separate evaluation data (in `format`); None uses `eval_ratio` or no evaluation."""
 
     eval_ratio: float = 0.0
-    """Fraction of rows held out for evaluation (the first rows, as seed 003 does)."""
+    """Fraction of rows held out for evaluation (the first rows, as seed 003 does; with a mixture,
+    the first rows of every source)."""
 
     limit: int | None = None
-    """Use only the first N rows of the training data (before the eval split)."""
+    """Use only the first N rows of the training data (before the eval split). With a mixture, each
+    source takes its own `limit` instead."""
 
     max_length: int = 2048
     """Sequences are truncated to this many tokens."""
@@ -357,6 +384,38 @@ SECTIONS: dict[str, type] = {
 }
 
 
+class DataSource(typing.NamedTuple):
+    """One training source of a recipe as the data code reads it."""
+
+    where: str
+    """The recipe key that names it: `data.path` or `data.mixture[i].path` (for messages)."""
+    data: DataConfig
+    """The data section with this source's path, format and limit (every other setting shared)."""
+    weight: float
+    """Its weight in the mixture (1.0 for a single source)."""
+
+
+def data_sources(d: DataConfig) -> list[DataSource]:
+    """The training sources of a data section, in order: `data.path` alone, or each mixture entry."""
+    if d.mixture is None:
+        return [DataSource("data.path", d, 1.0)]
+    return [
+        DataSource(
+            f"data.mixture[{i}].path",
+            dataclasses.replace(d, path=s.path, format=s.format or d.format, limit=s.limit, mixture=None),
+            s.weight,
+        )
+        for i, s in enumerate(d.mixture)
+    ]
+
+
+def stats_format(d: DataConfig) -> str:
+    """The format that counts of the whole training split are worded for: the sources' one, or
+    `mixed` (answers, not texts, are what truncation cuts unless every source is `text`)."""
+    formats = {s.data.format for s in data_sources(d)}
+    return formats.pop() if len(formats) == 1 else "mixed"
+
+
 # ----------------------------------------------------------------------------- type checking
 
 
@@ -374,6 +433,8 @@ def _type_name(tp: Any) -> str:
     if origin is dict:
         key_tp, value_tp = get_args(tp)
         return f"mapping of {_type_name(key_tp)} to {_type_name(value_tp)}"
+    if dataclasses.is_dataclass(tp):
+        return f"mapping of {', '.join(f.name for f in dataclasses.fields(tp))}"
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
@@ -382,8 +443,12 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check `value` against the annotation `tp`; return it (ints are accepted for floats)."""
     origin = get_origin(tp)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return _build(tp, value, f"{where}.")
     if origin in (Union, types.UnionType):
         for option in get_args(tp):
+            if isinstance(value, list) and get_origin(option) is list:
+                return _coerce(value, option, where)  # a list's own errors say which item is wrong
             try:
                 return _coerce(value, option, where)
             except RecipeError:
@@ -740,7 +805,15 @@ def _validate_lora_optimizers(p: PeftConfig, t: TrainConfig) -> None:
 
 
 def _validate_data(d: DataConfig) -> None:
-    _check(bool(d.path.strip()), "data.path", "is empty", "name a data file, directory or dataset")
+    if d.mixture is None:
+        _check(
+            bool(d.path.strip()),
+            "data.path",
+            "is empty",
+            "name a data file, directory or dataset (or list several sources in data.mixture)",
+        )
+    else:
+        _validate_mixture(d)
     _check(d.max_length > 0, "data.max_length", f"must be > 0, got {d.max_length}", "use e.g. 2048")
     _check(
         0 <= d.eval_ratio < 1,
@@ -766,6 +839,43 @@ def _validate_data(d: DataConfig) -> None:
         f"must be >= 1 or null, got {d.num_proc}",
         "drop it (one process per CPU core) or use e.g. 4",
     )
+
+
+def _validate_mixture(d: DataConfig) -> None:
+    assert d.mixture is not None
+    _check(
+        not d.path.strip(),
+        "data.path",
+        f"is set ({d.path!r}) together with data.mixture, which lists the sources",
+        "move it into data.mixture as one more source ({path: ..., weight: 1}), or drop data.mixture",
+    )
+    _check(
+        bool(d.mixture),
+        "data.mixture",
+        "is an empty list",
+        "list the sources as {path, format, weight, limit} mappings, or use data.path for one",
+    )
+    _check(
+        d.limit is None,
+        "data.limit",
+        "is set together with data.mixture, where each source takes its own limit",
+        "drop data.limit and set data.mixture[i].limit on the sources to cut",
+    )
+    for i, s in enumerate(d.mixture):
+        where = f"data.mixture[{i}]"
+        _check(bool(s.path.strip()), f"{where}.path", "is empty", "name a data file, directory or dataset")
+        _check(
+            s.weight > 0 and math.isfinite(s.weight),
+            f"{where}.weight",
+            f"must be a number > 0, got {s.weight}",
+            "use a positive proportion, e.g. 1 (drop the source to leave it out)",
+        )
+        _check(
+            s.limit is None or s.limit > 0,
+            f"{where}.limit",
+            f"must be > 0, got {s.limit}",
+            "drop it or use a positive count",
+        )
 
 
 def _validate_train(t: TrainConfig) -> None:
@@ -977,12 +1087,13 @@ def _resolve_data_paths(recipe: Recipe, base: Path) -> Recipe:
     """Relative data paths that exist next to the recipe file are made absolute (anything else is
     left as written: a path relative to the working directory, or a dataset name)."""
     d = recipe.data
-    for name in ("path", "eval_path"):
-        value = getattr(d, name)
+    named: list[tuple[Any, str]] = [(d, "path"), (d, "eval_path"), *((s, "path") for s in d.mixture or [])]
+    for holder, name in named:
+        value = getattr(holder, name)
         if not value or Path(value).expanduser().is_absolute() or value.startswith("~"):
             continue
         if (base / value).exists():
-            setattr(d, name, str((base / value).resolve()))
+            setattr(holder, name, str((base / value).resolve()))
         else:
             _LOOKED_UP_NEXT_TO[value] = base
     return recipe
@@ -1029,7 +1140,7 @@ HARMLESS_ON_RESUME = (
 """Keys that may change between a checkpoint and its resumption without changing the training
 (logging, node count, micro batch and thus accumulation, ...). Everything else must match: the
 evaluation split included (`data.eval_ratio` holds out the first rows, so changing it changes the
-training rows and their order)."""
+training rows and their order; so does `data.mixture`, its sources, weights and limits)."""
 
 
 def _flatten(data: dict[str, Any]) -> dict[str, Any]:

@@ -90,8 +90,8 @@ def check_output_location(recipe: Recipe) -> None:
             f"{what} {'' if existing != out else repr(str(out)) + ' '}is not writable by this user",
             "choose a directory you can write to (or fix its permissions)",
         )
-    for key in ("path", "eval_path"):
-        value = getattr(recipe.data, key)
+    named = [(s.where, s.data.path) for s in recipe_mod.data_sources(recipe.data)]
+    for key, value in [*named, ("data.eval_path", recipe.data.eval_path)]:
         if not value:
             continue
         data = Path(value).expanduser().absolute()
@@ -99,13 +99,13 @@ def check_output_location(recipe: Recipe) -> None:
             continue  # a dataset name, or a file the data loader will report
         if data.is_dir() and (out == data or data in out.parents):
             raise RunDirError(
-                f"output_dir {str(out)!r} is inside the data directory data.{key}={str(data)!r}: its "
+                f"output_dir {str(out)!r} is inside the data directory {key}={str(data)!r}: its "
                 "checkpoints and adapters would be read as data by every later run on that directory",
                 "put output_dir outside the data (e.g. runs/NAME next to it)",
             )
         if out in data.parents:
             raise RunDirError(
-                f"output_dir {str(out)!r} holds data.{key}={str(data)!r}: --overwrite would move the data "
+                f"output_dir {str(out)!r} holds {key}={str(data)!r}: --overwrite would move the data "
                 "aside with the old run",
                 "put output_dir outside the data (e.g. runs/NAME next to it)",
             )
@@ -201,7 +201,8 @@ def check_resume(
     saved = manifest.get("data_fingerprint")
     if saved is not None and saved != data_fingerprint:
         raise RunDirError(
-            f"the data changed since {Path(checkpoint).name} was written: data.path={recipe.data.path!r}"
+            f"the data changed since {Path(checkpoint).name} was written: "
+            + ", ".join(f"{s.where}={s.data.path!r}" for s in recipe_mod.data_sources(recipe.data))
             + (f" / data.eval_path={recipe.data.eval_path!r}" if recipe.data.eval_path else "")
             + f" no longer has the bytes it trained on (fingerprint {saved} -> {data_fingerprint}); resuming "
             "would continue its sample order over other rows",
