@@ -195,10 +195,12 @@ class SlurmCluster:
             f"{info}\n--- job output ---\n{self.output(info)}"
         )
 
-    def output(self, info: dict[str, str]) -> str:
+    def output(self, info: dict[str, str], *, tail: int | None = 4000) -> str:
+        """The job's output file: its last `tail` characters (the whole file with None)."""
         path = info.get("StdOut")
         try:
-            return Path(path).read_text()[-4000:] if path else ""
+            text = Path(path).read_text(errors="replace") if path else ""
+            return text[-tail:] if tail else text
         except OSError:
             return ""
 
