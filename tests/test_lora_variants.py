@@ -69,14 +69,14 @@ def eval_loss(model, out: Path) -> float:
     import torch
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from tunefleet.distributed.prepare import load_or_tokenize
+    from tunefleet.distributed.prepare import make_cache
     from tunefleet.launch.core import recipe as R
 
     recipe = R.load(out / "recipe.yaml")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(out / "final")
-    data = load_or_tokenize(recipe, tokenizer)
+    data = make_cache(recipe, tokenizer, show=False)
     collate = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
     micro = recipe.batch.micro_batch_size
     # TRL adds an MoE model's router load-balancing loss (x its config's coefficient), as the model does
