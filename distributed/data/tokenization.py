@@ -358,28 +358,6 @@ def _labelled_prefix(tokenizer: Any, r: Rendered, chars: int) -> tuple[list[int]
     return _labelled(tokenizer, clipped)
 
 
-def _tokenize_untruncated(
-    row: dict,
-    *,
-    fmt: str,
-    tokenizer: Any,
-    completion_only_loss: bool,
-    text_field: str,
-    messages_field: str,
-    where: str,
-) -> tuple[list[int], list[int]]:
-    r = render_row(
-        row,
-        fmt=fmt,
-        tokenizer=tokenizer,
-        completion_only_loss=completion_only_loss,
-        text_field=text_field,
-        messages_field=messages_field,
-        where=where,
-    )
-    return _labelled(tokenizer, r)
-
-
 def tokenize_example(
     row: dict,
     *,
@@ -395,7 +373,7 @@ def tokenize_example(
     equal length, at most `max_length`; label -100 = not trained on). See the module docstring
     for the formats and the masking. `where` (e.g. ``"data/chat.jsonl row 17"``) prefixes errors.
     """
-    input_ids, labels = _tokenize_untruncated(
+    rendered = render_row(
         row,
         fmt=fmt,
         tokenizer=tokenizer,
@@ -404,6 +382,7 @@ def tokenize_example(
         messages_field=messages_field,
         where=where or "row",
     )
+    input_ids, labels = _labelled(tokenizer, rendered)
     return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
 
 
