@@ -108,11 +108,12 @@ def run(
     trainer = _build_trainer(checked, schedule, model, args, tokenizer, data)
     model_mod.match_adapter_dtype(trainer.model, recipe)
     _check_and_report(trainer, checked, schedule, data, plan, precision, rank, adapter_init)
-    result = trainer.train(resume_from_checkpoint=checked.start.checkpoint)
-    if trainer.tf_stopped:
-        return _stop_for_requeue(trainer, rank, dist)
-    _finish(trainer, tokenizer, recipe, data, result, started, rank)
-    dist.wait_for_everyone()
+    with trainer.tf_stop:  # from here to the end, SIGTERM/SIGUSR1 mean: checkpoint and stop
+        result = trainer.train(resume_from_checkpoint=checked.start.checkpoint)
+        if trainer.tf_stopped:
+            return _stop_for_requeue(trainer, rank, dist)
+        _finish(trainer, tokenizer, recipe, data, result, started, rank)
+        dist.wait_for_everyone()
     return EXIT_OK
 
 
@@ -497,7 +498,6 @@ def _check_and_report(
             "gpu_peak_after_load_gib": peak_gpu_memory_gib(),
         }
         write_json(out / PLAN_FILE, {**plan, "in_effect": in_effect})
-    trainer.tf_stop.install()
 
 
 def _stop_for_requeue(trainer: Any, rank: Rank, dist: Any) -> int:
@@ -592,5 +592,21 @@ def _close_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _exit(code: int) -> None:
+    """Exit a process of the job. The other ranks of a multi-process run skip the interpreter's
+    teardown (`os._exit`, after flushing): the C++ threads of torch's communication libraries can
+    still abort it at exit ("terminate called without an active exception") after a run that
+    succeeded. Rank 0 runs its exit handlers: trackers may flush there."""
+    rank = Rank.from_env()
+    if rank.world_size > 1 and not rank.main:
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

@@ -73,14 +73,26 @@ def example_lengths(dataset: Any) -> list[int]:
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGUSR1; read at step boundaries. A second signal changes nothing."""
+    """Set by SIGTERM/SIGUSR1; read at step boundaries. A second signal changes nothing.
+
+    `with flag:` installs the handlers and puts back the ones before on leaving, so a caller that
+    trains in its own process (the tests, a notebook) is not left with a SIGTERM that only sets
+    a flag: processes it forks later would outlive a terminate."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self._before: dict[int, Any] = {}
 
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+    def __enter__(self) -> StopFlag:
+        self._before = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._before.items():
+            signal.signal(sig, handler)
+        self._before = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signal is None:

@@ -231,6 +231,37 @@ def test_first_bad_row_is_reported_as_the_reference_reports_it(tmp_path: Path) -
         )
 
 
+@pytest.mark.timeout(120)
+def test_a_failed_build_ends_its_workers_whatever_sigterm_did_in_the_parent(tmp_path: Path) -> None:
+    """A parent whose SIGTERM only sets a flag (a training run's handler, as a test or a notebook
+    that trained in-process leaves it) forks workers that must still die when the pool is
+    terminated after a bad row: the CI run once hung here for an hour. The hang is a race (a
+    worker left waiting for the pool's queue lock), so the build runs several times; before the
+    fix this reproduction hung within three."""
+    import signal
+
+    seen: list[int] = []
+    before = signal.signal(signal.SIGTERM, lambda signum, _frame: seen.append(signum))
+    try:
+        tok = tokenizer("tiny")
+        rows = alpaca_rows(300, seed=5)
+        rows[201] = {"instruction": "x", "output": 3}
+        for attempt in range(8):
+            with pytest.raises(DataError, match=r"row 202"):
+                parallel.build(
+                    rows,
+                    cfg=DataConfig(path="x"),
+                    tokenizer=tok,
+                    where="gen.jsonl",
+                    out_dir=tmp_path / str(attempt),
+                    procs=2,
+                )
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert multiprocessing.active_children() == []
+    assert seen == []  # the parent itself was sent nothing
+
+
 def test_template_runs_and_tokenised_characters_do_not_grow_with_the_turns(monkeypatch) -> None:
     """O(turns): after a shape's first rows, one template run per row; the tokenizer sees each
     conversation about once, not once per answer boundary as the reference does."""

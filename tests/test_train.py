@@ -78,6 +78,8 @@ def test_demo_learns_its_facts(tmp_path: Path) -> None:
 
 
 def test_final_adapter_loads_with_peft(tmp_path: Path) -> None:
+    import signal
+
     import torch
     from peft import AutoPeftModelForCausalLM, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -85,7 +87,10 @@ def test_final_adapter_loads_with_peft(tmp_path: Path) -> None:
     from tunefleet.distributed.demo_model import ensure_tiny_llama
 
     out = tmp_path / "run"
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
     assert sft.run(quick(out)) == 0
+    # the run's checkpoint-and-stop handlers are gone with it (forked processes would inherit them)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == before
     final = out / "final"
     assert (final / "adapter_config.json").exists() and (final / "adapter_model.safetensors").exists()
     tokenizer = AutoTokenizer.from_pretrained(final)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -70,6 +71,15 @@ _JOB: dict[str, Any] = {}
 
 _BATCHER: dict[int, Batcher] = {}
 """This process's Batcher (by process id: a forked worker makes its own)."""
+
+
+def _worker_signals() -> None:
+    """A worker takes the default SIGTERM/SIGUSR1 (die) whatever its parent had installed (a
+    training run's checkpoint-and-stop flag, a launcher's forwarding), so the pool's terminate
+    always ends it; Ctrl-C is the parent's to handle."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _run(task: tuple[int, int, int]) -> tuple[str | None, dict[str, int], list[str]]:
@@ -138,7 +148,9 @@ def build(
         with contextlib.ExitStack() as stack:
             if procs > 1:
                 stack.enter_context(_single_threaded_tokenizers())
-                pool = stack.enter_context(multiprocessing.get_context("fork").Pool(procs))
+                pool = stack.enter_context(
+                    multiprocessing.get_context("fork").Pool(procs, initializer=_worker_signals)
+                )
                 results: Iterator = pool.imap(_run, tasks)
             else:
                 results = map(_run, tasks)
