@@ -12,6 +12,7 @@ from transformers import TrainerCallback
 from tunefleet.launch import prep_report
 from tunefleet.launch.core.layout import FINAL_DIR, LOSS_PLOT, METRICS_FILE, read_jsonl
 from tunefleet.launch.core.recipe import stats_format
+from tunefleet.launch.core.versions import one_line
 from tunefleet.launch.params import describe_variants
 from tunefleet.launch.plan import mixture_rows
 
@@ -244,6 +245,7 @@ def start_rows(
         *[("compat", note) for note in checked.notes],
         *[("warning", w) for w in warnings],
         ("output", recipe.output_dir),
+        ("versions", one_line()),
     ]
 
 

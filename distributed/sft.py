@@ -456,6 +456,7 @@ def _check_and_report(
     wrapped); the run summary and plan.json on rank 0; the stop signals from here on."""
     from tunefleet.distributed import cpu_fsdp, guard
     from tunefleet.distributed.reporting import peak_gpu_memory_gib, print_table, start_rows
+    from tunefleet.launch.core.versions import versions
 
     recipe, out = checked.recipe, Path(checked.recipe.output_dir)
     expected = guard.expectation(recipe, checked.hw)
@@ -497,7 +498,7 @@ def _check_and_report(
             "weights_read_by_ranks": weights_read_by,
             "gpu_peak_after_load_gib": peak_gpu_memory_gib(),
         }
-        write_json(out / PLAN_FILE, {**plan, "in_effect": in_effect})
+        write_json(out / PLAN_FILE, {**plan, "versions": versions(), "in_effect": in_effect})
 
 
 def _stop_for_requeue(trainer: Any, rank: Rank, dist: Any) -> int:

@@ -272,10 +272,28 @@ def _add_generate(sub: Any) -> None:
     p.set_defaults(func=_generate)
 
 
+class _VersionAction(argparse.Action):
+    """`--version`: tunefleet's version and those of the libraries it runs on (read only when asked)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        from tunefleet.launch.core.versions import report
+
+        print(report())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tunefleet",
         description="Distributed LLM fine-tuning from one recipe: LoRA/QLoRA SFT on a workstation or a SLURM cluster.",
+    )
+    parser.add_argument(
+        "--version",
+        action=_VersionAction,
+        help="print the versions of tunefleet, Python, torch and the libraries a run depends on, then exit",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_train(sub)

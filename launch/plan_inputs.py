@@ -15,6 +15,7 @@ from tunefleet.launch.core import recipe as recipe_mod
 from tunefleet.launch.core.errors import RecipeError, TunefleetError
 from tunefleet.launch.core.layout import RESOLVED_RECIPE
 from tunefleet.launch.core.recipe import DataConfig, ModelConfig, Recipe
+from tunefleet.launch.core.versions import versions
 from tunefleet.launch.params import read_model_config
 from tunefleet.launch.plan import DataCounts, build_plan
 
@@ -166,7 +167,7 @@ def make_plan(
             prepared=found[0] if found else None,
             prepared_sources=[s["examples"] for s in found[2]] if found else (),
         )
-    return build_plan(
+    plan = build_plan(
         recipe,
         nodes=nodes,
         procs_per_node=gpus_per_node,
@@ -178,3 +179,4 @@ def make_plan(
         gpu_memory_gib=gpu_memory_gib,
         notes=notes,
     )
+    return {**plan, "versions": versions()}

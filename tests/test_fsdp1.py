@@ -61,7 +61,9 @@ def test_fsdp1_with_a_trainable_parameter_left_out_is_refused(seen: dict) -> Non
 @pytest.mark.slow
 def test_what_the_fsdp1_4bit_refusal_rests_on(seen: dict) -> None:
     qlora = seen["qlora"]
-    assert "Must flatten tensors with uniform dtype" in qlora["kbit_error"]
+    # FSDP1 refuses to flatten a layer PEFT's k-bit preparation left in mixed dtypes (fp32 norms
+    # beside 16-bit 4-bit storage); torch's wording is not part of the check, the refusal is
+    assert qlora["kbit_error"] is not None, "FSDP1 flattened a k-bit-prepared layer: revisit the refusal"
     assert len(qlora["losses"]) == 1  # tunefleet's sharded preparation flattens and trains
     assert qlora["params4bit_after"] > 0  # 4-bit weights re-registered outside the flat parameters
     assert qlora["params_after"] == qlora["params_before"] + qlora["params4bit_after"]

@@ -177,6 +177,12 @@ def test_batch_keys_are_auto() -> None:
 # ----------------------------------------------------------------------------- accelerate accepts
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _patch_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
     for key, value in env.items():
         if os.environ.get(key) != value:
@@ -217,19 +223,27 @@ def test_accelerate_accepts(name: str, tmp_path: Path, monkeypatch: pytest.Monke
     kind = config.distributed_type.value
     if kind == "FSDP":
         assert args.use_fsdp and not args.multi_gpu
-        _patch_env(monkeypatch, prepare_multi_gpu_env(args))
-        try:
-            plugin = FullyShardedDataParallelPlugin()
-        except RuntimeError as exc:  # FSDP1 + sync_module_states looks up the GPU last of all
-            assert "no available devices" in str(exc) and recipe.parallel.fsdp_version == 1
-            return
+        launch_env = prepare_multi_gpu_env(args)
+        _patch_env(monkeypatch, launch_env)
         par = recipe.parallel
+        efficient = hw.num_processes > 1  # rank 0 reads the weights, the others get them by broadcast
+        assert launch_env["FSDP_CPU_RAM_EFFICIENT_LOADING"] == str(efficient).lower()
+        if par.fsdp_version == 1 and not _has_cuda():
+            # FSDP1's plugin looks a GPU up for sync_module_states (which RAM-efficient loading turns
+            # on); without one it refuses, in words that change between accelerate releases. What
+            # reaches it is checked above; the rest of the plugin is built without that lookup.
+            # tunefleet's own refusal of FSDP1 on CPU: test_fsdp1_on_cpu_is_refused_before_training.
+            assert launch_env["FSDP_SYNC_MODULE_STATES"] == "true"
+            monkeypatch.setenv("FSDP_SYNC_MODULE_STATES", "false")
+            monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
+            efficient = False
+        plugin = FullyShardedDataParallelPlugin()
         assert plugin.fsdp_version == par.fsdp_version
         assert plugin.state_dict_type.name == (
             "FULL_STATE_DICT" if par.state_dict == "full" else "SHARDED_STATE_DICT"
         )
         assert plugin.auto_wrap_policy.__name__ == "transformer_auto_wrap_policy"
-        assert plugin.cpu_ram_efficient_loading == (hw.num_processes > 1)
+        assert plugin.cpu_ram_efficient_loading == efficient
         assert plugin.activation_checkpointing == (activation_checkpointing(recipe).where == "fsdp")
         if par.fsdp_version == 1:
             assert plugin.use_orig_params is False
@@ -757,3 +771,23 @@ def test_cpu_launch_starts_n_ranks(strategy: str, tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [f"rank{r}.json" for r in range(n)] + [f"usr1-{r}" for r in range(n)]
     )
+
+
+def test_fsdp1_on_cpu_is_refused_before_training(tmp_path: Path) -> None:
+    """What tunefleet does with FSDP1 on CPU processes, in its own words: refused before anything
+    is written or started (exit 2), with the reason and the fix; accelerate's wording is not read."""
+    from importlib import resources
+
+    out = tmp_path / "run"
+    demo = Path(str(resources.files("tunefleet.recipes"))) / "demo.yaml"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunefleet.launch.cli", "launch", str(demo), "--nproc", "2",
+         "--set", f"output_dir={out}", "--set", "parallel.strategy=fsdp", "--set", "parallel.fsdp_version=1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "parallel.fsdp_version: fsdp with FSDP1 needs GPUs" in proc.stderr
+    assert "fix: use parallel.fsdp_version=2 (runs on CPU), or run on GPUs" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
