@@ -3,21 +3,21 @@
 `find_adapter(path)` is the one place that knows the layout of a run directory, so `tunefleet
 merge` and `tunefleet generate` accept the same things:
 
-* a run directory (holds `recipe.yaml`): its `final/` adapter, else its newest complete checkpoint;
+* a run directory (holds `recipe.yaml`): its `final/` adapter, else its newest usable checkpoint;
 * a `final/` directory, or a `checkpoint-N/` directory: that adapter; the recipe is read from the
   run directory above it.
 
-A checkpoint counts when it holds the adapter weights and, when it has a manifest (tunefleet's
-atomic checkpoints, `distributed/checkpoint.py`), when that checkpoint is complete. FSDP
-checkpoints hold `torch.distributed.checkpoint` shards (`*.distcp`, for resuming) and, next to them,
-the adapter gathered from the shards (`final_adapter.save_checkpoint_adapter`): that adapter is the
-one used. A sharded checkpoint without it (written before tunefleet gathered one) is refused with
-an explanation.
+Which checkpoint is usable is the checkpoint format's one rule (`checkpoints.problem` and `scan`:
+marker, manifest, sizes and checksums), the same that resume applies: a checkpoint resume would
+refuse is refused here too, or passed over for an older one, saying so (`RunAdapter.note`). FSDP
+checkpoints hold `torch.distributed.checkpoint` shards (`*.distcp`, for resuming) and, next to
+them, the adapter gathered from the shards (`final_adapter.save_checkpoint_adapter`): that adapter
+is the one used. A sharded checkpoint without it (written before tunefleet gathered one) is refused
+with an explanation.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +28,6 @@ from tunefleet.launch.core.recipe import Recipe
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-_CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,6 +41,9 @@ class RunAdapter:
     recipe: Recipe
     """The resolved recipe the run was trained with."""
 
+    note: str | None = None
+    """Newer checkpoints passed over because they cannot be used, and why (printed by the commands)."""
+
     @property
     def label(self) -> str:
         """`final` or `checkpoint-N`, for messages."""
@@ -54,19 +56,6 @@ def has_adapter(path: Path) -> bool:
 
 def _is_sharded(path: Path) -> bool:
     return path.is_dir() and next(path.rglob("*.distcp"), None) is not None
-
-
-def usable_checkpoint(path: Path) -> bool:
-    """Holds the adapter weights and, if it is an atomic tunefleet checkpoint, is complete."""
-    if not has_adapter(path):
-        return False
-    return ckpt.is_complete(path) if (path / ckpt.MANIFEST).exists() else True
-
-
-def checkpoints(run_dir: Path) -> list[Path]:
-    """The run's checkpoint directories (complete or not), newest first."""
-    found = [p for p in run_dir.iterdir() if p.is_dir() and _CHECKPOINT_RE.fullmatch(p.name)]
-    return sorted(found, key=ckpt.step_of, reverse=True)
 
 
 def _sharded_error(path: Path) -> TunefleetError:
@@ -84,6 +73,32 @@ def _load_recipe(run_dir: Path) -> Recipe:
     return recipe_mod.load(run_dir / RESOLVED_RECIPE)
 
 
+def _run_adapter(run_dir: Path) -> tuple[Path, str | None]:
+    """A run directory's `final/` adapter, else its newest usable checkpoint (and what was passed over)."""
+    final = run_dir / FINAL_DIR
+    if has_adapter(final):
+        return final, None
+    scanned = ckpt.scan(run_dir)
+    if scanned.usable is None:
+        if scanned.passed_over:
+            raise TunefleetError(
+                f"run {str(run_dir)!r} has no {FINAL_DIR}/ adapter, and no checkpoint can be used: {scanned.note()}",
+                "restore the checkpoint's files from a backup, or train the run further",
+            )
+        raise TunefleetError(
+            f"run {str(run_dir)!r} has no {FINAL_DIR}/ adapter and no complete checkpoint",
+            "train it (or let it reach its first checkpoint) first",
+        )
+    if not has_adapter(scanned.usable):
+        if _is_sharded(scanned.usable):
+            raise _sharded_error(scanned.usable)
+        raise TunefleetError(
+            f"{scanned.usable} holds no adapter ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS[0]})",
+            f"use the run's {FINAL_DIR}/ once it has finished",
+        )
+    return scanned.usable, scanned.note()
+
+
 def find_adapter(path: str | Path) -> RunAdapter:
     """Resolve a run directory, a `final/` directory or a checkpoint directory (see the module doc)."""
     path = Path(path).expanduser()
@@ -93,41 +108,27 @@ def find_adapter(path: str | Path) -> RunAdapter:
             "pass a run's output_dir, its final/ directory or one of its checkpoint-N directories",
         )
     if (path / RESOLVED_RECIPE).is_file():  # a run directory
-        run_dir = path
-        final = path / FINAL_DIR
-        if has_adapter(final):
-            adapter = final
-        else:
-            candidates = checkpoints(path)
-            usable = [c for c in candidates if usable_checkpoint(c)]
-            if usable:
-                adapter = usable[0]
-            elif any(_is_sharded(c) for c in candidates):
-                raise _sharded_error(next(c for c in candidates if _is_sharded(c)))
-            else:
-                raise TunefleetError(
-                    f"run {str(path)!r} has no {FINAL_DIR}/ adapter and no complete checkpoint",
-                    "train it (or let it reach its first checkpoint) first",
-                )
-    else:
-        if not has_adapter(path):
-            if _is_sharded(path):
-                raise _sharded_error(path)
+        adapter, note = _run_adapter(path)
+        return RunAdapter(run_dir=path, adapter_dir=adapter, recipe=_load_recipe(path), note=note)
+    if ckpt.is_checkpoint_name(path.name) or (path / ckpt.MANIFEST).is_file():
+        why = ckpt.problem(path)
+        if why is not None:
             raise TunefleetError(
-                f"{str(path)!r} is neither a run directory ({RESOLVED_RECIPE}) nor an adapter directory "
-                f"({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS[0]})",
-                "pass a run's output_dir, its final/ directory or one of its checkpoint-N directories",
+                f"checkpoint {str(path)!r} cannot be used: {why} (resume would refuse it too)",
+                "use an older checkpoint, or the run directory (its newest usable checkpoint)",
             )
-        if _CHECKPOINT_RE.fullmatch(path.name) and not usable_checkpoint(path):
-            raise TunefleetError(
-                f"checkpoint {str(path)!r} is incomplete (its manifest does not match its files)",
-                "use an older checkpoint or the run directory (newest complete one)",
-            )
-        run_dir = path.parent
-        adapter = path
-        if not (run_dir / RESOLVED_RECIPE).is_file():
-            raise TunefleetError(
-                f"no {RESOLVED_RECIPE} next to {str(path)!r} (looked in {str(run_dir)!r})",
-                "pass a final/ or checkpoint directory that is still inside its run directory",
-            )
-    return RunAdapter(run_dir=run_dir, adapter_dir=adapter, recipe=_load_recipe(run_dir))
+    if not has_adapter(path):
+        if _is_sharded(path):
+            raise _sharded_error(path)
+        raise TunefleetError(
+            f"{str(path)!r} is neither a run directory ({RESOLVED_RECIPE}) nor an adapter directory "
+            f"({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS[0]})",
+            "pass a run's output_dir, its final/ directory or one of its checkpoint-N directories",
+        )
+    run_dir = path.parent
+    if not (run_dir / RESOLVED_RECIPE).is_file():
+        raise TunefleetError(
+            f"no {RESOLVED_RECIPE} next to {str(path)!r} (looked in {str(run_dir)!r})",
+            "pass a final/ or checkpoint directory that is still inside its run directory",
+        )
+    return RunAdapter(run_dir=run_dir, adapter_dir=path, recipe=_load_recipe(run_dir))

@@ -149,7 +149,7 @@ def merge(
     recipe = adapter.recipe
     check_mergeable(recipe)
     model_mod.check_loadable_here(recipe)
-    notes: list[str] = []
+    notes: list[str] = [adapter.note] if adapter.note else []
     resolved_dtype = merge_dtype(recipe, dtype)
     tokenizer = load_tokenizer(adapter)
     base = _load_base(recipe, resolved_dtype, notes)

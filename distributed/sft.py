@@ -28,6 +28,7 @@ from tunefleet.launch.core.batch import BatchPlan, Schedule, plan_schedule
 from tunefleet.launch.core.errors import TunefleetError
 from tunefleet.launch.core.layout import (
     ENV_EXIT_FILE,
+    ENV_START,
     EXIT_OK,
     EXIT_REFUSED,
     EXIT_REQUEUE,
@@ -125,9 +126,11 @@ def _preflight(recipe: Recipe, options: StartOptions, rank: Rank) -> Preflight:
     import torch
 
     from tunefleet.distributed import guard
+    from tunefleet.launch.core import rundir
 
     hw = guard.runtime_hardware(rank.world_size, use_cpu=not torch.cuda.is_available())
-    checked = preflight(recipe, hw, options)
+    decided = rundir.Start.from_env(os.environ.get(ENV_START), recipe.output_dir)  # the launcher's scan
+    checked = preflight(recipe, hw, options, decided=decided)
     quiet_transformers()
     return checked
 
@@ -218,6 +221,23 @@ def run_plan(checked: Preflight, schedule: Schedule, data: Any, model_path: str)
         model_config=read_model_config(config_file) if config_file.exists() else None,
         notes=checked.notes,
         resolve=False,  # preflight resolved it for this hardware already
+        batch=checked.batch,  # the run's one batch plan
+    )
+
+
+def run_identity(checked: Preflight) -> Any:
+    """What every checkpoint of this run records about it (`checkpoints.RunIdentity`): the resolved
+    recipe, the world, the strategy, the one batch plan and the data's fingerprint."""
+    from tunefleet.launch.core import checkpoints as ckpt
+
+    recipe = checked.recipe
+    return ckpt.RunIdentity(
+        recipe=recipe_mod.to_dict(recipe),
+        recipe_hash=recipe_mod.fingerprint(recipe),
+        world_size=checked.batch.world_size,
+        strategy=recipe.parallel.strategy,
+        batch_plan=checked.batch.to_dict(),
+        data_fingerprint=checked.data_fingerprint,
     )
 
 
@@ -318,9 +338,13 @@ def _prepare_run_dir(checked: Preflight, rank: Rank, dist: Any) -> None:
         removed = ckpt.cleanup_incomplete(out)
         if removed:
             print(
-                f"removed {len(removed)} incomplete checkpoint(s): {', '.join(p.name for p in removed)}",
+                f"removed {len(removed)} unfinished checkpoint write(s) of an earlier attempt: "
+                f"{', '.join(p.name for p in removed)}",
                 flush=True,
             )
+        for checkpoint, why in start.passed_over:  # the run writes those steps again
+            if Path(checkpoint).exists():
+                ckpt.move_aside(Path(checkpoint), why)
         if start.mode == "resume":
             _announce_resume(out, checked)
     dist.wait_for_everyone()
@@ -337,8 +361,8 @@ def _announce_resume(out: Path, checked: Preflight) -> None:
     rundir.truncate_metrics(out / METRICS_FILE, checkpoint)
     m = ckpt.read_manifest(Path(checkpoint))
     print(
-        f"resuming from {checkpoint}: step {m['step']}, {m['samples_seen']:,} samples seen "
-        f"(written by {m['world_size']} process(es), now {checked.batch.world_size})",
+        f"resuming from {checkpoint}: step {m.step}, {m.samples_seen:,} samples seen "
+        f"(written by {m.world_size} process(es), now {checked.batch.world_size})",
         flush=True,
     )
     for note in checked.resume_notes:
@@ -425,14 +449,7 @@ def _build_trainer(
         source_weights=[s.weight for s in recipe_mod.data_sources(recipe.data)],
         callbacks=[MetricsCallback(out / METRICS_FILE), ProgressCallback()]
         + ([FinalEvalCallback()] if data.eval is not None else []),
-        manifest={
-            "recipe_hash": recipe_mod.fingerprint(recipe),
-            "recipe": recipe_mod.to_dict(recipe),
-            "world_size": checked.batch.world_size,
-            "strategy": recipe.parallel.strategy,
-            "batch_plan": checked.batch.to_dict(),
-            "data_fingerprint": checked.data_fingerprint,
-        },
+        identity=run_identity(checked),
         keep_last=recipe.checkpoint.keep_last,
         stop=StopFlag(),
         peft=recipe.peft,

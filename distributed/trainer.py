@@ -6,8 +6,8 @@ Changes to the stock trainer:
   (seed, epoch), whatever the world size; accelerate
   does not re-shard it (it would pad the last batch with repeated samples);
 - on resume the sampler seeks straight to the sample position (no batch is replayed);
-- checkpoints are atomic (`distributed/checkpoint.py`): written to a temporary directory, flushed
-  by every rank, completed by a manifest and a marker, renamed into place;
+- checkpoints are atomic (the format is `launch/core/checkpoints.py`'s): written to a temporary
+  directory, flushed by every rank, completed by a manifest and a marker, renamed into place;
 - a preemption signal (SIGTERM/SIGUSR1 on any rank) is agreed on at the next step boundary,
   followed by a checkpoint and a stop;
 - every logged step carries `samples_seen` and `tokens_seen`.
@@ -38,7 +38,6 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
 from tunefleet.distributed import ds_reshard, optimizers
@@ -144,7 +143,7 @@ class TunefleetTrainer(SFTTrainer):
         padding_free: bool,
         source_sizes: list[int],
         source_weights: list[float],
-        manifest: dict[str, Any],
+        identity: ckpt.RunIdentity,
         keep_last: int | None,
         stop: StopFlag | None = None,
         peft: PeftConfig | None = None,
@@ -158,7 +157,7 @@ class TunefleetTrainer(SFTTrainer):
         self.tf_padding_free = padding_free
         self.tf_source_sizes = source_sizes  # the examples of each source, laid end to end
         self.tf_source_weights = source_weights
-        self.tf_manifest = manifest
+        self.tf_identity = identity
         self.tf_keep_last = keep_last
         self.tf_stop = stop
         self.tf_peft = peft
@@ -254,8 +253,7 @@ class TunefleetTrainer(SFTTrainer):
         if not (
             resume_from_checkpoint is not None
             and self.is_deepspeed_enabled
-            and int(ckpt.read_manifest(Path(resume_from_checkpoint)).get("world_size", 1))
-            != self.args.world_size
+            and ckpt.read_manifest(Path(resume_from_checkpoint)).world_size != self.args.world_size
         ):
             return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
         import transformers.trainer as hf_trainer
@@ -272,8 +270,7 @@ class TunefleetTrainer(SFTTrainer):
         started = time.monotonic()
         step = self.state.global_step
         run_dir = Path(str(self.args.output_dir))
-        tmp = run_dir / f"{ckpt.TMP_PREFIX}{step}"
-        final = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        tmp, final = ckpt.tmp_dir_for(run_dir, step), ckpt.dir_for(run_dir, step)
         self.store_flos()
         if self.args.should_save:
             if tmp.exists():
@@ -303,19 +300,14 @@ class TunefleetTrainer(SFTTrainer):
 
         if self.args.should_save:
             save_s = time.monotonic() - started
-            ckpt.finalize(
-                tmp,
-                final,
-                {
-                    **self.tf_manifest,
-                    "step": step,
-                    "epoch": step / self.tf_steps_per_epoch,
-                    "samples_seen": step * self.tf_global_batch_size,
-                    "tokens_seen": self.state.num_input_tokens_seen,
-                    "save_s": round(save_s, 3),
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                },
+            manifest = ckpt.Manifest.for_step(
+                self.tf_identity,
+                step=step,
+                steps_per_epoch=self.tf_steps_per_epoch,
+                tokens_seen=self.state.num_input_tokens_seen,
+                save_s=save_s,
             )
+            ckpt.finalize(tmp, final, manifest)
             ckpt.apply_retention(run_dir, self.tf_keep_last)
             self.tf_save_times_s.append(save_s)
             print(f"checkpoint {final.name} complete ({save_s:.2f} s)", flush=True)

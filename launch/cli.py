@@ -120,6 +120,8 @@ def _generate(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         batch_size=args.batch_size,
     )
+    if adapter.note:
+        print(f"note: {adapter.note}", file=sys.stderr)
     gen.print_results(adapter, results, as_jsonl=args.jsonl)
     return 0
 

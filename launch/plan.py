@@ -26,7 +26,7 @@ from tunefleet.launch.core.recipe import PRECISION_DTYPE, Recipe, data_sources, 
 from tunefleet.launch.loading import placed_on_gpu_at_load, rank0_loads_weights
 from tunefleet.launch.memory import GIB, MemoryInputs, ModelShape, estimate_load_memory, estimate_memory
 from tunefleet.launch.params import EVA_DEFAULT_RHO, describe_variants
-from tunefleet.launch.preflight import recipe_warnings
+from tunefleet.launch.preflight import batch_plan, recipe_warnings
 
 MAX_ACCUM_STEPS = 64
 """More accumulation steps than this is flagged: each optimizer step then runs that many
@@ -129,6 +129,7 @@ def build_plan(
     gpu_memory_gib: float | None = None,
     notes: Sequence[str] = (),
     resolve: bool = True,
+    batch: BatchPlan | None = None,
 ) -> dict[str, Any]:
     """Everything `tunefleet plan` shows, as a JSON-serialisable dict.
 
@@ -141,6 +142,8 @@ def build_plan(
     computed from `model_config` on the meta device. `previous_batch`: the batch plan (or resolved
     recipe batch) of a run being resumed. `resolve`: apply the compatibility matrix for `nodes` x
     `procs_per_node` GPUs first (the trainer passes a recipe its start-up check resolved already).
+    `batch`: the run's batch plan (the trainer passes the one its start-up check made; by default it
+    is made here with the same function, `preflight.batch_plan`).
     """
     draft = _Draft(
         plan={"recipe": recipe_path, "strategy_asked": recipe.parallel.strategy}, notes=list(notes)
@@ -149,7 +152,9 @@ def build_plan(
         recipe = _resolve(
             draft, recipe, nodes=nodes, procs_per_node=procs_per_node, model_config=model_config
         )
-    bp = _batch(draft, recipe, nodes=nodes, procs_per_node=procs_per_node, previous_batch=previous_batch)
+    bp = _batch(
+        draft, recipe, nodes=nodes, procs_per_node=procs_per_node, previous_batch=previous_batch, batch=batch
+    )
     if data is None and dataset_rows is not None:
         data = DataCounts.from_rows(dataset_rows, recipe, prepared)
     schedule = _data_and_schedule(draft, recipe, bp, data, schedule)
@@ -200,16 +205,10 @@ def _batch(
     nodes: int,
     procs_per_node: int,
     previous_batch: Mapping[str, Any] | None,
+    batch: BatchPlan | None,
 ) -> BatchPlan:
     b, d = recipe.batch, recipe.data
-    bp = batch_mod.plan_batch(
-        micro_batch_size=b.micro_batch_size,
-        global_batch_size=None if b.global_batch_tokens else b.global_batch_size,
-        global_batch_tokens=b.global_batch_tokens,
-        max_length=d.max_length,
-        world_size=nodes * procs_per_node,
-        procs_per_node=procs_per_node,
-    )
+    bp = batch or batch_plan(recipe, world_size=nodes * procs_per_node, procs_per_node=procs_per_node)
     strategy = strategy_for(recipe.parallel.strategy, bp.world_size)
     draft.plan.update(
         {
@@ -235,10 +234,13 @@ def _batch(
             f"{bp.global_batch_size} samples of {d.max_length} tokens"
         )
     if previous_batch is not None:
-        try:
-            draft.warnings += batch_mod.check_batch_change(previous_batch, bp)
-        except RecipeError as exc:
-            draft.warnings.append(f"{exc.problem} (fix: {exc.fix})")
+        problem, changes = batch_mod.batch_change(previous_batch, bp)
+        draft.warnings += changes
+        if problem is not None:
+            draft.warnings.append(
+                f"the run in output_dir cannot be resumed with this recipe: {problem} (fix: keep "
+                f"batch.global_batch_size={previous_batch.get('global_batch_size')}, or use a new output_dir)"
+            )
     return bp
 
 

@@ -109,23 +109,35 @@ def check_kernels(recipe: Recipe) -> None:
             )
 
 
-def batch_plan(recipe: Recipe, hw: Hardware) -> BatchPlan:
-    """The recipe's batch on this hardware (the global batch is in samples after validation)."""
+def batch_plan(recipe: Recipe, *, world_size: int, procs_per_node: int | None = None) -> BatchPlan:
+    """The one batch plan of a recipe on `world_size` processes: every run computes it once, here
+    (in its start-up check), and hands it on (plan.json, the checkpoint manifests, the sampler, the
+    resume check); `tunefleet plan` and `tunefleet slurm` compute it with this function too. The
+    recipe's global batch is in samples once loaded; `target` keeps which one the user set."""
+    b = recipe.batch
     return plan_batch(
-        micro_batch_size=recipe.batch.micro_batch_size,
-        global_batch_size=recipe.batch.global_batch_size,
+        micro_batch_size=b.micro_batch_size,
+        global_batch_size=b.global_batch_size,
         max_length=recipe.data.max_length,
-        world_size=hw.num_processes,
-        procs_per_node=hw.procs_per_machine if hw.num_machines > 1 else None,
+        world_size=world_size,
+        procs_per_node=procs_per_node,
+        target="tokens" if b.global_batch_tokens is not None else "samples",
     )
 
 
-def preflight(recipe: Recipe, hw: Hardware, options: StartOptions) -> Preflight:
-    """Run every start-up check (see the module doc); raise TunefleetError on the first failure."""
+def preflight(
+    recipe: Recipe, hw: Hardware, options: StartOptions, *, decided: rundir.Start | None = None
+) -> Preflight:
+    """Run every start-up check (see the module doc); raise TunefleetError on the first failure.
+    `decided`: how the run starts, as the launcher decided it (the ranks do not scan again)."""
     resolved, notes = compat.resolve_with_notes(recipe, hw)
-    batch = batch_plan(resolved, hw)
+    batch = batch_plan(
+        resolved,
+        world_size=hw.num_processes,
+        procs_per_node=hw.procs_per_machine if hw.num_machines > 1 else None,
+    )
     rundir.check_output_location(resolved)
-    start = rundir.decide_start(Path(resolved.output_dir), options)
+    start = decided or rundir.decide_start(Path(resolved.output_dir), options)
     data = data_fingerprint(resolved.data)
     resume_notes = rundir.check_resume(start.checkpoint, resolved, batch, data) if start.checkpoint else []
     check_trackers(list(resolved.train.report_to))

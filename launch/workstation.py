@@ -26,7 +26,7 @@ from tunefleet.launch.core import rundir
 from tunefleet.launch.core.args import StartOptions
 from tunefleet.launch.core.errors import TunefleetError
 from tunefleet.launch.core.hardware import Hardware
-from tunefleet.launch.core.layout import ENV_EXIT_FILE, LAUNCH_DIR, atomic_write
+from tunefleet.launch.core.layout import ENV_EXIT_FILE, ENV_START, LAUNCH_DIR, atomic_write
 from tunefleet.launch.core.recipe import Recipe
 from tunefleet.launch.preflight import preflight
 from tunefleet.launch.templates import render_files
@@ -60,6 +60,9 @@ class LaunchPlan:
     """Why the newest checkpoint was passed over (damaged), when it was."""
     checkpoint: str | None = None
     """The checkpoint a resume continues from."""
+    decided: rundir.Start | None = None
+    """How the ranks start (handed to them in ENV_START when they are started, not written into
+    command.txt: rerunning that line later scans the output directory anew)."""
 
 
 def hardware(
@@ -151,6 +154,8 @@ def prepare_launch(
         warnings=checked.warnings,
         start_note=checked.start.note,
         checkpoint=checked.start.checkpoint,
+        # the ranks continue from what this scan decided (an old run is moved aside before they start)
+        decided=checked.start if checked.start.mode != "overwrite" else rundir.Start("fresh", None),
     )
 
 
@@ -205,7 +210,10 @@ def start_nodes(plan: LaunchPlan, *, join_timeout_s: float) -> None:
 
 def run_launch(plan: LaunchPlan) -> int:
     """Run the command; return the run's exit code (rank 0's, when the launcher hid it behind 1)."""
-    code = run_command(plan.argv, plan.env)
+    env = dict(plan.env)
+    if plan.decided is not None:
+        env[ENV_START] = plan.decided.to_env(plan.recipe.output_dir)
+    code = run_command(plan.argv, env)
     exit_file = plan.config_dir / EXIT_FILE
     if code != 0 and exit_file.is_file():
         try:

@@ -101,8 +101,8 @@ def measured_checkpoint_s(out: Path) -> tuple[int, str]:
     saves = []
     for path in ckpt.complete_checkpoints(out):
         try:
-            saves.append(float(ckpt.read_manifest(path)["save_s"]))
-        except (OSError, ValueError, KeyError, TypeError):
+            saves.append(float(ckpt.read_manifest(path).save_s))
+        except (OSError, ValueError, TypeError):
             continue
     if not saves:
         return DEFAULT_CHECKPOINT_S, f"default {DEFAULT_CHECKPOINT_S} s (no earlier checkpoint in {out})"

@@ -115,7 +115,7 @@ def read_status(out: str | Path) -> dict[str, Any]:
     out = Path(out).expanduser().absolute()
     if not out.is_dir():
         raise TunefleetError(f"{str(out)!r} is not a directory", "pass the output_dir of a run")
-    if not any((out / name).exists() for name in RUN_FILES) and ckpt.latest(out) is None:
+    if not any((out / name).exists() for name in RUN_FILES) and not ckpt.checkpoint_dirs(out):
         raise TunefleetError(
             f"{str(out)!r} is not a tunefleet run: it holds none of {', '.join(RUN_FILES)} and no checkpoint",
             "pass the output_dir of a run (its recipe's output_dir), e.g. runs/demo-slurm",
@@ -147,17 +147,18 @@ def read_status(out: str | Path) -> dict[str, Any]:
             "restarts": restarts,
             "log": str(_log_path(entry, current)),
         }
-    newest = ckpt.latest(out)
+    scanned = ckpt.scan(out)  # the checkpoint a restart would continue from (the one rule)
     status["checkpoint"] = None
-    if newest is not None:
-        manifest = ckpt.read_manifest(newest)
+    status["checkpoints_passed_over"] = scanned.note()
+    if scanned.usable is not None:
+        manifest = ckpt.read_manifest(scanned.usable)
         status["checkpoint"] = {
-            "path": str(newest),
-            "step": manifest.get("step"),
-            "samples_seen": manifest.get("samples_seen"),
-            "save_s": manifest.get("save_s"),
-            "world_size": manifest.get("world_size"),
-            "created": manifest.get("created"),
+            "path": str(scanned.usable),
+            "step": manifest.step,
+            "samples_seen": manifest.samples_seen,
+            "save_s": manifest.save_s,
+            "world_size": manifest.world_size,
+            "created": manifest.created,
         }
     plan: dict[str, Any] = {}
     if (out / PLAN_FILE).is_file():
@@ -212,6 +213,8 @@ def render_status(status: dict[str, Any]) -> str:
             else "none complete yet",
         )
     )
+    if status.get("checkpoints_passed_over"):
+        rows.append(("passed over", status["checkpoints_passed_over"]))
     p = status["progress"]
     total = f" of {p['total_steps']}" if p["total_steps"] else ""
     samples = f" of {p['total_samples']:,}" if p["total_samples"] else ""

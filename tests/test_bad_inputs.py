@@ -145,7 +145,8 @@ def checkpoint(t: Path, *, step: int = 2, sets: tuple[str, ...] = (), **manifest
         "step": step,
         "samples_seen": step * 16,
     }
-    ckpt.finalize(tmp, run / f"checkpoint-{step}", {**base, **manifest})
+    made = ckpt.Manifest.from_dict({"recipe_hash": R.fingerprint(recipe), "epoch": 0.0, **base, **manifest})
+    ckpt.finalize(tmp, run / f"checkpoint-{step}", made)
     return run / f"checkpoint-{step}"
 
 

@@ -11,7 +11,7 @@ import pytest
 from tunefleet.launch.core import recipe as R
 from tunefleet.launch.core.batch import (
     SCHEDULER_KWARGS,
-    check_batch_change,
+    batch_change,
     count_warmup_steps,
     lr_at,
     lr_points,
@@ -104,13 +104,13 @@ def test_bad_batch_inputs(kwargs: dict) -> None:
 def test_resume_keeps_the_global_batch() -> None:
     old = plan_batch(micro_batch_size=2, global_batch_size=32, max_length=512, world_size=8)
     new = plan_batch(micro_batch_size=4, global_batch_size=32, max_length=512, world_size=2)
-    assert check_batch_change(old.to_dict(), old) == []
-    assert check_batch_change({}, new) == []  # a manifest from before batch plans were stored
-    (note,) = check_batch_change(old.to_dict(), new)
-    assert "world_size 8 -> 2" in note and "grad_accum_steps 2 -> 4" in note
+    assert batch_change(old.to_dict(), old) == (None, [])
+    assert batch_change({}, new) == (None, [])  # a manifest from before batch plans were stored
+    problem, (note,) = batch_change(old.to_dict(), new)
+    assert problem is None and "world_size 8 -> 2" in note and "grad_accum_steps 2 -> 4" in note
     changed = plan_batch(micro_batch_size=4, global_batch_size=64, max_length=512, world_size=2)
-    with pytest.raises(RecipeError, match="global batch of 32"):
-        check_batch_change(old.to_dict(), changed)
+    problem, _ = batch_change(old.to_dict(), changed)
+    assert problem is not None and "batch.global_batch_size: 32 -> 64" in problem
 
 
 # ----------------------------------------------------------------------------- recipe fields
@@ -245,3 +245,36 @@ def test_lr_points() -> None:
 def test_batch_module_imports_without_torch() -> None:
     code = "import sys, tunefleet.launch.core.batch; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    ("sets", "target"),
+    [
+        (["batch.global_batch_size=16"], "samples"),
+        (["batch.global_batch_tokens=2048", "data.max_length=128"], "tokens"),
+    ],
+)
+def test_one_batch_plan_feeds_plan_json_and_the_manifest(tmp_path, sets, target) -> None:
+    """The start-up check makes the run's one batch plan; plan.json (`build_plan` as the run calls
+    it) and every checkpoint manifest (`sft.run_identity`) carry that plan, whichever target set it."""
+    from tests.short_run import DEMO
+    from tunefleet.distributed.sft import run_identity
+    from tunefleet.launch.core import checkpoints as ckpt
+    from tunefleet.launch.core import recipe as R
+    from tunefleet.launch.core.args import StartOptions
+    from tunefleet.launch.core.hardware import Hardware
+    from tunefleet.launch.plan import build_plan
+    from tunefleet.launch.preflight import preflight
+
+    recipe = R.load(DEMO, [f"output_dir={tmp_path / 'run'}", "batch.micro_batch_size=2", *sets])
+    checked = preflight(recipe, Hardware(num_processes=2, use_cpu=True), StartOptions())
+    plan = build_plan(
+        checked.recipe, nodes=1, procs_per_node=2, model_config=None, resolve=False, batch=checked.batch
+    )
+    manifest = ckpt.Manifest.for_step(
+        run_identity(checked), step=3, steps_per_epoch=5, tokens_seen=0, save_s=0.1
+    )
+    assert plan["batch_target"] == manifest.batch_plan["target"] == checked.batch.target == target
+    assert plan["global_batch_size"] == manifest.batch_plan["global_batch_size"] == 16
+    assert plan["grad_accum_steps"] == manifest.batch_plan["grad_accum_steps"] == 4
+    assert manifest.samples_seen == 3 * 16

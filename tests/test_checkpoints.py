@@ -7,31 +7,19 @@ from pathlib import Path
 
 import pytest
 
+from tests.fake_checkpoints import write_checkpoint
 from tunefleet.launch.core import checkpoints as ckpt
 from tunefleet.launch.core.args import StartOptions
 from tunefleet.launch.core.rundir import decide_start
-
-
-def write_checkpoint(run: Path, step: int, files: dict[str, bytes] | None = None) -> Path:
-    tmp = run / f"{ckpt.TMP_PREFIX}{step}"
-    tmp.mkdir(parents=True)
-    for rel, data in (
-        files or {"adapter_model.safetensors": b"w" * 100, "sub/optimizer.pt": b"o" * 50}
-    ).items():
-        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp / rel).write_bytes(data)
-    final = run / f"{ckpt.PREFIX}{step}"
-    ckpt.finalize(tmp, final, {"step": step})
-    return final
 
 
 def test_finalize_writes_manifest_marker_and_renames(tmp_path: Path) -> None:
     path = write_checkpoint(tmp_path, 3)
     assert not (tmp_path / f"{ckpt.TMP_PREFIX}3").exists() and ckpt.is_complete(path)
     manifest = ckpt.read_manifest(path)
-    assert manifest["step"] == 3
-    assert manifest["files"] == {"adapter_model.safetensors": 100, "sub/optimizer.pt": 50}
-    assert set(manifest["checksums"]) == set(manifest["files"]) and ckpt.damaged_file(path) is None
+    assert manifest.step == 3
+    assert manifest.files == {"adapter_model.safetensors": 100, "sub/optimizer.pt": 50}
+    assert set(manifest.checksums) == set(manifest.files) and ckpt.damaged_file(path) is None
 
 
 def test_finalize_replaces_an_incomplete_leftover_but_never_a_complete_checkpoint(tmp_path: Path) -> None:
@@ -63,7 +51,7 @@ def test_same_size_corruption_is_found_by_the_checksum(
     monkeypatch.setattr(ckpt, "FULL_CHECKSUM_BYTES", 64)
     monkeypatch.setattr(ckpt, "SAMPLE_BYTES", 8)
     big = write_checkpoint(tmp_path, 2, {"shard.bin": bytes(range(256)) * 4})
-    assert ckpt.read_manifest(big)["checksums"]["shard.bin"].startswith("sample:")
+    assert ckpt.read_manifest(big).checksums["shard.bin"].startswith("sample:")
     data = bytearray((big / "shard.bin").read_bytes())
     data[-1] ^= 1  # in the sampled tail
     (big / "shard.bin").write_bytes(bytes(data))
@@ -80,17 +68,23 @@ def test_resume_passes_over_a_damaged_newest_checkpoint_and_says_so(tmp_path: Pa
     assert start.note is not None and "checkpoint-3 is damaged (adapter_model.safetensors" in start.note
 
 
-def test_cleanup_removes_temporary_and_incomplete_only(tmp_path: Path) -> None:
+def test_cleanup_removes_tunefleets_own_leftovers_only(tmp_path: Path) -> None:
+    """Only tunefleet's temporary names are removed; a `checkpoint-*` that fails the rule is not
+    tunefleet's to delete (it may be what is left of a user's work): it stays where it is."""
     done = write_checkpoint(tmp_path, 1)
     broken = write_checkpoint(tmp_path, 2)
     (broken / ckpt.COMPLETE).unlink()
     (tmp_path / f"{ckpt.TMP_PREFIX}3").mkdir()
+    (tmp_path / f"{ckpt.DELETING_PREFIX}0").mkdir()
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     removed = sorted(p.name for p in ckpt.cleanup_incomplete(tmp_path))
-    assert removed == [f"{ckpt.TMP_PREFIX}3", f"{ckpt.PREFIX}2"]
-    assert (
-        sorted(p.name for p in tmp_path.iterdir()) == [f"{ckpt.PREFIX}1", "metrics.jsonl"] and done.exists()
-    )
+    assert removed == [f"{ckpt.DELETING_PREFIX}0", f"{ckpt.TMP_PREFIX}3"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"{ckpt.PREFIX}1",
+        f"{ckpt.PREFIX}2",
+        "metrics.jsonl",
+    ]
+    assert done.exists() and broken.exists()
 
 
 @pytest.mark.parametrize(

@@ -100,7 +100,7 @@ def test_fsdp2_resume_on_another_world_size(
     assert first is not None
     k = ckpt.step_of(first)
     manifest = ckpt.read_manifest(first)
-    assert manifest["world_size"] == 2 and any(f.endswith(".distcp") for f in manifest["files"])
+    assert manifest.world_size == 2 and any(f.endswith(".distcp") for f in manifest.files)
 
     # 2 -> 3 processes
     three = workdir / "fsdp-3"
@@ -120,7 +120,7 @@ def test_fsdp2_resume_on_another_world_size(
 
     # 3 -> 2 processes, from the 3-process run's first checkpoint
     second = three / f"checkpoint-{k + 1}"
-    assert ckpt.read_manifest(second)["world_size"] == 3
+    assert ckpt.read_manifest(second).world_size == 3
     two = workdir / "fsdp-3-to-2"
     started = time.monotonic()
     proc = run_launch(two, 2, OVERRIDES, extra=("--resume", str(second)))

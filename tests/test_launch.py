@@ -224,27 +224,29 @@ def test_refusals_before_anything_starts(tmp_path: Path) -> None:
 
 
 def test_checkpoint_layout_refusals() -> None:
-    zero2 = {"strategy": "deepspeed-zero2", "world_size": 2}
+    from dataclasses import replace
+
+    from tests.fake_checkpoints import manifest
+
+    zero2 = manifest(1, strategy="deepspeed-zero2", world_size=2)
     ckpt.check_layout(zero2, "deepspeed-zero2", 2)
     with pytest.raises(TunefleetError, match="Automatic adjustment of ZeRO's optimizer state partitioning"):
         ckpt.check_layout(zero2, "deepspeed-zero2", 3)
     with pytest.raises(TunefleetError, match="cannot read it"):
         ckpt.check_layout(zero2, "deepspeed-zero3", 2)
-    fsdp2 = {
-        "strategy": "fsdp",
-        "world_size": 2,
-        "recipe": {"parallel": {"fsdp_version": 2, "state_dict": "sharded"}},
-    }
+    fsdp2 = manifest(
+        1, strategy="fsdp", world_size=2, recipe={"parallel": {"fsdp_version": 2, "state_dict": "sharded"}}
+    )
     ckpt.check_layout(fsdp2, "fsdp", 3)  # DCP reshards FSDP2 LoRA shards (tests/test_fsdp_checkpoints.py)
     with pytest.raises(TunefleetError, match="resharding is tested for FSDP2 LoRA sharded checkpoints only"):
-        ckpt.check_layout({**fsdp2, "strategy": "fsdp-qlora"}, "fsdp-qlora", 4)
+        ckpt.check_layout(replace(fsdp2, strategy="fsdp-qlora"), "fsdp-qlora", 4)
     with pytest.raises(TunefleetError, match="resharding is tested for FSDP2 LoRA sharded checkpoints only"):
         ckpt.check_layout(
-            {**fsdp2, "recipe": {"parallel": {"fsdp_version": 2, "state_dict": "full"}}}, "fsdp", 4
+            replace(fsdp2, recipe={"parallel": {"fsdp_version": 2, "state_dict": "full"}}), "fsdp", 4
         )
-    ckpt.check_layout({"strategy": "ddp", "world_size": 2}, "single", 1)  # torch checkpoints: any world size
+    ckpt.check_layout(manifest(1, strategy="ddp", world_size=2), "single", 1)  # torch: any world size
     with pytest.raises(TunefleetError, match="cannot read it"):
-        ckpt.check_layout({"strategy": "single", "world_size": 1}, "fsdp", 2)
+        ckpt.check_layout(manifest(1, strategy="single", world_size=1), "fsdp", 2)
 
 
 def test_exit_code_relay(tmp_path: Path) -> None:
@@ -462,7 +464,7 @@ def test_launch_trains_like_one_process(workdir: Path, name: str) -> None:
 
     assert [ckpt.step_of(p) for p in ckpt.complete_checkpoints(out)] == [2, 4]
     manifest = ckpt.read_manifest(out / "checkpoint-4")
-    assert manifest["world_size"] == nproc and manifest["strategy"] == CASES[name][1][0].split("=")[1]
+    assert manifest.world_size == nproc and manifest.strategy == CASES[name][1][0].split("=")[1]
 
     # the final adapter is a normal PEFT adapter (gathered from the shards), equal to one process's
     got, want = adapter(out / "final"), adapter(ref / "final")

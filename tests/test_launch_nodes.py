@@ -106,7 +106,7 @@ def test_two_machines_train_like_one_process(tmp_path: Path) -> None:
     assert diff <= TOL
     effect = json.loads((out / "plan.json").read_text())["in_effect"]
     assert (effect["distributed_type"], effect["world_size"], effect["backend"]) == ("MULTI_CPU", 2, "gloo")
-    assert ckpt.read_manifest(out / "checkpoint-4")["world_size"] == 2
+    assert ckpt.read_manifest(out / "checkpoint-4").world_size == 2
     for rank in (0, 1):
         config = (out / "launch" / f"node-{rank}" / "accelerate.yaml").read_text()
         assert f"machine_rank: {rank}" in config and "num_machines: 2" in config, config

@@ -110,7 +110,7 @@ def test_loraplus_under_zero2_checkpoints_and_resumes_on_another_world_size(tmp_
     want = launch_losses(ref)
     got = launch_losses(two)
     assert sorted(got) == sorted(want) and max(abs(got[s] - want[s]) for s in want) <= TOL, (got, want)
-    assert ckpt.ZERO_STATE_FILE in ckpt.read_manifest(two / "checkpoint-2")["files"]
+    assert ckpt.ZERO_STATE_FILE in ckpt.read_manifest(two / "checkpoint-2").files
     one = tmp_path / "one"
     launch(one, 1, "--resume", str(two / "checkpoint-2"))
     got = launch_losses(one)

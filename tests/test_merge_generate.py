@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fake_checkpoints import write_checkpoint
 from tests.test_data import make_tokenizer
 from tests.test_train import DATA, quick
 from tunefleet.distributed import data as data_mod
@@ -22,7 +23,9 @@ from tunefleet.distributed import generate as gen
 from tunefleet.distributed import sft
 from tunefleet.distributed.artifacts import find_adapter
 from tunefleet.distributed.merge import MERGE_INFO, merge
+from tunefleet.launch.core import checkpoints as ckpt
 from tunefleet.launch.core import recipe as R
+from tunefleet.launch.core.args import StartOptions
 from tunefleet.launch.core.errors import TunefleetError
 from tunefleet.launch.core.recipe import DataConfig
 
@@ -123,48 +126,76 @@ def _fake_run(tmp: Path) -> Path:
     return run
 
 
+ADAPTER_FILES = {"adapter_config.json": b"{}", "adapter_model.safetensors": b"x" * 64}
+
+
 def _fake_adapter(path: Path, *, manifest: bool = False, complete: bool = False) -> Path:
-    path.mkdir(parents=True)
-    (path / "adapter_config.json").write_text("{}")
-    (path / "adapter_model.safetensors").write_bytes(b"x")
+    """An adapter directory; with `manifest`, a tunefleet checkpoint written by the format's own
+    code (`checkpoints.finalize`), its COMPLETE marker removed unless `complete`."""
     if manifest:
-        files = {"adapter_config.json": 2, "adapter_model.safetensors": 1}
-        (path / "manifest.json").write_text(json.dumps({"files": files}))
-        if complete:
-            (path / "COMPLETE").write_text("ok\n")
+        write_checkpoint(path.parent, ckpt.step_of(path), ADAPTER_FILES)
+        if not complete:
+            (path / ckpt.COMPLETE).unlink()
+        return path
+    path.mkdir(parents=True)
+    for name, data in ADAPTER_FILES.items():
+        (path / name).write_bytes(data)
     return path
 
 
 def test_find_adapter_prefers_final_then_newest_complete_checkpoint(tmp_path: Path) -> None:
     run = _fake_run(tmp_path)
-    _fake_adapter(run / "checkpoint-2")  # plain HF checkpoint
+    _fake_adapter(run / "checkpoint-2")  # a checkpoint-N without manifest: not tunefleet's, not usable
     _fake_adapter(run / "checkpoint-4", manifest=True, complete=True)  # atomic, complete
     _fake_adapter(run / "checkpoint-6", manifest=True, complete=False)  # atomic, unfinished
-    assert find_adapter(run).adapter_dir.name == "checkpoint-4"
+    found = find_adapter(run)
+    assert found.adapter_dir.name == "checkpoint-4"
+    assert found.note is not None and "checkpoint-6 is damaged (it is incomplete" in found.note
     _fake_adapter(run / "final")
     found = find_adapter(run)
     assert found.adapter_dir == run / "final" and found.run_dir == run and found.recipe == quick(run)
-    assert find_adapter(run / "checkpoint-2").adapter_dir == run / "checkpoint-2"
+    # resume would refuse a checkpoint-N without manifest and marker: so do generate and merge
+    with pytest.raises(TunefleetError, match="checkpoint-2' cannot be used: it is incomplete"):
+        find_adapter(run / "checkpoint-2")
+    _fake_adapter(run / "my-adapter")  # any other adapter directory inside the run: used as it is
+    assert find_adapter(run / "my-adapter").adapter_dir == run / "my-adapter"
     assert find_adapter(run / "final").run_dir == run
     with pytest.raises(TunefleetError, match="incomplete"):
         find_adapter(run / "checkpoint-6")
+
+
+def test_generate_and_merge_refuse_what_resume_refuses(tmp_path: Path) -> None:
+    """The newest checkpoint's adapter corrupted at the same size (its last 64 bytes zeroed), no
+    final/: resume passes it over for the one before, saying so, and so does `find_adapter` (what
+    generate and merge use); named explicitly, it is refused with the reason."""
+    from tunefleet.launch.core.rundir import decide_start
+
+    run = _fake_run(tmp_path)
+    _fake_adapter(run / "checkpoint-4", manifest=True, complete=True)
+    newest = _fake_adapter(run / "checkpoint-6", manifest=True, complete=True)
+    weights = newest / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64] + bytes(64))
+    assert ckpt.is_complete(newest)  # sizes match: only the checksum tells
+    start = decide_start(run, StartOptions())
+    found = find_adapter(run)
+    assert start.checkpoint == str(run / "checkpoint-4") and found.adapter_dir == run / "checkpoint-4"
+    assert start.note == found.note
+    assert "checkpoint-6 is damaged (adapter_model.safetensors differs from the checksum" in str(found.note)
+    with pytest.raises(TunefleetError, match="adapter_model.safetensors differs from the checksum"):
+        find_adapter(newest)
 
 
 def test_find_adapter_errors(tmp_path: Path) -> None:
     run = _fake_run(tmp_path)
     with pytest.raises(TunefleetError, match="no final/ adapter and no complete checkpoint"):
         find_adapter(run)
-    sharded = run / "checkpoint-8" / "pytorch_model_fsdp_0"
-    sharded.mkdir(parents=True)
-    (sharded / "__0_0.distcp").write_bytes(b"x")
+    write_checkpoint(run, 8, {"pytorch_model_fsdp_0/__0_0.distcp": b"x"})  # shards only
     with pytest.raises(TunefleetError, match="sharded FSDP checkpoint"):
         find_adapter(run)
     with pytest.raises(TunefleetError, match="sharded FSDP checkpoint"):
         find_adapter(run / "checkpoint-8")
     # an FSDP checkpoint with the adapter gathered next to its shards (what tunefleet writes): used
-    gathered = _fake_adapter(run / "checkpoint-10")
-    (gathered / "pytorch_model_fsdp_0").mkdir()
-    (gathered / "pytorch_model_fsdp_0" / "__0_0.distcp").write_bytes(b"x")
+    gathered = write_checkpoint(run, 10, {**ADAPTER_FILES, "pytorch_model_fsdp_0/__0_0.distcp": b"x"})
     assert find_adapter(run).adapter_dir == gathered and find_adapter(gathered).adapter_dir == gathered
     shutil.rmtree(gathered)
     orphan = _fake_adapter(tmp_path / "elsewhere" / "final")

@@ -141,13 +141,11 @@ def test_reference_checkpoints_are_complete(reference: Path) -> None:
     found = ckpt.complete_checkpoints(reference)
     assert [ckpt.step_of(p) for p in found] == list(range(1, STEPS + 1))
     m = ckpt.read_manifest(found[4])
-    assert m["step"] == 5 and m["samples_seen"] == 40 and m["epoch"] == 1.0
-    assert m["world_size"] == 1 and m["strategy"] == "single" and m["batch_plan"]["grad_accum_steps"] == 2
-    assert m["recipe_hash"] == R.fingerprint(R.load(reference / "recipe.yaml"))  # the resolved recipe
-    assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= set(
-        m["files"]
-    )
-    assert m["save_s"] > 0
+    assert m.step == 5 and m.samples_seen == 40 and m.epoch == 1.0
+    assert m.world_size == 1 and m.strategy == "single" and m.batch_plan["grad_accum_steps"] == 2
+    assert m.recipe_hash == R.fingerprint(R.load(reference / "recipe.yaml"))  # the resolved recipe
+    assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= set(m.files)
+    assert m.save_s > 0
 
 
 @pytest.mark.parametrize("at", [3, 5, 6], ids=["mid-epoch", "epoch-end", "epoch-start"])
@@ -220,7 +218,7 @@ def test_resume_on_another_world_size(reference: Path, tmp_path: Path, first: in
     proc.wait(timeout=120)
     stopped_at = newest_step(out)
     assert 4 <= stopped_at < STEPS and not (out / "final").exists()
-    assert ckpt.read_manifest(out / f"checkpoint-{stopped_at}")["world_size"] == first
+    assert ckpt.read_manifest(out / f"checkpoint-{stopped_at}").world_size == first
     proc = start(out, nproc=second)
     assert proc.wait(timeout=300) == 0
     assert_same_losses(losses(out), losses(reference), 1e-5)

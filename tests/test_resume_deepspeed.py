@@ -92,7 +92,7 @@ def test_zero_resumes_on_another_world_size(workdir: Path, name: str) -> None:
     source = first_run(workdir, strategy, first)
     checkpoint = source / "checkpoint-2"
     manifest = ckpt.read_manifest(checkpoint)
-    assert manifest["world_size"] == first and ckpt.ZERO_STATE_FILE in manifest["files"]
+    assert manifest.world_size == first and ckpt.ZERO_STATE_FILE in manifest.files
     out = workdir / name
     text = launch(out, second, strategy, "--resume", str(checkpoint))
     assert f"written by {first} process(es), now {second}" in text
@@ -102,4 +102,4 @@ def test_zero_resumes_on_another_world_size(workdir: Path, name: str) -> None:
     print(f"{name}: max |loss - 1 process| = {worst:.2e}", flush=True)
     assert worst <= TOL
     # the resumed run's own checkpoints carry the state again, for the next change
-    assert ckpt.ZERO_STATE_FILE in ckpt.read_manifest(out / "checkpoint-4")["files"]
+    assert ckpt.ZERO_STATE_FILE in ckpt.read_manifest(out / "checkpoint-4").files

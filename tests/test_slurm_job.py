@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.fake_checkpoints import write_checkpoint
 from tunefleet.distributed import prepare as prep
 from tunefleet.launch import cli
-from tunefleet.launch.core import checkpoints as ckpt
 from tunefleet.launch.core import recipe as R
 from tunefleet.launch.core.layout import read_metrics, training_rows
 from tunefleet.slurm import status as status_mod
@@ -276,13 +276,10 @@ def test_slurm_refuses_finished_run_and_changed_training(tmp_path: Path, monkeyp
 
 def _fake_checkpoint(out: Path, *, step: int, save_s: float, recipe: R.Recipe | None = None) -> None:
     """A complete checkpoint directory as the trainer writes it (manifest + marker, no weights)."""
-    path = out / f"checkpoint-{step}"
-    path.mkdir(parents=True)
-    manifest = {"step": step, "samples_seen": step * 16, "save_s": save_s, "world_size": 2, "files": {}}
+    changes: dict = {"samples_seen": step * 16, "save_s": save_s, "world_size": 2, "batch_plan": {}}
     if recipe is not None:
-        manifest["recipe"] = R.to_dict(recipe)
-    (path / ckpt.MANIFEST).write_text(json.dumps(manifest))
-    (path / ckpt.COMPLETE).write_text("ok\n")
+        changes["recipe"] = R.to_dict(recipe)
+    write_checkpoint(out, step, {}, **changes)
 
 
 def _metrics(out: Path, rows: list[tuple[int, float]]) -> None:

@@ -216,7 +216,7 @@ def test_two_node_job_trains_like_one_local_process(
         assert int(r["rank"]) == 2 * int(r["group_rank"]) + int(r["local_rank"]), r
     plan = json.loads((out / "plan.json").read_text())
     assert plan["in_effect"]["world_size"] == 4 and plan["in_effect"]["backend"] == "gloo"
-    assert ckpt.read_manifest(out / "checkpoint-10")["world_size"] == 4
+    assert ckpt.read_manifest(out / "checkpoint-10").world_size == 4
     assert_same_losses(losses(out), reference())
     status = status_mod.read_status(out)
     assert status["job"]["state"] == "COMPLETED" and status["job"]["restarts"] == 0
@@ -327,7 +327,7 @@ def test_dependency_chain_limit_then_fewer_nodes(
     status = status_mod.read_status(out)
     assert status["job"]["chain"] == [first, second] and status["job"]["restarts"] == 1, status
     resumed_at = newest_step(out)
-    assert 2 <= resumed_at < STEPS and ckpt.read_manifest(ckpt.latest(out))["world_size"] == 2
+    assert 2 <= resumed_at < STEPS and ckpt.read_manifest(ckpt.latest(out)).world_size == 2
 
     third = runs.submit("chain", "--nodes", "1", capsys=capsys)
     assert f"continues from checkpoint-{resumed_at}" in runs.printed, runs.printed
@@ -337,7 +337,7 @@ def test_dependency_chain_limit_then_fewer_nodes(
     lead = int(re.search(r"#SBATCH --signal=B:USR1@(\d+)", (out / "slurm.sbatch").read_text()).group(1))
     assert 62 <= lead <= 60 + 30, lead
     slurm_cluster.wait(third, "COMPLETED", timeout_s=JOB_TIMEOUT_S)
-    assert ckpt.read_manifest(out / "checkpoint-10")["world_size"] == 1
+    assert ckpt.read_manifest(out / "checkpoint-10").world_size == 1
     assert_same_losses(losses(out), reference())
     status = status_mod.read_status(out)
     assert status["job"]["job_id"] == third and status["job"]["submissions"] == 2 and status["finished"]

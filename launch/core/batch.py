@@ -198,12 +198,16 @@ def plan_batch(
     max_length: int,
     world_size: int,
     procs_per_node: int | None = None,
+    target: Literal["samples", "tokens"] | None = None,
 ) -> BatchPlan:
     """Derive `grad_accum_steps = global / (micro x world)`, or raise naming the nearest valid choices.
 
     Give exactly one of `global_batch_size` (samples per optimizer step) and
-    `global_batch_tokens` (tokens per step at `max_length`). `procs_per_node`, when known,
-    only adds valid node counts to the error message.
+    `global_batch_tokens` (tokens per step at `max_length`, turned into samples by
+    `samples_for_tokens`). A recipe's batch is already in samples once loaded (the recipe converted
+    its token budget): it passes `global_batch_size` with `target="tokens"`, so the plan (and the
+    errors) still speak of the target the user set. `procs_per_node`, when known, only adds valid
+    node counts to the error message.
     """
     _require_positive(micro_batch_size, "batch.micro_batch_size")
     _require_positive(max_length, "data.max_length")
@@ -213,32 +217,32 @@ def plan_batch(
             "give exactly one of batch.global_batch_size and batch.global_batch_tokens",
             "set batch.global_batch_size (samples per optimizer step) or batch.global_batch_tokens",
         )
-    target: Literal["samples", "tokens"] = "samples"
-    where = "batch.global_batch_size"
     if global_batch_tokens is not None:
-        target, where = "tokens", "batch.global_batch_tokens"
         global_batch_size = samples_for_tokens(global_batch_tokens, max_length)
-        unit = micro_batch_size * world_size
-        if global_batch_size % unit:
+        target = "tokens"
+    target = target or "samples"
+    assert global_batch_size is not None
+    where = "batch.global_batch_tokens" if target == "tokens" else "batch.global_batch_size"
+    _require_positive(global_batch_size, where)
+    unit = micro_batch_size * world_size
+    if global_batch_size % unit:
+        choices = _division_choices(global_batch_size, micro_batch_size, world_size, procs_per_node)
+        if target == "tokens":
             near_tokens = [n * max_length for n in _nearest_multiples(global_batch_size, unit)]
-            choices = _division_choices(global_batch_size, micro_batch_size, world_size, procs_per_node)
             raise RecipeError(
-                f"batch.global_batch_tokens={global_batch_tokens} gives a global batch of "
-                f"{global_batch_tokens} // {max_length} = {global_batch_size} samples, which must divide "
-                f"too, but it is {_not_a_multiple(global_batch_size, micro_batch_size, world_size)}",
+                f"batch.global_batch_tokens={global_batch_size * max_length} gives a global batch of "
+                f"{global_batch_size * max_length} // {max_length} = {global_batch_size} samples, which must "
+                f"divide too, but it is {_not_a_multiple(global_batch_size, micro_batch_size, world_size)}",
                 f"nearest valid token budgets: {_listed(near_tokens)}; in samples, " + "; ".join(choices),
             )
-    assert global_batch_size is not None
-    _require_positive(global_batch_size, where)
-    if global_batch_size % (micro_batch_size * world_size):
         raise RecipeError(
             f"{where}={global_batch_size} is {_not_a_multiple(global_batch_size, micro_batch_size, world_size)}",
-            "; ".join(_division_choices(global_batch_size, micro_batch_size, world_size, procs_per_node)),
+            "; ".join(choices),
         )
     return BatchPlan(
         world_size=world_size,
         micro_batch_size=micro_batch_size,
-        grad_accum_steps=global_batch_size // (micro_batch_size * world_size),
+        grad_accum_steps=global_batch_size // unit,
         global_batch_size=global_batch_size,
         max_length=max_length,
         global_batch_tokens=global_batch_size * max_length,
@@ -246,29 +250,29 @@ def plan_batch(
     )
 
 
-def check_batch_change(saved: Mapping[str, Any], current: BatchPlan) -> list[str]:
-    """Compare the batch plan a run started with (`BatchPlan.to_dict()`, stored in every checkpoint
-    manifest) with this start's.
+def batch_change(saved: Mapping[str, Any], current: BatchPlan) -> tuple[str | None, list[str]]:
+    """The one resume rule of the batch: compare the batch plan a run started with
+    (`BatchPlan.to_dict()`, in every checkpoint manifest) with this start's.
 
-    The global batch defines what a step is (samples, LR schedule, sample order), so it must
-    not change; micro batch, world size and accumulation may. Returns notes on what changed."""
+    The global batch defines what a step is (samples, LR schedule, sample order), so it must not
+    change; micro batch, world size and accumulation may. Returns (the breaking change as one line,
+    or None; notes on the harmless changes)."""
     if not saved:
-        return []
+        return None, []
     if saved.get("global_batch_size") != current.global_batch_size:
-        raise RecipeError(
-            f"this run started with a global batch of {saved.get('global_batch_size')} samples per step; "
-            f"resuming with {current.global_batch_size} would change what a step means "
-            "(sample order, step counts, LR schedule)",
-            f"keep batch.global_batch_size={saved.get('global_batch_size')} (only micro batch, nodes "
-            "and GPUs may change), or start a new output_dir",
-        )
+        before, now = saved.get("global_batch_size"), current.global_batch_size
+        return (
+            f"batch.global_batch_size: {before} -> {now} (this run started with a global batch of {before} "
+            f"samples per step; resuming with {now} would change what a step means: sample order, step "
+            "counts, LR schedule; only the micro batch, nodes and GPUs may change)"
+        ), []
     notes = []
     for name in ("world_size", "micro_batch_size", "grad_accum_steps"):
         if name in saved and saved[name] != getattr(current, name):
             notes.append(f"{name} {saved.get(name)} -> {getattr(current, name)}")
     if notes:
-        return [f"resuming with {', '.join(notes)}; the global batch stays {current.global_batch_size}"]
-    return []
+        return None, [f"resuming with {', '.join(notes)}; the global batch stays {current.global_batch_size}"]
+    return None, []
 
 
 # ----------------------------------------------------------------------------- schedule

@@ -1,22 +1,37 @@
-"""Atomic checkpoints: a step counts only when its completion marker exists.
+"""The checkpoint format, owned here: the folder names, the typed manifest, what a checkpoint of
+each strategy holds, and the one rule for a usable checkpoint.
 
-A checkpoint is written into `<output_dir>/.tmp-checkpoint-<step>`: every rank writes and
-fsyncs its part, then (after a barrier) rank 0 writes `manifest.json` (files and sizes, step,
-samples and tokens seen, recipe hash, world size, strategy, batch plan, save time) and the
-`COMPLETE` marker last, fsyncs, and renames the directory to `checkpoint-<step>`. A directory
-without the marker, or whose files do not match its manifest, is never resumed from; leftovers
-are removed at the next start. Retention deletes old checkpoints only after a new one is
-complete and never the newest complete one.
+A checkpoint is written into `<output_dir>/.tmp-checkpoint-<step>` (`tmp_dir_for`): every rank writes
+and fsyncs its part, then (after a barrier) rank 0 writes `manifest.json` (a `Manifest`: files,
+sizes and checksums, step, samples and tokens seen, the run's identity: recipe, world size,
+strategy, batch plan, data fingerprint; save time) and the `COMPLETE` marker last, fsyncs, and
+renames the directory to `checkpoint-<step>` (`dir_for`). Only the names here are checkpoints: a
+`checkpoint-4-merged` directory a user made is not one.
+
+`problem(path)` is the one rule for "usable": the marker, a readable manifest, every listed file at
+its size and with its checksum. Resume, `tunefleet generate` and `merge`, `tunefleet status` and the
+SLURM job builder all ask it, through `scan(out)`: the newest usable checkpoint and the newer ones
+passed over, each with why (one scan per start; the launcher hands its result to the ranks).
+
+Nothing here deletes what tunefleet cannot prove is its own: leftovers under tunefleet's temporary
+names (`.tmp-checkpoint-*`, `.deleting-checkpoint-*`) are removed at the next start; a
+`checkpoint-*` directory that fails the rule is left where it is, or moved aside to a named place
+(`move_aside`) when the run is about to write that step again. Retention deletes old complete
+checkpoints only after a new one is complete, never the newest, renaming each to a temporary name
+first so that a crash halfway leaves nothing that looks like a checkpoint.
 
 The output directory is assumed to be on storage shared by all nodes (checked at start-up).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +39,31 @@ from tunefleet.launch.core.errors import TunefleetError
 
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
+DELETING_PREFIX = ".deleting-checkpoint-"
 MANIFEST = "manifest.json"
 COMPLETE = "COMPLETE"
+MOVED_ASIDE = ".unusable-"
+"""`checkpoint-5` that fails the rule and would be written again becomes `checkpoint-5.unusable-<time>`."""
+
+
+def dirname(step: int) -> str:
+    """The folder name of the checkpoint of optimizer step `step`."""
+    return f"{PREFIX}{step}"
+
+
+def dir_for(out: str | os.PathLike, step: int) -> Path:
+    """Where the complete checkpoint of step `step` lives in output directory `out`."""
+    return Path(out) / dirname(step)
+
+
+def tmp_dir_for(out: str | os.PathLike, step: int) -> Path:
+    """Where the checkpoint of step `step` is written before it is complete."""
+    return Path(out) / f"{TMP_PREFIX}{step}"
+
+
+def is_checkpoint_name(dirname: str) -> bool:
+    """`checkpoint-<digits>`: the only names that hold checkpoints."""
+    return dirname.startswith(PREFIX) and dirname[len(PREFIX) :].isdigit()
 
 
 def step_of(path: Path) -> int:
@@ -95,93 +133,259 @@ def checksum(path: Path) -> str:
     return "sample:" + h.hexdigest()
 
 
-def damaged_file(path: Path) -> str | None:
-    """The first file of a complete checkpoint whose content no longer matches the checksum in its
-    manifest (a file rewritten or corrupted at the same size), or None. Manifests written before
-    checksums were recorded have none to compare."""
-    for rel, digest in read_manifest(path).get("checksums", {}).items():
-        if checksum(path / rel) != digest:
-            return rel
-    return None
+# ----------------------------------------------------------------------------- the manifest
 
 
-def finalize(tmp: Path, final: Path, manifest: dict[str, Any]) -> None:
+@dataclass(frozen=True, kw_only=True)
+class RunIdentity:
+    """What a run fixes once at start and every one of its checkpoints records."""
+
+    recipe: dict[str, Any]
+    """The resolved recipe (`recipe.to_dict`): resume compares it with the recipe that continues."""
+    recipe_hash: str
+    world_size: int
+    strategy: str
+    """The resolved parallel.strategy (it decides the checkpoint's format: `CHECKPOINT_FORMAT`)."""
+    batch_plan: dict[str, Any]
+    """The run's one batch plan (`BatchPlan.to_dict()`), target included."""
+    data_fingerprint: str | None
+    """The bytes of the data (`data_identity.data_fingerprint`); None in manifests written before it."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest(RunIdentity):
+    """`manifest.json` of a checkpoint: written by `finalize`, read by `read_manifest`, nowhere else."""
+
+    step: int
+    epoch: float
+    samples_seen: int
+    tokens_seen: int | None = None
+    save_s: float = 0.0
+    """Seconds from the start of the save to its completion (the SLURM signal lead is set from it)."""
+    created: str = ""
+    files: dict[str, int] = field(default_factory=dict)
+    """Relative path -> size of every file the checkpoint holds (manifest and marker excluded)."""
+    checksums: dict[str, str] = field(default_factory=dict)
+    """Relative path -> `checksum` (none in manifests written before checksums were recorded)."""
+
+    @classmethod
+    def for_step(
+        cls,
+        identity: RunIdentity,
+        *,
+        step: int,
+        steps_per_epoch: int,
+        tokens_seen: int | None,
+        save_s: float,
+    ) -> Manifest:
+        """The manifest of the checkpoint of `step` (files and checksums: `finalize` adds them)."""
+        return cls(
+            **dataclasses.asdict(identity),
+            step=step,
+            epoch=step / steps_per_epoch,
+            samples_seen=step * int(identity.batch_plan["global_batch_size"]),
+            tokens_seen=tokens_seen,
+            save_s=round(save_s, 3),
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        """Read a manifest's JSON; keys added to tunefleet later than the manifest take their
+        defaults, keys this version does not know are ignored. Raises ValueError when a required one
+        is missing."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values.setdefault("data_fingerprint", None)
+        values.setdefault("batch_plan", {})
+        values.setdefault("strategy", "single")
+        values.setdefault("world_size", 1)
+        values.setdefault("recipe_hash", "")
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in values and _required(f)]
+        if missing:
+            raise ValueError(f"manifest without {', '.join(missing)}")
+        return cls(**values)
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def read_manifest(checkpoint: Path) -> Manifest:
+    """The manifest of a checkpoint (OSError / ValueError when it is missing or unreadable)."""
+    return Manifest.from_dict(json.loads((Path(checkpoint) / MANIFEST).read_text(encoding="utf-8")))
+
+
+def finalize(tmp: Path, final: Path, manifest: Manifest) -> None:
     """Rank 0, after every rank flushed its part: manifest (sizes and checksums), marker, rename."""
     files = file_list(tmp)
-    manifest = {**manifest, "files": files, "checksums": {rel: checksum(tmp / rel) for rel in files}}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    manifest = dataclasses.replace(
+        manifest, files=files, checksums={rel: checksum(tmp / rel) for rel in files}
+    )
+    (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n", encoding="utf-8")
     _fsync_file(tmp / MANIFEST)
     (tmp / COMPLETE).write_text("ok\n", encoding="utf-8")
     _fsync_file(tmp / COMPLETE)
     _fsync_dir(tmp)
-    if final.exists():  # an incomplete leftover with the same step (a complete one is never rewritten)
-        if is_complete(final):
+    if final.exists():
+        if problem(final) is None:  # a complete checkpoint is never rewritten
             shutil.rmtree(tmp)
             return
-        shutil.rmtree(final)
+        move_aside(final, problem(final) or "")
     tmp.rename(final)
     _fsync_dir(final.parent)
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    return json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+# ----------------------------------------------------------------------------- the rule
 
 
-def is_complete(path: Path) -> bool:
-    """The marker exists and every file listed in the manifest is there with its size."""
-    if not (path / COMPLETE).is_file() or not (path / MANIFEST).is_file():
-        return False
+def damaged_file(checkpoint: Path) -> str | None:
+    """The first file of a complete checkpoint whose content no longer matches the checksum in its
+    manifest (a file rewritten or corrupted at the same size), or None."""
+    for rel, digest in read_manifest(checkpoint).checksums.items():
+        if checksum(checkpoint / rel) != digest:
+            return rel
+    return None
+
+
+def incomplete(checkpoint: Path) -> str | None:
+    """Why a checkpoint is not complete (marker, manifest, files at their sizes), or None."""
+    if not (checkpoint / COMPLETE).is_file():
+        return f"it is incomplete: no {COMPLETE} marker (its write never finished)"
     try:
-        manifest = read_manifest(path)
-        return all(
-            (path / rel).is_file() and (path / rel).stat().st_size == size
-            for rel, size in manifest["files"].items()
-        )
-    except (OSError, ValueError, KeyError):
-        return False
+        manifest = read_manifest(checkpoint)
+    except (OSError, ValueError, TypeError) as exc:
+        return f"its {MANIFEST} is unreadable ({type(exc).__name__}: {exc})"
+    for rel, size in manifest.files.items():
+        f = checkpoint / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != size:
+            return f"{rel} is {f.stat().st_size:,} bytes, its manifest says {size:,}"
+    return None
 
 
-def complete_checkpoints(out: Path) -> list[Path]:
-    """Complete checkpoints in `out`, oldest first."""
+def problem(checkpoint: Path) -> str | None:
+    """The one rule: why `checkpoint` cannot be used (resumed, generated or merged from), or None.
+    Its marker, a readable manifest, every listed file at its size and with its checksum."""
+    found = incomplete(checkpoint)
+    if found is not None:
+        return found
+    try:
+        bad = damaged_file(checkpoint)
+    except OSError as exc:
+        return f"a file cannot be read ({exc})"
+    return None if bad is None else f"{bad} differs from the checksum in its manifest"
+
+
+def is_complete(checkpoint: Path) -> bool:
+    """Marker, manifest and every listed file at its size: cheap (no checksum), for counting and
+    retention; what may be used is `problem`'s answer."""
+    return incomplete(checkpoint) is None
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    """Every `checkpoint-<step>` directory in `out`, usable or not, oldest first."""
     if not out.is_dir():
         return []
-    found = [
-        p
-        for p in out.iterdir()
-        if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit() and is_complete(p)
-    ]
+    found = [p for p in out.iterdir() if p.is_dir() and is_checkpoint_name(p.name)]
     return sorted(found, key=step_of)
 
 
+def complete_checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints in `out`, oldest first (`is_complete`: no checksums)."""
+    return [p for p in checkpoint_dirs(out) if is_complete(p)]
+
+
 def latest(out: Path) -> Path | None:
+    """The newest complete checkpoint (no checksums: `scan` for the one to use)."""
     found = complete_checkpoints(out)
     return found[-1] if found else None
 
 
+@dataclass(frozen=True)
+class Scan:
+    """The checkpoints of an output directory as the one rule sees them."""
+
+    usable: Path | None
+    """The newest checkpoint without a problem, or None."""
+    passed_over: tuple[tuple[Path, str], ...] = ()
+    """Newer `checkpoint-*` directories that cannot be used, newest first, each with why."""
+
+    def note(self) -> str | None:
+        """One line on what was passed over, or None."""
+        if not self.passed_over:
+            return None
+        why = "; ".join(f"{p.name} is damaged ({reason})" for p, reason in self.passed_over)
+        if self.usable is None:
+            return why
+        return f"{why}: continuing from {self.usable.name}, the newest usable checkpoint"
+
+
+def scan(out: Path) -> Scan:
+    """The newest usable checkpoint in `out` and the newer ones passed over (each checked by
+    `problem`, newest first, until one passes: older ones are not read)."""
+    passed: list[tuple[Path, str]] = []
+    for checkpoint in reversed(checkpoint_dirs(out)):
+        why = problem(checkpoint)
+        if why is None:
+            return Scan(checkpoint, tuple(passed))
+        passed.append((checkpoint, why))
+    return Scan(None, tuple(passed))
+
+
+# ----------------------------------------------------------------------------- removing
+
+
+def move_aside(checkpoint: Path, why: str) -> Path:
+    """Rename an unusable checkpoint out of the way (`checkpoint-5.unusable-<time>`): kept, never
+    deleted, and no longer taken for a checkpoint."""
+    target = checkpoint.with_name(f"{checkpoint.name}{MOVED_ASIDE}{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while target.exists():
+        target = checkpoint.with_name(f"{checkpoint.name}{MOVED_ASIDE}{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        n += 1
+    checkpoint.rename(target)
+    print(
+        f"note: {checkpoint.name} cannot be used ({why}): moved aside to {target.name}, not deleted",
+        flush=True,
+    )
+    return target
+
+
 def cleanup_incomplete(out: Path) -> list[Path]:
-    """Remove temporary and incomplete checkpoint directories (rank 0, before training starts)."""
+    """Remove what tunefleet left under its temporary names (a save or a retention cut short);
+    rank 0, before training starts. Nothing else is touched."""
     removed: list[Path] = []
     if not out.is_dir():
         return removed
     for p in out.iterdir():
-        if not p.is_dir():
-            continue
-        if p.name.startswith(TMP_PREFIX) or (p.name.startswith(PREFIX) and not is_complete(p)):
+        if p.is_dir() and p.name.startswith((TMP_PREFIX, DELETING_PREFIX)):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
 
 
+def set_aside_newer(out: Path, scanned: Scan) -> list[Path]:
+    """Move aside the unusable checkpoints newer than the one the run continues from (or all of
+    them, starting afresh): the run would write those steps again. Returns where they went."""
+    return [move_aside(p, why) for p, why in scanned.passed_over if p.exists()]
+
+
 def apply_retention(out: Path, keep_last: int | None) -> list[Path]:
-    """Delete the oldest complete checkpoints beyond `keep_last` (never the newest)."""
+    """Delete the oldest complete checkpoints beyond `keep_last` (never the newest). Each is renamed
+    to a temporary name first: a crash in the middle leaves no half checkpoint behind."""
     if keep_last is None:
         return []
     found = complete_checkpoints(out)
     doomed = found[: max(0, len(found) - max(keep_last, 1))]
     for p in doomed:
-        # make it incomplete first: a crash in the middle of rmtree leaves no half checkpoint
-        (p / COMPLETE).unlink(missing_ok=True)
-        shutil.rmtree(p, ignore_errors=True)
+        gone = p.with_name(f"{DELETING_PREFIX}{step_of(p)}")
+        p.rename(gone)
+        shutil.rmtree(gone, ignore_errors=True)
     return doomed
 
 
@@ -226,24 +430,24 @@ ZERO_STATE_FILE = "zero_state.pt"
 checkpoint resumes on any world size."""
 
 
-def _fsdp2_sharded(manifest: dict[str, Any]) -> bool:
+def _fsdp2_sharded(manifest: Manifest) -> bool:
     """An FSDP2 LoRA checkpoint of `torch.distributed.checkpoint` shards (`parallel.state_dict: sharded`):
     DCP reshards the DTensor model and optimizer state on load, so it resumes on any world size
     (tests/test_fsdp_checkpoints.py). FSDP-QLoRA (packed 4-bit shards), FSDP1 and full state dicts
     are not tested on another world size and stay refused."""
-    parallel = manifest.get("recipe", {}).get("parallel", {})
+    parallel = manifest.recipe.get("parallel", {})
     return (
-        manifest.get("strategy") == "fsdp"
+        manifest.strategy == "fsdp"
         and parallel.get("fsdp_version") == 2
         and parallel.get("state_dict") == "sharded"
     )
 
 
-def check_layout(manifest: dict[str, Any], strategy: str, world_size: int) -> None:
+def check_layout(manifest: Manifest, strategy: str, world_size: int) -> None:
     """Refuse a checkpoint this run cannot read: another checkpoint format, or DeepSpeed/FSDP
     shards written by another world size (except ZeRO checkpoints with `zero_state.pt` and FSDP2 LoRA
     sharded checkpoints, which reshard). The launcher and every rank call it."""
-    old_strategy, old_world = manifest.get("strategy", "single"), int(manifest.get("world_size", 1))
+    old_strategy, old_world = manifest.strategy, manifest.world_size
     old_format = CHECKPOINT_FORMAT.get(old_strategy, old_strategy)
     new_format = CHECKPOINT_FORMAT.get(strategy, strategy)
     if old_format != new_format:
@@ -252,7 +456,7 @@ def check_layout(manifest: dict[str, Any], strategy: str, world_size: int) -> No
             f"{strategy} ({new_format} format), which cannot read it",
             f"resume with parallel.strategy={old_strategy}, or start a new run",
         )
-    if old_format.startswith("deepspeed") and ZERO_STATE_FILE in manifest.get("files", {}):
+    if old_format.startswith("deepspeed") and ZERO_STATE_FILE in manifest.files:
         return  # any world size: ds_reshard.py loads the rank-independent state
     if old_format == "fsdp" and _fsdp2_sharded(manifest):
         return  # any world size: torch.distributed.checkpoint reshards DTensor shards on load (FSDP2)

@@ -69,6 +69,10 @@ ENV_NUM_MACHINES = "TUNEFLEET_NUM_MACHINES"
 ENV_STRATEGY = "TUNEFLEET_STRATEGY"
 ENV_USE_CPU = "TUNEFLEET_USE_CPU"
 
+ENV_START = "TUNEFLEET_START"
+"""How the run starts in its output directory (fresh / resume which checkpoint), as the launcher
+decided it (`rundir.Start.to_env`): the ranks use it instead of scanning the checkpoints again."""
+
 ENV_PREPARE_WAIT_S = "TUNEFLEET_PREPARE_WAIT_S"
 """Seconds the other ranks wait without a sign of progress while the first rank tokenises the data
 into the cache (default 1800)."""

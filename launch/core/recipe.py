@@ -1143,6 +1143,11 @@ evaluation split included (`data.eval_ratio` holds out the first rows, so changi
 training rows and their order; so does `data.mixture`, its sources, weights and limits)."""
 
 
+OWNED_BY_THE_BATCH_PLAN = ("batch.global_batch_size", "batch.global_batch_tokens")
+"""Keys whose change on resume the batch plan judges (`batch.batch_change`: the global batch in
+samples must stay, whichever target set it), not `resume_diff`."""
+
+
 def _flatten(data: dict[str, Any]) -> dict[str, Any]:
     """`section.key` -> value; a value that is a mapping itself (peft.rank_pattern) stays one value."""
     out: dict[str, Any] = {}
@@ -1170,13 +1175,14 @@ def resume_diff(saved: dict[str, Any], current: Recipe) -> tuple[list[str], list
     """Compare the recipe a checkpoint was written with to the current one.
 
     Returns (breaking, harmless): lines `key: saved -> current`. A key the saved recipe lacks was
-    added to tunefleet after the checkpoint was written; at its default it trains as before.
+    added to tunefleet after the checkpoint was written; at its default it trains as before. The
+    global batch is the batch plan's to judge (`OWNED_BY_THE_BATCH_PLAN`).
     """
     old, new = _flatten(saved), _flatten(to_dict(current))
     defaults = _section_defaults()
     breaking, harmless = [], []
     for key in sorted(set(old) | set(new)):
-        if old.get(key) == new.get(key):
+        if old.get(key) == new.get(key) or key in OWNED_BY_THE_BATCH_PLAN:
             continue
         if key not in old and key in defaults and new.get(key) == defaults[key]:
             continue

@@ -2,13 +2,15 @@
 nothing in it is ever lost (finished runs are refused, `--overwrite` moves the old run aside,
 metrics are truncated to the resumed checkpoint so no step is logged twice).
 
-`decide_start` is read-only (every rank can call it before anyone writes); `check_resume` is the
-one check that a checkpoint can be continued by this recipe on this world size. The launcher,
+`decide_start` is read-only and scans the checkpoints once (`checkpoints.scan`); the launcher
+hands its decision to the ranks (`Start.to_env`), which then do not scan again. `check_resume` is
+the one check that a checkpoint can be continued by this recipe on this world size. The launcher,
 the SLURM job builder and every rank call both through `tunefleet.launch.preflight`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -19,7 +21,7 @@ from typing import Literal
 from tunefleet.launch.core import checkpoints as ckpt
 from tunefleet.launch.core import recipe as recipe_mod
 from tunefleet.launch.core.args import StartOptions
-from tunefleet.launch.core.batch import BatchPlan, check_batch_change
+from tunefleet.launch.core.batch import BatchPlan, batch_change
 from tunefleet.launch.core.errors import RunDirError
 from tunefleet.launch.core.layout import FINAL_DIR, LAUNCH_DIR, METRICS_FILE, RESOLVED_RECIPE, atomic_write
 from tunefleet.launch.core.recipe import Recipe
@@ -29,17 +31,23 @@ StartMode = Literal["fresh", "overwrite", "resume"]
 
 @dataclass(frozen=True)
 class RunDirState:
-    """What the output directory holds before the run starts (read-only inspection)."""
+    """What the output directory holds before the run starts (read-only inspection, one scan)."""
 
     exists: bool
     finished: bool
-    checkpoint: str | None
+    checkpoints: ckpt.Scan
+    """The newest usable checkpoint and the newer ones passed over (`checkpoints.scan`)."""
     foreign: bool
+
+    @property
+    def checkpoint(self) -> str | None:
+        return str(self.checkpoints.usable) if self.checkpoints.usable else None
 
 
 @dataclass(frozen=True)
 class Start:
-    """How the run starts in its output directory."""
+    """How the run starts in its output directory: decided once per start (by the launcher, or by
+    a rank started by hand) and handed to the ranks (`to_env` / `from_env`)."""
 
     mode: StartMode
     """`fresh`, `overwrite` (the old run is moved aside first) or `resume`."""
@@ -48,12 +56,31 @@ class Start:
     """The checkpoint a `resume` continues from."""
 
     note: str | None = None
-    """Why the newest complete checkpoint was passed over (damaged), when it was."""
+    """Why newer checkpoints were passed over (each cannot be used, and why), when they were."""
+
+    passed_over: tuple[tuple[str, str], ...] = ()
+    """(path, why) of every unusable checkpoint newer than the one continued from: rank 0 moves them
+    aside before the run writes those steps again (`checkpoints.move_aside`; nothing is deleted)."""
+
+    def to_env(self, output_dir: str) -> str:
+        """The decision as the launcher hands it to the ranks (ENV_START)."""
+        return json.dumps({"output_dir": str(Path(output_dir).absolute()), **dataclasses.asdict(self)})
+
+    @classmethod
+    def from_env(cls, value: str | None, output_dir: str) -> Start | None:
+        """The launcher's decision for `output_dir`, or None (no launcher, or another directory)."""
+        if not value:
+            return None
+        data = json.loads(value)
+        if data.pop("output_dir", None) != str(Path(output_dir).absolute()):
+            return None
+        data["passed_over"] = tuple(tuple(pair) for pair in data.get("passed_over", ()))
+        return cls(**data)
 
 
 def inspect_output_dir(path: Path) -> RunDirState:
     if not path.exists():
-        return RunDirState(False, False, None, False)
+        return RunDirState(False, False, ckpt.Scan(None), False)
     if not path.is_dir():
         raise RunDirError(
             f"output_dir {str(path)!r} exists and is not a directory", "choose another output_dir"
@@ -61,10 +88,10 @@ def inspect_output_dir(path: Path) -> RunDirState:
     # LAUNCH_DIR: the configs `tunefleet launch` writes before the ranks start
     entries = [e for e in path.iterdir() if not e.name.startswith(".") and e.name != LAUNCH_DIR]
     finished = (path / FINAL_DIR).is_dir()
-    newest = ckpt.latest(path)
-    checkpoint = str(newest) if newest else None
-    foreign = bool(entries) and not (path / RESOLVED_RECIPE).exists() and not finished and checkpoint is None
-    return RunDirState(True, finished, checkpoint, foreign)
+    scanned = ckpt.scan(path)
+    has_checkpoints = scanned.usable is not None or bool(scanned.passed_over)
+    foreign = bool(entries) and not (path / RESOLVED_RECIPE).exists() and not finished and not has_checkpoints
+    return RunDirState(True, finished, scanned, foreign)
 
 
 def check_output_location(recipe: Recipe) -> None:
@@ -128,63 +155,52 @@ def decide_start(path: Path, options: StartOptions) -> Start:
             f"output_dir {str(path)!r} already holds a finished run ({FINAL_DIR}/ exists)",
             "choose a new output_dir, or pass --overwrite to start over (the old run is moved aside, not deleted)",
         )
+    scanned = state.checkpoints
+    if scanned.usable is None and scanned.passed_over:
+        raise RunDirError(
+            f"output_dir {str(path)!r}: every checkpoint is damaged: {scanned.note()}; starting afresh "
+            "would train from step 0 beside them",
+            "restore the checkpoint's files (or its optimizer state) from a backup, or start over with "
+            "--overwrite (the old run is moved aside, not deleted)",
+        )
     if state.checkpoint:
         if options.no_resume:
             raise RunDirError(
                 f"output_dir {str(path)!r} holds an unfinished run with checkpoint {Path(state.checkpoint).name}",
                 "drop --no-resume to continue it, or pass --overwrite to start over (the old run is moved aside)",
             )
-        return _newest_undamaged(path)
+        return Start(
+            "resume",
+            state.checkpoint,
+            scanned.note(),
+            tuple((str(p), why) for p, why in scanned.passed_over),
+        )
     return Start("fresh", None)
-
-
-def _newest_undamaged(path: Path) -> Start:
-    """The newest complete checkpoint whose files match their checksums; a damaged newer one is
-    passed over, and said so."""
-    damaged: list[str] = []
-    for checkpoint in reversed(ckpt.complete_checkpoints(path)):
-        bad = ckpt.damaged_file(checkpoint)
-        if bad is None:
-            note = (
-                f"{'; '.join(damaged)}: continuing from {checkpoint.name}, the newest complete checkpoint "
-                "whose files match their checksums"
-                if damaged
-                else None
-            )
-            return Start("resume", str(checkpoint), note)
-        damaged.append(f"{checkpoint.name} is damaged ({bad} differs from the checksum in its manifest)")
-    raise RunDirError(
-        f"output_dir {str(path)!r}: every checkpoint is damaged: {'; '.join(damaged)}",
-        "restore the files from a backup, or start over with --overwrite (the old run is moved aside)",
-    )
 
 
 def _explicit_resume(path: Path, state: RunDirState, options: StartOptions) -> Start:
     resume = str(options.resume)
     if options.overwrite or options.no_resume:
         raise RunDirError("--resume cannot be combined with --overwrite or --no-resume", "pick one")
-    if not ckpt.is_complete(Path(resume)):
-        raise RunDirError(
-            f"--resume {resume!r} is not a complete tunefleet checkpoint (no {ckpt.COMPLETE} marker or "
-            "files missing)",
-            f"pass a checkpoint-N directory that holds {ckpt.MANIFEST} and {ckpt.COMPLETE}, or drop --resume "
-            "to continue from the newest complete one",
-        )
     if state.finished:
         raise RunDirError(
             f"output_dir {str(path)!r} already holds a finished run ({FINAL_DIR}/ exists)",
             "choose a new output_dir to continue from that checkpoint",
         )
+    unfinished = ckpt.incomplete(Path(resume)) if Path(resume).is_dir() else "it is not a directory"
+    if unfinished is not None:
+        raise RunDirError(
+            f"--resume {resume!r} is not a complete tunefleet checkpoint ({unfinished})",
+            f"pass a checkpoint-N directory that holds {ckpt.MANIFEST} and {ckpt.COMPLETE}, or drop --resume "
+            "to continue from the newest usable one",
+        )
     bad = ckpt.damaged_file(Path(resume))
     if bad is not None:
-        older = [
-            c
-            for c in ckpt.complete_checkpoints(Path(resume).parent)
-            if ckpt.step_of(c) < ckpt.step_of(Path(resume))
-        ]
+        usable = ckpt.scan(Path(resume).parent).usable
+        older = usable is not None and ckpt.step_of(usable) < ckpt.step_of(Path(resume))
         raise RunDirError(
             f"--resume {resume!r} is damaged: {bad} differs from the checksum in its manifest",
-            f"resume from an older complete checkpoint (--resume {older[-1]})"
+            f"resume from an older usable checkpoint (--resume {usable})"
             if older
             else "restore the checkpoint's files, or start over",
         )
@@ -198,7 +214,7 @@ def check_resume(
     training, over data that changed since, or with a strategy / world size that cannot read its
     files. Returns one line per harmless change (world size, micro batch, logging, ...)."""
     manifest = ckpt.read_manifest(Path(checkpoint))
-    saved = manifest.get("data_fingerprint")
+    saved = manifest.data_fingerprint
     if saved is not None and saved != data_fingerprint:
         raise RunDirError(
             f"the data changed since {Path(checkpoint).name} was written: "
@@ -209,16 +225,19 @@ def check_resume(
             "restore the data the run started with, or start a new run on the new data (a new output_dir, "
             "or --overwrite)",
         )
-    breaking, harmless = recipe_mod.resume_diff(manifest["recipe"], recipe)
+    breaking, harmless = recipe_mod.resume_diff(manifest.recipe, recipe)
+    saved_batch = manifest.batch_plan or {"global_batch_size": manifest.recipe["batch"]["global_batch_size"]}
+    batch_problem, batch_notes = batch_change(saved_batch, batch)
+    if batch_problem is not None:
+        breaking = [batch_problem, *breaking]
     if breaking:  # every difference at once (the global batch among them)
         raise RunDirError(
             f"the recipe differs from the one {Path(checkpoint).name} was trained with, in ways that change "
             "the training:\n    " + "\n    ".join(breaking),
             "restore those values to continue this run, or start a new run (new output_dir, or --overwrite)",
         )
-    notes = check_batch_change(manifest.get("batch_plan", {}), batch)
     ckpt.check_layout(manifest, recipe.parallel.strategy, batch.world_size)
-    return notes + harmless
+    return batch_notes + harmless
 
 
 def move_aside(path: Path) -> Path:
@@ -234,10 +253,16 @@ def move_aside(path: Path) -> Path:
 
 def truncate_metrics(path: Path, checkpoint: str | None) -> int:
     """Drop metrics rows logged after `checkpoint` (they will be logged again): no duplicated steps."""
-    step = ckpt.step_of(Path(checkpoint or f"{ckpt.PREFIX}0"))
+    step = ckpt.step_of(Path(checkpoint or ckpt.dirname(0)))
     if path.exists():
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # blank, or the torn last line of a process killed while writing it
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                kept.append(line + "\n")
         atomic_write(path, "".join(kept))
     return step
 
