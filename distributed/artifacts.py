@@ -37,12 +37,16 @@ class RunAdapter:
     run_dir: Path
     """The run's output directory (holds recipe.yaml)."""
     adapter_dir: Path
-    """Directory holding adapter_config.json and the adapter weights (and usually the tokenizer)."""
+    """Directory holding adapter_config.json and the adapter weights (and usually the tokenizer), or,
+    for `kind` model, the whole model."""
     recipe: Recipe
     """The resolved recipe the run was trained with."""
 
     note: str | None = None
     """Newer checkpoints passed over because they cannot be used, and why (printed by the commands)."""
+    kind: str = "adapter"
+    """`adapter` (a PEFT adapter over the recipe's base model) or `model` (a whole model: the final/
+    of a full or partial fine-tune, or a one-process checkpoint of one)."""
 
     @property
     def label(self) -> str:
@@ -52,6 +56,23 @@ class RunAdapter:
 
 def has_adapter(path: Path) -> bool:
     return (path / ADAPTER_CONFIG).is_file() and any((path / w).is_file() for w in ADAPTER_WEIGHTS)
+
+
+MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
+def has_model(path: Path) -> bool:
+    """A whole model `from_pretrained` loads: config.json and its safetensors (one file, or an index)."""
+    return (path / "config.json").is_file() and any((path / w).is_file() for w in MODEL_WEIGHTS)
+
+
+def _sharded_weights_error(path: Path) -> TunefleetError:
+    return TunefleetError(
+        f"{path} holds the sharded training state of a full or partial fine-tune (each rank's shard), "
+        "not a model that loads on its own",
+        "use the run's final/ once it has finished (the model is exported from the shards there), or a "
+        "checkpoint of a one-process or ddp run",
+    )
 
 
 def _is_sharded(path: Path) -> bool:
@@ -74,9 +95,10 @@ def _load_recipe(run_dir: Path) -> Recipe:
 
 
 def _run_adapter(run_dir: Path) -> tuple[Path, str | None]:
-    """A run directory's `final/` adapter, else its newest usable checkpoint (and what was passed over)."""
+    """A run directory's `final/` adapter (or model), else its newest usable checkpoint (and what was
+    passed over)."""
     final = run_dir / FINAL_DIR
-    if has_adapter(final):
+    if has_adapter(final) or has_model(final):
         return final, None
     scanned = ckpt.scan(run_dir)
     if scanned.usable is None:
@@ -89,7 +111,9 @@ def _run_adapter(run_dir: Path) -> tuple[Path, str | None]:
             f"run {str(run_dir)!r} has no {FINAL_DIR}/ adapter and no complete checkpoint",
             "train it (or let it reach its first checkpoint) first",
         )
-    if not has_adapter(scanned.usable):
+    if not has_adapter(scanned.usable) and not has_model(scanned.usable):
+        if _trains_weights(run_dir):
+            raise _sharded_weights_error(scanned.usable)
         if _is_sharded(scanned.usable):
             raise _sharded_error(scanned.usable)
         raise TunefleetError(
@@ -109,7 +133,9 @@ def find_adapter(path: str | Path) -> RunAdapter:
         )
     if (path / RESOLVED_RECIPE).is_file():  # a run directory
         adapter, note = _run_adapter(path)
-        return RunAdapter(run_dir=path, adapter_dir=adapter, recipe=_load_recipe(path), note=note)
+        return RunAdapter(
+            run_dir=path, adapter_dir=adapter, recipe=_load_recipe(path), note=note, kind=_kind(adapter)
+        )
     if ckpt.is_checkpoint_name(path.name) or (path / ckpt.MANIFEST).is_file():
         why = ckpt.problem(path)
         if why is not None:
@@ -117,7 +143,9 @@ def find_adapter(path: str | Path) -> RunAdapter:
                 f"checkpoint {str(path)!r} cannot be used: {why} (resume would refuse it too)",
                 "use an older checkpoint, or the run directory (its newest usable checkpoint)",
             )
-    if not has_adapter(path):
+    if not has_adapter(path) and not has_model(path):
+        if (path.parent / RESOLVED_RECIPE).is_file() and _trains_weights(path.parent):
+            raise _sharded_weights_error(path)
         if _is_sharded(path):
             raise _sharded_error(path)
         raise TunefleetError(
@@ -131,4 +159,14 @@ def find_adapter(path: str | Path) -> RunAdapter:
             f"no {RESOLVED_RECIPE} next to {str(path)!r} (looked in {str(run_dir)!r})",
             "pass a final/ or checkpoint directory that is still inside its run directory",
         )
-    return RunAdapter(run_dir=run_dir, adapter_dir=path, recipe=_load_recipe(run_dir))
+    return RunAdapter(run_dir=run_dir, adapter_dir=path, recipe=_load_recipe(run_dir), kind=_kind(path))
+
+
+def _kind(path: Path) -> str:
+    return "adapter" if has_adapter(path) else "model"
+
+
+def _trains_weights(run_dir: Path) -> bool:
+    from tunefleet.launch.core.recipe import WEIGHT_METHODS
+
+    return _load_recipe(run_dir).peft.method in WEIGHT_METHODS

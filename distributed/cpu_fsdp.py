@@ -8,7 +8,8 @@ FSDP_* variables) therefore stays MULTI_CPU: the Trainer wraps the model in DDP 
 sharded, without a warning. PyTorch itself shards on CPU: `fully_shard` over gloo trains and
 saves/loads a sharded distributed checkpoint (measured here, torch 2.13).
 
-What it changes, and nothing else. `enable()` wraps `AcceleratorState.__init__`. After the
+What it changes, and nothing else. `enable()` wraps `AcceleratorState.__init__` (the patch is
+`launch/hf_compat.py:enable_fsdp2_on_cpu`, with the other hooks into libraries). After the
 original ran, when the state is MULTI_CPU and an FSDP plugin with `fsdp_version == 2` was passed,
 it does what the original does for a GPU: `distributed_type = FSDP`, the plugin stored on the
 state, the mixed precision set on the plugin, PartialState's `distributed_type` updated. From
@@ -29,14 +30,12 @@ now supports FSDP on CPU": accelerate then shards on CPU by itself.
 
 from __future__ import annotations
 
-import functools
 import os
-from typing import Any
+
+from tunefleet.launch import hf_compat
 
 ENV_SWITCH = "TUNEFLEET_CPU_FSDP"
 """`0` keeps the layer off even where it would apply (tests, or to see upstream's behaviour)."""
-
-_PATCHED = "_tunefleet_cpu_fsdp"
 
 
 def wanted(strategy: str, *, cuda_available: bool) -> bool:
@@ -47,33 +46,10 @@ def wanted(strategy: str, *, cuda_available: bool) -> bool:
 
 
 def is_enabled() -> bool:
-    from accelerate.state import AcceleratorState
-
-    return getattr(AcceleratorState.__init__, _PATCHED, False)
+    return hf_compat.fsdp2_on_cpu_enabled()
 
 
 def enable() -> None:
-    """Let accelerate select FSDP2 on a CPU (gloo) world. Idempotent; call before the Trainer exists."""
-    from accelerate.state import AcceleratorState, DistributedType, PartialState
-
-    if is_enabled():
-        return
-    original = AcceleratorState.__init__
-
-    @functools.wraps(original)
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        plugin = kwargs.get("fsdp_plugin")
-        if plugin is None or self.distributed_type != DistributedType.MULTI_CPU:
-            return
-        if getattr(plugin, "fsdp_version", 1) != 2:
-            return  # FSDP1 on CPU stays unsupported (see the module doc); the entrypoint check stops the run
-        # the same three steps accelerate takes for GPUs (state.py, AcceleratorState.__init__)
-        self.distributed_type = DistributedType.FSDP
-        if self._mixed_precision != "no":
-            plugin.set_mixed_precision(self._mixed_precision)
-        self.fsdp_plugin = plugin
-        PartialState._shared_state["distributed_type"] = self.distributed_type
-
-    setattr(__init__, _PATCHED, True)
-    AcceleratorState.__init__ = __init__  # type: ignore[method-assign]
+    """Let accelerate select FSDP2 on a CPU (gloo) world. Idempotent; call before the Trainer exists.
+    The patch itself is `hf_compat.enable_fsdp2_on_cpu` (every hook into a library lives there)."""
+    hf_compat.enable_fsdp2_on_cpu()

@@ -137,3 +137,92 @@ def load(engine: Any, checkpoint: str | Path) -> None:
     engine.global_steps, engine.global_samples = saved["global_steps"], saved["global_samples"]
     if engine.lr_scheduler is not None and saved["lr_scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+
+
+# ----------------------------------------------------------------------------- full / freeze, ZeRO-3
+
+_RANK_FILE = "zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+_MODEL_FILE = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+FLAT_KEYS = ("fp32", *ADAM_KEYS)
+
+
+def _old_layout(checkpoint: Path) -> tuple[Path, int, dict[str, Any], dict[str, tuple[int, int, int, int]]]:
+    """DeepSpeed's ZeRO-3 files of a checkpoint: their folder, the world size that wrote them, rank 0's
+    model states, and per trained parameter (group, offset in the group's flat partition, elements,
+    elements per rank). Each rank's flat partition of a group is its piece of every parameter of the
+    group, in order, each ceil(elements / world) long (DeepSpeed's `zero_to_fp32` reads them so too)."""
+    import math
+
+    tag = (checkpoint / "latest").read_text(encoding="utf-8").strip()
+    folder = checkpoint / tag
+    states = torch.load(folder / _MODEL_FILE, map_location="cpu", weights_only=False)
+    world = int(states["dp_world_size"])
+    where: dict[str, tuple[int, int, int, int]] = {}
+    for group, shapes in enumerate(states["param_shapes"]):
+        offset = 0
+        for name, shape in shapes.items():
+            numel = math.prod(shape)
+            per_rank = math.ceil(numel / world)
+            where[name] = (group, offset, numel, per_rank)
+            offset += per_rank
+    return folder, world, states, where
+
+
+def load_zero3_partitions(engine: Any, checkpoint: str | Path) -> None:
+    """Every rank, in place of `engine.load_checkpoint`, for a full or partial fine-tune under ZeRO-3
+    whose checkpoint another world size wrote: DeepSpeed's own per-rank files, memory-mapped, re-cut
+    parameter by parameter into this world's partitions. A rank reads the slices of its own new
+    partition (of the fp32 master weights and both Adam moments) and nothing else: no rank ever holds
+    the whole model or the whole optimizer state. The trainer state, the RNG and the sampler position
+    come from the checkpoint's own files as on any resume."""
+    import torch.distributed as dist
+
+    folder, old_world, states, where = _old_layout(Path(checkpoint))
+    files = [
+        torch.load(folder / _RANK_FILE.format(rank=r), map_location="cpu", weights_only=False, mmap=True)[
+            "optimizer_state_dict"
+        ]
+        for r in range(old_world)
+    ]
+    saved_groups = files[0]["optimizer_state_dict"]["param_groups"]
+    step = next((s["step"] for s in files[0]["optimizer_state_dict"]["state"].values() if "step" in s), None)
+    zero_opt = engine.optimizer
+    for group, hyper in zip(zero_opt.optimizer.param_groups, saved_groups, strict=True):
+        group.update({k: v for k, v in hyper.items() if k != "params"})
+    if step is not None:  # the optimizer's state exists from the first step on: made here
+        for flat, group in zip(_flat_partitions(zero_opt), zero_opt.optimizer.param_groups, strict=True):
+            state = zero_opt.optimizer.state[flat]
+            on_device = group.get("fused") or group.get("capturable")
+            state["step"] = step.to(flat.device if on_device else "cpu", torch.float32).clone()
+            for key in ADAM_KEYS:
+                state[key] = torch.zeros_like(flat)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+
+    def old_values(key: str, group: int) -> list[torch.Tensor]:
+        if key == "fp32":
+            return [f["fp32_flat_groups"][group] for f in files]
+        return [f["optimizer_state_dict"]["state"][group][key] for f in files]
+
+    for name, param in engine.module.named_parameters():
+        if not param.requires_grad:
+            continue  # a frozen weight never changed: it is the one the model was loaded with
+        if name not in where:
+            raise RuntimeError(f"{name} is trained but not in the checkpoint's ZeRO-3 files ({folder})")
+        group, offset, numel, old_per_rank = where[name]
+        size = param.ds_tensor.numel()  # this rank's partition, padding included
+        start, end = rank * size, min((rank + 1) * size, numel)
+        for key in FLAT_KEYS if step is not None else FLAT_KEYS[:1]:
+            sources = old_values(key, group)
+            value = torch.zeros(size, dtype=torch.float32)
+            pos = start
+            while pos < end:
+                old_rank, lo = divmod(pos, old_per_rank)
+                take = min(end - pos, old_per_rank - lo)
+                value[pos - start : pos - start + take] = sources[old_rank][offset + lo : offset + lo + take]
+                pos += take
+            if key == "fp32":
+                zero_opt.set_local_hp_param(value, param)
+                param.ds_tensor.data.copy_(value.to(param.ds_tensor.dtype))  # the compute copy
+            else:
+                zero_opt.set_local_hp_param(value, param, optim_state_key=key)
+    engine.global_steps, engine.global_samples = states["global_steps"], states["global_samples"]

@@ -78,12 +78,13 @@ def eva_state_dict(peft_model: Any, dataset: Any, micro_batches: list[list[int]]
     """PEFT's EVA computation over `micro_batches` of `dataset` on this rank alone."""
     from peft.tuners.lora.eva import get_eva_state_dict
     from torch.utils.data import DataLoader
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from tunefleet.launch import hf_compat
 
     loader = DataLoader(
         dataset,
         batch_sampler=micro_batches,
-        collate_fn=DataCollatorForLanguageModeling(pad_token_id=pad_token_id),
+        collate_fn=hf_compat.language_modeling_collator(pad_token_id, padding_free=False),
     )
     return get_eva_state_dict(peft_model, loader, gather_distributed_inputs=False, show_progress_bar=False)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from tunefleet.launch.core.recipe import Recipe, data_sources
+from tunefleet.launch.core.recipe import WEIGHT_METHODS, Recipe, data_sources
 
 SAMPLE_PROMPTS = 4
 SAMPLE_MAX_NEW_TOKENS = 64
@@ -34,6 +34,15 @@ class FinalEvalCallback(TrainerCallback):
             control.should_evaluate = True
 
 
+def _base_model(recipe: Recipe, path: str | None, trained: Any) -> Any:
+    """The base model as the run loaded it (its dtype and quantization), on the trained model's device."""
+    from tunefleet.distributed import model as model_mod
+
+    precision = model_mod.resolve_precision(recipe)
+    base = model_mod.load_model(path or model_mod.resolve_model_path(recipe.model), recipe, precision)
+    return base.to(next(trained.parameters()).device).eval()
+
+
 def final_eval_loss(log_history: list[dict[str, Any]]) -> float | None:
     losses = [row["eval_loss"] for row in log_history if "eval_loss" in row]
     return losses[-1] if losses else None
@@ -47,10 +56,13 @@ def write_samples(
     eval_rows: list[dict],
     train_rows: list[dict],
     path: Path,
+    base_model_path: str | None = None,
     n: int = SAMPLE_PROMPTS,
     max_new_tokens: int = SAMPLE_MAX_NEW_TOKENS,
 ) -> str:
-    """Write `samples.jsonl` (rank 0 only); return a one-line summary for the run table."""
+    """Write `samples.jsonl` (rank 0 only); return a one-line summary for the run table. The base
+    model's answers come from the adapter switched off, or (full/freeze, which changed the weights
+    themselves) from the base model loaded again from `base_model_path`."""
     from tunefleet.distributed.generate import generate, render_prompt, stop_token_ids
 
     split, rows = ("eval", eval_rows) if eval_rows else ("train", train_rows)
@@ -65,20 +77,23 @@ def write_samples(
         for i, row in enumerate(rows[:n])
     ]
 
-    def answer_all() -> list[Any]:
+    def answer_all(with_model: Any) -> list[Any]:
         return generate(
-            model,
+            with_model,
             tokenizer,
             prompts,
             max_new_tokens=max_new_tokens,
             batch_size=n,
-            stop_ids=stop_token_ids(tokenizer, data.format, model.generation_config),
+            stop_ids=stop_token_ids(tokenizer, data.format, with_model.generation_config),
         )
 
     try:
-        answers = answer_all()
-        with model.disable_adapter():  # the same prompts without the adapter: what training changed
-            base = answer_all()
+        answers = answer_all(model)
+        if recipe.peft.method in WEIGHT_METHODS:  # the weights changed: the base is read again
+            base = answer_all(_base_model(recipe, base_model_path, model))
+        else:
+            with model.disable_adapter():  # the same prompts without the adapter: what training changed
+                base = answer_all(model)
     except Exception as exc:  # noqa: BLE001 — the run is finished and saved: a sample must not fail it
         # e.g. bitsandbytes' CPU 4-bit decoding kernel rejects the demo model's odd layer widths
         return f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

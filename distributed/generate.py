@@ -309,7 +309,8 @@ def load_tokenizer(adapter: RunAdapter) -> Any:
 
 
 def load_run_model(adapter: RunAdapter) -> tuple[Any, Any]:
-    """The base model (the recipe's dtype and quantization) with the run's adapter, and the tokenizer."""
+    """(the fine-tuned model, the tokenizer): the base (the recipe's dtype and quantization) with the
+    run's adapter, or a full/freeze run's whole model."""
     import torch
     from peft import PeftModel
 
@@ -323,15 +324,28 @@ def load_run_model(adapter: RunAdapter) -> tuple[Any, Any]:
         # loaded unquantized (the answers can differ from the quantized model's by its rounding)
         print(f"note: CPU generation loads the {recipe.model.quantization} base unquantized", file=sys.stderr)
         recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, quantization="none"))
+    if adapter.kind == "model":  # a full or partial fine-tune: the whole model
+        tuned = model_mod.from_pretrained(str(adapter.adapter_dir), dtype=inference_precision(recipe).dtype)
+        tuned.config.use_cache = True
+        return (tuned.to("cuda") if torch.cuda.is_available() else tuned).eval(), tokenizer
+    model = PeftModel.from_pretrained(load_base(recipe), str(adapter.adapter_dir))
+    model.eval()
+    return model, tokenizer
+
+
+def load_base(recipe: Any) -> Any:
+    """The recipe's base model for inference (its dtype and quantization), on the GPU when there is one."""
+    import torch
+
+    from tunefleet.distributed import model as model_mod
+
     base = model_mod.load_model(
         model_mod.resolve_model_path(recipe.model), recipe, inference_precision(recipe)
     )
     base.config.use_cache = True
     if torch.cuda.is_available() and recipe.model.quantization == "none":
         base = base.to("cuda")  # bitsandbytes models are placed on the GPU when they load
-    model = PeftModel.from_pretrained(base, str(adapter.adapter_dir))
-    model.eval()
-    return model, tokenizer
+    return base.eval()
 
 
 def generate_for_run(
@@ -356,19 +370,20 @@ def generate_for_run(
     stop_ids = stop_token_ids(tokenizer, data.format, model.generation_config)
     answer_all = functools.partial(
         generate,
-        model,
-        tokenizer,
-        prompts,
+        tokenizer=tokenizer,
+        prompts=prompts,
         stop_ids=stop_ids,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         batch_size=batch_size,
     )
-    tuned = answer_all()
+    tuned = answer_all(model)
     base = None
-    if compare_base:
+    if compare_base and adapter.kind == "model":  # the weights changed: the base model is read again
+        base = answer_all(load_base(adapter.recipe))
+    elif compare_base:
         with model.disable_adapter():
-            base = answer_all()
+            base = answer_all(model)
     results = []
     for i, (prompt, answer) in enumerate(zip(prompts, tuned, strict=True)):
         row: dict[str, Any] = {"prompt": prompt.shown, "answer": answer.text, "stopped": answer.stopped}

@@ -18,7 +18,7 @@ from typing import Any
 
 from tunefleet.launch.core.errors import TunefleetError
 from tunefleet.launch.core.layout import atomic_dir
-from tunefleet.launch.core.recipe import PRECISION_DTYPE, Recipe
+from tunefleet.launch.core.recipe import PRECISION_DTYPE, WEIGHT_METHODS, Recipe
 from tunefleet.launch.params import describe_variants
 
 MERGE_INFO = "tunefleet_merge.json"
@@ -36,8 +36,15 @@ class MergeResult:
     """Largest |logit difference| between the merged model and base+adapter on a probe prompt."""
 
 
-def check_mergeable(recipe: Recipe) -> None:
-    """Refuse adapters whose effect no merged weight can reproduce."""
+def check_mergeable(recipe: Recipe, run_dir: Path | None = None) -> None:
+    """Refuse runs without an adapter to merge, and adapters whose effect no merged weight can reproduce."""
+    if recipe.peft.method in WEIGHT_METHODS:
+        final = (run_dir or Path(recipe.output_dir)) / "final"
+        raise TunefleetError(
+            f"this run fine-tuned the model's own weights (peft.method={recipe.peft.method}): there is no adapter, "
+            "so there is nothing to merge",
+            f"its final/ is already a whole model: load it with AutoModelForCausalLM.from_pretrained({str(final)!r})",
+        )
     if recipe.peft.alora_invocation is not None:
         raise TunefleetError(
             "this run trained an Activated LoRA adapter (peft.alora_invocation): it acts only from its "
@@ -147,7 +154,7 @@ def merge(
         )
     adapter = find_adapter(path)
     recipe = adapter.recipe
-    check_mergeable(recipe)
+    check_mergeable(recipe, adapter.run_dir)
     model_mod.check_loadable_here(recipe)
     notes: list[str] = [adapter.note] if adapter.note else []
     resolved_dtype = merge_dtype(recipe, dtype)

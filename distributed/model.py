@@ -13,7 +13,7 @@ import torch
 from tunefleet.launch.compat import BNB, sharded_4bit
 from tunefleet.launch.core.errors import RecipeError, TunefleetError
 from tunefleet.launch.core.layout import atomic_dir
-from tunefleet.launch.core.recipe import PRECISION_DTYPE, ModelConfig, Recipe
+from tunefleet.launch.core.recipe import PRECISION_DTYPE, WEIGHT_METHODS, ModelConfig, Recipe, weight_dtype
 from tunefleet.launch.loading import placed_on_gpu_at_load, rank0_loads_weights
 
 _DTYPES = {
@@ -50,11 +50,15 @@ def resolve_precision(recipe: Recipe) -> Precision:
             "train.precision=fp16 needs a GPU (fp16 mixed precision is not supported on CPU)",
             "use train.precision=bf16 or fp32 on CPU",
         )
-    if recipe.model.dtype == "auto":
-        dtype = _DTYPES[PRECISION_DTYPE[mode]]
-    else:
-        dtype = _DTYPES[recipe.model.dtype]
-    return Precision(mode=mode, dtype=dtype, use_cpu=use_cpu)
+    return Precision(mode=mode, dtype=_DTYPES[weight_dtype(recipe, mode)], use_cpu=use_cpu)
+
+
+def export_dtype(recipe: Recipe) -> torch.dtype:
+    """The dtype of a full/freeze run's final model: train.export_dtype, or the compute dtype of the
+    run (bf16 under bf16, fp16 under fp16, else fp32) when `auto`."""
+    if recipe.train.export_dtype != "auto":
+        return _DTYPES[recipe.train.export_dtype]
+    return _DTYPES[PRECISION_DTYPE[resolve_precision(recipe).mode]]
 
 
 def resolve_model_path(model: ModelConfig) -> str:
@@ -283,6 +287,35 @@ def apply_peft(
     return peft_model
 
 
+def apply_method(
+    model: Any, recipe: Recipe, *, alora_invocation_tokens: list[int] | None = None, config: Any = None
+) -> Any:
+    """What `peft.method` trains: an adapter on the frozen base (`lora`, `dora`: `apply_peft`), or the
+    model's own weights (`full`: all of them; `freeze`: the selection of `params.trainable_parameters`,
+    the rule the plan counts with). The rest stays frozen."""
+    if recipe.peft.method in WEIGHT_METHODS:
+        from tunefleet.launch.params import apply_selection
+
+        apply_selection(model, recipe.peft)
+        return model
+    return apply_peft(model, recipe, alora_invocation_tokens=alora_invocation_tokens, config=config)
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameters of the model as built, before sharding: PEFT's own count for an
+    adapter (4-bit weights counted unpacked), else every parameter (ZeRO-3's partitioned ones by their
+    full size)."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        trainable, total = model.get_nb_trainable_parameters()
+        return int(trainable), int(total)
+
+    def numel(p: Any) -> int:
+        return int(getattr(p, "ds_numel", 0) or p.numel())
+
+    params = list(model.parameters())
+    return sum(numel(p) for p in params if p.requires_grad), sum(numel(p) for p in params)
+
+
 def check_loadable_here(recipe: Recipe) -> None:
     """PEFT recomputes a LoftQ adapter's quantized base when it loads it, and only on a GPU
     (`peft/utils/loftq_utils.py` moves the weights to "cuda": on CPU "Torch not compiled with CUDA
@@ -295,18 +328,31 @@ def check_loadable_here(recipe: Recipe) -> None:
         )
 
 
-def materialize_adapter(model: Any) -> Any:
-    """Give trainable parameters still on the meta device (a rank that read no weights:
-    `load_model`) CPU storage. accelerate maps the optimizer's parameters to their FSDP2 shards by
-    storage address (`data_ptr`), which is 0 for every meta tensor: the optimizer would then hold
-    one parameter many times (seen here as a failed checkpoint save). The values are never read:
-    rank 0's are broadcast into the shards. The frozen base stays on the meta device."""
+def materialize_trainable(model: Any) -> Any:
+    """Give trainable parameters still on the meta device (a rank that read no weights: `load_model`)
+    a distinct CPU address. accelerate maps the optimizer's parameters to their FSDP2 shards by
+    storage address (`data_ptr`), which is 0 for every meta tensor: the optimizer would then hold one
+    parameter many times (seen here as a failed checkpoint save). The values are never read: rank 0's
+    are broadcast into the shards. So each placeholder is one element of one shared buffer, viewed at
+    the parameter's shape with zero strides: a full fine-tune's billions of parameters cost a few
+    bytes each here, not a second copy of the model on every rank. The frozen base stays on the meta
+    device."""
     import torch.nn as nn
 
-    for module in model.modules():
-        for name, param in list(module._parameters.items()):
-            if param is not None and param.requires_grad and param.is_meta:
-                module._parameters[name] = nn.Parameter(torch.zeros_like(param, device="cpu"))
+    wanted = [
+        (module, name, param)
+        for module in model.modules()
+        for name, param in list(module._parameters.items())
+        if param is not None and param.requires_grad and param.is_meta
+    ]
+    if not wanted:
+        return model
+    dtypes = {param.dtype for _, _, param in wanted}
+    buffers = {dtype: torch.empty(len(wanted), dtype=dtype, device="cpu") for dtype in dtypes}
+    for i, (module, name, param) in enumerate(wanted):
+        cell = buffers[param.dtype][i : i + 1]
+        placeholder = cell.as_strided(tuple(param.shape), (0,) * param.dim())
+        module._parameters[name] = nn.Parameter(placeholder, requires_grad=True)
     return model
 
 

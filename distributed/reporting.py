@@ -13,7 +13,7 @@ from tunefleet.launch import prep_report
 from tunefleet.launch.core.layout import FINAL_DIR, LOSS_PLOT, METRICS_FILE, read_jsonl
 from tunefleet.launch.core.recipe import stats_format
 from tunefleet.launch.core.versions import one_line
-from tunefleet.launch.params import describe_variants
+from tunefleet.launch.params import describe_method
 from tunefleet.launch.plan import mixture_rows
 
 
@@ -31,7 +31,10 @@ class MetricsCallback(TrainerCallback):
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
     ) -> None:
-        if not state.is_world_process_zero or not logs:
+        if not logs:
+            return
+        peaks = peak_memory_per_rank()  # collective: every rank logs at the same steps
+        if not state.is_world_process_zero:
             return
         row: dict[str, Any] = {"step": state.global_step}
         if "loss" in logs:
@@ -47,6 +50,7 @@ class MetricsCallback(TrainerCallback):
             row.update(eval_loss=logs["eval_loss"], epoch=logs.get("epoch"))
         else:
             return
+        row["peak_memory_gib"] = peaks
         row["elapsed_s"] = round(time.monotonic() - self.start, 3)
         row["time"] = round(time.time(), 3)
         with self.path.open("a", encoding="utf-8") as f:
@@ -104,6 +108,31 @@ class ProgressCallback(TrainerCallback):
             self.progress.update(self.task, completed=state.global_step)
             self.progress.stop()
             self.progress = None
+
+
+def peak_memory_gib() -> float:
+    """This process's peak memory so far, in GiB: on a GPU the allocator's peak
+    (`torch.cuda.max_memory_allocated`: the tensors, as the plan estimates them), on a CPU the
+    process's peak resident memory (`ru_maxrss`: everything the process held, Python included)."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 1024**3, 3)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)  # KiB on Linux
+
+
+def peak_memory_per_rank() -> list[float]:
+    """Collective when distributed (every rank calls it): `peak_memory_gib` of every rank, by rank."""
+    import torch.distributed as dist
+
+    mine = peak_memory_gib()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return [float(x) for x in every]
 
 
 def peak_gpu_memory_gib() -> float | None:
@@ -200,18 +229,10 @@ def start_rows(
     the plan's per-source table)."""
     recipe, batch = checked.recipe, checked.batch
     p, d = recipe.peft, recipe.data
-    method = {"lora": "LoRA", "dora": "DoRA"}[p.method] + (" + rsLoRA" if p.use_rslora else "")
-    if recipe.model.quantization != "none":
-        method = f"Q{method} ({recipe.model.quantization})"
     device = "CPU" if precision.use_cpu else "GPU"
     return [
         ("model", f"{recipe.model.name_or_path} ({precision.dtype}, {precision.mode}, {device})"),
-        (
-            "method",
-            "; ".join(
-                [f"{method} r={p.r} alpha={p.alpha:g} targets={p.target_modules}", *describe_variants(p)]
-            ),
-        ),
+        ("method", describe_method(p, recipe.model.quantization)),
         ("parameters", f"{trainable:,} trainable of {total:,} ({100 * trainable / total:.3f}%)"),
         (
             "data",
@@ -251,7 +272,7 @@ def start_rows(
 
 def _final_loss(trainer: Any, result: Any) -> str:
     """Where the run ended up (the last logged training loss) and the mean over this attempt."""
-    trained = trainer.state.global_step - getattr(trainer, "_initial_global_step", 0)
+    trained = trainer.state.global_step - trainer.steps_before_this_attempt()
     if not trained:
         return "no step left to train: the checkpoint was written at the last step"
     logged = [row["loss"] for row in trainer.state.log_history if "loss" in row]
@@ -260,10 +281,29 @@ def _final_loss(trainer: Any, result: Any) -> str:
     return f"{logged[-1]:.4f} (last logged step; mean over this attempt's {trained} step(s) {result.training_loss:.4f})"
 
 
+def _peaks_line(peaks: list[float]) -> str:
+    """The peak memory of every rank (GPU: the allocator's peak; CPU: the process's peak RSS)."""
+    import torch
+
+    kind = "GPU allocator peak" if torch.cuda.is_available() else "peak resident memory"
+    shown = ", ".join(f"rank {r}: {g:.2f}" for r, g in enumerate(peaks[:8])) + (
+        ", ..." if len(peaks) > 8 else ""
+    )
+    return f"{max(peaks):.2f} GiB at most ({kind}; {shown} GiB)"
+
+
 def done_rows(
-    trainer: Any, result: Any, out: Path, *, elapsed_s: float, eval_loss: float | None, samples: str
+    trainer: Any,
+    result: Any,
+    out: Path,
+    *,
+    elapsed_s: float,
+    eval_loss: float | None,
+    samples: str,
+    peak_memory_gib: list[float],
+    what: str = "adapter",
 ) -> list[tuple[str, str]]:
-    """The summary printed after the last step."""
+    """The summary printed after the last step (`what`: `adapter` or `model`, what final/ holds)."""
     train_s = result.metrics.get("train_runtime", elapsed_s)
     tokens = trainer.state.num_input_tokens_seen
     return [
@@ -272,7 +312,8 @@ def done_rows(
         ("time", f"{elapsed_s:.1f} s total, {train_s:.1f} s training"),
         ("throughput", f"{tokens / max(train_s, 1e-9):,.0f} tokens/s ({tokens:,} tokens)"),
         *([("eval loss", f"{eval_loss:.4f} (last evaluation)")] if eval_loss is not None else []),
-        ("adapter", str(out / FINAL_DIR)),
+        (what, str(out / FINAL_DIR)),
+        ("peak memory", _peaks_line(peak_memory_gib)),
         ("metrics", f"{out / METRICS_FILE}, {out / LOSS_PLOT}"),
         ("samples", samples),
     ]

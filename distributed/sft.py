@@ -42,7 +42,7 @@ from tunefleet.launch.core.layout import (
     write_json,
 )
 from tunefleet.launch.core.noise import quiet_libraries, quiet_transformers
-from tunefleet.launch.core.recipe import Recipe
+from tunefleet.launch.core.recipe import WEIGHT_METHODS, Recipe
 from tunefleet.launch.preflight import Preflight, preflight
 
 
@@ -113,7 +113,7 @@ def run(
         result = trainer.train(resume_from_checkpoint=checked.start.checkpoint)
         if trainer.tf_stopped:
             return _stop_for_requeue(trainer, rank, dist)
-        _finish(trainer, tokenizer, recipe, data, result, started, rank)
+        _finish(trainer, tokenizer, recipe, data, result, started, rank, model_path)
         dist.wait_for_everyone()
     return EXIT_OK
 
@@ -387,8 +387,8 @@ def _build_model(
     guard.check_padding_free(model, recipe)
     set_seed(recipe.train.seed)
     config = eva.saved_config(checkpoint) if recipe.peft.init == "eva" and checkpoint is not None else None
-    model = model_mod.apply_peft(model, recipe, alora_invocation_tokens=invocation, config=config)
-    return model_mod.materialize_adapter(model)
+    model = model_mod.apply_method(model, recipe, alora_invocation_tokens=invocation, config=config)
+    return model_mod.materialize_trainable(model)
 
 
 def _initialize_adapter(
@@ -421,12 +421,12 @@ def _build_trainer(
 ) -> Any:
     """The trainer with tunefleet's sample order, atomic checkpoints, stop flag and callbacks."""
     from transformers.trainer_callback import PrinterCallback
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from tunefleet.distributed import tracking
     from tunefleet.distributed.evaluation import FinalEvalCallback
     from tunefleet.distributed.reporting import MetricsCallback, ProgressCallback
     from tunefleet.distributed.trainer import StopFlag, TunefleetTrainer
+    from tunefleet.launch import hf_compat
 
     recipe, out = checked.recipe, Path(checked.recipe.output_dir)
     padding_free = recipe.batch.padding_free is True
@@ -438,7 +438,7 @@ def _build_trainer(
         processing_class=tokenizer,
         # padding-free: TRL's collator packs a micro batch into one row, position_ids restarting at
         # every sample and the first label of each sample masked (it was never a target)
-        data_collator=DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)
+        data_collator=hf_compat.language_modeling_collator(tokenizer.pad_token_id, padding_free=True)
         if padding_free
         else None,
         batch=checked.batch,
@@ -472,6 +472,7 @@ def _check_and_report(
     """No silent fallback (the distributed type and world size now, the sharding once the model is
     wrapped); the run summary and plan.json on rank 0; the stop signals from here on."""
     from tunefleet.distributed import cpu_fsdp, guard
+    from tunefleet.distributed import model as model_mod
     from tunefleet.distributed.reporting import peak_gpu_memory_gib, print_table, start_rows
     from tunefleet.launch.core.versions import versions
 
@@ -485,7 +486,7 @@ def _check_and_report(
         )
     )
     if rank.main:
-        trainable, total = trainer.model.get_nb_trainable_parameters()
+        trainable, total = model_mod.count_parameters(trainer.model)
         batching = trainer.batching()
         print_table(
             "tunefleet run",
@@ -535,24 +536,33 @@ def _stop_for_requeue(trainer: Any, rank: Rank, dist: Any) -> int:
 
 
 def _finish(
-    trainer: Any, tokenizer: Any, recipe: Recipe, data: Any, result: Any, started: float, rank: Rank
+    trainer: Any,
+    tokenizer: Any,
+    recipe: Recipe,
+    data: Any,
+    result: Any,
+    started: float,
+    rank: Rank,
+    model_path: str,
 ) -> None:
-    """The final adapter (gathered on every rank), then rank 0's plot, samples and summary."""
+    """The final adapter (gathered on every rank) or, for full/freeze, the final model (exported from
+    the shards by every rank), then rank 0's plot, samples and summary."""
     from tunefleet.distributed.evaluation import final_eval_loss, write_samples
-    from tunefleet.distributed.final_adapter import save_final_adapter
     from tunefleet.distributed.reporting import (
         done_rows,
         peak_gpu_memory_gib,
+        peak_memory_per_rank,
         plot_loss,
         print_table,
         record_in_effect,
     )
 
     out = Path(recipe.output_dir)
-    save_final_adapter(trainer, tokenizer, out / FINAL_DIR)  # FSDP / ZeRO-3 gather the adapter first
+    _save_final(trainer, tokenizer, recipe, out / FINAL_DIR)
+    peaks = peak_memory_per_rank()  # collective
     if not rank.main:
         return
-    record_in_effect(out / PLAN_FILE, gpu_peak_gib=peak_gpu_memory_gib())
+    record_in_effect(out / PLAN_FILE, gpu_peak_gib=peak_gpu_memory_gib(), peak_memory_gib_per_rank=peaks)
     plot_loss(out / METRICS_FILE, out / LOSS_PLOT)
     samples = write_samples(
         trainer.model,
@@ -561,6 +571,7 @@ def _finish(
         eval_rows=data.eval_rows,
         train_rows=data.rows,
         path=out / SAMPLES_FILE,
+        base_model_path=model_path,
     )
     print_table(
         "tunefleet done",
@@ -571,8 +582,24 @@ def _finish(
             elapsed_s=time.monotonic() - started,
             eval_loss=final_eval_loss(trainer.state.log_history),
             samples=samples,
+            peak_memory_gib=peaks,
+            what="model" if recipe.peft.method in WEIGHT_METHODS else "adapter",
         ),
     )
+
+
+def _save_final(trainer: Any, tokenizer: Any, recipe: Recipe, final: Path) -> None:
+    """Collective: `final/` holds the adapter (gathered from the shards when sharded), or for
+    full/freeze the whole model as a Hugging Face model directory (exported one tensor at a time)."""
+    if recipe.peft.method not in WEIGHT_METHODS:
+        from tunefleet.distributed.final_adapter import save_final_adapter
+
+        save_final_adapter(trainer, tokenizer, final)  # FSDP / ZeRO-3 gather the adapter first
+        return
+    from tunefleet.distributed import model as model_mod
+    from tunefleet.distributed.export import export_model
+
+    export_model(trainer, tokenizer, final, dtype=model_mod.export_dtype(recipe))
 
 
 # ----------------------------------------------------------------------------- the command

@@ -38,14 +38,14 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
-from trl import SFTTrainer
 
 from tunefleet.distributed import ds_reshard, optimizers
 from tunefleet.distributed.final_adapter import save_checkpoint_adapter
 from tunefleet.distributed.sampler import GlobalBatchSampler, padded_token_ratio
+from tunefleet.launch import hf_compat
 from tunefleet.launch.core import checkpoints as ckpt
 from tunefleet.launch.core.batch import BatchPlan, Schedule
-from tunefleet.launch.core.recipe import PeftConfig
+from tunefleet.launch.core.recipe import ADAPTER_METHODS, PeftConfig
 
 TRAINER_STATE_NAME = "trainer_state.json"
 
@@ -133,7 +133,12 @@ class StepBoundary(TrainerCallback):
             control.should_training_stop = True
 
 
-class TunefleetTrainer(SFTTrainer):
+class TunefleetTrainer(hf_compat.trainer_base()):  # type: ignore[misc]
+    """TRL's SFTTrainer with tunefleet's hooks (`hf_compat.trainer_base`: each private Trainer method
+    tunefleet overrides hands over to one `tf_*` method below)."""
+
+    optimizer: Any
+
     def __init__(
         self,
         *args: Any,
@@ -161,6 +166,7 @@ class TunefleetTrainer(SFTTrainer):
         self.tf_keep_last = keep_last
         self.tf_stop = stop
         self.tf_peft = peft
+        self.tf_trains_adapter = peft is None or peft.method in ADAPTER_METHODS
         self.tf_stopped = False
         self.tf_sampler: GlobalBatchSampler | None = None
         self.tf_save_times_s: list[float] = []
@@ -226,17 +232,10 @@ class TunefleetTrainer(SFTTrainer):
             pin_memory=self.args.dataloader_pin_memory and not self.args.use_cpu,
         )
 
-    def _init_training_state(
-        self,
-        max_steps: int,
-        num_update_steps_per_epoch: int,
-        num_train_epochs: int,
-        resume_from_checkpoint: Any,
-        trial: Any,
-    ) -> tuple[int, int]:
-        epochs_trained, _ = super()._init_training_state(
-            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
-        )
+    # ------------------------------------------------------------------ hooks (launch/hf_compat.py)
+
+    def tf_after_training_state(self, max_steps: int, resume_from_checkpoint: Any) -> None:
+        """The training state is set up (and, resuming, read from the checkpoint)."""
         # the recipe's intervals win over the ones saved in the checkpoint (a harmless change on resume)
         self.state.compute_steps(self.args, max_steps)
         if resume_from_checkpoint is not None and self.tf_sampler is not None:
@@ -244,48 +243,40 @@ class TunefleetTrainer(SFTTrainer):
             # checkpoint of the last step leaves nothing to train: the trainer goes straight to the end
             # (it would otherwise train the next batch before checking max_steps)
             self.tf_sampler.seek_to_step(self.state.global_step, total_steps=max_steps)
-        return epochs_trained, 0
 
-    def _prepare_for_training(
-        self, max_steps: int, train_dataloader: Any, resume_from_checkpoint: Any
-    ) -> Any:
-        """A ZeRO checkpoint from another world size: `ds_reshard.load` instead of DeepSpeed's loader."""
-        if not (
+    def tf_deepspeed_loader(self, resume_from_checkpoint: Any) -> Any:
+        """A ZeRO checkpoint from another world size is loaded by `ds_reshard.load` instead of
+        DeepSpeed's own loader (which refuses it); None keeps the stock loading."""
+        if (
             resume_from_checkpoint is not None
             and self.is_deepspeed_enabled
             and ckpt.read_manifest(Path(resume_from_checkpoint)).world_size != self.args.world_size
         ):
-            return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
-        import transformers.trainer as hf_trainer
+            # an adapter's state was saved whole (zero_state.pt); a full or partial fine-tune's is
+            # re-cut from DeepSpeed's own ZeRO-3 files (ZeRO-2 of another world size is refused at start)
+            return ds_reshard.load if self.tf_trains_adapter else ds_reshard.load_zero3_partitions
+        return None
 
-        original = hf_trainer.deepspeed_load_checkpoint
-        hf_trainer.deepspeed_load_checkpoint = lambda engine, path, **_: ds_reshard.load(engine, path)
-        try:
-            return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
-        finally:
-            hf_trainer.deepspeed_load_checkpoint = original
-
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+    def tf_save_checkpoint(self) -> None:
         """Atomic checkpoint: temporary dir, every rank's part flushed, manifest + marker, rename."""
         started = time.monotonic()
         step = self.state.global_step
         run_dir = Path(str(self.args.output_dir))
         tmp, final = ckpt.tmp_dir_for(run_dir, step), ckpt.dir_for(run_dir, step)
-        self.store_flos()
         if self.args.should_save:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
 
-        self.save_model(str(tmp), _internal_call=True)
-        self._save_optimizer_and_scheduler(str(tmp))
-        if self.is_fsdp_enabled:  # + a normal PEFT adapter gathered from the shards (merge/generate)
-            save_checkpoint_adapter(self, tmp)
-        if self.is_deepspeed_enabled:  # + the trainable state in a rank-independent file (ds_reshard.py)
-            ds_reshard.save(self.model_wrapped, tmp, main_process=self.args.should_save)
-        self._save_scaler(str(tmp))
-        self._save_rng_state(str(tmp))
+        self.save_trainer_parts(str(tmp))
+        # an adapter is small: gathered whole next to the shards. A full or partial fine-tune's weights
+        # and optimizer state stay in the ranks' shards (DCP under FSDP2, DeepSpeed's own under ZeRO)
+        if self.tf_trains_adapter:
+            if self.is_fsdp_enabled:  # + a normal PEFT adapter gathered from the shards (merge/generate)
+                save_checkpoint_adapter(self, tmp)
+            if self.is_deepspeed_enabled:  # + the trainable state in a rank-independent file (ds_reshard.py)
+                ds_reshard.save(self.model_wrapped, tmp, main_process=self.args.should_save)
         if self.args.should_save:
             for cb in [
                 c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)
@@ -313,27 +304,23 @@ class TunefleetTrainer(SFTTrainer):
             print(f"checkpoint {final.name} complete ({save_s:.2f} s)", flush=True)
         self.accelerator.wait_for_everyone()
 
-    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
-        """One accumulation window of micro batches and the global label-token count of the step.
+    def tf_loss_normaliser(self, num_items_in_batch: Any) -> Any:
+        """The global label-token count of a step, which the loss is divided by.
 
         Only the debug switch changes anything here (see the module doc): with
         TUNEFLEET_DEBUG_LOSS_NORM=micro-batch the count is dropped, so the loss is normalised per
         micro batch. The count is still computed (and all-reduced) first, so every rank makes the
-        same collective calls either way.
-        """
-        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        if self.tf_loss_norm == "micro-batch":
-            num_items_in_batch = None
-        return batch_samples, num_items_in_batch
+        same collective calls either way."""
+        return None if self.tf_loss_norm == "micro-batch" else num_items_in_batch
 
-    def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+    def tf_count_input_tokens(self, inputs: dict[str, Any]) -> bool:
         """A padding-free row has no padding and no attention mask: every token counts (the stock
-        count would skip every eos, which doubles as the pad token)."""
+        count would skip every eos, which doubles as the pad token). False: the stock count."""
         if self.tf_padding_free and "attention_mask" not in inputs:
             tokens = torch.as_tensor(inputs["input_ids"].numel(), device=self.args.device, dtype=torch.int64)
             self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
-            return
-        super()._track_num_input_tokens(inputs)
+            return True
+        return False
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:

@@ -20,7 +20,7 @@ from typing import Any
 
 from tunefleet.launch.core.errors import RecipeError
 from tunefleet.launch.core.hardware import Hardware, strategy_for
-from tunefleet.launch.core.recipe import PRECISION_DTYPE, Recipe
+from tunefleet.launch.core.recipe import PRECISION_DTYPE, WEIGHT_METHODS, Recipe
 from tunefleet.launch.templates import FSDP_STRATEGIES
 
 DEEPSPEED_STRATEGIES = ("deepspeed-zero2", "deepspeed-zero3")
@@ -168,6 +168,27 @@ def _prequantized(r: _Resolution) -> None:
             "model.mxfp4_dequantize",
             "training needs the MXFP4 weights dequantized (transformers' Mxfp4 quantizer is not trainable)",
             "set model.mxfp4_dequantize=true",
+        )
+
+
+def _weights_trained(r: _Resolution) -> None:
+    """`full`/`freeze` train the model's own weights: they must be weights a gradient can move, and
+    the strategy one that shards weights rather than a 4-bit base under adapters."""
+    m, p, s = r.recipe.model, r.recipe.peft, r.recipe.parallel.strategy
+    if p.method not in WEIGHT_METHODS:
+        return
+    if s == "fsdp-qlora":
+        raise _fail(
+            "parallel.strategy",
+            f"fsdp-qlora shards a 4-bit base under adapters; peft.method={p.method} trains the weights themselves",
+            "use parallel.strategy=fsdp (FSDP2 shards the weights, their gradients and optimizer state)",
+        )
+    if m.quantization in BNB:
+        raise _fail(
+            "model.quantization",
+            f"peft.method={p.method} trains the base weights, and bitsandbytes {m.quantization} stores them "
+            "quantized, where no gradient can move them (QLoRA trains an adapter beside them instead)",
+            "set model.quantization=none to fine-tune the weights, or peft.method=lora to keep the 4-bit base",
         )
 
 
@@ -489,6 +510,7 @@ RULES = (
     _processes,
     _fsdp_on_cpu,
     _prequantized,
+    _weights_trained,
     _bitsandbytes_under_fsdp,
     _fsdp1_with_4bit,
     _qdora_under_zero3,

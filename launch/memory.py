@@ -1,4 +1,7 @@
-"""Per-GPU memory estimate of a LoRA/QLoRA training step, part by part.
+"""Per-GPU memory estimate of a training step, part by part: LoRA/QLoRA adapters, and full or
+partial fine-tuning (`method` full/freeze: the trained weights in fp32, their gradients and
+AdamW's moments, sharded by the strategy; every linear layer's input kept for its weight's
+gradient in the layers that train).
 
 An estimate for planning (which strategy, micro batch, checkpointing), not a guarantee. Every
 part states its assumption; the activation formula was checked tensor by tensor against what
@@ -280,6 +283,17 @@ class MemoryInputs:
     placed_on_gpu_at_load: bool = False
     """The weights are loaded straight onto the rank's GPU (a device_map: MXFP4 on single/ddp/ZeRO-2,
     `distributed/model.py: load_kwargs`); bitsandbytes always is."""
+    method: str = "lora"
+    """`lora`/`dora` (an adapter over a frozen base) or `full`/`freeze` (the model's own weights train)."""
+    trained_layers: int = 0
+    """full/freeze: decoder layers whose weights train (every linear input there is kept)."""
+    backward_layers: int = 0
+    """full/freeze: decoder layers the backward pass runs through (from the lowest trained weight up;
+    the frozen layers below keep nothing)."""
+
+    @property
+    def trains_weights(self) -> bool:
+        return self.method in ("full", "freeze")
 
     @property
     def compute_bytes(self) -> int:
@@ -344,6 +358,21 @@ class MemoryInputs:
             raise ValueError(f"unknown optimizer {self.optimizer!r}")
 
 
+def layer_span(
+    method: str, num_layers: int, trainable_layers: int | None = None, extra_modules: Sequence[str] = ()
+) -> tuple[int, int]:
+    """(decoder layers whose weights train, decoder layers the backward pass runs through) for
+    full/freeze: the gradient flows from the loss down to the lowest trained weight, and no lower
+    (a trained input embedding takes it all the way down)."""
+    if method == "full":
+        return num_layers, num_layers
+    n = trainable_layers or 0
+    trained = min(abs(n), num_layers)
+    embedding = any("embed" in m for m in extra_modules)
+    backward = num_layers if (n < 0 or embedding) else trained
+    return trained, backward
+
+
 def _part(name: str, nbytes: float, note: str) -> MemoryPart:
     return MemoryPart(name=name, bytes=int(math.ceil(nbytes)), note=note)
 
@@ -357,11 +386,30 @@ def _weight_parts(i: MemoryInputs) -> list[MemoryPart]:
     else:
         quant_note = f"{i._plain_bytes} bytes per param"
     stored = i.stored_weight_bytes
+    deepspeed = i.strategy in DEEPSPEED
+    if i.trains_weights and deepspeed and i.compute_bytes < i.weight_bytes:
+        # DeepSpeed casts the module to bf16/fp16; the fp32 master copy is the optimizer's (below)
+        stored = i.base_params * i.compute_bytes
+        quant_note = f"{i.compute_bytes} bytes per param (DeepSpeed's {i.precision} copy)"
     if i.offload_params:
         parts = [_part("base weights", 0, f"offloaded to CPU ({stored / GIB:.1f} GiB there)")]
     else:
-        parts = [_part("base weights", stored / i.weight_shards, f"{quant_note}; {where}")]
-    deepspeed = i.strategy in DEEPSPEED
+        name = "model weights" if i.trains_weights else "base weights"
+        note = f"{quant_note}; {where}" + (
+            f"; {i.trainable_params:,} of them train" if i.method == "freeze" else ""
+        )
+        parts = [_part(name, stored / i.weight_shards, note)]
+    if i.trains_weights:
+        if deepspeed and i.compute_bytes < 4:
+            parts.append(
+                _part(
+                    "fp32 master weights",
+                    0 if i.offload_optimizer else i.trainable_params * 4 / i.state_shards,
+                    "DeepSpeed's fp32 copy of the trained params"
+                    + ("; offloaded" if i.offload_optimizer else f" / {i.state_shards}"),
+                )
+            )
+        return parts
     adapter_bytes = i.compute_bytes if deepspeed else 4
     parts.append(
         _part(
@@ -393,10 +441,12 @@ def _gradient_and_optimizer_parts(i: MemoryInputs) -> list[MemoryPart]:
             "one layer's fp32 gradients at a time; the rest offloaded",
         )
     else:
+        grad_bytes = i.compute_bytes if i.trains_weights and i.strategy in DEEPSPEED else 4
         gradients = _part(
             "gradients",
-            i.trainable_params * 4 / shards,
-            f"fp32, {i.trainable_params:,} trainable params" + (f" / {shards}" if shards > 1 else ""),
+            i.trainable_params * grad_bytes / shards,
+            f"{'fp32' if grad_bytes == 4 else f'{grad_bytes}-byte'}, {i.trainable_params:,} trainable params"
+            + (f" / {shards}" if shards > 1 else ""),
         )
     parts = [gradients]
     if i.strategy == "ddp":
@@ -419,21 +469,42 @@ def _gradient_and_optimizer_parts(i: MemoryInputs) -> list[MemoryPart]:
     return parts
 
 
+def _layer_bytes(i: MemoryInputs, *, trained: bool) -> int:
+    """Per token, one decoder layer: an adapter's layer (`lora_*`); a layer whose weights train (every
+    linear layer's input kept, as a rank-0, dropout-free adapter on all of them keeps it); or a frozen
+    layer the gradient passes through (no input kept for a weight)."""
+    if i.trains_weights:
+        targets: str | Sequence[str] = "all-linear" if trained else ()
+        rank, dropout = 0, 0.0
+    else:
+        targets, rank, dropout = i.lora_targets, i.lora_rank, i.lora_dropout
+    return activation_bytes_per_token_per_layer(
+        i.shape,
+        seq_len=i.max_length,
+        compute_bytes=i.compute_bytes,
+        mixed_precision=i.precision != "fp32",
+        lora_targets=targets,
+        lora_rank=rank,
+        lora_dropout=dropout,
+        attn_implementation=i.attn_implementation,
+        quantization=i.quantization,
+    )
+
+
 def _activation_parts(i: MemoryInputs) -> list[MemoryPart]:
     """What autograd keeps for the backward pass, and the logits of the loss."""
     shape, compute = i.shape, i.compute_bytes
     tokens = i.micro_batch_size * i.max_length
-    layer = activation_bytes_per_token_per_layer(
-        shape,
-        seq_len=i.max_length,
-        compute_bytes=compute,
-        mixed_precision=i.precision != "fp32",
-        lora_targets=i.lora_targets,
-        lora_rank=i.lora_rank,
-        lora_dropout=i.lora_dropout,
-        attn_implementation=i.attn_implementation,
-        quantization=i.quantization,
-    )
+    layer = _layer_bytes(i, trained=True)
+    if i.trains_weights and not i.gradient_checkpointing:
+        frozen = max(0, i.backward_layers - i.trained_layers)
+        kept = i.trained_layers * layer + frozen * _layer_bytes(i, trained=False)
+        note = (
+            f"{i.trained_layers} trained layer(s) x {layer:,} bytes"
+            + (f" + {frozen} frozen layer(s) on the gradient's path" if frozen else "")
+            + f" per token, {tokens:,} tokens (micro batch {i.micro_batch_size} x {i.max_length})"
+        )
+        return [_part("activations", tokens * kept, note), _logits_part(i, tokens)]
     if i.gradient_checkpointing:
         activations = _part(
             "activations",
@@ -448,12 +519,15 @@ def _activation_parts(i: MemoryInputs) -> list[MemoryPart]:
             f"{shape.num_layers} layers x {layer:,} bytes per token, {tokens:,} tokens "
             f"(micro batch {i.micro_batch_size} x {i.max_length})",
         )
-    logits = _part(
+    return [activations, _logits_part(i, tokens)]
+
+
+def _logits_part(i: MemoryInputs, tokens: int) -> MemoryPart:
+    return _part(
         "logits and loss",
-        tokens * logits_bytes_per_token(shape, compute_bytes=compute),
-        f"vocab {shape.vocab_size:,}: {compute}-byte logits, fp32 log-softmax and its gradient",
+        tokens * logits_bytes_per_token(i.shape, compute_bytes=i.compute_bytes),
+        f"vocab {i.shape.vocab_size:,}: {i.compute_bytes}-byte logits, fp32 log-softmax and its gradient",
     )
-    return [activations, logits]
 
 
 def _transient_parts(i: MemoryInputs) -> list[MemoryPart]:
@@ -463,10 +537,15 @@ def _transient_parts(i: MemoryInputs) -> list[MemoryPart]:
     if i.weight_shards > 1:
         embed = shape.vocab_size * shape.hidden_size * (1 if shape.tie_word_embeddings else 2)
         per_layer = max(0, i.base_params - embed) / shape.num_layers
+        gathered_bytes = i.stored_weight_bytes / i.base_params
+        if (
+            i.trains_weights
+        ):  # FSDP's mixed-precision policy (ZeRO: its 16-bit copy) gathers in the compute dtype
+            gathered_bytes = min(gathered_bytes, i.compute_bytes)
         parts.append(
             _part(
                 "gathered layer",
-                2 * per_layer * (i.stored_weight_bytes / i.base_params),
+                2 * per_layer * gathered_bytes,
                 "one layer's full weights all-gathered, plus the next one prefetched",
             )
         )

@@ -1,4 +1,5 @@
-"""Parameter counts of a recipe's model and adapter, without downloading or allocating weights.
+"""Parameter counts of a recipe's model and adapter, without downloading or allocating weights;
+what `peft.method` full and freeze train (`trainable_parameters`, the one selection rule).
 
 The model is built from its `config.json` on the meta device (shapes only, no memory), the
 recipe's LoRA/DoRA adapter is applied there with PEFT, and the parameters are counted the way
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from tunefleet.launch.core.errors import RecipeError
-from tunefleet.launch.core.recipe import PeftConfig
+from tunefleet.launch.core.recipe import WEIGHT_METHODS, PeftConfig
 
 _INIT_LORA_WEIGHTS: dict[str, bool | str] = {
     "default": True,
@@ -92,6 +93,28 @@ def _copy_indices(
     if isinstance(indices, dict):
         return {name: list(ids) for name, ids in indices.items()}
     return list(indices) if indices else None
+
+
+def describe_method(peft: PeftConfig, quantization: str = "none") -> str:
+    """What is trained, in one line, for the run summary and the plan."""
+    if peft.method == "full":
+        return "full fine-tuning: every weight of the model"
+    if peft.method == "freeze":
+        n = peft.trainable_layers or 0
+        parts = []
+        if n:
+            which = f"the last {n}" if n > 0 else f"the first {-n}"
+            scope = f" ({', '.join(peft.trainable_modules)} only)" if peft.trainable_modules else ""
+            parts.append(f"{which} decoder layer{'s' if abs(n) > 1 else ''}{scope}")
+        if peft.extra_modules:
+            parts.append(", ".join(peft.extra_modules))
+        return f"partial fine-tuning (freeze): {' + '.join(parts)}; the rest frozen"
+    method = {"lora": "LoRA", "dora": "DoRA"}[peft.method] + (" + rsLoRA" if peft.use_rslora else "")
+    if quantization != "none":
+        method = f"Q{method} ({quantization})"
+    return "; ".join(
+        [f"{method} r={peft.r} alpha={peft.alpha:g} targets={peft.target_modules}", *describe_variants(peft)]
+    )
 
 
 def describe_variants(peft: PeftConfig) -> list[str]:
@@ -243,6 +266,107 @@ def _check_layer_replication(model: Any, ranges: list[list[int]] | None) -> None
         )
 
 
+# ----------------------------------------------------------------------------- full and partial
+
+
+def decoder_layers(model: Any) -> tuple[str, list[Any]]:
+    """The model's decoder layers: (their list's full name, e.g. `model.layers`, and the layers).
+
+    The list is the `nn.ModuleList` whose items are of a class in the model's `_no_split_modules`
+    (transformers' name for "one decoder layer"), else the longest `nn.ModuleList`."""
+    import torch
+
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    if not lists:
+        raise RecipeError(
+            f"peft.method=freeze: {type(model).__name__} has no list of decoder layers to choose from",
+            "use peft.method=full, or peft.extra_modules to name what to train",
+        )
+    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
+    named = [(n, m) for n, m in lists if type(m[0]).__name__ in layer_classes]
+    name, found = max(named or lists, key=lambda item: len(item[1]))
+    return name, list(found)
+
+
+def _closest(missing: str, valid: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(missing, valid, n=3, cutoff=0.4)
+    return f" (closest: {', '.join(close)})" if close else ""
+
+
+def _submodule_names(module: Any) -> list[str]:
+    """Relative names of a module's submodules (`mlp`, `mlp.up_proj`, `self_attn.q_proj`, ...)."""
+    return [n for n, _ in module.named_modules() if n]
+
+
+def _matches(name: str, key: str) -> bool:
+    return name == key or name.endswith(f".{key}")
+
+
+def trainable_parameters(model: Any, peft: PeftConfig) -> list[str]:
+    """The full names of the parameters `peft.method` full/freeze trains, checked against the model:
+    a layer count beyond its layers, or a module name that matches nothing, is refused with the valid
+    ones (the closest first). The one selection rule: the run (`model.apply_method`) and the plan's
+    counts both call it."""
+    if peft.method == "full":
+        return [n for n, _ in model.named_parameters()]
+    layers_name, layers = decoder_layers(model)
+    chosen: list[str] = []  # module prefixes whose parameters train
+    n = peft.trainable_layers or 0
+    if abs(n) > len(layers):
+        raise RecipeError(
+            f"peft.trainable_layers={n}: {type(model).__name__} has {len(layers)} decoder layers ({layers_name})",
+            f"use a count from 1 to {len(layers)} (the last N) or -1 to -{len(layers)} (the first N)",
+        )
+    picked = range(len(layers) - n, len(layers)) if n > 0 else range(0, -n)
+    inner = _submodule_names(layers[0])
+    for key in peft.trainable_modules or []:
+        if not any(_matches(m, key) for m in inner):
+            raise RecipeError(
+                f"peft.trainable_modules: {key!r} matches no submodule of a decoder layer "
+                f"({type(layers[0]).__name__}){_closest(key, inner)}",
+                f"name submodules of a layer: {', '.join(sorted({m.split('.')[0] for m in inner}))}, or their "
+                f"parts (e.g. {', '.join([m for m in inner if '.' in m][:6])})",
+            )
+    for i in picked:
+        prefix = f"{layers_name}.{i}"
+        if not peft.trainable_modules:
+            chosen.append(prefix)
+            continue
+        for m in inner:
+            if any(_matches(m, key) for key in peft.trainable_modules):
+                chosen.append(f"{prefix}.{m}")
+    outside = [
+        m
+        for m, module in model.named_modules()
+        if m
+        and not m.startswith(f"{layers_name}.")
+        and m != layers_name
+        and any(True for _ in module.parameters())
+    ]
+    for key in peft.extra_modules or []:
+        found = [m for m in outside if _matches(m, key)]
+        if not found:
+            top = sorted({m for m in outside if m.count(".") <= 1})
+            raise RecipeError(
+                f"peft.extra_modules: {key!r} matches no module outside the decoder layers{_closest(key, outside)}",
+                f"name one of: {', '.join(top)}",
+            )
+        chosen += found
+    # by identity: a tied output head (lm_head sharing embed_tokens' weight) is listed under one name
+    ids = {id(param) for c in chosen for param in model.get_submodule(c).parameters()}
+    return [n for n, param in model.named_parameters() if id(param) in ids]
+
+
+def apply_selection(model: Any, peft: PeftConfig) -> int:
+    """Set `requires_grad` for full/freeze (`trainable_parameters`); returns how many parameters train."""
+    wanted = set(trainable_parameters(model, peft))
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in wanted)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def freeze_lora_a(peft_model: Any) -> None:
     """LoRA-FA trains B only: `create_lorafa_optimizer` freezes every parameter whose name holds
     `lora_A`. Done as soon as the adapter exists, so the counts (plan, run summary) show it."""
@@ -317,7 +441,6 @@ def read_model_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
 
 def _quantized_numel(model: Any, quantization: str) -> int:
     """Elements of the base weights that `quantization` stores in low precision."""
-    import torch
 
     if quantization == "none":
         return 0
@@ -331,15 +454,9 @@ def _quantized_numel(model: Any, quantization: str) -> int:
             if p.ndim == 3
         )
     # bitsandbytes: every plain nn.Linear except the output head (and tied weights)
-    from transformers.quantizers.base import get_keys_to_not_convert
-    from transformers.quantizers.quantizers_utils import should_convert_module
+    from tunefleet.launch.hf_compat import bnb_quantized_linears
 
-    skip = get_keys_to_not_convert(model)
-    return sum(
-        module.weight.numel()
-        for name, module in model.named_modules()
-        if type(module) is torch.nn.Linear and should_convert_module(name, skip)
-    )
+    return sum(module.weight.numel() for module in bnb_quantized_linears(model))
 
 
 def param_counts(
@@ -377,17 +494,20 @@ def param_counts(
             "pass the model's original config.json; models that ship their own code need "
             "model.trust_remote_code and their directory",
         ) from None
-    kwargs = lora_config_kwargs(peft, alora_invocation_tokens=[0] if peft.alora_invocation else None)
-    kwargs["init_lora_weights"] = True
-    kwargs.pop("loftq_config", None)
-    kwargs.pop("eva_config", None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.device("meta"):  # the adapter too: no tensor is ever allocated
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
             base = sum(p.numel() for p in model.parameters())
             quantized = _quantized_numel(model, quantization)
+            if peft.method in WEIGHT_METHODS:  # the model's own weights: no adapter
+                trainable = apply_selection(model, peft)
+                return ParamCounts(trainable=trainable, total=base, base=base, adapter=0, quantized=quantized)
             check_module_names(model, peft)
+            kwargs = lora_config_kwargs(peft, alora_invocation_tokens=[0] if peft.alora_invocation else None)
+            kwargs["init_lora_weights"] = True
+            kwargs.pop("loftq_config", None)
+            kwargs.pop("eva_config", None)
             try:
                 peft_model = get_peft_model(model, LoraConfig(**kwargs))
             except ValueError as exc:

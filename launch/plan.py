@@ -22,10 +22,17 @@ from tunefleet.launch.core import batch as batch_mod
 from tunefleet.launch.core.batch import BatchPlan, Schedule
 from tunefleet.launch.core.errors import RecipeError
 from tunefleet.launch.core.hardware import Hardware, strategy_for
-from tunefleet.launch.core.recipe import PRECISION_DTYPE, Recipe, data_sources, stats_format
+from tunefleet.launch.core.recipe import Recipe, data_sources, stats_format, weight_dtype
 from tunefleet.launch.loading import placed_on_gpu_at_load, rank0_loads_weights
-from tunefleet.launch.memory import GIB, MemoryInputs, ModelShape, estimate_load_memory, estimate_memory
-from tunefleet.launch.params import EVA_DEFAULT_RHO, describe_variants
+from tunefleet.launch.memory import (
+    GIB,
+    MemoryInputs,
+    ModelShape,
+    estimate_load_memory,
+    estimate_memory,
+    layer_span,
+)
+from tunefleet.launch.params import EVA_DEFAULT_RHO, describe_method
 from tunefleet.launch.preflight import batch_plan, recipe_warnings
 
 MAX_ACCUM_STEPS = 64
@@ -428,9 +435,7 @@ def _parameters_and_memory(
     p = recipe.peft
     plan.update(
         {
-            "adapter": "; ".join(
-                [f"{p.method} r={p.r} alpha={p.alpha:g} targets={p.target_modules}", *describe_variants(p)]
-            ),
+            "adapter": describe_method(p, recipe.model.quantization),
             "trainable_params": None,
             "total_params": None,
             "trainable_percent": None,
@@ -468,9 +473,13 @@ def _parameters_and_memory(
     precision, assumed = _precision(recipe)
     if assumed:
         draft.notes.append(assumed)
-    weight_dtype = m.dtype if m.dtype != "auto" else PRECISION_DTYPE[precision]
+    weights_in = weight_dtype(recipe, precision)
+    shape = ModelShape.from_config(model_config)
+    trained_layers, backward_layers = layer_span(
+        p.method, shape.num_layers, p.trainable_layers, p.extra_modules or ()
+    )
     inputs = MemoryInputs(
-        shape=ModelShape.from_config(model_config),
+        shape=shape,
         base_params=counts["base"],
         adapter_params=counts["adapter"],
         trainable_params=counts["trainable"],
@@ -478,7 +487,7 @@ def _parameters_and_memory(
         quantization=effective_quant,
         double_quant=m.double_quant,
         precision=precision,
-        weight_bytes=_DTYPE_BYTES[weight_dtype],
+        weight_bytes=_DTYPE_BYTES[weights_in],
         strategy=plan["strategy"],
         world_size=bp.world_size,
         micro_batch_size=bp.micro_batch_size,
@@ -494,6 +503,9 @@ def _parameters_and_memory(
         procs_per_node=plan["procs_per_node"],
         rank0_loads_weights=rank0_loads_weights(recipe, bp.world_size),
         placed_on_gpu_at_load=placed_on_gpu_at_load(recipe, use_cpu=False),
+        method=p.method,
+        trained_layers=trained_layers,
+        backward_layers=backward_layers,
     )
     estimate = estimate_memory(inputs)
     at_load = estimate_load_memory(inputs)

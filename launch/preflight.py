@@ -23,7 +23,7 @@ from tunefleet.launch.core.batch import BatchPlan, plan_batch
 from tunefleet.launch.core.data_identity import data_fingerprint
 from tunefleet.launch.core.errors import TunefleetError
 from tunefleet.launch.core.hardware import Hardware
-from tunefleet.launch.core.recipe import Recipe
+from tunefleet.launch.core.recipe import WEIGHT_METHODS, Recipe
 
 TRACKER_PACKAGES = {
     "tensorboard": ("tensorboard", "pip install tensorboard"),
@@ -70,6 +70,9 @@ class Preflight:
 MAX_PLAUSIBLE_LR = 0.1
 """Above this a LoRA fine-tune diverges: the seeds use 1e-4 to 3e-4, the demo 3e-3."""
 
+MAX_PLAUSIBLE_FULL_LR = 1e-3
+"""Above this full (or partial) fine-tuning almost surely diverges: its usual range is 1e-5 to 5e-5."""
+
 
 def recipe_warnings(recipe: Recipe) -> list[str]:
     """Values that are valid but almost certainly not meant. (What needs the model's config, like a
@@ -79,6 +82,18 @@ def recipe_warnings(recipe: Recipe) -> list[str]:
         warnings.append(
             f"train.lr={recipe.train.lr:g} is far above the learning rates LoRA fine-tuning uses (1e-5 to 1e-2; "
             "the seeds use 1e-4 to 3e-4): expect the loss to diverge"
+        )
+    p, m = recipe.peft, recipe.model
+    if p.method in WEIGHT_METHODS and m.dtype in ("bfloat16", "float16"):
+        warnings.append(
+            f"model.dtype={m.dtype} with peft.method={p.method}: the trained weights and AdamW's state are kept "
+            f"in {m.dtype} (pure 16-bit training), where updates smaller than the weight's last bit are lost and "
+            "the loss stalls; leave model.dtype auto for fp32 master weights with 16-bit compute"
+        )
+    if p.method in WEIGHT_METHODS and recipe.train.lr > MAX_PLAUSIBLE_FULL_LR:
+        warnings.append(
+            f"train.lr={recipe.train.lr:g} with peft.method={p.method}: full and partial fine-tuning use ~1e-5 to "
+            "5e-5 (torchtune, axolotl); an adapter's learning rate moves every weight far: expect divergence"
         )
     return warnings
 

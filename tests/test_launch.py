@@ -238,9 +238,9 @@ def test_checkpoint_layout_refusals() -> None:
         1, strategy="fsdp", world_size=2, recipe={"parallel": {"fsdp_version": 2, "state_dict": "sharded"}}
     )
     ckpt.check_layout(fsdp2, "fsdp", 3)  # DCP reshards FSDP2 LoRA shards (tests/test_fsdp_checkpoints.py)
-    with pytest.raises(TunefleetError, match="resharding is tested for FSDP2 LoRA sharded checkpoints only"):
+    with pytest.raises(TunefleetError, match="resharding is tested for FSDP2 sharded checkpoints only"):
         ckpt.check_layout(replace(fsdp2, strategy="fsdp-qlora"), "fsdp-qlora", 4)
-    with pytest.raises(TunefleetError, match="resharding is tested for FSDP2 LoRA sharded checkpoints only"):
+    with pytest.raises(TunefleetError, match="resharding is tested for FSDP2 sharded checkpoints only"):
         ckpt.check_layout(
             replace(fsdp2, recipe={"parallel": {"fsdp_version": 2, "state_dict": "full"}}), "fsdp", 4
         )

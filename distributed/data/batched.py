@@ -40,6 +40,7 @@ from tunefleet.distributed.data.tokenization import (
     piece_bounds,
     render_row,
 )
+from tunefleet.launch import hf_compat
 
 if TYPE_CHECKING:  # pragma: no cover
     from tunefleet.launch.core.recipe import DataConfig
@@ -82,29 +83,12 @@ def _anchor_ids(tokenizer: Any, backend: Any) -> frozenset[int]:
     )
 
 
-def _plain_fast(tokenizer: Any) -> bool:
-    """A fast tokenizer whose `encode` is transformers' own call of the `tokenizers` backend (some
-    model classes change the text in Python first: those are called one text at a time)."""
-    try:
-        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
-        from transformers.tokenization_utils_tokenizers import TokenizersBackend
-    except ImportError:
-        return False
-    cls = type(tokenizer)
-    return (
-        isinstance(tokenizer, TokenizersBackend)
-        and cls._encode_plus is TokenizersBackend._encode_plus
-        and cls.encode is PreTrainedTokenizerBase.encode
-        and cls.tokenize is TokenizersBackend.tokenize
-    )
-
-
 class Encoder:
     """`tokenization.encode` for many texts per call, and `encode_pieces` for many texts."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
-        self.backend = tokenizer.backend_tokenizer if _plain_fast(tokenizer) else None
+        self.backend = tokenizer.backend_tokenizer if hf_compat.plain_fast_tokenizer(tokenizer) else None
         self.anchor_ids = _anchor_ids(tokenizer, self.backend) if self.backend is not None else frozenset()
         self.pattern: Any = None
         """The anchor tokens' texts (longest first), to find where they may be."""

@@ -114,7 +114,7 @@ class Renderings:
         """The whole conversation rendered with the character spans of its ``{% generation %}``
         blocks, untrimmed; None when transformers cannot say."""
         try:
-            from transformers.utils.chat_template_utils import render_jinja_template
+            from tunefleet.launch.hf_compat import render_jinja_template
 
             out: Any = render_jinja_template(  # (rendered texts, generation char spans per text)
                 conversations=[self.messages],

@@ -249,15 +249,19 @@ def _map_position(parts: list[str | int], lengths: list[int], pos: int, real: li
 
 def _build_shape(tokenizer: Any, template: str, messages: list[dict], where: str) -> _Shape | None:
     """Render the skeleton of `messages`' shape; None when it cannot be used (see the module doc)."""
-    try:
-        from transformers.utils.chat_template_utils import (
-            _alias_reasoning_fields,
-            _compile_jinja_template,
-            _plain_template_data,
-            _render_with_assistant_indices,
-        )
-    except ImportError:  # transformers moved its internals: the reference serves every row
+    from tunefleet.launch.hf_compat import template_internals
+
+    ctu = template_internals()
+    if ctu is None:  # transformers moved its internals: the reference serves every row
         return None
+    _alias_reasoning_fields, _compile_jinja_template = (
+        ctu._alias_reasoning_fields,
+        ctu._compile_jinja_template,
+    )
+    _plain_template_data, _render_with_assistant_indices = (
+        ctu._plain_template_data,
+        ctu._render_with_assistant_indices,
+    )
     recorder = _Recorder()
     probes = [recorder.probe(j) for j in range(len(messages))]
     skeleton = _alias_reasoning_fields(

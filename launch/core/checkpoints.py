@@ -431,10 +431,10 @@ checkpoint resumes on any world size."""
 
 
 def _fsdp2_sharded(manifest: Manifest) -> bool:
-    """An FSDP2 LoRA checkpoint of `torch.distributed.checkpoint` shards (`parallel.state_dict: sharded`):
-    DCP reshards the DTensor model and optimizer state on load, so it resumes on any world size
-    (tests/test_fsdp_checkpoints.py). FSDP-QLoRA (packed 4-bit shards), FSDP1 and full state dicts
-    are not tested on another world size and stay refused."""
+    """An FSDP2 checkpoint of `torch.distributed.checkpoint` shards (`parallel.state_dict: sharded`;
+    LoRA, full or freeze): DCP reshards the DTensor model and optimizer state on load, so it resumes on
+    any world size (tests/test_fsdp_checkpoints.py, tests/test_full_finetune.py). FSDP-QLoRA (packed
+    4-bit shards), FSDP1 and full state dicts are not tested on another world size and stay refused."""
     parallel = manifest.recipe.get("parallel", {})
     return (
         manifest.strategy == "fsdp"
@@ -458,14 +458,22 @@ def check_layout(manifest: Manifest, strategy: str, world_size: int) -> None:
         )
     if old_format.startswith("deepspeed") and ZERO_STATE_FILE in manifest.files:
         return  # any world size: ds_reshard.py loads the rank-independent state
+    if old_format == "deepspeed-zero3" and manifest.recipe.get("peft", {}).get("method") in ("full", "freeze"):
+        return  # any world size: ds_reshard.load_zero3_partitions re-cuts DeepSpeed's own per-rank files
     if old_format == "fsdp" and _fsdp2_sharded(manifest):
         return  # any world size: torch.distributed.checkpoint reshards DTensor shards on load (FSDP2)
     if old_format != "torch" and old_world != world_size:
         detail = (
             "DeepSpeed: \"Automatic adjustment of ZeRO's optimizer state partitioning with a new world "
             'size is not currently supported"'
+            + (
+                "; tunefleet re-cuts ZeRO-3 and FSDP2 checkpoints of a full or partial fine-tune, not ZeRO-2's, "
+                "whose partitions cut across whole parameter groups"
+                if manifest.recipe.get("peft", {}).get("method") in ("full", "freeze")
+                else ""
+            )
             if old_format.startswith("deepspeed")
-            else "resharding is tested for FSDP2 LoRA sharded checkpoints only, not for FSDP-QLoRA, "
+            else "resharding is tested for FSDP2 sharded checkpoints only, not for FSDP-QLoRA, "
             "FSDP1 or full state dicts"
         )
         raise TunefleetError(

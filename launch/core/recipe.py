@@ -48,6 +48,22 @@ Scheduler = Literal[
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 PRECISION_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 """Mixed precision -> the dtype its weights are held in (and FSDP/DeepSpeed flatten, cast, gather)."""
+
+
+def weight_dtype(recipe: Recipe, precision: str) -> str:
+    """The dtype the model's weights are loaded (and, for full/freeze, trained) in, under the resolved
+    `precision` (bf16, fp16, fp32): model.dtype when set; with `auto`, fp32 master weights for
+    `full`/`freeze` (the trained weights and their optimizer state stay fp32 while the compute runs in
+    16 bits: autocast, FSDP's mixed-precision policy, DeepSpeed's fp32 master), the compute dtype for
+    the frozen base of an adapter. The one rule: the run (`model.resolve_precision`) and the plan's
+    memory estimate both use it."""
+    if recipe.model.dtype != "auto":
+        return recipe.model.dtype
+    if recipe.peft.method in WEIGHT_METHODS:
+        return "float32"
+    return PRECISION_DTYPE[precision]
+
+
 LoraInit = Literal["default", "gaussian", "pissa", "olora", "loftq", "eva"]
 
 
@@ -88,10 +104,31 @@ class ModelConfig:
     """mxfp4: dequantize the MXFP4 weights to `dtype` at load (needed to train on them)."""
 
 
+Method = Literal["lora", "dora", "full", "freeze"]
+ADAPTER_METHODS = ("lora", "dora")
+"""Methods that train an adapter on a frozen base (every `peft.*` key but the freeze ones is theirs)."""
+WEIGHT_METHODS = ("full", "freeze")
+"""Methods that train the model's own weights (seed 004's full and partial fine-tuning)."""
+
+
 @dataclass(kw_only=True, slots=True)
 class PeftConfig:
-    method: Literal["lora", "dora"] = "lora"
-    """`lora`, or `dora` (weight-decomposed LoRA, PEFT `use_dora`)."""
+    method: Method = "lora"
+    """What is trained: `lora`; `dora` (weight-decomposed LoRA, PEFT `use_dora`); `full` (every
+    weight of the model); `freeze` (partial: everything frozen except `trainable_layers`,
+    `trainable_modules` of them and `extra_modules`). `full` and `freeze` keep fp32 master weights
+    and optimizer state (model.dtype auto) while computing in train.precision."""
+
+    trainable_layers: int | None = None
+    """`freeze` only: train the last N decoder layers (negative: the first N)."""
+
+    trainable_modules: list[str] | None = None
+    """`freeze` only: within those layers, train only these submodules (by name or the end of their
+    name, e.g. [mlp] or [self_attn.q_proj]); None trains the whole layers."""
+
+    extra_modules: list[str] | None = None
+    """`freeze` only: modules outside the decoder layers to train too (e.g. [lm_head], [embed_tokens],
+    [norm])."""
 
     use_rslora: bool = False
     """Rank-stabilised LoRA: scale by alpha/sqrt(r) instead of alpha/r."""
@@ -279,6 +316,10 @@ class TrainConfig:
 
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=list)
     """Experiment trackers to log to (none by default)."""
+
+    export_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """`full`/`freeze`: the dtype of the model written to `final/`; `auto` is the training dtype (bf16
+    under bf16, fp16 under fp16, else fp32)."""
 
     liger_kernel: bool = False
     """Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) through
@@ -643,6 +684,13 @@ def validate(recipe: Recipe) -> Recipe:
     `batch.global_batch_tokens` when that is the target); the input is not changed."""
     _check(bool(recipe.output_dir.strip()), "output_dir", "is empty", "set output_dir to a directory")
     _validate_model_peft(recipe.model, recipe.peft)
+    _validate_method(recipe.peft)
+    _check(
+        recipe.train.export_dtype == "auto" or recipe.peft.method in WEIGHT_METHODS,
+        "train.export_dtype",
+        f"only peft.method=full/freeze export a model, but peft.method={recipe.peft.method!r} saves an adapter",
+        "drop train.export_dtype (`tunefleet merge --dtype` sets the dtype of a merged adapter)",
+    )
     _validate_peft_variants(recipe.peft, recipe.train)
     _validate_data(recipe.data)
     _validate_train(recipe.train)
@@ -681,6 +729,71 @@ def _validate_model_peft(m: ModelConfig, p: PeftConfig) -> None:
             f"{m.quantization} weights",
             "set model.quantization=none or peft.init=default",
         )
+
+
+LORA_ONLY = (
+    "use_rslora",
+    "init",
+    "eva_rho",
+    "modules_to_save",
+    "rank_pattern",
+    "alpha_pattern",
+    "target_parameters",
+    "trainable_token_indices",
+    "layer_replication",
+    "alora_invocation",
+    "loraplus_lr_ratio",
+    "lora_fa",
+)
+"""Adapter settings that change what `lora`/`dora` train: refused with `full`/`freeze` (which would
+ignore them). The adapter's shape (r, alpha, dropout, bias, target_modules) is left alone: a recipe
+switched to full fine-tuning with `--set peft.method=full` keeps its LoRA section, unused."""
+
+FREEZE_ONLY = ("trainable_layers", "trainable_modules", "extra_modules")
+
+
+def _validate_method(p: PeftConfig) -> None:
+    """`full`/`freeze` against the adapter settings, and what `freeze` needs. Whether the names and
+    the layer count exist in the model is checked on the model (`launch/params.py`)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(PeftConfig)}
+    if p.method != "freeze":
+        for key in FREEZE_ONLY:
+            _check(
+                getattr(p, key) is None,
+                f"peft.{key}",
+                f"only peft.method=freeze reads it, but peft.method={p.method!r}",
+                f"drop peft.{key}, or set peft.method=freeze",
+            )
+    if p.method in WEIGHT_METHODS:
+        for key in LORA_ONLY:
+            _check(
+                getattr(p, key) == defaults[key],
+                f"peft.{key}",
+                f"is a LoRA setting, and peft.method={p.method} trains the model's own weights (no adapter)",
+                f"drop peft.{key}, or use peft.method=lora",
+            )
+    if p.method != "freeze":
+        return
+    _check(
+        bool(p.trainable_layers) or bool(p.extra_modules),
+        "peft.method",
+        "freeze trains nothing unless peft.trainable_layers (a non-zero count) or peft.extra_modules says what",
+        "set e.g. peft.trainable_layers=2 (the last 2 decoder layers) or peft.extra_modules=[lm_head]",
+    )
+    for key in ("trainable_modules", "extra_modules"):
+        names = getattr(p, key)
+        _check(
+            names is None or (bool(names) and all(n.strip() for n in names)),
+            f"peft.{key}",
+            "is empty or holds an empty name",
+            f"list module names (e.g. [mlp]) or drop peft.{key}",
+        )
+    _check(
+        p.trainable_modules is None or bool(p.trainable_layers),
+        "peft.trainable_modules",
+        "names submodules of the trainable layers, but peft.trainable_layers selects none",
+        "set peft.trainable_layers (e.g. 2), or list the modules in peft.extra_modules",
+    )
 
 
 def _validate_peft_variants(p: PeftConfig, t: TrainConfig) -> None:
@@ -780,7 +893,12 @@ def _validate_eva(p: PeftConfig) -> None:
 def _validate_lora_optimizers(p: PeftConfig, t: TrainConfig) -> None:
     """LoRA+ and LoRA-FA each build the optimizer: one at a time, LoRA-FA with its own AdamW."""
     ratio = p.loraplus_lr_ratio
-    _check(ratio is None or ratio > 0, "peft.loraplus_lr_ratio", f"must be > 0, got {ratio}", "use e.g. 16")
+    _check(
+        ratio is None or (ratio > 0 and math.isfinite(ratio)),
+        "peft.loraplus_lr_ratio",
+        f"must be a finite number > 0, got {ratio}",
+        "use e.g. 16 (the LoRA+ paper's suggestion)",
+    )
     if not p.lora_fa:
         return
     _check(
@@ -1129,6 +1247,7 @@ HARMLESS_ON_RESUME = (
     "train.report_to",
     "train.gradient_checkpointing",
     "train.liger_kernel",
+    "train.export_dtype",
     "batch.micro_batch_size",
     "batch.group_by_length",
     "batch.padding_free",
