@@ -125,14 +125,33 @@ def peak_memory_gib() -> float:
 
 def peak_memory_per_rank() -> list[float]:
     """Collective when distributed (every rank calls it): `peak_memory_gib` of every rank, by rank."""
+    return [float(x) for x in per_rank(peak_memory_gib())]
+
+
+def optimizer_state_elements(optimizer: Any) -> int:
+    """Elements of optimizer state this rank holds (its shard under FSDP2 or ZeRO): the torch
+    optimizer inside the wrappers (accelerate's, DeepSpeed's), every tensor of its state."""
+    inner = optimizer
+    while getattr(inner, "optimizer", None) is not None and inner.optimizer is not inner:
+        inner = inner.optimizer
+    total = 0
+    for state in getattr(inner, "state", {}).values():
+        for value in state.values():
+            local = value.to_local() if hasattr(value, "to_local") else value
+            if hasattr(local, "numel") and local.dim() > 0:
+                total += int(local.numel())
+    return total
+
+
+def per_rank(value: float) -> list[float]:
+    """Collective when distributed (every rank calls it): `value` of every rank, by rank."""
     import torch.distributed as dist
 
-    mine = peak_memory_gib()
     if not (dist.is_available() and dist.is_initialized()):
-        return [mine]
+        return [value]
     every: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(every, mine)
-    return [float(x) for x in every]
+    dist.all_gather_object(every, value)
+    return list(every)
 
 
 def peak_gpu_memory_gib() -> float | None:

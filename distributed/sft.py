@@ -550,8 +550,10 @@ def _finish(
     from tunefleet.distributed.evaluation import final_eval_loss, write_samples
     from tunefleet.distributed.reporting import (
         done_rows,
+        optimizer_state_elements,
         peak_gpu_memory_gib,
         peak_memory_per_rank,
+        per_rank,
         plot_loss,
         print_table,
         record_in_effect,
@@ -560,9 +562,15 @@ def _finish(
     out = Path(recipe.output_dir)
     _save_final(trainer, tokenizer, recipe, out / FINAL_DIR)
     peaks = peak_memory_per_rank()  # collective
+    optimizer_state = per_rank(optimizer_state_elements(trainer.optimizer))  # collective
     if not rank.main:
         return
-    record_in_effect(out / PLAN_FILE, gpu_peak_gib=peak_gpu_memory_gib(), peak_memory_gib_per_rank=peaks)
+    record_in_effect(
+        out / PLAN_FILE,
+        gpu_peak_gib=peak_gpu_memory_gib(),
+        peak_memory_gib_per_rank=peaks,
+        optimizer_state_elements_per_rank=optimizer_state,
+    )
     plot_loss(out / METRICS_FILE, out / LOSS_PLOT)
     samples = write_samples(
         trainer.model,

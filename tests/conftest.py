@@ -35,3 +35,12 @@ def tiny_model_dir() -> Path:
     from tunefleet.distributed.demo_model import ensure_tiny_llama
 
     return ensure_tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def launched(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):  # type: ignore[no-untyped-def]
+    """Training runs launched once per session and shared by the tests that assert on them
+    (tests/launched.py). `tiny_model_dir`: the demo model is built once here, not raced for."""
+    from tests.launched import Launched
+
+    return Launched(tmp_path_factory.mktemp("launched"))

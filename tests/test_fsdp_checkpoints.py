@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_launch import DEMO, TOL, adapter, env, launch_argv, losses, run_launch
+from tests.launched import DEMO, TOL, adapter, env, launch_argv, losses, run_launch
 from tunefleet.launch.core import checkpoints as ckpt
 
 pytestmark = pytest.mark.slow
@@ -42,7 +42,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def reference(workdir: Path) -> dict[int, float]:
     """One process, in this process, the same global batch and steps."""
-    from tests.test_launch import BASE
+    from tests.launched import BASE
     from tunefleet.distributed import sft
     from tunefleet.launch.core import recipe as R
 

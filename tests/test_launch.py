@@ -19,17 +19,29 @@ precision (one fp32 dtype for every trainable parameter).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from tests.launched import (
+    ADAPTER_TOL,
+    DEMO,
+    SPECS,
+    STEPS,
+    TOL,
+    Launched,
+    adapter,
+    env,
+    launch_argv,
+    losses,
+    max_diff,
+    run_launch,
+)
+from tests.launched import QLORA as QLORA_SETS
 from tunefleet.distributed import cpu_fsdp, guard
 from tunefleet.launch import workstation as ws
 from tunefleet.launch.core import checkpoints as ckpt
@@ -39,73 +51,7 @@ from tunefleet.launch.core.hardware import Hardware
 from tunefleet.launch.core.layout import ENV_DISTRIBUTED_TYPE, ENV_EXIT_FILE
 from tunefleet.launch.preflight import preflight
 
-DEMO = Path(str(resources.files("tunefleet.recipes"))) / "demo.yaml"
-TOL = 1e-5
-"""Per-step losses: any strategy vs one process."""
-ADAPTER_TOL = 1e-4
-"""Final adapter weights vs one process. Looser than the losses because Adam divides each gradient
-element by its own magnitude: an element whose gradient is near eps (1e-8) moves by up to lr in
-the first steps whatever its tiny value, so last-bit differences in ZeRO-3's reduce-scatter become
-~1e-5 differences in a few lora_B elements (measured 6e-6 for ZeRO-3, 4e-5 for ZeRO-3 + QLoRA, set
-at step 1-2 and not growing; DDP/ZeRO-2 4e-7) while the losses agree to 1e-6."""
-STEPS = 4
-BASE = [
-    "data.limit=32",
-    "data.max_length=64",
-    "batch.micro_batch_size=2",
-    "batch.global_batch_size=8",
-    f"train.max_steps={STEPS}",
-    "train.logging_steps=1",
-    "train.save_steps=2",
-    "train.warmup_ratio=0",
-    "peft.dropout=0.0",
-    "train.precision=fp32",
-    "checkpoint.keep_last=null",
-]
-QLORA = ["model.quantization=nf4"]
-EXTENSIONS = Path.home() / ".cache" / "tunefleet" / "torch_extensions"
-"""DeepSpeed JIT-compiles its shared-memory op once into this cache (g++ and ninja needed)."""
-
-
-def sets(*overrides: str) -> list[str]:
-    return [arg for o in [*BASE, *overrides] for arg in ("--set", o)]
-
-
-def launch_argv(out: Path, nproc: int, *overrides: str, extra: tuple[str, ...] = ()) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "tunefleet.launch.cli",
-        "launch",
-        str(DEMO),
-        "--nproc",
-        str(nproc),
-        *sets(f"output_dir={out}", *overrides),
-        *extra,
-    ]
-
-
-def env(**extra: str) -> dict[str, str]:
-    e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    e.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS))
-    e.pop(cpu_fsdp.ENV_SWITCH, None)
-    return {**e, **extra}
-
-
-def losses(out: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
-def adapter(path: Path) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
-    return load_file(path / "adapter_model.safetensors")
-
-
-def max_diff(a: dict[int, float], b: dict[int, float]) -> float:
-    assert sorted(a) == sorted(b), (sorted(a), sorted(b))
-    return max(abs(a[s] - b[s]) for s in a)
+QLORA = list(QLORA_SETS)
 
 
 # ----------------------------------------------------------------------------- fast: files and command
@@ -340,48 +286,16 @@ def test_cpu_fsdp_switch(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # ----------------------------------------------------------------------------- slow: real runs
 
-IN_ORDER = "batch.group_by_length=false"
-"""The references cut micro batches in sampler order; the launched runs group them by length (the
-default): the same steps, whatever the strategy."""
-
-REFERENCES = {
-    "lora-8": [IN_ORDER],
-    "qlora-8": [
-        IN_ORDER,
-        *QLORA,
-        "model.quant_storage_dtype=float32",
-    ],  # what ZeRO-3 / FSDP-QLoRA resolve to on CPU
-    "lora-6": [IN_ORDER, "batch.global_batch_size=6"],
-}
-
-CASES: dict[str, tuple[int, list[str], str, str, str]] = {
-    # name: (processes, overrides, reference, distributed type, sharding kind)
-    "ddp": (2, ["parallel.strategy=ddp"], "lora-8", "MULTI_CPU", "ddp"),
-    "zero2": (2, ["parallel.strategy=deepspeed-zero2"], "lora-8", "DEEPSPEED", "deepspeed-zero2"),
-    "zero3": (2, ["parallel.strategy=deepspeed-zero3"], "lora-8", "DEEPSPEED", "deepspeed-zero3"),
-    "zero3-qlora": (
-        2,
-        ["parallel.strategy=deepspeed-zero3", *QLORA],
-        "qlora-8",
-        "DEEPSPEED",
-        "deepspeed-zero3",
-    ),
-    "fsdp": (2, ["parallel.strategy=fsdp"], "lora-8", "FSDP", "fsdp2"),
-    "ddp-padding-free": (
-        2,
-        ["parallel.strategy=ddp", "batch.padding_free=true"],
-        "lora-8",
-        "MULTI_CPU",
-        "ddp",
-    ),
-    "fsdp-qlora": (2, ["parallel.strategy=fsdp-qlora", *QLORA], "qlora-8", "FSDP", "fsdp2"),
-    "zero2-3proc": (
-        3,
-        ["parallel.strategy=deepspeed-zero2", "batch.global_batch_size=6"],
-        "lora-6",
-        "DEEPSPEED",
-        "deepspeed-zero2",
-    ),
+CASES: dict[str, tuple[str, str, str]] = {
+    # shared run (tests/launched.py): (reference, distributed type, sharding kind)
+    "ddp": ("lora-8", "MULTI_CPU", "ddp"),
+    "zero2": ("lora-8", "DEEPSPEED", "deepspeed-zero2"),
+    "zero3": ("lora-8", "DEEPSPEED", "deepspeed-zero3"),
+    "zero3-qlora": ("qlora-8", "DEEPSPEED", "deepspeed-zero3"),  # qlora-8: what ZeRO-3 resolves to on CPU
+    "fsdp": ("lora-8", "FSDP", "fsdp2"),
+    "ddp-padding-free": ("lora-8", "MULTI_CPU", "ddp"),
+    "fsdp-qlora": ("qlora-8", "FSDP", "fsdp2"),
+    "zero2-3proc": ("lora-6", "DEEPSPEED", "deepspeed-zero2"),
 }
 
 
@@ -390,61 +304,19 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("launch")
 
 
-_done: dict[str, Path] = {}
-
-
-def reference(workdir: Path, name: str) -> Path:
-    """One process, in this process (`tunefleet train`'s code path), same global batch."""
-    if name not in _done:
-        from tunefleet.distributed import sft
-        from tunefleet.launch.core import recipe as R
-
-        out = workdir / f"ref-{name}"
-        assert sft.run(R.load(DEMO, [*BASE, f"output_dir={out}", *REFERENCES[name]])) == 0
-        _done[name] = out
-    return _done[name]
-
-
-def run_launch(
-    out: Path, nproc: int, overrides: list[str], *, extra: tuple[str, ...] = (), **env_extra: str
-) -> subprocess.CompletedProcess:
-    log = out.parent / f"{out.name}.log"
-    with log.open("w") as f:
-        proc = subprocess.run(
-            launch_argv(out, nproc, *overrides, extra=extra),
-            env=env(**env_extra),
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            timeout=420,
-        )
-    proc.stdout = log.read_text()  # type: ignore[assignment]
-    return proc
-
-
-def launched(workdir: Path, name: str) -> Path:
-    if name not in _done:
-        nproc, overrides, *_ = CASES[name]
-        out = workdir / name
-        started = time.monotonic()
-        proc = run_launch(out, nproc, overrides)
-        assert proc.returncode == 0, proc.stdout[-6000:]
-        print(f"{name}: {time.monotonic() - started:.1f} s", flush=True)
-        _done[name] = out
-    return _done[name]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
-def test_launch_trains_like_one_process(workdir: Path, name: str) -> None:
+def test_launch_trains_like_one_process(launched: Launched, name: str) -> None:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from tunefleet.distributed.demo_model import ensure_tiny_llama
 
-    nproc, _, ref_name, dist_type, sharding = CASES[name]
-    ref = reference(workdir, ref_name)
-    out = launched(workdir, name)
+    ref_name, dist_type, sharding = CASES[name]
+    nproc = SPECS[name].nproc
+    ref = launched.get(ref_name)
+    out = launched.get(name)
 
     diff = max_diff(losses(out), losses(ref))
     print(f"{name}: max |loss - 1 process| = {diff:.2e}", flush=True)
@@ -464,7 +336,7 @@ def test_launch_trains_like_one_process(workdir: Path, name: str) -> None:
 
     assert [ckpt.step_of(p) for p in ckpt.complete_checkpoints(out)] == [2, 4]
     manifest = ckpt.read_manifest(out / "checkpoint-4")
-    assert manifest.world_size == nproc and manifest.strategy == CASES[name][1][0].split("=")[1]
+    assert manifest.world_size == nproc and manifest.strategy == SPECS[name].overrides[0].split("=")[1]
 
     # the final adapter is a normal PEFT adapter (gathered from the shards), equal to one process's
     got, want = adapter(out / "final"), adapter(ref / "final")
@@ -482,14 +354,14 @@ def test_launch_trains_like_one_process(workdir: Path, name: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["zero2", "zero3", "fsdp"])
-def test_resume_on_the_same_world_size(workdir: Path, name: str) -> None:
+def test_resume_on_the_same_world_size(launched: Launched, workdir: Path, name: str) -> None:
     """Continue from checkpoint-2 of the run above in a new output_dir: steps 3-4 as in one process."""
-    nproc, overrides, ref_name, *_ = CASES[name]
-    source = launched(workdir, name)
+    spec, ref_name = SPECS[name], CASES[name][0]
+    source = launched.get(name)
     out = workdir / f"{name}-resumed"
-    proc = run_launch(out, nproc, overrides, extra=("--resume", str(source / "checkpoint-2")))
+    proc = run_launch(out, spec.nproc, spec.overrides, extra=("--resume", str(source / "checkpoint-2")))
     assert proc.returncode == 0, proc.stdout[-6000:]
-    got, want = losses(out), losses(reference(workdir, ref_name))
+    got, want = losses(out), losses(launched.get(ref_name))
     assert sorted(got) == [3, 4]
     assert max(abs(got[s] - want[s]) for s in got) <= TOL
     # FSDP2 shards on another world size: tests/test_fsdp_checkpoints.py

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_launch import BASE, DEMO, TOL, env, losses, max_diff, sets
+from tests.launched import BASE, DEMO, TOL, env, losses, max_diff, sets
 from tunefleet.launch import join
 from tunefleet.launch.core import checkpoints as ckpt
 from tunefleet.launch.core.errors import TunefleetError

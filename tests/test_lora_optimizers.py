@@ -91,8 +91,8 @@ def test_loraplus_under_zero2_checkpoints_and_resumes_on_another_world_size(tmp_
     with the same losses."""
     import subprocess
 
-    from tests.test_launch import BASE, DEMO, TOL, env, launch_argv
-    from tests.test_launch import losses as launch_losses
+    from tests.launched import BASE, DEMO, TOL, env, launch_argv
+    from tests.launched import losses as launch_losses
     from tunefleet.launch.core import checkpoints as ckpt
     from tunefleet.launch.core import recipe as R
 

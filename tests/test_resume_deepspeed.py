@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_launch import BASE, DEMO, TOL, env, launch_argv, losses
+from tests.launched import TOL, Launched, env, launch_argv, losses
 from tunefleet.launch.core import checkpoints as ckpt
 from tunefleet.launch.core.errors import TunefleetError
 
@@ -26,13 +26,19 @@ CASES = {  # name: (strategy, first world size, second world size)
     "zero2-1to2": ("deepspeed-zero2", 1, 2),
     "zero3-1to2": ("deepspeed-zero3", 1, 2),
 }
+SHARED = {"deepspeed-zero2": "zero2", "deepspeed-zero3": "zero3"}
+"""The 2-process runs are the session's shared ones (tests/launched.py: the same BASE + strategy)."""
 
 
 def test_layout_accepts_zero_checkpoints_with_the_rank_independent_state() -> None:
-    old = {"strategy": "deepspeed-zero3", "world_size": 2, "files": {"global_step2/x.pt": 1}}
+    from dataclasses import replace
+
+    from tests.fake_checkpoints import manifest
+
+    old = manifest(2, strategy="deepspeed-zero3", world_size=2, files={"global_step2/x.pt": 1})
     with pytest.raises(TunefleetError, match="written by 2 process"):
         ckpt.check_layout(old, "deepspeed-zero3", 1)
-    new = {**old, "files": {**old["files"], ckpt.ZERO_STATE_FILE: 1}}
+    new = replace(old, files={**old.files, ckpt.ZERO_STATE_FILE: 1})
     ckpt.check_layout(new, "deepspeed-zero3", 1)
     ckpt.check_layout(new, "deepspeed-zero3", 4)
     with pytest.raises(TunefleetError, match="cannot read it"):
@@ -64,7 +70,9 @@ def launch(out: Path, nproc: int, strategy: str, *extra: str) -> str:
     return text
 
 
-def first_run(workdir: Path, strategy: str, nproc: int) -> Path:
+def first_run(launched: Launched, workdir: Path, strategy: str, nproc: int) -> Path:
+    if nproc == 2:
+        return launched.get(SHARED[strategy])
     key = f"{strategy}-{nproc}"
     if key not in _runs:
         out = workdir / key
@@ -73,30 +81,18 @@ def first_run(workdir: Path, strategy: str, nproc: int) -> Path:
     return _runs[key]
 
 
-def reference(workdir: Path) -> Path:
-    """One plain process, in this process, same global batch."""
-    if "ref" not in _runs:
-        from tunefleet.distributed import sft
-        from tunefleet.launch.core import recipe as R
-
-        out = workdir / "ref"
-        assert sft.run(R.load(DEMO, [*BASE, f"output_dir={out}"])) == 0
-        _runs["ref"] = out
-    return _runs["ref"]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
-def test_zero_resumes_on_another_world_size(workdir: Path, name: str) -> None:
+def test_zero_resumes_on_another_world_size(launched: Launched, workdir: Path, name: str) -> None:
     strategy, first, second = CASES[name]
-    source = first_run(workdir, strategy, first)
+    source = first_run(launched, workdir, strategy, first)
     checkpoint = source / "checkpoint-2"
     manifest = ckpt.read_manifest(checkpoint)
     assert manifest.world_size == first and ckpt.ZERO_STATE_FILE in manifest.files
     out = workdir / name
     text = launch(out, second, strategy, "--resume", str(checkpoint))
     assert f"written by {first} process(es), now {second}" in text
-    got, want = losses(out), losses(reference(workdir))
+    got, want = losses(out), losses(launched.get("lora-8"))
     assert sorted(got) == [3, 4]
     worst = max(abs(got[s] - want[s]) for s in got)
     print(f"{name}: max |loss - 1 process| = {worst:.2e}", flush=True)

@@ -1,0 +1,284 @@
+"""Full and partial fine-tuning (`peft.method` full / freeze) for real on CPU: the demo model, fp32,
+gloo processes, the session's shared runs (tests/launched.py).
+
+- one process: the loss falls; final/ is a Hugging Face model directory that `AutoModelForCausalLM`
+  loads and that gives the run's last eval loss; under freeze every frozen tensor of final/ equals
+  the base bit for bit and every trained one changed;
+- 2 processes train like 1 with the same global batch (per-step losses <= TOL, final weights <=
+  ADAPTER_TOL) under ddp, fsdp (FSDP2), deepspeed-zero2 and deepspeed-zero3 (full), fsdp and ddp
+  (freeze); the sharding really is in effect, checkpoints hold the ranks' shards and never a whole
+  model gathered on one rank; each rank's peak memory is recorded;
+- partial under FSDP2: frozen and trained parameters are sharded alike, optimizer state exists
+  for the trained ones only;
+- stopped by SIGUSR1 on 1 process and resumed on 2, and resumed from a 2-process checkpoint on 1:
+  the losses of the uninterrupted run (fsdp, deepspeed-zero3);
+- `tunefleet plan` counts what the run trains; generate works on final/; merge has nothing to merge.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.launched import (
+    ADAPTER_TOL,
+    BASE,
+    DEMO,
+    SPECS,
+    STEPS,
+    TOL,
+    Launched,
+    env,
+    launch_argv,
+    losses,
+    max_diff,
+    metrics,
+    plan_in_effect,
+    run_launch,
+)
+from tunefleet.launch.core import checkpoints as ckpt
+
+pytestmark = pytest.mark.slow
+
+PAIRS = {  # shared 2-process run -> its 1-process reference, sharding kind
+    "full-ddp": ("full-8", "ddp"),
+    "full-fsdp": ("full-8", "fsdp2"),
+    "full-zero2": ("full-8", "deepspeed-zero2"),
+    "full-zero3": ("full-8", "deepspeed-zero3"),
+    "freeze-fsdp": ("freeze-8", "fsdp2"),
+    "freeze-ddp": ("freeze-8", "ddp"),
+}
+
+
+def weights(final: Path) -> dict:
+    """Every tensor of a final/ model directory (through its index)."""
+    from safetensors.torch import load_file
+
+    index = json.loads((final / "model.safetensors.index.json").read_text())
+    out: dict = {}
+    for name in sorted(set(index["weight_map"].values())):
+        out.update(load_file(final / name))
+    assert sorted(out) == sorted(index["weight_map"])
+    return out
+
+
+def eval_loss(out: Path) -> float:
+    rows = [r for r in metrics(out) if "eval_loss" in r]
+    assert rows, "the run logged no evaluation"
+    return rows[-1]["eval_loss"]
+
+
+def recomputed_eval_loss(final: Path, run: Path) -> float:
+    """The eval split's loss with final/ loaded by `AutoModelForCausalLM`, as the trainer's evaluation
+    computes it: the eval rows in order, in micro batches padded by the run's collator, each batch's
+    mean token loss weighted by its samples."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunefleet.distributed.prepare import load_or_prepare
+    from tunefleet.launch import hf_compat
+    from tunefleet.launch.core import recipe as R
+
+    recipe = R.load(run / "recipe.yaml")
+    model = AutoModelForCausalLM.from_pretrained(final).eval()
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    data = load_or_prepare(recipe, tokenizer, main=True, world_size=1, show=False)
+    collate = hf_compat.language_modeling_collator(tokenizer.pad_token_id, padding_free=False)
+    rows = [data.eval[i] for i in range(len(data.eval))]
+    micro = recipe.batch.micro_batch_size
+    total, samples = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(rows), micro):
+            batch = collate(rows[start : start + micro])
+            loss = model(
+                **{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+            ).loss
+            n = len(rows[start : start + micro])
+            total, samples = total + float(loss) * n, samples + n
+    return total / samples
+
+
+# ----------------------------------------------------------------------------- one process
+
+
+@pytest.mark.parametrize("name", ["full-8", "freeze-8"])
+def test_one_process_trains_and_final_is_a_model_that_loads(launched: Launched, name: str) -> None:
+    out = launched.get(name)
+    got = losses(out)
+    assert sorted(got) == list(range(1, STEPS + 1)) and got[STEPS] < got[1], got
+    final = out / "final"
+    config = json.loads((final / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["dtype"] == "float32"
+    assert (final / "generation_config.json").is_file() and (final / "tokenizer.json").is_file()
+    assert not (final / "adapter_config.json").exists()
+    recomputed, logged = recomputed_eval_loss(final, out), eval_loss(out)
+    print(f"{name}: eval loss logged {logged:.6f}, final/ {recomputed:.6f}", flush=True)
+    assert abs(recomputed - logged) <= 1e-5
+    effect = plan_in_effect(out)
+    plan = json.loads((out / "plan.json").read_text())
+    assert effect["trainable_params"] == plan["trainable_params"]  # `tunefleet plan` counts what trains
+    assert len(effect["peak_memory_gib_per_rank"]) == 1 and effect["peak_memory_gib_per_rank"][0] > 0
+    assert all(len(r["peak_memory_gib"]) == 1 for r in metrics(out))
+
+
+def test_freeze_leaves_every_frozen_tensor_bit_for_bit(launched: Launched, tiny_model_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    base = load_file(tiny_model_dir / "model.safetensors")
+    tuned = weights(launched.get("freeze-8") / "final")
+    assert sorted(tuned) == sorted(base)
+    trained = [n for n in tuned if n.startswith("model.layers.1.") or n == "lm_head.weight"]
+    frozen = [n for n in tuned if n not in trained]
+    assert trained and frozen
+    assert all((tuned[n] == base[n]).all() for n in frozen)  # bit for bit
+    assert all(not (tuned[n] == base[n]).all() for n in trained)
+    counted = json.loads((launched.get("freeze-8") / "plan.json").read_text())["trainable_params"]
+    assert counted == sum(base[n].numel() for n in trained)
+
+
+# ----------------------------------------------------------------------------- 2 processes = 1
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_two_processes_train_like_one(launched: Launched, name: str) -> None:
+    ref_name, kind = PAIRS[name]
+    ref, out = launched.get(ref_name), launched.get(name)
+    diff = max_diff(losses(out), losses(ref))
+    print(f"{name}: max |loss - 1 process| = {diff:.2e}", flush=True)
+    assert sorted(losses(out)) == list(range(1, STEPS + 1)) and diff <= TOL
+    got, want = weights(out / "final"), weights(ref / "final")
+    assert sorted(got) == sorted(want)
+    worst = max((got[k].float() - want[k].float()).abs().max().item() for k in want)
+    print(f"{name}: max |final weight - 1 process| = {worst:.2e}", flush=True)
+    assert worst <= ADAPTER_TOL
+    assert json.loads((out / "final" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+    effect = plan_in_effect(out)
+    assert effect["world_size"] == 2 and effect["sharding"]["kind"] == kind
+    if kind == "fsdp2":  # frozen and trained parameters alike are DTensors on the 2-rank mesh
+        assert effect["sharding"]["dtensor_params"] == effect["sharding"]["params"]
+        assert effect["sharding"]["mesh_size"] == 2
+    if kind == "deepspeed-zero3":
+        assert effect["sharding"]["partitioned_params"] == effect["sharding"]["params"]
+    peaks = effect["peak_memory_gib_per_rank"]
+    assert len(peaks) == 2 and all(p > 0 for p in peaks)
+    assert all(len(r["peak_memory_gib"]) == 2 for r in metrics(out))
+
+    # checkpoints hold each rank's shard: no whole model gathered on one rank to save them
+    files = ckpt.read_manifest(out / "checkpoint-2").files
+    if kind == "fsdp2":
+        assert any(f.endswith(".distcp") for f in files) and not any("safetensors" in f for f in files)
+    elif kind.startswith("deepspeed"):
+        assert {f"global_step2/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= set(files)
+        assert not any(f.startswith("model") and "safetensors" in f for f in files) or kind.endswith("zero2")
+    else:  # ddp: the replicated model as it is, and the whole optimizer (any world size reads them)
+        assert "model.safetensors" in files and "optimizer.pt" in files
+
+
+def test_partial_under_fsdp_keeps_optimizer_state_for_the_trained_part_only(launched: Launched) -> None:
+    out = launched.get("freeze-fsdp")
+    effect = plan_in_effect(out)
+    trained = effect["trainable_params"]
+    state = effect["optimizer_state_elements_per_rank"]
+    # AdamW: two moments per trained element, split over 2 ranks (FSDP2 pads a dim-0 shard by < 1 row)
+    assert len(state) == 2 and abs(sum(state) - 2 * trained) <= 2 * 2 * 128, (state, trained)
+    full = plan_in_effect(launched.get("full-fsdp"))
+    assert sum(full["optimizer_state_elements_per_rank"]) >= 2 * full["trainable_params"] > sum(state)
+
+
+# ----------------------------------------------------------------------------- stop, resume elsewhere
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("full")
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed-zero3"])
+def test_stop_and_resume_on_another_world_size(launched: Launched, workdir: Path, strategy: str) -> None:
+    """1 process, SIGUSR1 while checkpoint 2 is being written: a checkpoint at step 3 and exit 75;
+    the rerun on 2 processes finishes; and the 2-process run's checkpoint 2 resumed on 1 process.
+    Every step's loss equals the uninterrupted 1-process run's."""
+    overrides = [f"parallel.strategy={strategy}", *SPECS["full-fsdp"].overrides[1:]]
+    want = losses(launched.get("full-8"))
+    out = workdir / f"{strategy}-1to2"
+    log = workdir / f"{strategy}-1to2.log"
+    with log.open("w") as f:
+        proc = subprocess.Popen(
+            launch_argv(out, 1, *overrides),
+            env=env(TUNEFLEET_TEST_SAVE_DELAY_S="2"),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while not ckpt.tmp_dir_for(out, 2).is_dir():  # checkpoint 2 is being written
+            assert proc.poll() is None, log.read_text()[-6000:]
+            assert time.monotonic() < deadline, "checkpoint 2 never started"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGUSR1)
+        assert proc.wait(timeout=300) == 75, log.read_text()[-6000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stopped = ckpt.latest(out)
+    assert stopped is not None and ckpt.step_of(stopped) == 3 and not (out / "final").exists()
+    assert ckpt.read_manifest(stopped).world_size == 1
+    proc2 = run_launch(out, 2, overrides)  # the same command on 2 processes continues it
+    assert proc2.returncode == 0, proc2.stdout[-6000:]
+    assert "written by 1 process(es), now 2" in proc2.stdout
+    assert max_diff(losses(out), want) <= TOL
+
+    shared = launched.get("full-fsdp" if strategy == "fsdp" else "full-zero3")
+    back = workdir / f"{strategy}-2to1"
+    proc3 = run_launch(back, 1, overrides, extra=("--resume", str(shared / "checkpoint-2")))
+    assert proc3.returncode == 0, proc3.stdout[-6000:]
+    got = losses(back)
+    assert sorted(got) == [3, 4] and max(abs(got[s] - want[s]) for s in got) <= TOL
+
+
+def test_zero2_full_checkpoint_on_another_world_size_is_refused(launched: Launched) -> None:
+    from tunefleet.launch.core.errors import TunefleetError
+
+    manifest = ckpt.read_manifest(launched.get("full-zero2") / "checkpoint-2")
+    with pytest.raises(TunefleetError, match="not ZeRO-2's"):
+        ckpt.check_layout(manifest, "deepspeed-zero2", 1)
+    ckpt.check_layout(manifest, "deepspeed-zero2", 2)  # the same world size resumes
+
+
+# ----------------------------------------------------------------------------- the commands on final/
+
+
+def test_generate_answers_with_the_full_model_and_the_base(launched: Launched) -> None:
+    from tunefleet.distributed import generate as gen
+
+    run = launched.get("full-8")
+    adapter, results = gen.generate_for_run(
+        run, ["What is the capital of France?"], compare_base=True, max_new_tokens=4
+    )
+    assert adapter.kind == "model" and adapter.adapter_dir == run / "final"
+    assert results[0]["answer"] is not None and "base_answer" in results[0]
+
+
+def test_merge_says_there_is_nothing_to_merge(launched: Launched, tmp_path: Path) -> None:
+    from tunefleet.distributed.merge import merge
+    from tunefleet.launch.core.errors import TunefleetError
+
+    with pytest.raises(TunefleetError, match="there is nothing to merge"):
+        merge(launched.get("full-8"), tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_base_recipe_is_the_shared_one() -> None:
+    """The pairs compare runs that differ only in the processes and the strategy."""
+    for name, (ref_name, _) in PAIRS.items():
+        a, b = SPECS[name].overrides, SPECS[ref_name].overrides
+        assert [o for o in a if not o.startswith("parallel.")] == [
+            o for o in b if o != "batch.group_by_length=false"
+        ]
+    assert "train.max_steps=4" in BASE and DEMO.is_file()
