@@ -96,11 +96,12 @@ def run(
     precision = model_mod.resolve_precision(recipe)
     model_path = model_mod.resolve_model_path(recipe.model)
     tokenizer = model_mod.load_tokenizer(model_path, recipe.model)
+    model_config, counts = _check_model_names(recipe, model_path)  # before anything is written
     data = _load_data(recipe, tokenizer, rank)  # a bad data file fails before a large model loads
     invocation = _alora_invocation(recipe, tokenizer, data)
     schedule = _schedule(recipe, checked.batch, data)
     eva_batches = _eva_batches(checked, schedule, data)
-    plan = run_plan(checked, schedule, data, model_path) if rank.main else {}
+    plan = run_plan(checked, schedule, data, model_config, counts) if rank.main else {}
     args = training_arguments(recipe, checked.batch, schedule, precision, has_eval=data.eval is not None)
     dist = _join_world(rank)
     _prepare_run_dir(checked, rank, dist)
@@ -193,18 +194,37 @@ def _eva_batches(checked: Preflight, schedule: Schedule, data: Any) -> list[list
     )
 
 
-def run_plan(checked: Preflight, schedule: Schedule, data: Any, model_path: str) -> dict[str, Any]:
-    """The plan this run really runs with (its world size, its examples, its schedule).
-
-    Built before the training arguments exist: once they do, a DeepSpeed ZeRO-3 config is active
-    and building the model on the meta device (parameter counts) would go through zero.Init, a
-    collective call that hangs when rank 0 makes it alone."""
+def _check_model_names(
+    recipe: Recipe, model_path: str
+) -> tuple[dict[str, Any] | None, dict[str, int] | None]:
+    """The model's config and the recipe's parameter counts on it (meta device, every rank): a name
+    or number the model does not have (target modules, freeze's layers and modules) is refused here,
+    before any data is tokenised or weight loaded. Done before the training arguments exist: once
+    they do, a DeepSpeed ZeRO-3 config is active and building the model on the meta device would go
+    through zero.Init, a collective call."""
     from tunefleet.launch.params import read_model_config
+    from tunefleet.launch.plan import model_counts
+
+    config_file = Path(model_path) / "config.json"
+    if not config_file.exists():
+        return None, None
+    config = read_model_config(config_file)
+    return config, model_counts(recipe, config)
+
+
+def run_plan(
+    checked: Preflight,
+    schedule: Schedule,
+    data: Any,
+    model_config: dict[str, Any] | None,
+    counts: dict[str, int] | None,
+) -> dict[str, Any]:
+    """The plan this run really runs with (its world size, its examples, its schedule, the counts
+    `_check_model_names` made)."""
     from tunefleet.launch.plan import DataCounts, build_plan
 
     hw = checked.hw
-    config_file = Path(model_path) / "config.json"
-    counts = DataCounts(
+    data_counts = DataCounts(
         source_rows=data.train_stats["rows"] + data.eval_row_count,
         train_rows=len(data.train),
         eval_rows=data.eval_row_count,
@@ -216,9 +236,10 @@ def run_plan(checked: Preflight, schedule: Schedule, data: Any, model_path: str)
         checked.recipe,
         nodes=hw.num_machines,
         procs_per_node=hw.procs_per_machine,
-        data=counts,
+        data=data_counts,
         schedule=schedule,
-        model_config=read_model_config(config_file) if config_file.exists() else None,
+        model_config=model_config,
+        counts=counts,
         notes=checked.notes,
         resolve=False,  # preflight resolved it for this hardware already
         batch=checked.batch,  # the run's one batch plan

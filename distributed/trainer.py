@@ -269,7 +269,15 @@ class TunefleetTrainer(hf_compat.trainer_base()):  # type: ignore[misc]
             tmp.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
 
-        self.save_trainer_parts(str(tmp))
+        # a full ZeRO-3 model's weights are in DeepSpeed's own per-rank files, which the optimizer's
+        # save writes: transformers' save_model would write them once more (after failing to gather
+        # a 16-bit copy on rank 0)
+        zero3_weights = (
+            not self.tf_trains_adapter
+            and self.is_deepspeed_enabled
+            and self.model_wrapped.zero_optimization_partition_weights()
+        )
+        self.save_trainer_parts(str(tmp), model=not zero3_weights)
         # an adapter is small: gathered whole next to the shards. A full or partial fine-tune's weights
         # and optimizer state stay in the ranks' shards (DCP under FSDP2, DeepSpeed's own under ZeRO)
         if self.tf_trains_adapter:

@@ -80,12 +80,14 @@ def trainer_base() -> type:
             if not self.tf_count_input_tokens(inputs):  # type: ignore[attr-defined]
                 super()._track_num_input_tokens(inputs)
 
-        def save_trainer_parts(self, directory: str) -> None:
+        def save_trainer_parts(self, directory: str, *, model: bool = True) -> None:
             """What transformers' own `_save_checkpoint` writes into a checkpoint, in its order:
-            FLOs into the state, the model (adapter, or the shards of a sharded model), optimizer
-            and scheduler, the gradient scaler, this rank's RNG state."""
+            FLOs into the state, the model (adapter, or the shards of a sharded model; `model=False`
+            where the optimizer's save holds it already), optimizer and scheduler, the gradient
+            scaler, this rank's RNG state."""
             self.store_flos()
-            self.save_model(directory, _internal_call=True)
+            if model:
+                self.save_model(directory, _internal_call=True)
             self._save_optimizer_and_scheduler(directory)
             self._save_scaler(directory)
             self._save_rng_state(directory)

@@ -423,6 +423,27 @@ def _precision(recipe: Recipe) -> tuple[str, str | None]:
     return mode, None
 
 
+def _effective_quantization(recipe: Recipe) -> str:
+    """The quantization training sees: MXFP4 dequantized at load is none."""
+    m = recipe.model
+    return "none" if m.quantization == "mxfp4" and m.mxfp4_dequantize else m.quantization
+
+
+def model_counts(recipe: Recipe, model_config: Mapping[str, Any]) -> dict[str, int]:
+    """The recipe's parameter counts on the model of `model_config` (built on the meta device), as
+    `ParamCounts.to_dict()`. Checks every name and number the recipe gives the model (target
+    modules, freeze's layers and modules, ...): a run calls it before it writes or loads anything,
+    and hands the counts to `build_plan`."""
+    from tunefleet.launch.params import param_counts
+
+    return param_counts(
+        model_config,
+        recipe.peft,
+        _effective_quantization(recipe),
+        trust_remote_code=recipe.model.trust_remote_code,
+    ).to_dict()
+
+
 def _parameters_and_memory(
     draft: _Draft,
     recipe: Recipe,
@@ -454,13 +475,9 @@ def _parameters_and_memory(
             "summary and plan.json give the real ones; peft.eva_rho=1 keeps them)"
         )
     m = recipe.model
-    effective_quant = "none" if m.quantization == "mxfp4" and m.mxfp4_dequantize else m.quantization
+    effective_quant = _effective_quantization(recipe)
     if counts is None:
-        from tunefleet.launch.params import param_counts
-
-        counts = param_counts(
-            model_config, recipe.peft, effective_quant, trust_remote_code=m.trust_remote_code
-        ).to_dict()
+        counts = model_counts(recipe, model_config)
     plan.update(
         {
             "trainable_params": counts["trainable"],

@@ -150,6 +150,17 @@ def checkpoint(t: Path, *, step: int = 2, sets: tuple[str, ...] = (), **manifest
     return run / f"checkpoint-{step}"
 
 
+def zero2_full_checkpoint(t: Path) -> Path:
+    """A complete checkpoint of a 2-process ZeRO-2 full fine-tune of the demo recipe."""
+    return checkpoint(
+        t,
+        sets=("peft.method=full", "parallel.strategy=deepspeed-zero2"),
+        world_size=2,
+        strategy="deepspeed-zero2",
+        batch_plan={"global_batch_size": 16, "world_size": 2, "micro_batch_size": 8, "grad_accum_steps": 1},
+    )
+
+
 def damaged_checkpoint(t: Path) -> None:
     path = checkpoint(t)
     (path / "adapter_model.safetensors").write_bytes(b"9876543210" * 10)  # same size, other bytes
@@ -366,6 +377,74 @@ CATALOGUE = [
         lambda t: ["merge", str(t / "run"), "--out", str(t / "merged")],
         "PEFT rebuilds LoftQ's quantized base weights when it loads the adapter, and only on a CUDA GPU",
         lambda t: fake_run(t, "peft.init=loftq"),
+    ),
+    Case(
+        "LoRA+ ratio infinite",
+        plan("peft.loraplus_lr_ratio=.inf"),
+        "peft.loraplus_lr_ratio: must be > 0 and finite",
+    ),
+    # ------------------------------------------------------------------ full and partial fine-tuning (seed 004)
+    Case(
+        "full fine-tuning of a 4-bit base",
+        train("peft.method=full", "model.quantization=nf4"),
+        "stores them quantized, where no gradient can move them",
+    ),
+    Case(
+        "partial fine-tuning of an 8-bit base",
+        launch(
+            "peft.method=freeze",
+            "peft.trainable_layers=1",
+            "model.quantization=int8",
+            "parallel.strategy=ddp",
+        ),
+        "bitsandbytes int8 stores them quantized",
+    ),
+    Case(
+        "fsdp-qlora with full",
+        launch("peft.method=full", "parallel.strategy=fsdp-qlora"),
+        "fsdp-qlora shards a 4-bit base under adapters",
+    ),
+    Case("freeze without a selection", train("peft.method=freeze"), "freeze trains nothing unless"),
+    Case(
+        "freeze: more layers than the model has",
+        plan("peft.method=freeze", "peft.trainable_layers=5"),
+        "LlamaForCausalLM has 2 decoder layers (model.layers)",
+    ),
+    Case(
+        "freeze: a submodule name typo",
+        plan("peft.method=freeze", "peft.trainable_layers=1", "peft.trainable_modules=[mpl]"),
+        "'mpl' matches no submodule of a decoder layer (LlamaDecoderLayer) (closest: mlp)",
+    ),
+    Case(
+        "freeze: an extra module typo",
+        train("peft.method=freeze", "peft.extra_modules=[lm_haed]"),
+        "'lm_haed' matches no module outside the decoder layers (closest: lm_head)",
+    ),
+    Case(
+        "freeze keys with lora",
+        train("peft.trainable_layers=2"),
+        "peft.trainable_layers: only peft.method=freeze reads it",
+    ),
+    Case(
+        "a LoRA variant with full",
+        train("peft.method=full", "peft.use_rslora=true"),
+        "peft.use_rslora: is a LoRA setting, and peft.method=full trains the model's own weights",
+    ),
+    Case(
+        "trainable_modules without layers",
+        train("peft.method=freeze", "peft.extra_modules=[lm_head]", "peft.trainable_modules=[mlp]"),
+        "names submodules of the trainable layers, but peft.trainable_layers selects none",
+    ),
+    Case(
+        "export dtype of an adapter",
+        train("train.export_dtype=bfloat16"),
+        "only peft.method=full/freeze export a model",
+    ),
+    Case(
+        "ZeRO-2 full checkpoint on another world size",
+        launch("peft.method=full", "parallel.strategy=deepspeed-zero2", nproc=1),
+        "tunefleet re-cuts ZeRO-3 and FSDP2 checkpoints of a full or partial fine-tune, not ZeRO-2's",
+        lambda t: zero2_full_checkpoint(t) and None,
     ),
     # ------------------------------------------------------------------ hardware and strategy (tunefleet launch)
     Case(

@@ -121,7 +121,11 @@ class Run:
 
 
 def launch(out: Path, *, world: int, micro: int, loss_norm: str = "global", batching: str = "grouped") -> Run:
-    """Train one split with the real entrypoint; check it really ran as that split."""
+    """Train one split with the real entrypoint; check it really ran as that split. One process runs
+    in this process (`sft.main`, the module's command line: the same code without a second
+    interpreter's start-up), several under torchrun."""
+    if world == 1:
+        return _in_process(out, micro=micro, loss_norm=loss_norm, batching=batching)
     cmd = [sys.executable]
     env = {k: v for k, v in os.environ.items() if k not in (DEBUG_LOSS_NORM_ENV, "RANK", "WORLD_SIZE")}
     if loss_norm != "global":
@@ -147,7 +151,38 @@ def launch(out: Path, *, world: int, micro: int, loss_norm: str = "global", batc
     seconds = time.monotonic() - started
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{cmd}\n{output[-6000:]}"
-    run = Run(world, micro, loss_norm, batching, out, output, seconds)
+    return _checked(Run(world, micro, loss_norm, batching, out, output, seconds))
+
+
+def _in_process(out: Path, *, micro: int, loss_norm: str, batching: str) -> Run:
+    import contextlib
+    import io
+
+    from tunefleet.distributed import sft
+
+    argv = ["--recipe", str(DEMO), *[a for o in overrides(out, micro, batching) for a in ("--set", o)]]
+    saved = {k: os.environ.get(k) for k in (DEBUG_LOSS_NORM_ENV, "RANK", "WORLD_SIZE")}
+    for key in saved:
+        os.environ.pop(key, None)
+    if loss_norm != "global":
+        os.environ[DEBUG_LOSS_NORM_ENV] = loss_norm
+    buffer = io.StringIO()
+    started = time.monotonic()
+    try:
+        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+            code = sft.main(argv)
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None)
+            if value is not None:
+                os.environ[key] = value
+    output = buffer.getvalue()
+    assert code == 0, output[-6000:]
+    return _checked(Run(1, micro, loss_norm, batching, out, output, time.monotonic() - started))
+
+
+def _checked(run: Run) -> Run:
+    world, micro, loss_norm, out, output = run.world, run.micro, run.loss_norm, run.out, run.stdout
     # the split the run really used (rank 0's summary; sft.py refuses a world that did not join) ...
     assert f"micro {micro} x accum {run.accum} x world {world} = global {GLOBAL}" in output, output[-4000:]
     # ... and every rank took part in the trainer: one RNG state per process in each checkpoint

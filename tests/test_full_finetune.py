@@ -282,3 +282,59 @@ def test_base_recipe_is_the_shared_one() -> None:
             o for o in b if o != "batch.group_by_length=false"
         ]
     assert "train.max_steps=4" in BASE and DEMO.is_file()
+
+
+# ----------------------------------------------------------------------------- several machines, SLURM
+
+
+def test_two_machines_shard_a_full_fine_tune_like_one_process(launched: Launched, workdir: Path) -> None:
+    """`tunefleet launch --nnodes 2` (two launchers on loopback, 1 process each), FSDP2 full
+    fine-tuning: the same losses and final weights as one process."""
+    from tests.test_launch_nodes import log as node_log
+    from tests.test_launch_nodes import start_nodes, wait_all
+
+    out = workdir / "two-machines"
+    procs = start_nodes(out, "parallel.strategy=fsdp", *SPECS["full-fsdp"].overrides[1:])
+    codes = wait_all(procs, out)
+    assert codes == [0, 0], node_log(out, 0)[-4000:] + node_log(out, 1)[-4000:]
+    ref = launched.get("full-8")
+    assert max_diff(losses(out), losses(ref)) <= TOL
+    effect = plan_in_effect(out)
+    assert (effect["world_size"], effect["sharding"]["kind"], effect["sharding"]["mesh_size"]) == (
+        2,
+        "fsdp2",
+        2,
+    )
+    got, want = weights(out / "final"), weights(ref / "final")
+    assert max((got[k] - want[k]).abs().max().item() for k in want) <= ADAPTER_TOL
+
+
+@pytest.mark.slurm
+def test_a_slurm_job_shards_a_full_fine_tune(launched: Launched, workdir: Path, slurm_cluster) -> None:  # type: ignore[no-untyped-def]
+    """`tunefleet slurm --nodes 2 --submit`: ZeRO-3 full fine-tuning over 2 emulated nodes trains
+    like one process and exports final/ from the partitions."""
+    import os
+    import re
+    import sys
+
+    out = workdir / "slurm-full"
+    overrides = [
+        f"output_dir={out}",
+        *BASE,
+        "parallel.strategy=deepspeed-zero3",
+        *SPECS["full-fsdp"].overrides[1:],
+    ]
+    argv = [sys.executable, "-m", "tunefleet.launch.cli", "slurm", str(DEMO), "--nodes", "2"]
+    argv += ["--gpus-per-node", "0", "--time", "10", "--env", "OMP_NUM_THREADS=1", "--submit"]
+    for item in overrides:
+        argv += ["--set", item]
+    run_env = {**os.environ, "SLURM_CONF": slurm_cluster.env["SLURM_CONF"], "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(argv, env=run_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job = re.search(r"submitted job (\d+)", proc.stdout)
+    assert job, proc.stdout
+    slurm_cluster.wait(job.group(1), "COMPLETED", timeout_s=300)
+    assert max_diff(losses(out), losses(launched.get("full-8"))) <= TOL
+    effect = plan_in_effect(out)
+    assert (effect["world_size"], effect["sharding"]["kind"]) == (2, "deepspeed-zero3")
+    assert json.loads((out / "final" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]

@@ -210,6 +210,25 @@ SMOKE_RUNS: dict[str, tuple[list[str], str]] = {
         "deepspeed-zero3",
     ),
     "fp16-qlora": (["model.quantization=nf4", "train.precision=fp16"], "none"),
+    # full and partial fine-tuning: fp32 master weights, bf16 compute, sharded, peak memory recorded
+    "full-fsdp2": (["parallel.strategy=fsdp", "peft.method=full", "train.lr=1e-4"], "fsdp2"),
+    "full-zero3": (
+        ["parallel.strategy=deepspeed-zero3", "peft.method=full", "train.lr=1e-4"],
+        "deepspeed-zero3",
+    ),
+    "freeze-fsdp2": (
+        ["parallel.strategy=fsdp", "peft.method=freeze", "peft.trainable_layers=1", "train.lr=1e-4"],
+        "fsdp2",
+    ),
+    "freeze-zero3": (
+        [
+            "parallel.strategy=deepspeed-zero3",
+            "peft.method=freeze",
+            "peft.trainable_layers=1",
+            "train.lr=1e-4",
+        ],
+        "deepspeed-zero3",
+    ),
 }
 
 
@@ -237,4 +256,11 @@ def test_smoke_run_on_one_gpu(tmp_path: Path, name: str) -> None:
         assert effect["trainable_dtypes"] == ["float32"]
     assert effect["mixed_precision"] == ("fp16" if name == "fp16-qlora" else "bf16")
     assert effect["gpu_peak_gib"] > 0 and effect["gpu_peak_after_load_gib"] > 0
-    assert (out / "final" / "adapter_model.safetensors").exists()
+    assert effect["peak_memory_gib_per_rank"][0] > 0
+    if "peft.method=full" in overrides or "peft.method=freeze" in overrides:
+        assert effect["model_dtype"] == "float32"  # fp32 master weights, bf16 compute
+        assert effect["trainable_dtypes"] == ["float32"]
+        assert (out / "final" / "model.safetensors.index.json").exists()
+        assert json.loads((out / "final" / "config.json").read_text())["dtype"] == "bfloat16"
+    else:
+        assert (out / "final" / "adapter_model.safetensors").exists()

@@ -381,6 +381,13 @@ def test_each_epoch_shares_the_rows_out_by_weight(sizes: list[int], weights: lis
         orders.append(order)
     assert orders[0] != orders[1] != orders[2]
     assert orders[0] != mixture_order(sizes, weights, seed=SEED + 1, epoch=0)
+    # a source whose share is not a whole number of passes gives a fresh random subset each epoch
+    # (the same subset every epoch would never train its other rows: planted bug B7, docs/development.md)
+    for s, (size, count) in enumerate(zip(sizes, counts, strict=True)):
+        if count % size:
+            subsets = [{i for i in order if source_of(i, sizes) == s and Counter(order)[i] > count // size}
+                       for order in orders]  # fmt: skip
+            assert subsets[0] != subsets[1] or subsets[1] != subsets[2], (s, size, count)
 
 
 def test_one_source_is_the_plain_epoch_order() -> None:

@@ -13,7 +13,10 @@ epoch. Each contender runs in its own process, one after another:
 - `trl-packing`: plain TRL with `packing=True, packing_strategy="bfd", padding_free=True`, micro
   batch 1 (BFD packs rows of up to 512 tokens; micro batch 8 would attend over 4,096-token rows);
 - `tunefleet-in-order`, `tunefleet-grouped` (the default), `tunefleet-padding-free`: `tunefleet
-  train` with `batch.group_by_length` false / true and `batch.padding_free` true.
+  train` with `batch.group_by_length` false / true and `batch.padding_free` true;
+- full fine-tuning (every weight, no adapter, lr 2e-5): `trl-full` (plain TRL `SFTTrainer` without a
+  PEFT config, padded, as above), `tunefleet-full-in-order` and `tunefleet-full` (`peft.method=full`,
+  grouped by default). `--only trl-full tunefleet-full-in-order tunefleet-full` runs just these.
 
 Reported per contender: non-padding tokens per second of training (from the end of the first
 optimizer step to the end of the last, so start-up is not counted), the ratio to `trl-padded`,
@@ -39,6 +42,7 @@ MAX_LENGTH = 512
 MICRO, ACCUM = 8, 8
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
 LR = 2e-4
+FULL_LR = 2e-5
 SEED = 42
 
 
@@ -137,7 +141,7 @@ class _StepClock:
         self.path.write_text(json.dumps(self.rows))
 
 
-def run_trl(work: Path, *, packing: bool, started: float) -> None:
+def run_trl(work: Path, *, packing: bool, started: float, full: bool = False) -> None:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -149,12 +153,13 @@ def run_trl(work: Path, *, packing: bool, started: float) -> None:
     rows = json.loads((work / "rows.json").read_text())
     dataset = Dataset.from_list([{"text": alpaca_text(r, tokenizer.eos_token)} for r in rows])
     model = AutoModelForCausalLM.from_pretrained(model_dir)
+    name = "trl-full" if full else "trl-packing" if packing else "trl-padded"
     config = SFTConfig(
-        output_dir=str(work / ("trl-packing" if packing else "trl-padded")),
+        output_dir=str(work / name),
         per_device_train_batch_size=1 if packing else MICRO,
         gradient_accumulation_steps=ACCUM,
         num_train_epochs=1,
-        learning_rate=LR,
+        learning_rate=FULL_LR if full else LR,
         lr_scheduler_type="constant",
         max_length=MAX_LENGTH,
         packing=packing,
@@ -170,16 +175,16 @@ def run_trl(work: Path, *, packing: bool, started: float) -> None:
         include_num_input_tokens_seen="all" if packing else "non_padding",
         disable_tqdm=True,
     )
-    clock = _StepClock(work / f"{'trl-packing' if packing else 'trl-padded'}.json", started)
+    clock = _StepClock(work / f"{name}.json", started)
     trainer = SFTTrainer(
         model=model,
         args=config,
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA),
+        peft_config=None if full else LoraConfig(task_type="CAUSAL_LM", **LORA),
         callbacks=[clock.callback],
     )
-    _count_padding(trainer, work / f"{'trl-packing' if packing else 'trl-padded'}.padding.json")
+    _count_padding(trainer, work / f"{name}.padding.json")
     trainer.train()
     clock.losses_and_write(trainer)
 
@@ -199,6 +204,8 @@ def tunefleet_recipe(work: Path, mode: str) -> list[str]:
         "tunefleet-in-order": ["batch.group_by_length=false"],
         "tunefleet-grouped": [],
         "tunefleet-padding-free": ["batch.padding_free=true"],
+        "tunefleet-full-in-order": ["batch.group_by_length=false", "peft.method=full", f"train.lr={FULL_LR}"],
+        "tunefleet-full": ["peft.method=full", f"train.lr={FULL_LR}"],
     }[mode]
     return [
         f"output_dir={work / mode}",
@@ -254,12 +261,14 @@ CONTENDERS = [
     "tunefleet-grouped",
     "tunefleet-padding-free",
 ]
+FULL_CONTENDERS = ["trl-full", "tunefleet-full-in-order", "tunefleet-full"]
+"""Full fine-tuning (`--only` these, or `--full`)."""
 
 
 def worker(name: str, work: Path) -> None:
     started = float(os.environ["BENCH_STARTED"])
     if name.startswith("trl"):
-        run_trl(work, packing=name == "trl-packing", started=started)
+        run_trl(work, packing=name == "trl-packing", started=started, full=name == "trl-full")
     else:
         run_tunefleet(work, name, started)
 
@@ -296,7 +305,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=960, help="training rows (a multiple of 64)")
     p.add_argument("--work", default="runs/bench-throughput", help="working directory")
-    p.add_argument("--only", nargs="*", default=CONTENDERS, help="contenders to run")
+    p.add_argument("--only", nargs="*", default=None, help="contenders to run (default: the LoRA ones)")
+    p.add_argument("--full", action="store_true", help="the full fine-tuning contenders")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     work = Path(args.work).absolute()
@@ -323,11 +333,11 @@ def main() -> None:
         flush=True,
     )
     results = []
-    for name in args.only:
+    for name in args.only or (FULL_CONTENDERS if args.full else CONTENDERS):
         r = measure(name, work)
         results.append(r)
         print(f"  {name}: {r['tokens_per_s']:,.0f} tokens/s, {r['wall_s']:.0f} s", flush=True)
-    base = next((r for r in results if r["name"] == "trl-padded"), results[0])
+    base = next((r for r in results if r["name"] in ("trl-padded", "trl-full")), results[0])
     print(f"\n| contender | tokens/s | vs {base['name']} | padded/real tokens | wall s | first step s |")
     print("|---|---|---|---|---|---|")
     for r in results:

@@ -50,7 +50,8 @@ def gib(key):
     value = effect.get(key)
     return "?" if value is None else f"{value:.2f} GiB"
 print(f"{name:<16} exit {rc:>3}  sharding {kind:<44} peak GPU after load {gib('gpu_peak_after_load_gib'):>10}, "
-      f"at the end {gib('gpu_peak_gib'):>10}  trainable {','.join(effect.get('trainable_dtypes', [])) or '?'}")
+      f"at the end {gib('gpu_peak_gib'):>10}  trainable {','.join(effect.get('trainable_dtypes', [])) or '?'}"
+      f"  weights {effect.get('model_dtype', '?')}")
 PY
 )"
   echo "$line"
@@ -96,6 +97,10 @@ run_case fsdp2-ckpt parallel.strategy=fsdp train.gradient_checkpointing=true
 run_case zero3-qlora parallel.strategy=deepspeed-zero3 model.quantization=nf4
 run_case zero3-offload parallel.strategy=deepspeed-zero3 parallel.offload=optimizer train.optimizer=adamw_torch
 run_case fp16-qlora model.quantization=nf4 train.precision=fp16
+run_case full-fsdp2 parallel.strategy=fsdp peft.method=full train.lr=1e-4
+run_case full-zero3 parallel.strategy=deepspeed-zero3 peft.method=full train.lr=1e-4
+run_case freeze-fsdp2 parallel.strategy=fsdp peft.method=freeze peft.trainable_layers=1 train.lr=1e-4
+run_case freeze-zero3 parallel.strategy=deepspeed-zero3 peft.method=freeze peft.trainable_layers=1 train.lr=1e-4
 
 echo
 echo "=== summary ($failed failed)"

@@ -458,7 +458,10 @@ def check_layout(manifest: Manifest, strategy: str, world_size: int) -> None:
         )
     if old_format.startswith("deepspeed") and ZERO_STATE_FILE in manifest.files:
         return  # any world size: ds_reshard.py loads the rank-independent state
-    if old_format == "deepspeed-zero3" and manifest.recipe.get("peft", {}).get("method") in ("full", "freeze"):
+    if old_format == "deepspeed-zero3" and manifest.recipe.get("peft", {}).get("method") in (
+        "full",
+        "freeze",
+    ):
         return  # any world size: ds_reshard.load_zero3_partitions re-cuts DeepSpeed's own per-rank files
     if old_format == "fsdp" and _fsdp2_sharded(manifest):
         return  # any world size: torch.distributed.checkpoint reshards DTensor shards on load (FSDP2)

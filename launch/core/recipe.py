@@ -896,7 +896,7 @@ def _validate_lora_optimizers(p: PeftConfig, t: TrainConfig) -> None:
     _check(
         ratio is None or (ratio > 0 and math.isfinite(ratio)),
         "peft.loraplus_lr_ratio",
-        f"must be a finite number > 0, got {ratio}",
+        f"must be > 0 and finite, got {ratio}",
         "use e.g. 16 (the LoRA+ paper's suggestion)",
     )
     if not p.lora_fa:

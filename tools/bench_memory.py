@@ -1,0 +1,157 @@
+"""Peak memory per rank of full fine-tuning, side by side: ddp, fsdp (FSDP2), deepspeed-zero3 and
+ZeRO-3 with CPU offload, on 2 processes.
+
+    .venv/bin/python tools/bench_memory.py               # ~10 min on 2 cores
+    .venv/bin/python tools/bench_memory.py --layers 4    # a quick look (a smaller model)
+
+The model is built locally (random init, the demo tokenizer): a Llama of 8 layers, 1024 wide,
+~107 M parameters, so that model state (fp32 weights, gradients and AdamW's two moments: 16 bytes
+per parameter, 1.7 GB) dominates what a process holds. Each strategy trains it in full for a few
+steps on 2 gloo processes (`tunefleet launch --nproc 2`, fp32, micro batch 2, 128 tokens), one
+strategy after another; each rank records its peak (`in_effect.peak_memory_gib_per_rank` in
+plan.json: on CPU the process's peak resident memory, which includes Python and the libraries, a
+few hundred MiB that every strategy pays alike). Printed: the peak of the fullest rank, its ratio to
+ddp's, and the losses (the strategies train the same steps).
+
+On CPU, "offload" moves nothing off the device (host memory is the device memory): the ZeRO-3
+offload row shows what the offloaded layout itself costs, not what a GPU would save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / "recipes" / "demo.yaml"
+STRATEGIES = {
+    "ddp": ["parallel.strategy=ddp"],
+    "fsdp": ["parallel.strategy=fsdp"],
+    "deepspeed-zero3": ["parallel.strategy=deepspeed-zero3"],
+    "zero3-offload": ["parallel.strategy=deepspeed-zero3", "parallel.offload=optimizer+params"],
+}
+
+
+def build_model(out: Path, *, layers: int, hidden: int, intermediate: int) -> tuple[Path, int]:
+    """The benchmark's Llama with the demo tokenizer, saved like any checkpoint; and its size."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tunefleet.distributed.demo_model import ensure_tiny_llama
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_tiny_llama())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    if not (out / "config.json").is_file():
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    with torch.device("meta"):
+        size = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+    return out, size
+
+
+def overrides(work: Path, model: Path, name: str, steps: int) -> list[str]:
+    return [
+        f"output_dir={work / name}",
+        f"model.name_or_path={model}",
+        "peft.method=full",
+        "train.lr=1e-5",
+        "train.precision=fp32",
+        f"train.max_steps={steps}",
+        "train.logging_steps=1",
+        "train.save_steps=0",
+        "train.warmup_ratio=0",
+        "data.max_length=128",
+        "data.limit=64",
+        "batch.micro_batch_size=2",
+        "batch.global_batch_size=8",
+        "batch.group_by_length=false",
+        *STRATEGIES[name],
+    ]
+
+
+def measure(work: Path, model: Path, name: str, steps: int) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "tunefleet.launch.cli", "launch", str(DEMO), "--nproc", "2", "--overwrite"]
+    for o in overrides(work, model, name, steps):
+        cmd += ["--set", o]
+    log = work / f"{name}.log"
+    started = time.monotonic()
+    with log.open("w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed (exit {proc.returncode}); see {log}")
+    out = work / name
+    effect = json.loads((out / "plan.json").read_text())["in_effect"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {
+        "name": name,
+        "peak_gib_per_rank": effect["peak_memory_gib_per_rank"],
+        "optimizer_state_elements_per_rank": effect.get("optimizer_state_elements_per_rank"),
+        "losses": [r["loss"] for r in rows if "loss" in r],
+        "wall_s": round(time.monotonic() - started, 1),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--intermediate", type=int, default=2816)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--work", default="runs/bench-memory")
+    p.add_argument("--only", nargs="*", default=list(STRATEGIES))
+    args = p.parse_args()
+    work = Path(args.work).absolute()
+    work.mkdir(parents=True, exist_ok=True)
+    model, size = build_model(
+        work / f"model-{args.layers}x{args.hidden}",
+        layers=args.layers,
+        hidden=args.hidden,
+        intermediate=args.intermediate,
+    )
+    print(
+        f"full fine-tuning of a {size / 1e6:.0f} M-parameter Llama ({args.layers} layers x {args.hidden}), "
+        f"2 processes, fp32, {args.steps} steps; model state 16 bytes x {size / 1e6:.0f} M = "
+        f"{16 * size / 1024**3:.2f} GiB",
+        flush=True,
+    )
+    results = []
+    for name in args.only:
+        r = measure(work, model, name, args.steps)
+        results.append(r)
+        print(f"  {name}: peak per rank {r['peak_gib_per_rank']} GiB ({r['wall_s']} s)", flush=True)
+    base = next((r for r in results if r["name"] == "ddp"), results[0])
+    print(
+        f"\n| strategy | peak per rank, GiB (fullest rank) | vs {base['name']} | optimizer state elements per rank |"
+    )
+    print("|---|---|---|---|")
+    for r in results:
+        peak = max(r["peak_gib_per_rank"])
+        state = r["optimizer_state_elements_per_rank"]
+        print(
+            f"| {r['name']} | {peak:.2f} ({', '.join(f'{x:.2f}' for x in r['peak_gib_per_rank'])}) | "
+            f"{peak / max(base['peak_gib_per_rank']):.2f}x | {', '.join(f'{x:,}' for x in state or [])} |"
+        )
+    diff = max(abs(a - b) for r in results for a, b in zip(base["losses"], r["losses"], strict=True))
+    print(f"\nthe strategies train the same steps: max |loss difference| per step = {diff:.2e}")
+    (work / "results.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
