@@ -34,8 +34,9 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 demo: setup
 	$(BIN)/tunefleet train recipes/demo.yaml --overwrite
 
+# The whole suite; it ends with its 20 slowest tests, so a change sees what it costs.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 # The 2-minute subset: no multi-process training, no SLURM cluster.
 test-fast: setup

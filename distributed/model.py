@@ -13,7 +13,14 @@ import torch
 from tunefleet.launch.compat import BNB, sharded_4bit
 from tunefleet.launch.core.errors import RecipeError, TunefleetError
 from tunefleet.launch.core.layout import atomic_dir
-from tunefleet.launch.core.recipe import PRECISION_DTYPE, WEIGHT_METHODS, ModelConfig, Recipe, weight_dtype
+from tunefleet.launch.core.recipe import (
+    PRECISION_DTYPE,
+    TRAINED_DTYPE,
+    WEIGHT_METHODS,
+    ModelConfig,
+    Recipe,
+    weight_dtype,
+)
 from tunefleet.launch.loading import placed_on_gpu_at_load, rank0_loads_weights
 
 _DTYPES = {
@@ -297,6 +304,10 @@ def apply_method(
         from tunefleet.launch.params import apply_selection
 
         apply_selection(model, recipe.peft)
+        if recipe.model.dtype == "auto":  # freeze: a 16-bit frozen base, fp32 master copies of what trains
+            for param in model.parameters():
+                if param.requires_grad and param.dtype != _DTYPES[TRAINED_DTYPE]:  # meta too: no copy
+                    param.data = param.data.to(_DTYPES[TRAINED_DTYPE])
         return model
     return apply_peft(model, recipe, alora_invocation_tokens=alora_invocation_tokens, config=config)
 

@@ -74,8 +74,17 @@ def _plan(args: argparse.Namespace) -> int:
         gpus_per_node=args.gpus_per_node,
         model_config_path=args.model_config,
         gpu_memory_gib=args.gpu_memory_gib,
+        host_memory_gib=args.host_memory_gib,
+        compare=args.compare,
     )
-    print(json.dumps(plan, indent=2) if args.json else render_plan(plan))
+    if args.json:
+        print(json.dumps(plan, indent=2))
+    elif args.compare:
+        from tunefleet.launch.compare import render
+
+        print(render(plan["compare"]), end="")
+    else:
+        print(render_plan(plan))
     return 0
 
 
@@ -208,7 +217,31 @@ def _add_plan(sub: Any) -> None:
         metavar="CONFIG_JSON",
         help="the model's config.json, when the model is not available locally",
     )
-    p.add_argument("--gpu-memory-gib", type=float, default=None, help="warn when the estimate exceeds this")
+    p.add_argument(
+        "--gpu-memory",
+        "--gpu-memory-gib",
+        dest="gpu_memory_gib",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="memory of one GPU in GiB, as nvidia-smi shows it (an 80 GB H100: 80); default: this "
+        "machine's GPUs, if it has some. Says whether the recipe (or each --compare row) fits",
+    )
+    p.add_argument(
+        "--host-memory",
+        dest="host_memory_gib",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="RAM of one node in GiB: loading and CPU offload live there (default: this machine's, when it "
+        "has GPUs; unknown otherwise, and then no row with offload is said to fit)",
+    )
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="lay every method (full, freeze, LoRA, QLoRA) x strategy the compatibility matrix allows side "
+        "by side: peak memory per GPU, host RAM per node, whether it fits, the --set line; recommend one",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_plan)
 

@@ -45,6 +45,10 @@ GIB = 1024**3
 CONTEXT_BYTES = 1 * GIB
 """Allowance for the CUDA context, cuBLAS/NCCL workspaces and allocator fragmentation."""
 
+PROCESS_BASELINE_BYTES = int(0.55 * GIB)
+"""A CPU training process before its model: Python with torch, transformers, TRL, PEFT, accelerate
+and the tokenised data mapped in (measured: the demo's 1 M-parameter model peaks at 0.6 GiB)."""
+
 SHARDED_WEIGHTS = ("fsdp", "fsdp-qlora", "deepspeed-zero3")
 SHARDED_STATES = ("fsdp", "fsdp-qlora", "deepspeed-zero2", "deepspeed-zero3")
 DEEPSPEED = ("deepspeed-zero2", "deepspeed-zero3")
@@ -290,6 +294,9 @@ class MemoryInputs:
     backward_layers: int = 0
     """full/freeze: decoder layers the backward pass runs through (from the lowest trained weight up;
     the frozen layers below keep nothing)."""
+    device: str = "gpu"
+    """`gpu` (the estimate of one GPU's memory) or `cpu` (CPU processes: one process's resident
+    memory, where loading, training and Python share one address space)."""
 
     @property
     def trains_weights(self) -> bool:
@@ -395,9 +402,12 @@ def _weight_parts(i: MemoryInputs) -> list[MemoryPart]:
         parts = [_part("base weights", 0, f"offloaded to CPU ({stored / GIB:.1f} GiB there)")]
     else:
         name = "model weights" if i.trains_weights else "base weights"
-        note = f"{quant_note}; {where}" + (
-            f"; {i.trainable_params:,} of them train" if i.method == "freeze" else ""
-        )
+        note = f"{quant_note}; {where}"
+        if i.method == "freeze" and not deepspeed and i.weight_bytes < 4:  # the trained ones in fp32
+            stored += i.trainable_params * (4 - i.weight_bytes)
+            note += f"; the {i.trainable_params:,} trained ones in fp32"
+        elif i.method == "freeze":
+            note += f"; {i.trainable_params:,} of them train"
         parts = [_part(name, stored / i.weight_shards, note)]
     if i.trains_weights:
         if deepspeed and i.compute_bytes < 4:
@@ -557,14 +567,22 @@ def _transient_parts(i: MemoryInputs) -> list[MemoryPart]:
                 "the largest 4-bit weight dequantized for a backward matmul",
             )
         )
-    parts.append(
-        _part(
-            "CUDA context and workspace",
-            CONTEXT_BYTES,
-            "allowance: context, cuBLAS/NCCL workspaces, fragmentation",
-        )
-    )
+    parts.append(_context_part(i))
     return parts
+
+
+def _context_part(i: MemoryInputs) -> MemoryPart:
+    if i.device == "cpu":
+        return _part(
+            "Python and libraries",
+            PROCESS_BASELINE_BYTES,
+            "measured: the interpreter, torch, transformers, TRL, PEFT and their buffers in one process",
+        )
+    return _part(
+        "CUDA context and workspace",
+        CONTEXT_BYTES,
+        "allowance: context, cuBLAS/NCCL workspaces, fragmentation",
+    )
 
 
 # ----------------------------------------------------------------------------- loading
@@ -660,6 +678,33 @@ def _host_at_load(i: MemoryInputs) -> list[MemoryPart]:
             )
         )
     return parts
+
+
+def estimate_host_training(i: MemoryInputs) -> MemoryEstimate:
+    """Host RAM of one node during training: what CPU offload keeps there (every process of the node
+    holds its shard): the optimizer's state with the fp32 master copy and the gradients it steps on
+    (ZeRO's CPU Adam, FSDP's offload), and the offloaded weights. Nothing without offload."""
+    n, shards = i.procs_per_node, i.state_shards
+    parts = []
+    if i.offload_optimizer:
+        per_param = OPTIMIZER_STATE_BYTES[i.optimizer] + 4 + 4  # the moments, the fp32 master, its gradient
+        parts.append(
+            _part(
+                "offloaded optimizer state",
+                n * i.trainable_params * per_param / shards,
+                f"{n} process(es) x their shard of {i.trainable_params:,} trained params x {per_param} bytes "
+                "(moments, fp32 master, gradient)",
+            )
+        )
+    if i.offload_params:
+        parts.append(
+            _part(
+                "offloaded weights",
+                n * i.stored_weight_bytes / i.weight_shards,
+                f"{n} process(es) x their shard of the weights",
+            )
+        )
+    return MemoryEstimate(parts=tuple(parts))
 
 
 def estimate_load_memory(inputs: MemoryInputs) -> LoadEstimate:

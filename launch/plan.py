@@ -444,6 +444,58 @@ def model_counts(recipe: Recipe, model_config: Mapping[str, Any]) -> dict[str, i
     ).to_dict()
 
 
+def memory_inputs(
+    recipe: Recipe,
+    bp: BatchPlan,
+    model_config: Mapping[str, Any],
+    counts: Mapping[str, int],
+    *,
+    procs_per_node: int,
+    use_cpu: bool = False,
+) -> MemoryInputs:
+    """What the memory estimate of `recipe` on `bp`'s world reads: the model's shape and counts, the
+    method, the strategy, the batch, how it loads. The one mapping from a recipe to the estimate:
+    `tunefleet plan`, its comparison of methods and strategies, and the benchmarks use it."""
+    m, p = recipe.model, recipe.peft
+    precision, _ = _precision(recipe)
+    if use_cpu and recipe.train.precision == "auto":
+        precision = "fp32"
+    shape = ModelShape.from_config(model_config)
+    trained_layers, backward_layers = layer_span(
+        p.method, shape.num_layers, p.trainable_layers, p.extra_modules or ()
+    )
+    return MemoryInputs(
+        shape=shape,
+        base_params=counts["base"],
+        adapter_params=counts["adapter"],
+        trainable_params=counts["trainable"],
+        quantized_params=counts["quantized"],
+        quantization=_effective_quantization(recipe),
+        double_quant=m.double_quant,
+        precision=precision,
+        weight_bytes=_DTYPE_BYTES[weight_dtype(recipe, precision)],
+        strategy=strategy_for(recipe.parallel.strategy, bp.world_size),
+        world_size=bp.world_size,
+        micro_batch_size=bp.micro_batch_size,
+        max_length=recipe.data.max_length,
+        gradient_checkpointing=recipe.train.gradient_checkpointing,
+        optimizer=recipe.train.optimizer,
+        lora_targets=p.target_modules,
+        lora_rank=p.r,
+        lora_dropout=p.dropout,
+        attn_implementation=m.attn_implementation,
+        offload_params=recipe.parallel.offload == "optimizer+params",
+        offload_optimizer=recipe.parallel.offload != "none",
+        procs_per_node=procs_per_node,
+        rank0_loads_weights=rank0_loads_weights(recipe, bp.world_size),
+        placed_on_gpu_at_load=placed_on_gpu_at_load(recipe, use_cpu=use_cpu),
+        method=p.method,
+        trained_layers=trained_layers,
+        backward_layers=backward_layers,
+        device="cpu" if use_cpu else "gpu",
+    )
+
+
 def _parameters_and_memory(
     draft: _Draft,
     recipe: Recipe,
@@ -475,7 +527,6 @@ def _parameters_and_memory(
             "summary and plan.json give the real ones; peft.eva_rho=1 keeps them)"
         )
     m = recipe.model
-    effective_quant = _effective_quantization(recipe)
     if counts is None:
         counts = model_counts(recipe, model_config)
     plan.update(
@@ -490,40 +541,7 @@ def _parameters_and_memory(
     precision, assumed = _precision(recipe)
     if assumed:
         draft.notes.append(assumed)
-    weights_in = weight_dtype(recipe, precision)
-    shape = ModelShape.from_config(model_config)
-    trained_layers, backward_layers = layer_span(
-        p.method, shape.num_layers, p.trainable_layers, p.extra_modules or ()
-    )
-    inputs = MemoryInputs(
-        shape=shape,
-        base_params=counts["base"],
-        adapter_params=counts["adapter"],
-        trainable_params=counts["trainable"],
-        quantized_params=counts["quantized"],
-        quantization=effective_quant,
-        double_quant=m.double_quant,
-        precision=precision,
-        weight_bytes=_DTYPE_BYTES[weights_in],
-        strategy=plan["strategy"],
-        world_size=bp.world_size,
-        micro_batch_size=bp.micro_batch_size,
-        max_length=recipe.data.max_length,
-        gradient_checkpointing=recipe.train.gradient_checkpointing,
-        optimizer=recipe.train.optimizer,
-        lora_targets=recipe.peft.target_modules,
-        lora_rank=recipe.peft.r,
-        lora_dropout=recipe.peft.dropout,
-        attn_implementation=m.attn_implementation,
-        offload_params=recipe.parallel.offload == "optimizer+params",
-        offload_optimizer=recipe.parallel.offload != "none",
-        procs_per_node=plan["procs_per_node"],
-        rank0_loads_weights=rank0_loads_weights(recipe, bp.world_size),
-        placed_on_gpu_at_load=placed_on_gpu_at_load(recipe, use_cpu=False),
-        method=p.method,
-        trained_layers=trained_layers,
-        backward_layers=backward_layers,
-    )
+    inputs = memory_inputs(recipe, bp, model_config, counts, procs_per_node=plan["procs_per_node"])
     estimate = estimate_memory(inputs)
     at_load = estimate_load_memory(inputs)
     plan["memory"] = estimate.to_dict()

@@ -7,6 +7,7 @@ in the output directory. Part of the command line: it may build the demo model a
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -127,8 +128,12 @@ def make_plan(
     gpus_per_node: int = 1,
     model_config_path: str | None = None,
     gpu_memory_gib: float | None = None,
+    host_memory_gib: float | None = None,
+    compare: bool = False,
 ) -> dict[str, Any]:
-    """Load the recipe, find the model config and count the rows, then `build_plan`."""
+    """Load the recipe, find the model config and count the rows, then `build_plan`; with `compare`,
+    every method x strategy too (`compare.compare`). Without `gpu_memory_gib`, this machine's GPUs'
+    memory when it has some."""
     for value, name in ((nodes, "--nodes"), (gpus_per_node, "--gpus-per-node")):
         if value < 1:
             raise RecipeError(f"{name} must be >= 1, got {value}", f"pass {name} 1 or more")
@@ -138,6 +143,16 @@ def make_plan(
         )
     recipe = recipe_mod.load(recipe_path, list(overrides))
     notes: list[str] = []
+    if gpu_memory_gib is None:
+        gpu_memory_gib = local_gpu_memory_gib()
+        if gpu_memory_gib is not None:
+            notes.append(f"GPU memory: {gpu_memory_gib:g} GiB, this machine's (--gpu-memory sets another)")
+            if host_memory_gib is None:  # planning for this machine: its RAM too
+                host_memory_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3, 1)
+    if host_memory_gib is not None and not host_memory_gib > 0:
+        raise RecipeError(
+            f"--host-memory must be > 0, got {host_memory_gib}", "pass the node's RAM, e.g. 512"
+        )
     model_config: dict[str, Any] | None = None
     if model_config_path:  # asked for explicitly: a missing or broken file is an error
         model_config = read_model_config(model_config_path)
@@ -179,4 +194,72 @@ def make_plan(
         gpu_memory_gib=gpu_memory_gib,
         notes=notes,
     )
+    if compare or (
+        gpu_memory_gib is not None and model_config is not None and not _fits(plan, gpu_memory_gib)
+    ):
+        if model_config is None:
+            raise RecipeError(
+                "--compare needs the model's config.json (parameter counts and memory)",
+                "fetch it (`hf download MODEL config.json`) or pass --model-config",
+            )
+        table = compare_rows(recipe, model_config, nodes, gpus_per_node, gpu_memory_gib, host_memory_gib)
+        if compare:
+            plan["compare"] = table
+        elif table["recommended"] is not None:  # the recipe's own choice does not fit: which row does
+            row = table["rows"][table["recommended"]]
+            plan["warnings"].append(
+                f"this recipe does not fit; what does: {' '.join('--set ' + s for s in row['set'])} "
+                f"({table['why']}; all rows: tunefleet plan ... --compare)"
+            )
     return {**plan, "versions": versions()}
+
+
+def _fits(plan: dict[str, Any], gpu_memory_gib: float) -> bool:
+    peaks = [plan[k]["total_gib"] for k in ("memory",) if plan.get(k)]
+    peaks += [plan["load_memory"]["gpu"]["total_gib"]] if plan.get("load_memory") else []
+    return not peaks or max(peaks) <= gpu_memory_gib
+
+
+def compare_rows(
+    recipe: Recipe,
+    model_config: dict[str, Any],
+    nodes: int,
+    gpus_per_node: int,
+    gpu_memory_gib: float | None,
+    host_memory_gib: float | None = None,
+) -> dict[str, Any]:
+    """`compare.compare` with the parameter counts made once per method (on the meta device)."""
+    from tunefleet.launch.compare import compare
+    from tunefleet.launch.plan import model_counts
+
+    cache: dict[tuple[Any, ...], Any] = {}
+
+    def counts(variant: Recipe) -> Any:
+        key = (variant.peft.method, variant.model.quantization, variant.peft.trainable_layers)
+        if key not in cache:
+            cache[key] = model_counts(variant, model_config)
+        return cache[key]
+
+    return compare(
+        recipe,
+        model_config,
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        gpu_memory_gib=gpu_memory_gib,
+        host_memory_gib=host_memory_gib,
+        counts=counts,
+    )
+
+
+def local_gpu_memory_gib() -> float | None:
+    """The memory of this machine's first GPU in GiB, or None without one (torch only when it is
+    already installed with CUDA: the planner never needs a GPU)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.get_device_properties(0).total_memory / 1024**3, 1)

@@ -25,6 +25,7 @@ GENERATORS = {
     "tunefleet.launch",
     "tunefleet.launch.command",
     "tunefleet.launch.compat",
+    "tunefleet.launch.compare",
     "tunefleet.launch.hf_compat",
     "tunefleet.launch.loading",
     "tunefleet.launch.memory",

@@ -26,6 +26,7 @@ from tunefleet.launch.plan import build_plan, render_plan
 from tunefleet.launch.plan_inputs import count_dataset_rows, find_model_config, make_plan
 
 FIXTURES = Path(__file__).parent / "fixtures" / "model_configs"
+DEMO = Path(__file__).resolve().parent.parent / "recipes" / "demo.yaml"
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -820,3 +821,120 @@ def test_gpt_oss_experts_on_the_meta_device() -> None:
     per_layer = 16 * e * (h + 2 * i) + 16 * e * (i + h)  # gate_up: in h -> out 2i; down: in i -> out h
     assert attention.trainable == 7_962_624  # seed 000's printed count
     assert experts.trainable - attention.trainable == layers * per_layer
+
+
+# ----------------------------------------------------------------------------- method x strategy (--compare)
+
+LLAMA_8B = FIXTURES / "llama-3.1-8b" / "config.json"
+
+
+def _llama_recipe(tmp_path: Path, *sets: str) -> R.Recipe:
+    """A typical SFT recipe of Llama-3.1-8B: micro batch 4 x 2048 tokens, checkpointing, bf16."""
+    return R.load(
+        DEMO,
+        [
+            f"output_dir={tmp_path / 'run'}",
+            "model.name_or_path=meta-llama/Llama-3.1-8B",
+            "model.dtype=auto",
+            "data.max_length=2048",
+            "batch.micro_batch_size=4",
+            "batch.global_batch_size=32",
+            "train.gradient_checkpointing=true",
+            "train.precision=bf16",
+            "peft.r=16",
+            "peft.alpha=32",
+            *sets,
+        ],
+    )
+
+
+def test_compare_recommends_qlora_on_one_24gb_gpu_and_full_with_sharding_on_8x80(tmp_path: Path) -> None:
+    from tunefleet.launch.plan_inputs import compare_rows
+
+    config = json.loads(LLAMA_8B.read_text())
+    recipe = _llama_recipe(tmp_path)
+    small = compare_rows(recipe, config, 1, 1, 24.0)
+    pick = small["rows"][small["recommended"]]
+    assert (pick["method"], pick["strategy"]) == ("qlora", "single") and pick["fits"] is True
+    assert "peft.method=lora" in pick["set"] and "model.quantization=nf4" in pick["set"]
+    assert "the strongest method that fits" in small["why"]
+    # every stronger method's rows do not fit there (or need host RAM that was not given)
+    assert all(not r["fits"] for r in small["rows"] if r["method"] in ("full", "freeze", "lora"))
+    big = compare_rows(recipe, config, 1, 8, 80.0)
+    pick = big["rows"][big["recommended"]]
+    assert pick["method"] == "full" and pick["strategy"] in ("deepspeed-zero2", "fsdp", "deepspeed-zero3")
+    assert pick["trainable_params"] == 8_030_261_248
+    # ddp replicates 16 bytes per parameter: it cannot hold a full fine-tune of 8B on 80 GiB
+    ddp = next(r for r in big["rows"] if (r["method"], r["strategy"]) == ("full", "ddp"))
+    assert ddp["fits"] is False and ddp["peak_gib"] > 120
+    methods = {r["method"] for r in big["rows"]}
+    assert methods == {"full", "freeze", "lora", "qlora"}
+    assert not any(r["strategy"] == "fsdp-qlora" and r["method"] != "qlora" for r in big["rows"])
+    assert any("fsdp" in line and "qlora" in line for line in big["refused"])  # plain fsdp + nf4
+
+
+def test_compare_counts_like_a_run_and_needs_host_ram_for_offload(tmp_path: Path) -> None:
+    from tunefleet.launch.params import param_counts
+    from tunefleet.launch.plan_inputs import compare_rows
+
+    config = json.loads(LLAMA_8B.read_text())
+    table = compare_rows(_llama_recipe(tmp_path), config, 1, 1, 24.0)
+    freeze = next(r for r in table["rows"] if r["method"] == "freeze")
+    assert "peft.trainable_layers=8" in freeze["set"]  # a quarter of 32 layers
+    counted = param_counts(config, R.PeftConfig(method="freeze", trainable_layers=8))
+    assert freeze["trainable_params"] == counted.trainable
+    offload = [r for r in table["rows"] if r["offload"] != "none"]
+    assert offload and all(r["fits"] is not True for r in offload)  # host RAM unknown
+    # one 48 GiB GPU in a node with 2 TiB of RAM: full fine-tuning with ZeRO-3 offload fits there
+    with_host = compare_rows(_llama_recipe(tmp_path), config, 1, 1, 48.0, host_memory_gib=2048.0)
+    full_offload = next(r for r in with_host["rows"] if r["method"] == "full" and r["offload"] != "none")
+    assert full_offload["fits"] is True and full_offload["host_gib_per_node"] > 100  # 16 B x 8 B on the host
+    assert with_host["rows"][with_host["recommended"]] == full_offload
+    small_host = compare_rows(_llama_recipe(tmp_path), config, 1, 1, 48.0, host_memory_gib=64.0)
+    assert next(r for r in small_host["rows"] if r == {**full_offload, "fits": False})["fits"] is False
+
+
+def test_a_recipe_that_does_not_fit_is_told_which_row_does(tmp_path: Path) -> None:
+    from tunefleet.launch.plan_inputs import make_plan
+
+    path = tmp_path / "llama.yaml"
+    path.write_text(R.dump(_llama_recipe(tmp_path, "peft.method=full", "parallel.strategy=ddp")))
+    plan = make_plan(str(path), gpus_per_node=8, model_config_path=str(LLAMA_8B), gpu_memory_gib=80.0)
+    told = [w for w in plan["warnings"] if w.startswith("this recipe does not fit; what does:")]
+    assert told and "--set peft.method=full" in told[0] and "parallel.strategy=deepspeed-zero2" in told[0]
+
+
+def test_full_fine_tuning_memory_against_published_figures() -> None:
+    """Mixed-precision AdamW full fine-tuning keeps 16 bytes per parameter (ZeRO, Rajbhandari et al.
+    2020: fp16 weights and gradients, fp32 master weights and two moments) to 18 (Hugging Face's
+    "model memory anatomy": fp32 weights plus a 16-bit copy); seed 004: a 20B model needs 160 GB+ in
+    full FP16 fine-tuning, ~45 GB with LoRA (docs/batch-and-plan.md)."""
+    config = json.loads(LLAMA_8B.read_text())
+    recipe = R.from_dict(
+        {"output_dir": "o", "model": {"name_or_path": "m"}, "data": {"path": "d", "max_length": 2048}},
+        ["peft.method=full", "parallel.strategy=fsdp", "train.precision=bf16", "train.gradient_checkpointing=true",
+         "batch.micro_batch_size=1", "batch.global_batch_size=8"],
+    )  # fmt: skip
+    plan = build_plan(recipe, nodes=1, procs_per_node=8, model_config=config)
+    parts = {p["name"]: p["bytes"] for p in plan["memory"]["parts"]}
+    state = parts["model weights"] + parts["gradients"] + parts["optimizer state"]
+    per_param = state * 8 / plan["total_params"]
+    assert 16 <= per_param <= 18, per_param
+    gpt_oss = json.loads((FIXTURES / "gpt-oss-20b" / "config.json").read_text())
+    full = R.from_dict(
+        {"output_dir": "o", "model": {"name_or_path": "openai/gpt-oss-20b"}, "data": {"path": "d", "max_length": 1024}},
+        ["peft.method=full", "model.quantization=mxfp4", "parallel.strategy=fsdp", "train.precision=bf16",
+         "train.gradient_checkpointing=true", "batch.micro_batch_size=1", "batch.global_batch_size=4"],
+    )  # fmt: skip
+    four = build_plan(full, nodes=1, procs_per_node=4, model_config=gpt_oss)
+    assert 4 * four["memory"]["total_gib"] * GIB_BYTES / 1e9 >= 160  # "160 GB+" over 4 x A100
+    lora = R.from_dict(
+        {"output_dir": "o", "model": {"name_or_path": "openai/gpt-oss-20b"}, "data": {"path": "d", "max_length": 1024}},
+        ["model.quantization=mxfp4", "model.dtype=bfloat16", "train.precision=bf16", "train.gradient_checkpointing=true",
+         "batch.micro_batch_size=1", "batch.global_batch_size=4", "peft.target_modules=[q_proj,k_proj,v_proj,o_proj]"],
+    )  # fmt: skip
+    one = build_plan(lora, nodes=1, procs_per_node=1, model_config=gpt_oss)
+    assert abs(one["memory"]["total_gib"] * GIB_BYTES / 1e9 - 45) <= 0.25 * 45, one["memory"]["total_gib"]
+
+
+GIB_BYTES = 1024**3

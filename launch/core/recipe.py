@@ -53,15 +53,20 @@ PRECISION_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 def weight_dtype(recipe: Recipe, precision: str) -> str:
     """The dtype the model's weights are loaded (and, for full/freeze, trained) in, under the resolved
     `precision` (bf16, fp16, fp32): model.dtype when set; with `auto`, fp32 master weights for
-    `full`/`freeze` (the trained weights and their optimizer state stay fp32 while the compute runs in
+    `full` (the trained weights and their optimizer state stay fp32 while the compute runs in
     16 bits: autocast, FSDP's mixed-precision policy, DeepSpeed's fp32 master), the compute dtype for
-    the frozen base of an adapter. The one rule: the run (`model.resolve_precision`) and the plan's
-    memory estimate both use it."""
+    the frozen base of an adapter and of `freeze` (whose trained parameters are made fp32 when the
+    method is applied: `TRAINED_DTYPE`). The one rule: the run (`model.resolve_precision`) and the
+    plan's memory estimate both use it."""
     if recipe.model.dtype != "auto":
         return recipe.model.dtype
-    if recipe.peft.method in WEIGHT_METHODS:
-        return "float32"
+    if recipe.peft.method == "full":
+        return TRAINED_DTYPE
     return PRECISION_DTYPE[precision]
+
+
+TRAINED_DTYPE = "float32"
+"""The dtype full and freeze train their weights in (master weights) with `model.dtype: auto`."""
 
 
 LoraInit = Literal["default", "gaussian", "pissa", "olora", "loftq", "eva"]
