@@ -348,6 +348,18 @@ def load_base(recipe: Any) -> Any:
     return base.eval()
 
 
+def bounded_new_tokens(model: Any, asked: int) -> int:
+    """`--max-new-tokens`, at most the model's context (`max_position_embeddings`): beyond it a model
+    has never seen a position, and a huge value would run for ever. Says so when it cuts."""
+    config = getattr(model, "config", None)
+    context = getattr(getattr(config, "text_config", None) or config, "max_position_embeddings", None)
+    if isinstance(context, int) and asked > context:
+        print(f"note: --max-new-tokens {asked:,} is beyond the model's context of {context:,} tokens: "
+              f"generating at most {context:,}", file=sys.stderr)  # fmt: skip
+        return context
+    return asked
+
+
 def generate_for_run(
     path: str | Path,
     items: list[str | dict],
@@ -362,6 +374,7 @@ def generate_for_run(
 
     adapter = find_adapter(path)
     model, tokenizer = load_run_model(adapter)
+    max_new_tokens = bounded_new_tokens(model, max_new_tokens)
     data = data_sources(adapter.recipe.data)[0].data  # a mixture's prompts are rendered like its first source
     prompts = [
         render_prompt(item, data=data, tokenizer=tokenizer, where=f"prompt {i + 1}")

@@ -11,6 +11,7 @@ renamed into place, and its logits are checked against base+adapter on a probe p
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,6 +175,12 @@ def merge(
         merged = model.merge_and_unload()
         got = merged(input_ids=probe).logits.float() if probe is not None else None
     diff = float((expected - got).abs().max()) if expected is not None and got is not None else None
+    if diff is not None and not math.isfinite(diff):
+        raise TunefleetError(
+            f"the merge check's logits are not finite (max |logit difference| = {diff}): the adapter at "
+            f"{adapter.adapter_dir} holds NaN or infinite weights (a run that diverged); nothing was written",
+            "merge an earlier checkpoint of the run, or retrain it with a lower train.lr",
+        )
     merged.config.use_cache = True
 
     if out.exists():

@@ -30,7 +30,6 @@ from tunefleet.launch.core.layout import (
     ENV_EXIT_FILE,
     ENV_START,
     EXIT_OK,
-    EXIT_REFUSED,
     EXIT_REQUEUE,
     FINAL_DIR,
     LOSS_PLOT,
@@ -112,6 +111,8 @@ def run(
     _check_and_report(trainer, checked, schedule, data, plan, precision, rank, adapter_init)
     with trainer.tf_stop:  # from here to the end, SIGTERM/SIGUSR1 mean: checkpoint and stop
         result = trainer.train(resume_from_checkpoint=checked.start.checkpoint)
+        if trainer.tf_diverged is not None:
+            _diverged(trainer, recipe)
         if trainer.tf_stopped:
             return _stop_for_requeue(trainer, rank, dist)
         _finish(trainer, tokenizer, recipe, data, result, started, rank, model_path)
@@ -317,6 +318,7 @@ def training_arguments(
         average_tokens_across_devices=True,
         ddp_find_unused_parameters=False,
         disable_tqdm=True,
+        logging_nan_inf_filter=False,  # a non-finite loss is logged as it is (the stock filter logs 0.0)
         log_level="warning",
         save_only_model=False,
     )
@@ -472,6 +474,7 @@ def _build_trainer(
         + ([FinalEvalCallback()] if data.eval is not None else []),
         identity=run_identity(checked),
         keep_last=recipe.checkpoint.keep_last,
+        max_nonfinite_steps=recipe.train.max_nonfinite_steps,
         stop=StopFlag(),
         peft=recipe.peft,
     )
@@ -538,6 +541,27 @@ def _check_and_report(
             "gpu_peak_after_load_gib": peak_gpu_memory_gib(),
         }
         write_json(out / PLAN_FILE, {**plan, "versions": versions(), "in_effect": in_effect})
+
+
+def _diverged(trainer: Any, recipe: Recipe) -> None:
+    """Every rank: the loss or the gradient norm stopped being finite; say where, what is kept, why."""
+    from tunefleet.launch.core import checkpoints as ckpt
+    from tunefleet.launch.core.errors import DivergedError
+
+    d = trainer.tf_diverged
+    newest = ckpt.latest(Path(recipe.output_dir))
+    kept = f"the last checkpoint, {newest.name}, is from before it" if newest else "no checkpoint was written"
+    allowed = recipe.train.max_nonfinite_steps
+    skipped = f" after {allowed} skipped step(s) (train.max_nonfinite_steps)" if allowed else ""
+    raise DivergedError(
+        f"the run diverged at step {d['step']}{skipped}: "
+        + (f"loss {d['loss']}" if d["loss"] is not None else "a finite loss")
+        + f", gradient norm {d['grad_norm']}; it stopped there, saved nothing after it and wrote no "
+        f"{FINAL_DIR}/; {kept}",
+        f"lower train.lr (now {recipe.train.lr:g}; full fine-tuning uses ~1e-5 to 5e-5, LoRA 1e-4 to 3e-3) or "
+        "turn train.max_grad_norm on, check the data around that step, then rerun: it resumes from the last "
+        "checkpoint (or --overwrite); train.max_nonfinite_steps=N skips up to N such steps",
+    )
 
 
 def _stop_for_requeue(trainer: Any, rank: Rank, dist: Any) -> int:
@@ -646,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     except TunefleetError as exc:
         if node_main:
             print(f"error: {exc}", file=sys.stderr, flush=True)
-        code = EXIT_REFUSED
+        code = exc.exit_code
     exit_file = os.environ.get(ENV_EXIT_FILE)
     if exit_file and node_main:
         Path(exit_file).write_text(f"{code}\n", encoding="utf-8")

@@ -27,6 +27,7 @@ equivalence test can show that it fails under that normalisation.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -122,6 +123,11 @@ class StepBoundary(TrainerCallback):
         t = self.trainer
         # the trainer's own epoch counter restarts within a resumed epoch: derive it from the step
         state.epoch = state.global_step / t.tf_steps_per_epoch
+        if t.tf_diverged is not None:  # nothing after the last finite step is saved or evaluated
+            control.should_training_stop = True
+            control.should_save = False
+            control.should_evaluate = False
+            return
         if t.tf_stop is None:
             return
         flag = torch.tensor([1 if t.tf_stop.raised else 0], device=args.device)
@@ -150,6 +156,7 @@ class TunefleetTrainer(hf_compat.trainer_base()):  # type: ignore[misc]
         source_weights: list[float],
         identity: ckpt.RunIdentity,
         keep_last: int | None,
+        max_nonfinite_steps: int = 0,
         stop: StopFlag | None = None,
         peft: PeftConfig | None = None,
         **kwargs: Any,
@@ -164,10 +171,15 @@ class TunefleetTrainer(hf_compat.trainer_base()):  # type: ignore[misc]
         self.tf_source_weights = source_weights
         self.tf_identity = identity
         self.tf_keep_last = keep_last
+        self.tf_max_nonfinite_steps = max_nonfinite_steps
         self.tf_stop = stop
         self.tf_peft = peft
         self.tf_trains_adapter = peft is None or peft.method in ADAPTER_METHODS
         self.tf_stopped = False
+        self.tf_step_finite = True
+        self.tf_step_losses: list[float] = []
+        self.tf_nonfinite_steps = 0
+        self.tf_diverged: dict[str, Any] | None = None
         self.tf_sampler: GlobalBatchSampler | None = None
         self.tf_save_times_s: list[float] = []
         self.tf_loss_norm = debug_loss_norm()
@@ -311,6 +323,41 @@ class TunefleetTrainer(hf_compat.trainer_base()):  # type: ignore[misc]
             self.tf_save_times_s.append(save_s)
             print(f"checkpoint {final.name} complete ({save_s:.2f} s)", flush=True)
         self.accelerator.wait_for_everyone()
+
+    def tf_after_micro_batch(self, loss: Any) -> None:
+        """Every micro batch: remember whether its loss was finite (checked at the optimizer step)."""
+        if not bool(torch.isfinite(loss.detach()).all()):
+            self.tf_step_finite = False
+            self.tf_step_losses.append(float(loss.detach().float().mean()))
+
+    def tf_before_optimizer_step(self, model: Any, grad_norm: Any) -> None:
+        """Every rank, right before the optimizer steps: a step whose loss (on any rank) or gradient
+        norm is not finite moves no weight. It stops the run (`tf_diverged`: nothing is saved after the
+        last finite step), or, within `train.max_nonfinite_steps`, only skips its update. Under fp16
+        the loss scaler's own overflow steps (an infinite gradient norm) are left to it."""
+        norm = float(grad_norm) if grad_norm is not None else None
+        finite = self.tf_step_finite and (self.args.fp16 or norm is None or math.isfinite(norm))
+        flag = torch.tensor([1 if finite else 0], device=self.args.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        losses, self.tf_step_finite, self.tf_step_losses = self.tf_step_losses, True, []
+        if flag.item():
+            return
+        self.tf_nonfinite_steps += 1
+        step = self.state.global_step + 1
+        allowed = self.tf_max_nonfinite_steps
+        if not self.is_deepspeed_enabled:
+            for param in model.parameters():  # the optimizer skips a parameter without a gradient
+                param.grad = None
+        if self.tf_nonfinite_steps > allowed:
+            self.tf_diverged = {"step": step, "loss": losses[0] if losses else None, "grad_norm": norm}
+            return
+        if self.args.process_index == 0:
+            print(
+                f"warning: step {step}: the loss or the gradient norm ({norm}) is not finite; its update is "
+                f"skipped ({self.tf_nonfinite_steps} of train.max_nonfinite_steps={allowed})",
+                flush=True,
+            )
 
     def tf_loss_normaliser(self, num_items_in_batch: Any) -> Any:
         """The global label-token count of a step, which the loss is divided by.

@@ -28,6 +28,12 @@ def _launch(args: argparse.Namespace) -> int:
         import torch  # only to count the GPUs
 
         visible_gpus = torch.cuda.device_count()
+    if args.nnodes > 1 and args.main_port == 0:
+        raise TunefleetError(
+            f"--main-port 0 with --nnodes {args.nnodes}: each machine would pick its own random port and they "
+            "would never meet",
+            "pass the same free port on every machine, e.g. --main-port 29500",
+        )
     if args.nnodes > 1 and args.main_port is None:
         raise TunefleetError(
             f"--nnodes {args.nnodes} needs --main-port (a port free on node 0, the same on every machine)",
@@ -351,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         return func(args)
     except TunefleetError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -258,6 +258,18 @@ def _qdora_under_zero3(r: _Resolution) -> None:
         )
 
 
+def _skipped_steps_under_deepspeed(r: _Resolution) -> None:
+    """A non-finite step is skipped by dropping its gradients before the optimizer steps; DeepSpeed's
+    engine steps on gradients it keeps itself, which tunefleet cannot drop."""
+    if r.recipe.train.max_nonfinite_steps and r.recipe.parallel.strategy in DEEPSPEED_STRATEGIES:
+        raise _fail(
+            "train.max_nonfinite_steps",
+            f"{r.recipe.parallel.strategy} steps its optimizer on gradients DeepSpeed keeps itself, so a "
+            "non-finite step cannot be skipped there (fp16's loss scaler skips its own overflow steps)",
+            "set train.max_nonfinite_steps=0 (stop at the first non-finite step), or use ddp or fsdp",
+        )
+
+
 def _zero_offload_optimizer(r: _Resolution) -> None:
     """ZeRO optimizer offload swaps the optimizer (accelerate map_pytorch_optim_to_deepspeed)."""
     par, t = r.recipe.parallel, r.recipe.train
@@ -514,6 +526,7 @@ RULES = (
     _bitsandbytes_under_fsdp,
     _fsdp1_with_4bit,
     _qdora_under_zero3,
+    _skipped_steps_under_deepspeed,
     _zero_offload_optimizer,
     _sharded_4bit_storage,
     _gpu_kernels,

@@ -72,6 +72,16 @@ def trainer_base() -> type:
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
             self.tf_save_checkpoint()  # type: ignore[attr-defined]
 
+        def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            self.tf_after_micro_batch(loss)  # type: ignore[attr-defined]
+            return loss
+
+        def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
+            norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+            self.tf_before_optimizer_step(model, norm)  # type: ignore[attr-defined]
+            return norm
+
         def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
             batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
             return batches, self.tf_loss_normaliser(num_items_in_batch)  # type: ignore[attr-defined]
@@ -343,6 +353,18 @@ RELIANCES: tuple[Reliance, ...] = (
         "trainer_base: the loss of a step is normalised over its real token count; the debug switch "
         "TUNEFLEET_DEBUG_LOSS_NORM drops the count (tests/test_batch_equivalence.py)",
         _has(f"{_TRAINER}.get_batch_samples", "epoch_iterator", "num_batches", "device"),
+    ),
+    Reliance(
+        "transformers Trainer.training_step(model, inputs, num_items_in_batch) -> the micro batch's loss; "
+        "Trainer._get_grad_norm(model, grad_norm) -> the step's gradient norm, called on every rank right "
+        "before optimizer.step() (after clipping)",
+        "trainer_base: a non-finite loss or gradient norm stops the run at that step, or skips its update "
+        "(train.max_nonfinite_steps), before the optimizer moves the weights",
+        lambda: (
+            _has(f"{_TRAINER}.training_step", "model", "inputs", "num_items_in_batch")()
+            or _has(f"{_TRAINER}._get_grad_norm", "model", "grad_norm")()
+            or _source_mentions(f"{_TRAINER}._run_epoch", "self._get_grad_norm(", "self.optimizer.step()")()
+        ),
     ),
     Reliance(
         "transformers Trainer._track_num_input_tokens(inputs), counting state.num_input_tokens_seen",

@@ -410,7 +410,7 @@ def _weight_parts(i: MemoryInputs) -> list[MemoryPart]:
             note += f"; {i.trainable_params:,} of them train"
         parts = [_part(name, stored / i.weight_shards, note)]
     if i.trains_weights:
-        if deepspeed and i.compute_bytes < 4:
+        if deepspeed:  # ZeRO keeps an fp32 copy of the trained partitions (cloned even when fp32)
             parts.append(
                 _part(
                     "fp32 master weights",
@@ -428,7 +428,7 @@ def _weight_parts(i: MemoryInputs) -> list[MemoryPart]:
             f"{i.adapter_params:,} params at {adapter_bytes} bytes; {where}",
         )
     )
-    if deepspeed and i.compute_bytes < 4:
+    if deepspeed:  # ZeRO keeps an fp32 copy of the trained partitions (cloned even when fp32)
         parts.append(
             _part(
                 "fp32 master weights",
@@ -714,6 +714,28 @@ def estimate_load_memory(inputs: MemoryInputs) -> LoadEstimate:
         gpu=MemoryEstimate(parts=tuple(_gpu_at_load(inputs))),
         host_per_node=MemoryEstimate(parts=tuple(_host_at_load(inputs))),
     )
+
+
+def estimate_cpu_process(inputs: MemoryInputs) -> MemoryEstimate:
+    """Peak resident memory of the fullest process of a CPU run (`device="cpu"`): a process holds its
+    model from loading to the end, so its peak is the larger of the training step and loading (the
+    whole model as read, plus the shard being made of it, on a process that reads the weights)."""
+    train = estimate_memory(inputs)
+    per_process_load = inputs.loaded_weight_bytes
+    if inputs.weight_shards > 1:
+        per_process_load += inputs.loaded_weight_bytes / inputs.weight_shards
+    load = MemoryEstimate(
+        parts=(
+            _part(
+                "weights at load",
+                per_process_load,
+                "the whole model as read (rank 0 alone under FSDP2's broadcast loading, every rank otherwise)"
+                + (", plus the shard made of it" if inputs.weight_shards > 1 else ""),
+            ),
+            _context_part(inputs),
+        )
+    )
+    return train if train.total_bytes >= load.total_bytes else load
 
 
 def estimate_memory(inputs: MemoryInputs) -> MemoryEstimate:

@@ -264,6 +264,14 @@ def _check_layer_replication(model: Any, ranges: list[list[int]] | None) -> None
             f"peft.layer_replication: {beyond} reach beyond the model's {len(layers)} layers (0..{len(layers) - 1})",
             f"end each range at {len(layers)} or below",
         )
+    stacked = sum(end - start for start, end in ranges)
+    if stacked < len(layers):  # PEFT builds the model from the ranges alone: the layers left out are gone
+        missing = sorted(set(range(len(layers))) - {i for start, end in ranges for i in range(start, end)})
+        raise RecipeError(
+            f"peft.layer_replication: {ranges} stacks {stacked} layers, fewer than the model's {len(layers)}: layer(s) "
+            f"{missing} would be dropped and a smaller model trained",
+            f"cover every layer once, then add the copies: e.g. [[0, {len(layers)}], [{len(layers) - 1}, {len(layers)}]]",
+        )
 
 
 # ----------------------------------------------------------------------------- full and partial

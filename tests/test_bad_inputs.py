@@ -150,6 +150,12 @@ def checkpoint(t: Path, *, step: int = 2, sets: tuple[str, ...] = (), **manifest
     return run / f"checkpoint-{step}"
 
 
+def users_recipe_in_output_dir(t: Path) -> None:
+    """One folder per experiment: the user keeps the recipe in the directory the run writes to."""
+    (t / "run").mkdir()
+    (t / "run" / "recipe.yaml").write_text("# my experiment\n" + DEMO.read_text())
+
+
 def zero2_full_checkpoint(t: Path) -> Path:
     """A complete checkpoint of a 2-process ZeRO-2 full fine-tune of the demo recipe."""
     return checkpoint(
@@ -339,6 +345,11 @@ CATALOGUE = [
         "reach beyond the model's 2 layers",
     ),
     Case("replication range backwards", plan("peft.layer_replication=[[2, 0]]"), "0 <= start < end"),
+    Case(
+        "layer replication that shrinks the model",
+        plan("peft.layer_replication=[[0, 1]]"),
+        "stacks 1 layers, fewer than the model's 2: layer(s) [1] would be dropped",
+    ),
     Case("eva_rho without EVA", plan("peft.eva_rho=2"), "only peft.init=eva reads it"),
     Case("eva_rho below 1", plan("peft.init=eva", "peft.eva_rho=0.5"), "peft.eva_rho: must be >= 1"),
     Case("LoRA+ ratio 0", plan("peft.loraplus_lr_ratio=0"), "peft.loraplus_lr_ratio: must be > 0"),
@@ -382,6 +393,36 @@ CATALOGUE = [
         "LoRA+ ratio infinite",
         plan("peft.loraplus_lr_ratio=.inf"),
         "peft.loraplus_lr_ratio: must be > 0 and finite",
+    ),
+    Case(
+        "port 0 on several machines",
+        lambda t: [
+            "launch",
+            str(DEMO),
+            "--nproc",
+            "1",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            "0",
+            "--main-address",
+            "127.0.0.1",
+            "--main-port",
+            "0",
+            "--set",
+            f"output_dir={t / 'run'}",
+        ],  # fmt: skip
+        "--main-port 0 with --nnodes 2: each machine would pick its own random port",
+    ),
+    Case(
+        "negative non-finite allowance",
+        train("train.max_nonfinite_steps=-1"),
+        "train.max_nonfinite_steps: must be >= 0",
+    ),
+    Case(
+        "skipping non-finite steps under DeepSpeed",
+        launch("train.max_nonfinite_steps=2", "parallel.strategy=deepspeed-zero2"),
+        "a non-finite step cannot be skipped there",
     ),
     # ------------------------------------------------------------------ full and partial fine-tuning (seed 004)
     Case(
@@ -558,6 +599,18 @@ CATALOGUE = [
         file_in_the_way,
     ),
     Case("finished run", train(), "already holds a finished run", finished_run),
+    Case(
+        "the user's own recipe.yaml in output_dir (train)",
+        train(),
+        "holds a recipe.yaml that tunefleet did not write (yours?)",
+        lambda t: users_recipe_in_output_dir(t),
+    ),
+    Case(
+        "the user's own recipe.yaml in output_dir (launch)",
+        launch("parallel.strategy=ddp"),
+        "holds a recipe.yaml that tunefleet did not write (yours?)",
+        lambda t: users_recipe_in_output_dir(t),
+    ),
     Case("foreign directory", train(), "holds files that are not a tunefleet run", foreign_dir),
     Case(
         "--resume of an incomplete checkpoint",

@@ -122,7 +122,7 @@ def _assert_merge_equal(merged_dir: Path, adapter_dir: Path, dtype, **tol) -> No
 def _fake_run(tmp: Path) -> Path:
     run = tmp / "run"
     run.mkdir()
-    (run / "recipe.yaml").write_text(R.dump(quick(run)))
+    (run / "recipe.yaml").write_text("# resolved recipe\n" + R.dump(quick(run)))
     return run
 
 

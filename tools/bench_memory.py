@@ -1,8 +1,9 @@
 """Peak memory per rank of full fine-tuning, side by side: ddp, fsdp (FSDP2), deepspeed-zero3 and
-ZeRO-3 with CPU offload, on 2 processes.
+ZeRO-3 with CPU offload, on 2 processes; and `tunefleet plan`'s estimate of each beside it.
 
-    .venv/bin/python tools/bench_memory.py               # ~10 min on 2 cores
-    .venv/bin/python tools/bench_memory.py --layers 4    # a quick look (a smaller model)
+    .venv/bin/python tools/bench_memory.py                        # full: ~10 min on 2 cores
+    .venv/bin/python tools/bench_memory.py --methods full freeze lora --only ddp fsdp deepspeed-zero3
+    .venv/bin/python tools/bench_memory.py --layers 4             # a quick look (a smaller model)
 
 The model is built locally (random init, the demo tokenizer): a Llama of 8 layers, 1024 wide,
 ~107 M parameters, so that model state (fp32 weights, gradients and AdamW's two moments: 16 bytes
@@ -66,11 +67,18 @@ def build_model(out: Path, *, layers: int, hidden: int, intermediate: int) -> tu
     return out, size
 
 
-def overrides(work: Path, model: Path, name: str, steps: int) -> list[str]:
+METHODS = {
+    "full": ["peft.method=full"],
+    "freeze": ["peft.method=freeze", "peft.trainable_layers=2"],
+    "lora": ["peft.method=lora", "peft.r=16", "peft.alpha=32", "peft.dropout=0"],
+}
+
+
+def overrides(work: Path, model: Path, name: str, steps: int, method: str = "full") -> list[str]:
     return [
-        f"output_dir={work / name}",
+        f"output_dir={work / f'{method}-{name}'}",
         f"model.name_or_path={model}",
-        "peft.method=full",
+        *METHODS[method],
         "train.lr=1e-5",
         "train.precision=fp32",
         f"train.max_steps={steps}",
@@ -86,21 +94,39 @@ def overrides(work: Path, model: Path, name: str, steps: int) -> list[str]:
     ]
 
 
-def measure(work: Path, model: Path, name: str, steps: int) -> dict[str, Any]:
+def estimate_gib(out: Path) -> float:
+    """`tunefleet plan`'s estimate of the fullest process of this CPU run (`memory.estimate_cpu_process`),
+    from the run's resolved recipe, with the mapping every plan uses (`plan.memory_inputs`)."""
+    from tunefleet.launch.core import recipe as R
+    from tunefleet.launch.memory import GIB, estimate_cpu_process
+    from tunefleet.launch.params import read_model_config
+    from tunefleet.launch.plan import memory_inputs, model_counts
+    from tunefleet.launch.preflight import batch_plan
+
+    recipe = R.load(out / "recipe.yaml")
+    config = read_model_config(Path(recipe.model.name_or_path) / "config.json")
+    bp = batch_plan(recipe, world_size=2, procs_per_node=2)
+    inputs = memory_inputs(recipe, bp, config, model_counts(recipe, config), procs_per_node=2, use_cpu=True)
+    return estimate_cpu_process(inputs).total_bytes / GIB
+
+
+def measure(work: Path, model: Path, name: str, steps: int, method: str = "full") -> dict[str, Any]:
     cmd = [sys.executable, "-m", "tunefleet.launch.cli", "launch", str(DEMO), "--nproc", "2", "--overwrite"]
-    for o in overrides(work, model, name, steps):
+    for o in overrides(work, model, name, steps, method):
         cmd += ["--set", o]
-    log = work / f"{name}.log"
+    log = work / f"{method}-{name}.log"
     started = time.monotonic()
     with log.open("w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed (exit {proc.returncode}); see {log}")
-    out = work / name
+    out = work / f"{method}-{name}"
     effect = json.loads((out / "plan.json").read_text())["in_effect"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {
         "name": name,
+        "method": method,
+        "estimate_gib": round(estimate_gib(out), 3),
         "peak_gib_per_rank": effect["peak_memory_gib_per_rank"],
         "optimizer_state_elements_per_rank": effect.get("optimizer_state_elements_per_rank"),
         "losses": [r["loss"] for r in rows if "loss" in r],
@@ -116,6 +142,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--work", default="runs/bench-memory")
     p.add_argument("--only", nargs="*", default=list(STRATEGIES))
+    p.add_argument("--methods", nargs="*", default=["full"], choices=list(METHODS))
     args = p.parse_args()
     work = Path(args.work).absolute()
     work.mkdir(parents=True, exist_ok=True)
@@ -132,24 +159,33 @@ def main() -> None:
         flush=True,
     )
     results = []
-    for name in args.only:
-        r = measure(work, model, name, args.steps)
-        results.append(r)
-        print(f"  {name}: peak per rank {r['peak_gib_per_rank']} GiB ({r['wall_s']} s)", flush=True)
-    base = next((r for r in results if r["name"] == "ddp"), results[0])
+    for method in args.methods:
+        for name in args.only:
+            r = measure(work, model, name, args.steps, method)
+            results.append(r)
+            print(
+                f"  {method} {name}: peak per rank {r['peak_gib_per_rank']} GiB, estimate {r['estimate_gib']:.2f} "
+                f"GiB ({r['wall_s']} s)",
+                flush=True,
+            )
     print(
-        f"\n| strategy | peak per rank, GiB (fullest rank) | vs {base['name']} | optimizer state elements per rank |"
+        "\n| method | strategy | peak per rank, GiB (fullest rank) | vs ddp | estimate, GiB | estimate vs peak |"
+        " optimizer state elements per rank |"
     )
-    print("|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
+        base = next((b for b in results if b["method"] == r["method"] and b["name"] == "ddp"), r)
         peak = max(r["peak_gib_per_rank"])
         state = r["optimizer_state_elements_per_rank"]
         print(
-            f"| {r['name']} | {peak:.2f} ({', '.join(f'{x:.2f}' for x in r['peak_gib_per_rank'])}) | "
-            f"{peak / max(base['peak_gib_per_rank']):.2f}x | {', '.join(f'{x:,}' for x in state or [])} |"
+            f"| {r['method']} | {r['name']} | {peak:.2f} ({', '.join(f'{x:.2f}' for x in r['peak_gib_per_rank'])}) | "
+            f"{peak / max(base['peak_gib_per_rank']):.2f}x | {r['estimate_gib']:.2f} | "
+            f"{100 * (r['estimate_gib'] - peak) / peak:+.0f}% | {', '.join(f'{x:,}' for x in state or [])} |"
         )
-    diff = max(abs(a - b) for r in results for a, b in zip(base["losses"], r["losses"], strict=True))
-    print(f"\nthe strategies train the same steps: max |loss difference| per step = {diff:.2e}")
+    for method in args.methods:
+        ours = [r for r in results if r["method"] == method]
+        diff = max(abs(a - b) for r in ours for a, b in zip(ours[0]["losses"], r["losses"], strict=True))
+        print(f"{method}: the strategies train the same steps, max |loss difference| per step = {diff:.2e}")
     (work / "results.json").write_text(json.dumps(results, indent=2))
 
 

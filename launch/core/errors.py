@@ -6,8 +6,11 @@ from __future__ import annotations
 class TunefleetError(Exception):
     """An error caused by the user's input (recipe, data, command line, environment).
 
-    The CLI prints ``str(error)`` and exits with code 2; no traceback is shown.
+    The CLI prints ``str(error)`` and exits with `exit_code` (2: refused); no traceback is shown.
     """
+
+    exit_code = 2
+    """`layout.EXIT_REFUSED`: a check refused the run."""
 
     def __init__(self, problem: str, fix: str | None = None) -> None:
         self.problem = problem
@@ -29,3 +32,10 @@ class DataError(TunefleetError):
 
 class RunDirError(TunefleetError):
     """The output directory holds something the run must not touch or cannot continue."""
+
+
+class DivergedError(TunefleetError):
+    """The run's loss or gradient norm stopped being finite: it stopped there, saved nothing after."""
+
+    exit_code = 3
+    """`layout.EXIT_DIVERGED`."""

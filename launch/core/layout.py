@@ -21,6 +21,10 @@ from typing import Any
 RESOLVED_RECIPE = "recipe.yaml"
 """The fully resolved recipe the run trains from (every default written out)."""
 
+RESOLVED_MARKER = "# resolved recipe"
+"""How every resolved recipe tunefleet writes starts: a `recipe.yaml` that does not is the user's own
+(a recipe kept in its output directory), which no command replaces."""
+
 PLAN_FILE = "plan.json"
 """The plan the run really runs with, and what is in effect (`in_effect`)."""
 
@@ -51,6 +55,10 @@ CACHE_DIR = ".cache"
 EXIT_OK = 0
 EXIT_REFUSED = 2
 """A check refused the run (bad recipe, data, output directory, ...): nothing was trained."""
+
+EXIT_DIVERGED = 3
+"""The loss or the gradient norm stopped being finite: the run stopped at that step, wrote no
+checkpoint after it and no final/ (`errors.DivergedError`)."""
 
 EXIT_REQUEUE = 75
 """The trainer wrote a complete checkpoint on a stop signal and asks to run again (EX_TEMPFAIL)."""

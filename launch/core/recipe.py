@@ -322,6 +322,11 @@ class TrainConfig:
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=list)
     """Experiment trackers to log to (none by default)."""
 
+    max_nonfinite_steps: int = 0
+    """Optimizer steps whose loss or gradient norm is not finite (NaN, inf) that the run skips (no
+    update) before it stops with an error; 0 stops at the first. fp16's loss scaler skips its own
+    overflow steps whatever this is. Not under DeepSpeed (its engine steps on its own gradients)."""
+
     export_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """`full`/`freeze`: the dtype of the model written to `final/`; `auto` is the training dtype (bf16
     under bf16, fp16 under fp16, else fp32)."""
@@ -1026,6 +1031,12 @@ def _validate_train(t: TrainConfig) -> None:
         f"must be > 0, got {t.epochs}",
         "use e.g. train.epochs=3 or set train.max_steps",
     )
+    _check(
+        t.max_nonfinite_steps >= 0,
+        "train.max_nonfinite_steps",
+        f"must be >= 0, got {t.max_nonfinite_steps}",
+        "use 0 (stop at the first non-finite step) or a small count, e.g. 3",
+    )
     for name in ("logging_steps", "save_steps", "eval_steps"):
         value = getattr(t, name)
         _check(
@@ -1253,6 +1264,7 @@ HARMLESS_ON_RESUME = (
     "train.gradient_checkpointing",
     "train.liger_kernel",
     "train.export_dtype",
+    "train.max_nonfinite_steps",
     "batch.micro_batch_size",
     "batch.group_by_length",
     "batch.padding_free",

@@ -23,7 +23,14 @@ from tunefleet.launch.core import recipe as recipe_mod
 from tunefleet.launch.core.args import StartOptions
 from tunefleet.launch.core.batch import BatchPlan, batch_change
 from tunefleet.launch.core.errors import RunDirError
-from tunefleet.launch.core.layout import FINAL_DIR, LAUNCH_DIR, METRICS_FILE, RESOLVED_RECIPE, atomic_write
+from tunefleet.launch.core.layout import (
+    FINAL_DIR,
+    LAUNCH_DIR,
+    METRICS_FILE,
+    RESOLVED_MARKER,
+    RESOLVED_RECIPE,
+    atomic_write,
+)
 from tunefleet.launch.core.recipe import Recipe
 
 StartMode = Literal["fresh", "overwrite", "resume"]
@@ -138,6 +145,26 @@ def check_output_location(recipe: Recipe) -> None:
             )
 
 
+def _check_recipe_file(path: Path) -> None:
+    """A `recipe.yaml` in output_dir that tunefleet did not write is the user's (one folder per
+    experiment): the run would replace it with the resolved recipe."""
+    file = path / RESOLVED_RECIPE
+    if not file.is_file():
+        return
+    try:
+        with file.open(encoding="utf-8", errors="replace") as f:
+            head = f.read(200)
+    except OSError:
+        return
+    if not head.startswith(RESOLVED_MARKER):
+        raise RunDirError(
+            f"output_dir {str(path)!r} holds a {RESOLVED_RECIPE} that tunefleet did not write (yours?): the run "
+            "writes its resolved recipe there and would replace it",
+            f"keep your recipe next to the output directory (e.g. {path.parent / (path.name + '.yaml')}), or choose "
+            "another output_dir",
+        )
+
+
 def decide_start(path: Path, options: StartOptions) -> Start:
     """Fresh, overwrite or resume (which checkpoint). Refuse anything that would lose results."""
     state = inspect_output_dir(path)
@@ -155,6 +182,7 @@ def decide_start(path: Path, options: StartOptions) -> Start:
             f"output_dir {str(path)!r} already holds a finished run ({FINAL_DIR}/ exists)",
             "choose a new output_dir, or pass --overwrite to start over (the old run is moved aside, not deleted)",
         )
+    _check_recipe_file(path)
     scanned = state.checkpoints
     if scanned.usable is None and scanned.passed_over:
         raise RunDirError(
