@@ -10,6 +10,7 @@ renamed into place, and its logits are checked against base+adapter on a probe p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -19,6 +20,7 @@ from typing import Any
 
 from tunefleet.launch.core.errors import TunefleetError
 from tunefleet.launch.core.layout import atomic_dir
+from tunefleet.launch.core.lock import holding
 from tunefleet.launch.core.recipe import PRECISION_DTYPE, WEIGHT_METHODS, Recipe
 from tunefleet.launch.params import describe_variants
 
@@ -185,7 +187,11 @@ def merge(
 
     if out.exists():
         out.rmdir()  # empty (checked above)
-    with atomic_dir(out) as tmp:
+    inside = adapter.run_dir.resolve() in out.absolute().parents  # writing into a run: one writer at a time
+    with (
+        holding(adapter.run_dir, "tunefleet merge") if inside else contextlib.nullcontext(),
+        atomic_dir(out) as tmp,
+    ):
         _save_merged(merged, tokenizer, tmp, adapter, recipe, notes, diff, max_shard_size)
     return MergeResult(
         out_dir=out,

@@ -88,8 +88,25 @@ def run(
     started = time.monotonic()
     rank = Rank.from_env()
     checked = _preflight(recipe, options, rank)
-    recipe = checked.recipe
+    with _writer_lock(checked, rank) as lock:  # one run writes an output directory at a time
+        return _run(checked, rank, lock, started)
 
+
+def _writer_lock(checked: Preflight, rank: Rank) -> Any:
+    """Rank 0 holds the output directory's lock (`core/lock.py`) for the whole run, or writes under
+    its launcher's; the other ranks write under rank 0's."""
+    import contextlib
+
+    from tunefleet.launch.core.lock import holding
+
+    if not rank.main:
+        return contextlib.nullcontext(None)
+    return holding(checked.recipe.output_dir, "tunefleet train " + " ".join(sys.argv[1:])[:200])
+
+
+def _run(checked: Preflight, rank: Rank, lock: Any, started: float) -> int:
+    """The steps of a run (see the module doc), once the start-up check passed and the lock is held."""
+    recipe = checked.recipe
     from tunefleet.distributed import model as model_mod
 
     precision = model_mod.resolve_precision(recipe)
@@ -103,7 +120,7 @@ def run(
     plan = run_plan(checked, schedule, data, model_config, counts) if rank.main else {}
     args = training_arguments(recipe, checked.batch, schedule, precision, has_eval=data.eval is not None)
     dist = _join_world(rank)
-    _prepare_run_dir(checked, rank, dist)
+    _prepare_run_dir(checked, rank, dist, lock)
     model = _build_model(model_path, checked, precision, rank, invocation)
     adapter_init = _initialize_adapter(model, checked, eva_batches, data, tokenizer)
     trainer = _build_trainer(checked, schedule, model, args, tokenizer, data)
@@ -337,7 +354,7 @@ def _join_world(rank: Rank) -> Any:
     return dist
 
 
-def _prepare_run_dir(checked: Preflight, rank: Rank, dist: Any) -> None:
+def _prepare_run_dir(checked: Preflight, rank: Rank, dist: Any, lock: Any = None) -> None:
     """Rank 0 acts on the preflight's decision (move aside, resolved recipe, leftovers, metrics);
     then every rank checks that the directory is shared."""
     from tunefleet.distributed.prepare import keep_cache
@@ -349,6 +366,8 @@ def _prepare_run_dir(checked: Preflight, rank: Rank, dist: Any) -> None:
         if start.mode == "overwrite":
             moved = rundir.move_aside(out)
             keep_cache(moved, out)  # the data this run has memory-mapped stays where it was
+            if lock is not None:
+                lock.follow(moved)  # the lock file went with the old run: back into the new one
             print(f"moved the previous run aside: {moved}", flush=True)
         out.mkdir(parents=True, exist_ok=True)
         if start.mode == "fresh":

@@ -59,12 +59,19 @@ def _launch(args: argparse.Namespace) -> int:
         for name, text in plan.files.items():
             print(f"\n--- {plan.config_dir / name}\n{text.rstrip()}")
         return 0
-    if hw.num_machines > 1:
+    if hw.machine_rank != 0:  # node 0's launcher holds the output directory for the whole launch
         ws.start_nodes(plan, join_timeout_s=args.join_timeout)
-    else:
-        ws.write_launch_files(plan)
-    print(ws.summary(plan), flush=True)
-    return ws.run_launch(plan)
+        print(ws.summary(plan), flush=True)
+        return ws.run_launch(plan)
+    from tunefleet.launch.core.lock import holding
+
+    with holding(plan.recipe.output_dir, "tunefleet launch " + " ".join(sys.argv[2:])[:200]) as lock:
+        if hw.num_machines > 1:
+            ws.start_nodes(plan, join_timeout_s=args.join_timeout, lock=lock)
+        else:
+            ws.write_launch_files(plan, lock)
+        print(ws.summary(plan), flush=True)
+        return ws.run_launch(plan, lock)
 
 
 def _plan(args: argparse.Namespace) -> int:

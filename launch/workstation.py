@@ -19,6 +19,7 @@ import dataclasses
 import shlex
 import socket
 from pathlib import Path
+from typing import Any
 
 from tunefleet.launch.command import build_launch_command, format_command, run_command
 from tunefleet.launch.core import recipe as recipe_mod
@@ -159,18 +160,20 @@ def prepare_launch(
     )
 
 
-def write_launch_files(plan: LaunchPlan) -> None:
-    """Move an old run aside (`--overwrite`, node 0 only), then write the files into the launch
-    directory."""
+def write_launch_files(plan: LaunchPlan, lock: Any = None) -> None:
+    """Move an old run aside (`--overwrite`, node 0 only; the output directory's `lock` follows into
+    the new one), then write the files into the launch directory."""
     if plan.start == "overwrite" and plan.hw.machine_rank == 0:
         moved = rundir.move_aside(Path(plan.recipe.output_dir))
+        if lock is not None:
+            lock.follow(moved)
         print(f"moved the previous run aside: {moved}", flush=True)
     for name, text in plan.files.items():
         atomic_write(plan.config_dir / name, text)
     (plan.config_dir / EXIT_FILE).unlink(missing_ok=True)
 
 
-def start_nodes(plan: LaunchPlan, *, join_timeout_s: float) -> None:
+def start_nodes(plan: LaunchPlan, *, join_timeout_s: float, lock: Any = None) -> None:
     """Several machines: meet the other nodes (`join.py`), then write this node's files. Node 0
     writes (and moves an old run aside) before it lets the others go, so that they never write
     into a directory about to be moved."""
@@ -200,7 +203,11 @@ def start_nodes(plan: LaunchPlan, *, join_timeout_s: float) -> None:
     )
     if hw.machine_rank == 0:
         join.host(
-            me, port=port, address=address, timeout_s=join_timeout_s, ready=lambda: write_launch_files(plan)
+            me,
+            port=port,
+            address=address,
+            timeout_s=join_timeout_s,
+            ready=lambda: write_launch_files(plan, lock),
         )
     else:
         join.join(me, address=address, port=port, timeout_s=join_timeout_s)
@@ -208,9 +215,12 @@ def start_nodes(plan: LaunchPlan, *, join_timeout_s: float) -> None:
     print(f"node {hw.machine_rank}: all {hw.num_machines} nodes are here, starting", flush=True)
 
 
-def run_launch(plan: LaunchPlan) -> int:
-    """Run the command; return the run's exit code (rank 0's, when the launcher hid it behind 1)."""
+def run_launch(plan: LaunchPlan, lock: Any = None) -> int:
+    """Run the command; return the run's exit code (rank 0's, when the launcher hid it behind 1). The
+    ranks write under the launcher's `lock` of the output directory."""
     env = dict(plan.env)
+    if lock is not None:
+        env.update(lock.env())
     if plan.decided is not None:
         env[ENV_START] = plan.decided.to_env(plan.recipe.output_dir)
     code = run_command(plan.argv, env)

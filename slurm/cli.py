@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,11 @@ def _prepare(args: argparse.Namespace) -> int:
     from tunefleet.distributed.prepare import prepare
     from tunefleet.launch import prep_report
     from tunefleet.launch.core import recipe as recipe_mod
+    from tunefleet.launch.core.lock import holding
 
     recipe = recipe_mod.load(args.recipe, args.overrides)
-    result = prepare(recipe)
+    with holding(recipe.output_dir, "tunefleet prepare " + " ".join(sys.argv[2:])[:200]):
+        result = prepare(recipe)
     evaluation = f" + {result.eval_examples} eval" if result.eval_examples else ""
     what = "cache hit, nothing tokenised" if result.hit else "tokenised"
     procs = "" if result.hit else f", {result.procs} process(es)"

@@ -122,3 +122,73 @@ def test_fsync_tree_skips_a_file_another_rank_renamed(tmp_path: Path, monkeypatc
 
     monkeypatch.setattr(os, "walk", walk_listing_a_vanished_file)
     ckpt.fsync_tree(tmp_path)  # no FileNotFoundError
+
+
+# ----------------------------------------------------------------------------- one writer per output_dir
+
+
+def test_the_output_lock_refuses_a_second_writer_and_says_who(tmp_path: Path) -> None:
+    from tunefleet.launch.core.errors import RunDirError
+    from tunefleet.launch.core.lock import LOCK_FILE, OutputLock
+
+    out = tmp_path / "run"
+    first = OutputLock(out, "tunefleet train recipes/a.yaml").acquire()
+    try:
+        with pytest.raises(
+            RunDirError, match=r"is in use by tunefleet train recipes/a.yaml \(host .*, pid \d+"
+        ):
+            OutputLock(out, "tunefleet prepare recipes/b.yaml").acquire()
+    finally:
+        first.release()
+    assert not (out / LOCK_FILE).exists()
+    second = OutputLock(out, "tunefleet prepare").acquire()  # free again
+    second.release()
+
+
+def test_a_dead_holders_lock_is_taken_over_and_an_inherited_one_is_shared(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import json
+    import socket
+
+    from tunefleet.launch.core import lock as lock_mod
+
+    out = tmp_path / "run"
+    out.mkdir()
+    dead = {
+        "token": "x",
+        "host": socket.gethostname(),
+        "pid": 2**22 + 17,
+        "command": "tunefleet train",
+        "since": 0,
+    }
+    (out / lock_mod.LOCK_FILE).write_text(json.dumps(dead))
+    taken = lock_mod.OutputLock(out, "tunefleet train").acquire()
+    assert taken.note is not None and "no longer exists" in taken.note
+    # a launcher's ranks write under its lock (the token in TUNEFLEET_LOCK) and leave it in place
+    monkeypatch.setenv(lock_mod.ENV_LOCK, taken.token)
+    child = lock_mod.OutputLock(out, "tunefleet train (rank 0)").acquire()
+    child.release()
+    assert taken.held_by_us()
+    taken.release()
+    # a SLURM job's earlier attempt (same job id, another restart) is its own dead holder
+    monkeypatch.delenv(lock_mod.ENV_LOCK)
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    earlier = {**dead, "host": "n2", "pid": 1, "slurm_job": "41", "slurm_restart": "0"}
+    (out / lock_mod.LOCK_FILE).write_text(json.dumps(earlier))
+    again = lock_mod.OutputLock(out, "tunefleet train").acquire()
+    assert "SLURM job 41's earlier attempt" in str(again.note)
+    again.release()
+    # another host's holder that still refreshes its lock is alive: refused
+    (out / lock_mod.LOCK_FILE).write_text(json.dumps({**earlier, "slurm_job": None}))
+    with pytest.raises(Exception, match="is in use by"):
+        lock_mod.OutputLock(out, "tunefleet train").acquire()
+
+
+def test_a_refused_writer_leaves_no_directory_behind(tmp_path: Path) -> None:
+    from tunefleet.launch.core.lock import OutputLock
+
+    out = tmp_path / "new"
+    OutputLock(out, "tunefleet train").acquire().release()
+    assert not out.exists()

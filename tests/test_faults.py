@@ -67,3 +67,45 @@ def test_non_finite_steps_within_the_allowance_are_skipped(
     assert "after 2 skipped step(s) (train.max_nonfinite_steps)" in captured.err
     bad = [r for r in rows(out) if not (math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]))]
     assert len(bad) == 3 and not (out / "final").exists()
+
+
+def test_a_second_writer_is_refused_while_a_run_holds_the_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`tunefleet train` runs (a subprocess, long); a second `train` and a `prepare` with other data
+    settings on the same output_dir are refused at once, told who holds it; nothing of the run is
+    touched. The run, killed with SIGKILL, leaves its lock: the rerun takes it over and says so."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    args = ["train", str(DEMO), "--set", f"output_dir={out}"]
+    for item in ["data.limit=64", "train.max_steps=400", "train.save_steps=1", "checkpoint.keep_last=1"]:
+        args += ["--set", item]
+    argv = [sys.executable, "-m", "tunefleet.launch.cli", *args]
+    log = (tmp_path / "run.log").open("w")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while ckpt.latest(out) is None:
+            assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        capsys.readouterr()
+        assert cli.main(args) == 2  # the same command again: it would resume the same run
+        err = capsys.readouterr().err
+        assert f"output_dir {str(out)!r} is in use by tunefleet train" in err and f"pid {proc.pid}" in err
+        prepare = ["prepare", str(DEMO), "--set", f"output_dir={out}", "--set", "data.max_length=64"]
+        assert cli.main(prepare) == 2 and "is in use by tunefleet train" in capsys.readouterr().err
+        assert proc.poll() is None  # the run goes on
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert (out / ".tunefleet-lock").exists()  # SIGKILL: the holder could not remove it
+    assert cli.main(["prepare", *args[1:]]) == 0  # the run's own recipe: it takes the lock over
+    captured = capsys.readouterr()
+    assert "took over the lock of tunefleet train" in captured.out and "no longer exists" in captured.out
+    assert not (out / ".tunefleet-lock").exists() and ckpt.latest(out) is not None
