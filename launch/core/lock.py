@@ -168,7 +168,7 @@ class OutputLock:
 
     def held_by_us(self) -> bool:
         holder = _read(self.path)
-        return bool(holder) and holder.get("token") == self.token
+        return holder is not None and holder.get("token") == self.token
 
     def release(self) -> None:
         """Remove the lock if it is still ours (a parent's lock is left to the parent)."""
