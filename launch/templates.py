@@ -154,6 +154,12 @@ def render_deepspeed_config(recipe: Recipe, hw: Hardware) -> dict[str, Any] | No
         # a normal adapter_model.safetensors with it false); true would gather the whole 16-bit
         # model on rank 0 wherever accelerate's get_state_dict is used.
         zero["stage3_gather_16bit_weights_on_model_save"] = False
+        if hw.use_cpu:
+            # DeepSpeed keeps a parameter under 1e5 elements whole on every rank. On the tiny CPU
+            # model that is every LoRA matrix and every layer but the embeddings, so a CPU run
+            # (the tests, the demo) would never gather what a real model's run gathers. On CPU
+            # every parameter is partitioned; on GPUs DeepSpeed's default stands (it saves traffic).
+            zero["stage3_param_persistence_threshold"] = 0
     return {
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",

@@ -110,3 +110,53 @@ def test_eva_resume_on_another_world_size_keeps_its_ranks(one: Path, tmp_path: P
     got, want = losses(out), losses(one)
     assert sorted(got) == [3, 4] and max(abs(got[s] - want[s]) for s in got) <= 1e-5, (got, want)
     assert adapter_shapes(out / "final") == adapter_shapes(one / "final")
+
+
+def _eva_on_rank(rank: int, port: int, model_dir: str, out: str) -> None:
+    """One of two gloo processes: EVA over data that differs by rank (as a GPU's non-deterministic
+    kernels could make it differ), then `eva.initialize`, which must leave rank 0's result on both."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunefleet.distributed import eva
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        config = LoraConfig(
+            r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="eva", eva_config={"rho": 2.0}
+        )
+        peft_model = get_peft_model(model, config)
+        ids = torch.randint(5, 500, (16, 24), generator=torch.Generator().manual_seed(rank)).tolist()
+        dataset = Dataset.from_list([{"input_ids": row, "labels": row} for row in ids])
+        micro_batches = [list(range(i, i + 4)) for i in range(0, 16, 4)]
+        own = eva.eva_state_dict(peft_model, dataset, micro_batches, pad_token_id=0)
+        own_digest = json.dumps({k: v.sum().item() for k, v in sorted(own.items())})
+        result = eva.initialize(peft_model, dataset, micro_batches, pad_token_id=0)
+        Path(out, f"rank{rank}.json").write_text(json.dumps({"own": own_digest, **result}))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_eva_result_is_rank_0s_on_every_rank_even_when_the_ranks_computed_different_ones(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The broadcast itself: each rank's own EVA differs here (its data differs), and after
+    `eva.initialize` both hold rank 0's adapter (the digests `agree` compares are equal)."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_eva_on_rank, args=(port, str(tiny_model_dir), str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["own"] != ranks[1]["own"]  # the premise: without the broadcast they would differ
+    assert (
+        ranks[0]["digest_per_rank"] == ranks[1]["digest_per_rank"]
+        and len(set(ranks[0]["digest_per_rank"])) == 1
+    )
+    assert ranks[0]["ranks"] == ranks[1]["ranks"]
