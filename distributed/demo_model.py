@@ -165,8 +165,17 @@ def ensure_tiny_llama(cache_dir: str | Path | None = None) -> Path:
     target = root / f"tiny-llama-{build_hash()}"
     if (target / MARKER_FILE).is_file():
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
+    except OSError as exc:
+        from tunefleet.launch.core.errors import TunefleetError
+
+        raise TunefleetError(
+            f"the demo model is built into {root} (TUNEFLEET_CACHE, else ~/.cache/tunefleet), which cannot be "
+            f"written: {exc.strerror or exc}",
+            "set TUNEFLEET_CACHE to a directory you can write, e.g. TUNEFLEET_CACHE=$HOME/.cache/tunefleet",
+        ) from None
     try:
         _build(tmp)
         for f in tmp.iterdir():  # mkdtemp makes 0700, safetensors writes 0600: a shared cache

@@ -80,6 +80,15 @@ def resolve_model_path(model: ModelConfig) -> str:
             f"model.name_or_path: unknown built-in model {model.name_or_path!r}",
             f"the built-in model is {TINY_LLAMA_ID!r}; otherwise name a hub id or a directory",
         )
+    if Path(model.name_or_path).expanduser().is_dir():
+        from tunefleet.launch.loading import weights_problem
+
+        problem = weights_problem(Path(model.name_or_path).expanduser())
+        if problem is not None:
+            raise TunefleetError(
+                f"model.name_or_path={model.name_or_path!r}: {problem} (a download cut short?)",
+                "download the model again (e.g. `hf download MODEL --local-dir DIR`), or copy it whole",
+            )
     return model.name_or_path
 
 

@@ -162,10 +162,57 @@ def _marker(path: Path, kind: str) -> Path:
 # ----------------------------------------------------------------------------- reading the cache
 
 
+def _shard_files(path: Path, meta: dict[str, Any]) -> list[str]:
+    """The cache's Arrow files, relative to `path`, as meta.json lists them."""
+    return [f"train/{s}" for s in meta["train_shards"]] + [f"eval/{s}" for s in meta["eval_shards"]]
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checksums(path: Path, meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of every shard of the cache at `path` (recorded in meta.json when it is made)."""
+    return {
+        rel: {"bytes": (path / rel).stat().st_size, "sha256": _file_digest(path / rel)}
+        for rel in _shard_files(path, meta)
+    }
+
+
+def cache_problem(path: Path) -> str | None:
+    """Why the complete cache at `path` cannot be trusted (None: it can). Every shard's size and
+    checksum against meta.json: a truncated, missing or rewritten shard, or a torn meta.json. Every
+    rank checks before it maps the cache (it reads those bytes anyway). A cache written before
+    checksums were recorded is checked for its files only."""
+    try:
+        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+        files = _shard_files(path, meta)
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{META_FILE} cannot be read"
+    recorded = meta.get("checksums")
+    for rel in files:
+        try:
+            size = (path / rel).stat().st_size
+            if recorded is None:
+                continue
+            want = recorded.get(rel) or {}
+            if size != want.get("bytes"):
+                return f"{rel} holds {size:,} bytes, {META_FILE} says {want.get('bytes')}"
+            if _file_digest(path / rel) != want.get("sha256"):
+                return f"{rel} does not match its checksum in {META_FILE} (its bytes changed)"
+        except OSError:
+            return f"{rel} is missing"
+    return None
+
+
 def load_cache(path: Path) -> PreparedData | None:
     """The cache at `path`, memory-mapped, or None when there is none (a half-written one is
-    never visible)."""
-    if not (path / META_FILE).is_file():
+    never visible) or it is damaged (`cache_problem`: the first rank rebuilds it)."""
+    if not (path / META_FILE).is_file() or cache_problem(path) is not None:
         return None
     from tunefleet.distributed.data import parallel
 
@@ -249,6 +296,7 @@ def _build(
             "head_eval_rows": _head(splits["eval"][0][1]) if splits["eval"] else [],
             **inputs,
         }
+        meta["checksums"] = checksums(tmp, meta)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=str) + "\n", encoding="utf-8")
     for other in path.parent.iterdir():  # superseded caches (and their leftovers), not this one's
         if fp not in other.name and other.name.startswith((CACHE_PREFIX, f".{CACHE_PREFIX}")):
@@ -372,6 +420,12 @@ def make_cache(
     found = load_cache(path)
     if found is not None:
         return found
+    if path.exists():  # tunefleet's own derived data, damaged: made again from the data
+        problem = cache_problem(path) if (path / META_FILE).is_file() else f"{META_FILE} is missing"
+        print(
+            f"note: the tokenised cache {path} is damaged ({problem}): tokenising the data again", flush=True
+        )
+        shutil.rmtree(path)
     failed = _marker(path, "failed")
     failed.unlink(missing_ok=True)
     made_dirs = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # deepest first

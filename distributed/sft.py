@@ -25,7 +25,7 @@ from typing import Any
 from tunefleet.launch.core import recipe as recipe_mod
 from tunefleet.launch.core.args import StartOptions, add_run_arguments
 from tunefleet.launch.core.batch import BatchPlan, Schedule, plan_schedule
-from tunefleet.launch.core.errors import TunefleetError
+from tunefleet.launch.core.errors import TunefleetError, named_write_failure
 from tunefleet.launch.core.layout import (
     ENV_EXIT_FILE,
     ENV_START,
@@ -370,13 +370,8 @@ def _prepare_run_dir(checked: Preflight, rank: Rank, dist: Any, lock: Any = None
                 lock.follow(moved)  # the lock file went with the old run: back into the new one
             print(f"moved the previous run aside: {moved}", flush=True)
         out.mkdir(parents=True, exist_ok=True)
-        if start.mode == "fresh":
-            rundir.set_aside_metrics(out)  # an earlier attempt that never checkpointed
-        atomic_write(
-            out / RESOLVED_RECIPE,
-            f"# resolved recipe, written {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
-            + recipe_mod.dump(checked.recipe),
-        )
+        # first, before anything is written: an earlier attempt's partial writes (a full disk
+        # leaves one) would otherwise hold the space this start needs
         removed = ckpt.cleanup_incomplete(out)
         if removed:
             print(
@@ -384,6 +379,13 @@ def _prepare_run_dir(checked: Preflight, rank: Rank, dist: Any, lock: Any = None
                 f"{', '.join(p.name for p in removed)}",
                 flush=True,
             )
+        if start.mode == "fresh":
+            rundir.set_aside_metrics(out)  # an earlier attempt that never checkpointed
+        atomic_write(
+            out / RESOLVED_RECIPE,
+            f"# resolved recipe, written {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+            + recipe_mod.dump(checked.recipe),
+        )
         for checkpoint, why in start.passed_over:  # the run writes those steps again
             if Path(checkpoint).exists():
                 ckpt.move_aside(Path(checkpoint), why)
@@ -690,6 +692,13 @@ def main(argv: list[str] | None = None) -> int:
         if node_main:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         code = exc.exit_code
+    except (OSError, RuntimeError) as exc:  # a write the machine refused (the final save, the data cache)
+        where = Path(str(getattr(exc, "filename", None) or ".")).parent
+        named = named_write_failure(exc, where, f"rank {rank.rank}")
+        if named is None:
+            raise
+        print(f"error: {named}", file=sys.stderr, flush=True)
+        code = named.exit_code
     exit_file = os.environ.get(ENV_EXIT_FILE)
     if exit_file and node_main:
         Path(exit_file).write_text(f"{code}\n", encoding="utf-8")

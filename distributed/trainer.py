@@ -46,6 +46,7 @@ from tunefleet.distributed.sampler import GlobalBatchSampler, padded_token_ratio
 from tunefleet.launch import hf_compat
 from tunefleet.launch.core import checkpoints as ckpt
 from tunefleet.launch.core.batch import BatchPlan, Schedule
+from tunefleet.launch.core.errors import named_write_failure
 from tunefleet.launch.core.recipe import ADAPTER_METHODS, PeftConfig
 
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -270,9 +271,22 @@ class TunefleetTrainer(hf_compat.trainer_base()):  # type: ignore[misc]
         return None
 
     def tf_save_checkpoint(self) -> None:
-        """Atomic checkpoint: temporary dir, every rank's part flushed, manifest + marker, rename."""
-        started = time.monotonic()
+        """Atomic checkpoint: temporary dir, every rank's part flushed, manifest + marker, rename. A
+        write the machine refuses (disk full, read-only, quota) is named, and this rank's partial
+        write removed (`errors.named_write_failure`); the checkpoints before it stay as they were."""
         step = self.state.global_step
+        tmp = ckpt.tmp_dir_for(Path(str(self.args.output_dir)), step)
+        try:
+            self._write_checkpoint(step)
+        except (OSError, RuntimeError) as exc:
+            named = named_write_failure(exc, tmp.parent, f"writing {ckpt.dirname(step)} into {tmp.parent}")
+            if named is None:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # tunefleet's own partial write: frees the space
+            raise named from None
+
+    def _write_checkpoint(self, step: int) -> None:
+        started = time.monotonic()
         run_dir = Path(str(self.args.output_dir))
         tmp, final = ckpt.tmp_dir_for(run_dir, step), ckpt.dir_for(run_dir, step)
         if self.args.should_save:

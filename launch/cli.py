@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tunefleet.launch.core.args import StartOptions, add_overrides, add_run_arguments
-from tunefleet.launch.core.errors import TunefleetError
+from tunefleet.launch.core.errors import TunefleetError, from_os_error
 from tunefleet.launch.core.noise import quiet_libraries
 
 
@@ -105,7 +105,11 @@ def _merge(args: argparse.Namespace) -> int:
     from tunefleet.distributed.merge import merge
 
     result = merge(
-        args.run, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size, check=not args.no_check
+        args.run,
+        args.out,
+        dtype=args.dtype,
+        max_shard_size=_shard_size(args.max_shard_size),
+        check=not args.no_check,
     )
     for note in result.notes:
         print(f"note: {note}")
@@ -278,13 +282,27 @@ def _add_merge(sub: Any) -> None:
         default=None,
         help="dtype of the merged weights (default: model.dtype of the recipe, else its precision)",
     )
-    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    p.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="largest safetensors file: a number with KB, MB, GB or TB (default 5GB)",
+    )
     p.add_argument(
         "--no-check",
         action="store_true",
         help="skip comparing merged and base+adapter logits on a probe prompt",
     )
     p.set_defaults(func=_merge)
+
+
+def _shard_size(text: str) -> str:
+    """transformers' size strings: a positive number with KB/MB/GB/TB (what save_pretrained takes)."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]B)\s*", text, re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise TunefleetError(f"--max-shard-size {text!r} is not a size", "use e.g. 5GB, 500MB or 2TB")
+    return f"{match.group(1)}{match.group(2).upper()}"
 
 
 def _add_generate(sub: Any) -> None:
@@ -365,6 +383,10 @@ def main(argv: list[str] | None = None) -> int:
     except TunefleetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # the machine said no: disk full, read-only, no permission, ...
+        machine = from_os_error(exc, f"tunefleet {args.command}" if getattr(args, "command", None) else None)
+        print(f"error: {machine}", file=sys.stderr)
+        return machine.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -32,6 +32,10 @@ from tunefleet.launch.templates import ACCELERATE_FILE, expected_distributed_typ
 
 ENTRYPOINT = "tunefleet.distributed.sft"
 """The module every process runs (`python -m tunefleet.distributed.sft --recipe FILE`)."""
+RELAY_MODULE = "tunefleet.distributed.relay"
+"""What starts the launcher (`python -m tunefleet.distributed.relay accelerate launch ...`): it runs
+accelerate or torchrun in-process and turns their failures into the run's exit code, naming a rank
+killed by a signal (distributed/relay.py)."""
 
 Launcher = Literal["torchrun", "accelerate"]
 NodeLauncher = Literal["torchrun", "accelerate", "tunefleet"]
@@ -194,7 +198,8 @@ def build_launch_command(
             f"no {ACCELERATE_FILE} among the rendered configs {sorted(config_paths)}",
             "render the configs with templates.render_files first",
         ) from None
-    argv = [python or sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch"]
+    # through the relay: accelerate launch in-process, its failures told by rank and signal
+    argv = [python or sys.executable, "-m", RELAY_MODULE, "accelerate", "launch"]
     if hw.num_machines > 1:  # accelerate's multi-machine options (static rendezvous on node 0)
         argv += [
             str(w)

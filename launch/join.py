@@ -3,8 +3,8 @@
 Node 0 listens on the main port; every other node connects (retrying until node 0 is up) and says
 who it is and what it will run: its node rank, the node and process counts, the resolved recipe
 and what it found in the output directory. Node 0 refuses a node whose run differs (another
-recipe or `--set`, another process count, another state of the output directory: storage that is
-not shared), waits at most `timeout_s` for all of them and names the ones that never came. When
+recipe or `--set`, another process count, another `--main-address` or port, other bytes in the
+data files, another state of the output directory: storage that is not shared), waits at most `timeout_s` for all of them and names the ones that never came. When
 all are there it writes its files (`ready`), then tells every node to go. The port is then free
 again for torch's rendezvous, which node 0 opens on it.
 
@@ -42,6 +42,13 @@ class Member:
     """The resolved recipe, as `recipe.to_dict` writes it."""
     start: str
     """What this node found in the output directory: `fresh`, `resume <checkpoint>`, `overwrite`."""
+    main_address: str = ""
+    """The `--main-address` this node was given: torch's rendezvous meets there, so every node must
+    name the same one (two addresses of node 0 pass the join and then hang in torch's store)."""
+    main_port: int = 0
+    data: str = ""
+    """The fingerprint of the data this node sees (`core/data_identity.py`): node-local copies
+    that differ at the same path are refused here, not found out by a hang."""
 
     def to_json(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -64,6 +71,18 @@ def differences(mine: Member, theirs: Member) -> list[str]:
             lines.append(
                 f"{key}: {getattr(mine, key)} on node 0, {getattr(theirs, key)} on node {theirs.node_rank}"
             )
+    r = theirs.node_rank
+    if (mine.main_address, mine.main_port) != (theirs.main_address, theirs.main_port):
+        lines.append(
+            f"--main-address/--main-port: {mine.main_address}:{mine.main_port} on node 0, "
+            f"{theirs.main_address}:{theirs.main_port} on node {r} (give every node the same address of node 0)"
+        )
+    if mine.data != theirs.data:
+        lines.append(
+            f"data: fingerprint {mine.data} on node 0, {theirs.data} on node {r}: the data files at the "
+            "recipe's paths hold other bytes on that machine (copy the same data to every node, or put "
+            "it on storage they share)"
+        )
     a, b = _flat(mine.recipe), _flat(theirs.recipe)
     for key in sorted(set(a) | set(b)):
         if a.get(key) != b.get(key):

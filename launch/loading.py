@@ -6,6 +6,11 @@ memory estimate at load (`memory.py`, shown by `tunefleet plan`), so both descri
 
 from __future__ import annotations
 
+import json
+import os
+import struct
+from pathlib import Path
+
 from tunefleet.launch.core.recipe import Recipe
 
 SHARDED_FROM_CPU = ("fsdp", "fsdp-qlora", "deepspeed-zero3")
@@ -63,3 +68,35 @@ def placed_on_gpu_at_load(recipe: Recipe, *, use_cpu: bool) -> bool:
         and recipe.model.quantization == "mxfp4"
         and recipe.parallel.strategy not in SHARDED_FROM_CPU
     )
+
+
+def weights_problem(model_dir: str | os.PathLike) -> str | None:
+    """Why the safetensors weights of a local model directory cannot all be read (None: they can),
+    from their headers alone: a shard its index names that is missing, a file shorter than its header
+    says (a download cut short), a header that is not one. Nothing is loaded."""
+    root = Path(model_dir)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError):
+            return f"{index.name} cannot be read"
+    else:
+        names = sorted(p.name for p in root.glob("*.safetensors"))
+    for name in names:
+        path = root / name
+        if not path.is_file():
+            return f"{name} is missing (named in {index.name})"
+        size = path.stat().st_size
+        try:
+            with path.open("rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                if length > size:
+                    raise ValueError
+                header = json.loads(f.read(length))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (OSError, ValueError, struct.error, KeyError, TypeError):
+            return f"{name} ({size:,} bytes) has no readable safetensors header"
+        if size < 8 + length + end:
+            return f"{name} holds {size:,} of its {8 + length + end:,} bytes"
+    return None

@@ -341,6 +341,13 @@ def _mixture(draft: _Draft, recipe: Recipe, data: DataCounts | None) -> list[dic
     rows = list(data.source_train_rows) if data is not None else []
     known = len(rows) == len(sources) and min(rows, default=0) > 0
     per_epoch = batch_mod.mixture_counts(rows, weights) if known else []
+    for i in (i for i, n in enumerate(per_epoch) if n == 0):
+        others = sum(weights) - weights[i]
+        raise RecipeError(
+            f"{sources[i].where.removesuffix('.path')}.weight={weights[i]:g} gives {sources[i].data.path} no "
+            f"samples: each epoch shares {sum(rows):,} samples by weight, and its share rounds to 0",
+            f"raise its weight to at least {others / (sum(rows) - 1):.3g} (one sample per epoch), or drop the source",
+        )
     table = []
     for i, s in enumerate(sources):
         entry: dict[str, Any] = {

@@ -64,6 +64,8 @@ class LaunchPlan:
     decided: rundir.Start | None = None
     """How the ranks start (handed to them in ENV_START when they are started, not written into
     command.txt: rerunning that line later scans the output directory anew)."""
+    data_fingerprint: str = ""
+    """The bytes of the data this machine sees (preflight's), compared between machines at the join."""
 
 
 def hardware(
@@ -157,6 +159,7 @@ def prepare_launch(
         checkpoint=checked.start.checkpoint,
         # the ranks continue from what this scan decided (an old run is moved aside before they start)
         decided=checked.start if checked.start.mode != "overwrite" else rundir.Start("fresh", None),
+        data_fingerprint=checked.data_fingerprint,
     )
 
 
@@ -190,6 +193,9 @@ def start_nodes(plan: LaunchPlan, *, join_timeout_s: float, lock: Any = None) ->
         use_cpu=hw.use_cpu,
         recipe=recipe_mod.to_dict(plan.recipe),
         start=start,
+        main_address=str(hw.main_process_ip),
+        main_port=int(hw.main_process_port),
+        data=plan.data_fingerprint,
     )
     address, port = str(hw.main_process_ip), hw.main_process_port
     print(

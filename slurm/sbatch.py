@@ -26,8 +26,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn
 
+from tunefleet.launch.command import RELAY_MODULE, ShellVar, entrypoint_args, launcher_options, shell_lines
 from tunefleet.launch.command import Launcher as ResolvedLauncher
-from tunefleet.launch.command import ShellVar, entrypoint_args, launcher_options, shell_lines
 from tunefleet.launch.core.errors import TunefleetError
 from tunefleet.launch.core.layout import EXIT_REFUSED, EXIT_REQUEUE
 
@@ -554,28 +554,6 @@ PYTHON_FIX = (
 """What to do when the job's Python cannot run tunefleet (printed by the script and the login check)."""
 
 
-# torchrun and accelerate launch turn any worker failure into exit code 1 (measured), which would
-# hide the trainer's EXIT_REQUEUE. This relay runs the launcher in-process and exits with
-# EXIT_REQUEUE when every failed worker exited with it.
-_EXIT_RELAY = f"""import sys
-from torch.distributed.elastic.multiprocessing.api import SignalException
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-if sys.argv[1] == "torchrun":
-    from torch.distributed.run import main
-    del sys.argv[1]
-else:
-    from accelerate.commands.launch import main
-    del sys.argv[1:3]
-try:
-    main()
-except ChildFailedError as err:
-    codes = {{failure.exitcode for failure in err.failures.values()}}
-    sys.exit({EXIT_REQUEUE} if codes == {{{EXIT_REQUEUE}}} else 1)
-except SignalException as err:  # the launcher itself was sent TERM (preemption, scancel)
-    sys.exit(128 + int(err.sigval))
-"""
-
-
 def _sbatch_options(spec: ClusterSpec, output_dir: str) -> list[str]:
     options: dict[str, str | None] = {
         "--job-name": spec.job_name,
@@ -667,7 +645,8 @@ def _node_command(spec: ClusterSpec, launch: Launch, launcher: ResolvedLauncher,
     # USR1 would kill the launcher (its default action); the ignore is inherited by the worker
     # processes, and the trainer installs its own USR1 handler to checkpoint.
     q = shlex.quote
-    return f'\ntrap "" {PREEMPT_SIGNAL}\nexec {q(launch.python)} -c "$TUNEFLEET_EXIT_RELAY" {body}\n'
+    # through the relay (distributed/relay.py): the requeue code comes through, a killed rank is named
+    return f'\ntrap "" {PREEMPT_SIGNAL}\nexec {q(launch.python)} -m {RELAY_MODULE} {body}\n'
 
 
 def _prepare_lines(launch: Launch, recipe_path: str) -> list[str]:
@@ -771,8 +750,7 @@ def _rendezvous_lines(spec: ClusterSpec) -> list[str]:
         "# Rendezvous: the first host of the allocation, a port derived from the job id.",
         'TUNEFLEET_HEAD_NODE="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
         f'TUNEFLEET_PORT="$(( {PORT_BASE} + SLURM_JOB_ID % {PORT_SPAN} ))"',
-        f"TUNEFLEET_EXIT_RELAY={shlex.quote(_EXIT_RELAY)}",
-        "export TUNEFLEET_HEAD_NODE TUNEFLEET_PORT TUNEFLEET_EXIT_RELAY",
+        "export TUNEFLEET_HEAD_NODE TUNEFLEET_PORT",
         "",
     ]
 

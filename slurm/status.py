@@ -9,11 +9,11 @@ step and the ETA from `metrics.jsonl`, the total steps from `plan.json`. No torc
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import statistics
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from tunefleet.launch.core.layout import (
     PLAN_FILE,
     RESOLVED_RECIPE,
     SLURM_JOB_FILE,
+    read_json,
     read_metrics,
     training_rows,
     write_json,
@@ -36,16 +37,27 @@ _CONTINUED = re.compile(r"tunefleet: submitted job (\d+) to continue")
 _STARTED = re.compile(r"tunefleet: job (\d+) on \S+, restart (\d+)")
 
 
-def read_jobs(out: Path) -> list[dict[str, Any]]:
-    path = out / JOB_FILE
-    if not path.is_file():
-        return []
-    return list(json.loads(path.read_text(encoding="utf-8")).get("jobs", []))
+def read_jobs(out: Path) -> tuple[list[dict[str, Any]], str | None]:
+    """The jobs recorded in `<out>/slurm-job.json`, and why they could not be read (a torn file)."""
+    data, problem = read_json(out / JOB_FILE)
+    if (
+        problem is None
+        and data is not None
+        and not (isinstance(data, dict) and isinstance(data.get("jobs"), list))
+    ):
+        problem = f"{JOB_FILE} does not hold a list of jobs"
+    return (list(data["jobs"]) if problem is None and data is not None else []), problem
 
 
 def record_job(out: Path, entry: dict[str, Any]) -> None:
-    """Append a submitted job to `<out>/slurm-job.json` (written atomically)."""
-    write_json(out / JOB_FILE, {"jobs": [*read_jobs(out), entry]})
+    """Append a submitted job to `<out>/slurm-job.json` (written atomically). A torn file is kept
+    beside it (`slurm-job.json.unreadable-<time>`) and a new one started."""
+    jobs, problem = read_jobs(out)
+    if problem is not None:
+        kept = out / f"{JOB_FILE}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+        (out / JOB_FILE).rename(kept)
+        print(f"note: {problem}; kept as {kept.name}, starting a new {JOB_FILE}")
+    write_json(out / JOB_FILE, {"jobs": [*jobs, entry]})
 
 
 def step_times_s(rows: list[dict[str, Any]]) -> list[float]:
@@ -121,7 +133,8 @@ def read_status(out: str | Path) -> dict[str, Any]:
             "pass the output_dir of a run (its recipe's output_dir), e.g. runs/demo-slurm",
         )
     status: dict[str, Any] = {"output_dir": str(out), "finished": (out / FINAL_DIR).is_dir(), "job": None}
-    jobs = read_jobs(out)
+    jobs, jobs_problem = read_jobs(out)
+    status["unreadable"] = [jobs_problem] if jobs_problem else []
     if jobs:
         entry = jobs[-1]
         chain = job_chain(entry)
@@ -160,9 +173,10 @@ def read_status(out: str | Path) -> dict[str, Any]:
             "world_size": manifest.world_size,
             "created": manifest.created,
         }
-    plan: dict[str, Any] = {}
-    if (out / PLAN_FILE).is_file():
-        plan = json.loads((out / PLAN_FILE).read_text(encoding="utf-8"))
+    plan, plan_problem = read_json(out / PLAN_FILE)
+    if plan_problem is not None or not isinstance(plan, dict):
+        status["unreadable"] += [plan_problem] if plan_problem else []
+        plan = {}
     rows = training_rows(read_metrics(out))
     step = rows[-1]["step"] if rows else (status["checkpoint"] or {}).get("step", 0)
     samples = rows[-1].get("samples_seen") if rows else (status["checkpoint"] or {}).get("samples_seen", 0)
@@ -231,5 +245,7 @@ def render_status(status: dict[str, Any]) -> str:
         )
     else:
         rows.append(("ETA", "unknown until two steps of this attempt are logged"))
+    for problem in status.get("unreadable", []):
+        rows.append(("unreadable", f"{problem}; shown without it"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

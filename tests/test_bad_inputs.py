@@ -37,6 +37,15 @@ class Case:
     """What a refusal may leave behind on purpose (a path under the scratch directory)."""
 
 
+def _half_downloaded_model(to: Path) -> None:
+    """The demo model with its weights file cut at half (a download cut short)."""
+    from tunefleet.distributed.demo_model import ensure_tiny_llama
+
+    shutil.copytree(ensure_tiny_llama(), to)
+    weights = to / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
 def recipe_file(tmp: Path, text: str) -> str:
     path = tmp / "r.yaml"
     path.write_text(text)
@@ -722,6 +731,19 @@ CATALOGUE = [
         "data.mixture[0].weight: expected float",
     ),
     Case(
+        "mixture weight that gives a source no samples",
+        plan("data.path=", mixture(f"{{path: {DATA}}}", f"{{path: {CHAT}, format: messages, weight: 1e-9}}")),
+        "data.mixture[1].weight=1e-09 gives",
+    ),
+    Case(
+        "mixture weights beyond a float",
+        plan(
+            "data.path=",
+            mixture(f"{{path: {DATA}, weight: 1e308}}", f"{{path: {CHAT}, format: messages, weight: 1e308}}"),
+        ),
+        "data.mixture: the weights add up to inf",
+    ),
+    Case(
         "mixture limit 0",
         plan("data.path=", mixture(f"{{path: {DATA}, limit: 0}}")),
         "data.mixture[0].limit: must be > 0, got 0",
@@ -833,6 +855,23 @@ CATALOGUE = [
         lambda t: ["merge", str(t), "--out", str(t / "merged")],
         "already exists and is not empty",
         nonempty_merge_out,
+    ),
+    Case(
+        "merge --max-shard-size lots",
+        lambda t: ["merge", str(t), "--out", str(t / "m"), "--max-shard-size", "lots"],
+        "--max-shard-size 'lots' is not a size",
+    ),
+    Case(
+        "output_dir a dangling symbolic link",
+        train("output_dir={tmp}/gone"),
+        "is a symbolic link to",
+        lambda t: (t / "gone").symlink_to(t / "not-mounted" / "run"),
+    ),
+    Case(
+        "a half-downloaded model",
+        train("model.name_or_path={tmp}/model"),
+        "model.safetensors holds ",
+        lambda t: _half_downloaded_model(t / "model"),
     ),
     Case(
         "merge of a directory that is not a run",

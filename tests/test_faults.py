@@ -4,8 +4,12 @@ steps can be skipped on request. Real in-process runs of the demo (the CLI's `tu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -109,3 +113,87 @@ def test_a_second_writer_is_refused_while_a_run_holds_the_directory(
     captured = capsys.readouterr()
     assert "took over the lock of tunefleet train" in captured.out and "no longer exists" in captured.out
     assert not (out / ".tunefleet-lock").exists() and ckpt.latest(out) is not None
+
+
+# ----------------------------------------------------------------------------- the machine says no
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, size: str, *options: str) -> Iterator[Path]:
+    """A small filesystem of its own at `where` (root only: CI runs as root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    where.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_full_disk_during_a_checkpoint_is_named_and_the_rerun_after_the_fix_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """output_dir on a 9 MiB filesystem: two checkpoints (3.8 MB each) fit, the third does not. The
+    run stops with one sentence (which checkpoint, where, no space, the fix), exit 2; the two
+    checkpoints before it are intact and its partial write is gone. With room made, the same
+    command resumes from checkpoint-2 and finishes, every step logged once."""
+    with tmpfs(tmp_path / "small", "9m") as disk:
+        out = disk / "run"
+        assert train(out) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: writing checkpoint-3 into ") and "No space left on device" in err, err
+        assert "fix: free space on that filesystem" in err and "Traceback" not in err
+        assert [p.name for p in ckpt.complete_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
+        assert ckpt.scan(out).usable == out / "checkpoint-2" and not list(out.glob(".tmp-checkpoint-*"))
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        assert train(out, "checkpoint.keep_last=2") == 0
+        assert "resuming from " in capsys.readouterr().out
+        assert [r["step"] for r in rows(out) if "loss" in r] == list(range(1, 9))
+        assert (out / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_a_read_only_filesystem_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`tunefleet prepare` into a run on a read-only filesystem: one sentence, the path, the fix."""
+    with tmpfs(tmp_path / "ro", "1m", "ro") as disk:
+        argv = ["prepare", str(DEMO), "--set", f"output_dir={disk / 'run'}"]
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "Read-only file system (EROFS) at" in err, err
+        assert "is on a read-only filesystem: choose a writable place" in err and "Traceback" not in err
+
+
+def test_overwrite_of_a_mount_point_is_refused_before_anything_moves(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    with tmpfs(tmp_path / "mnt", "8m") as disk:
+        (disk / "notes.txt").write_text("the user's")
+        (disk / "recipe.yaml").write_text("# resolved recipe, written by tunefleet\n")
+        argv = ["train", str(DEMO), "--set", f"output_dir={disk}", "--overwrite"]
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert "is a mount point, which cannot be renamed" in err and f"e.g. {disk / 'run'}" in err, err
+        assert sorted(p.name for p in disk.iterdir()) == ["notes.txt", "recipe.yaml"]
+
+
+def test_an_unwritable_model_cache_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch
+) -> None:
+    """TUNEFLEET_CACHE pointing where nothing can be written: named, with the variable to set."""
+    from tunefleet.distributed import demo_model
+
+    monkeypatch.setattr(demo_model, "build_hash", lambda: "not-built-yet")
+    monkeypatch.setenv("TUNEFLEET_CACHE", "/proc/nowhere")
+    assert train(tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("error: the demo model is built into /proc/nowhere (TUNEFLEET_CACHE")
+        and "Traceback" not in err
+    )
+    assert "fix: set TUNEFLEET_CACHE to a directory you can write" in err

@@ -79,7 +79,7 @@ def test_dry_run_prints_and_writes_nothing(tmp_path: Path) -> None:
         "distributed_type: DEEPSPEED" in text and '"stage": 3' in text and "main_process_port: 29533" in text
     )
     command = [line for line in text.splitlines() if line.startswith("env ")]
-    assert command and "accelerate.commands.accelerate_cli launch --config_file" in command[0]
+    assert command and "-m tunefleet.distributed.relay accelerate launch --config_file" in command[0]
     assert "TUNEFLEET_DISTRIBUTED_TYPE=DEEPSPEED" in command[0] and "ACCELERATE_USE_CPU" not in command[0]
     assert f"--recipe {out / 'launch' / 'recipe.yaml'}" in command[0]
 

@@ -177,6 +177,37 @@ def test_machines_that_would_run_different_jobs_are_refused(tmp_path: Path) -> N
     assert not (out / "launch").exists() and not (out / "metrics.jsonl").exists()
 
 
+def test_machines_that_name_another_address_or_see_other_data_are_refused(tmp_path: Path) -> None:
+    """Node 1 names node 0 by another address (it still reaches it: torch's rendezvous would then
+    hang) and reads a data file that has other bytes by the time node 0 reads it (node-local copies
+    that differ): both named at the join, nothing started."""
+    out, data = tmp_path / "apart", tmp_path / "train.jsonl"
+    rows = (DEMO.parent / "data" / "alpaca_demo.jsonl").read_text().splitlines(keepends=True)
+    data.write_text("".join(rows[:40]))
+    port = free_port()
+    argv = [
+        node_argv(out, rank, port, f"data.path={data}", extra=("--join-timeout", "120")) for rank in (0, 1)
+    ]
+    argv[1][argv[1].index("--main-address") + 1] = "localhost"
+    logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
+    with logs[1].open("w") as f:
+        node1 = subprocess.Popen(argv[1], env=env(), stdout=f, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while "joining node 0" not in logs[1].read_text():  # node 1 has read its data
+        assert node1.poll() is None and time.monotonic() < deadline, logs[1].read_text()
+        time.sleep(0.2)
+    data.write_text("".join(rows[40:80]))
+    with logs[0].open("w") as f:
+        node0 = subprocess.Popen(argv[0], env=env(), stdout=f, stderr=subprocess.STDOUT)
+    codes = wait_all([node0, node1], out)
+    text = logs[0].read_text()
+    assert codes == [2, 2], text + logs[1].read_text()
+    assert f"--main-address/--main-port: 127.0.0.1:{port} on node 0, localhost:{port} on node 1" in text
+    assert "data: fingerprint " in text and "hold other bytes on that machine" in text
+    assert "node 0 refused this node: node 1 would run another job" in logs[1].read_text()
+    assert not (out / "launch").exists()
+
+
 def test_node_options_are_checked_before_anything_starts(tmp_path: Path) -> None:
     def launch(*args: str) -> subprocess.CompletedProcess:
         argv = [sys.executable, "-m", "tunefleet.launch.cli", "launch", str(DEMO), "--nproc", "1", *args]
@@ -238,6 +269,12 @@ def test_meeting_ignores_strays_and_names_differences() -> None:
     ]
     assert join.differences(_member(0), _member(1, recipe={"peft": {"r": 16}})) == [
         "peft.r: 8 on node 0, 16 on node 1"
+    ]
+    assert join.differences(_member(0, data="aa"), _member(1, data="bb"))[0].startswith(
+        "data: fingerprint aa on node 0, bb on node 1"
+    )
+    assert join.differences(_member(0, main_port=1), _member(1, main_port=2)) == [
+        "--main-address/--main-port: :1 on node 0, :2 on node 1 (give every node the same address of node 0)"
     ]
 
 

@@ -783,3 +783,57 @@ def test_plan_shows_each_source_before_and_after_prepare(
     assert "examples, weight 1" in render_plan(after)
     heavy = make_plan(str(DEMO), [*sets[:2], sets[2].replace("limit: 40", "limit: 10, weight: 20")])
     assert any("data.mixture[1] (" in w and "times per epoch" in w for w in heavy["warnings"])
+
+
+# ----------------------------------------------------------------------------- a damaged cache
+
+
+@pytest.mark.parametrize("damage", ["rewritten", "truncated", "missing", "torn-meta"])
+def test_a_damaged_cache_is_found_and_made_again(
+    damage: str, tmp_path: Path, capsys, tiny_model_dir: Path
+) -> None:
+    """Token ids rewritten in place (same size), a truncated or missing shard, a torn meta.json:
+    the checksums of meta.json catch each, no rank maps it, and the first rank tokenises again,
+    saying so; the new cache holds what the first did."""
+    from tunefleet.distributed import model as model_mod
+
+    recipe = _recipe(tmp_path, _data_file(tmp_path))
+    tok = model_mod.load_tokenizer(model_mod.resolve_model_path(recipe.model), recipe.model)
+    first = prep.make_cache(recipe, tok, show=False)
+    want, path = first.train.to_list(), first.cache_dir
+    del first
+    meta = json.loads((path / prep.META_FILE).read_text())
+    shard = path / "train" / meta["train_shards"][0]
+    assert (
+        prep.cache_problem(path) is None
+        and meta["checksums"][f"train/{meta['train_shards'][0]}"]["bytes"] > 0
+    )
+    blob = shard.read_bytes()
+    if damage == "rewritten":  # one token id changed in place, same size: only the checksum can tell
+        import pyarrow as pa
+
+        table = pa.ipc.open_stream(blob).read_all()
+        ids = table.column("input_ids").to_pylist()
+        ids[0][0] = (ids[0][0] + 1) % 100
+        column = pa.array(ids, table.schema.field("input_ids").type)
+        table = table.set_column(table.schema.get_field_index("input_ids"), "input_ids", column)
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        rewritten = sink.getvalue().to_pybytes()
+        assert len(rewritten) == len(blob) and rewritten != blob
+        shard.write_bytes(rewritten)
+    elif damage == "truncated":
+        shard.write_bytes(blob[: len(blob) // 2])
+    elif damage == "missing":
+        shard.unlink()
+    else:
+        text = (path / prep.META_FILE).read_text()
+        (path / prep.META_FILE).write_text(text[: len(text) // 2])
+    assert prep.cache_problem(path) is not None
+    assert prep.load_cache(path) is None  # no rank maps it (the waiting ones keep waiting)
+    capsys.readouterr()
+    again = prep.make_cache(recipe, tok, show=False)
+    assert f"note: the tokenised cache {path} is damaged (" in capsys.readouterr().out
+    assert again.built is not None and again.train.to_list() == want
+    assert prep.cache_problem(path) is None

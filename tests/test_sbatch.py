@@ -383,7 +383,7 @@ def test_each_node_gets_its_own_rank_and_values_arrive_verbatim(tmp_path: Path) 
     assert rc == 0, out
     for node in range(3):
         argv = _argv(tmp_path, node)
-        assert argv[0] == "-c" and argv[2] == "torchrun", argv
+        assert argv[:3] == ["-m", "tunefleet.distributed.relay", "torchrun"], argv
         flags = dict(zip(argv[3:13:2], argv[4:13:2], strict=True))
         assert flags["--node_rank"] == str(node), "the node rank was expanded in the batch shell"
         assert flags["--nnodes"] == "3" and flags["--nproc_per_node"] == "2"

@@ -167,7 +167,7 @@ def test_slurm_job_runs_this_interpreter_by_default(tmp_path: Path, monkeypatch,
     versions = f"tunefleet={metadata.version('tunefleet')} torch={metadata.version('torch')}"
     check = f'{sys.executable} -c "$TUNEFLEET_PYTHON_CHECK" import {versions} ||'
     assert check in script and f"{sys.executable} -m tunefleet.launch.cli prepare" in script
-    assert f"exec {sys.executable} -c" in script  # the launcher on every node
+    assert f"exec {sys.executable} -m tunefleet.distributed.relay" in script  # the launcher on every node
     assert script.index(check) < script.index("tunefleet.launch.cli prepare") < script.index("\nsrun ")
     assert f"python   {sys.executable} (must import tunefleet" in capsys.readouterr().out
 
@@ -340,6 +340,25 @@ def test_status_from_files_follows_the_dependency_chain(tmp_path: Path, monkeypa
     assert "~0:22 of training left at 2.0 s/step" in text
     assert cli.main(["status", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["progress"]["eta_s"] == 22.0
+
+
+def test_status_of_torn_state_files(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A torn slurm-job.json and plan.json (a write cut by a kill or a full disk): status shows the
+    rest and names them; the next submission keeps the torn file beside a new one."""
+    monkeypatch.setenv("PATH", "/usr/bin/nonexistent")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "slurm-job.json").write_text('{"jobs": [{"job_id": "4')
+    (out / "plan.json").write_text('{"total_steps": 2')
+    _fake_checkpoint(out, step=6, save_s=0.8)
+    assert cli.main(["status", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "slurm-job.json is not valid JSON (" in text and "plan.json is not valid JSON (" in text
+    assert "checkpoint-6: step 6" in text
+    status_mod.record_job(out, {"job_id": "43", "restart": "requeue"})
+    assert "kept as slurm-job.json.unreadable-" in capsys.readouterr().out
+    assert [j["job_id"] for j in status_mod.read_jobs(out)[0]] == ["43"]
+    assert len(list(out.glob("slurm-job.json.unreadable-*"))) == 1
 
 
 def test_commands_import_without_torch() -> None:

@@ -576,16 +576,17 @@ def test_command_shape() -> None:
     argv, env = build_launch_command(
         "r.yaml", {ACCELERATE_FILE: "/c/a.yaml"}, hw, ["peft.r=8", "a b=c"], recipe=recipe, python="py"
     )
-    assert argv[:6] == [
+    assert argv[:7] == [
         "py",
         "-m",
-        "accelerate.commands.accelerate_cli",
+        "tunefleet.distributed.relay",
+        "accelerate",
         "launch",
         "--config_file",
         "/c/a.yaml",
     ]
-    assert argv[6:9] == ["--multi_gpu", "--num_processes", "2"]
-    assert argv[9:] == [
+    assert argv[7:10] == ["--multi_gpu", "--num_processes", "2"]
+    assert argv[10:] == [
         "-m",
         "tunefleet.distributed.sft",
         "--recipe",

@@ -136,6 +136,25 @@ def atomic_dir(target: str | os.PathLike, *, first_wins: bool = False) -> Iterat
 # ----------------------------------------------------------------------------- reading
 
 
+def read_json(path: str | os.PathLike) -> tuple[Any, str | None]:
+    """(the JSON in `path`, None), or (None, why it cannot be read) for a state file that is torn
+    (a write cut by a kill or a full disk) or unreadable. A missing file is (None, None)."""
+    path = Path(path)
+    if not path.exists():
+        return None, None
+    try:
+        return json.loads(path.read_text(encoding="utf-8")), None
+    except json.JSONDecodeError as exc:
+        return (
+            None,
+            f"{path.name} is not valid JSON ({exc.msg}: line {exc.lineno}, column {exc.colno}; a torn write?)",
+        )
+    except ValueError as exc:  # not UTF-8
+        return None, f"{path.name} is not valid JSON ({exc}; a torn write?)"
+    except OSError as exc:
+        return None, f"{path.name} cannot be read ({exc.strerror or exc})"
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The JSON objects of a JSON Lines file ([] when it does not exist). A line that does not
     parse (being written right now by another process) is skipped."""

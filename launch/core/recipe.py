@@ -703,6 +703,7 @@ def validate(recipe: Recipe) -> Recipe:
     )
     _validate_peft_variants(recipe.peft, recipe.train)
     _validate_data(recipe.data)
+    _validate_mixture_total(recipe.data)
     _validate_train(recipe.train)
     batch = _validate_batch(recipe.batch, recipe.data.max_length)
     k = recipe.checkpoint.keep_last
@@ -1004,6 +1005,16 @@ def _validate_mixture(d: DataConfig) -> None:
             f"must be > 0, got {s.limit}",
             "drop it or use a positive count",
         )
+
+
+def _validate_mixture_total(d: DataConfig) -> None:
+    total = sum(s.weight for s in d.mixture or [])
+    _check(
+        math.isfinite(total),
+        "data.mixture",
+        f"the weights add up to {total} (beyond a float's range)",
+        "give the weights as proportions, e.g. 1 and 3",
+    )
 
 
 def _validate_train(t: TrainConfig) -> None:

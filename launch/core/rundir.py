@@ -106,6 +106,12 @@ def check_output_location(recipe: Recipe) -> None:
     directory would be read as data by every later run on it, and a run directory holding the data
     would move it aside with `--overwrite`."""
     out = Path(recipe.output_dir).expanduser().absolute()
+    for link in (out, *out.parents):
+        if link.is_symlink() and not link.exists():
+            raise RunDirError(
+                f"output_dir {str(out)!r}: {str(link)!r} is a symbolic link to {os.readlink(link)!r}, which does not exist",
+                "create the directory it points to (a storage not mounted yet?), or choose another output_dir",
+            )
     if out.exists() and not out.is_dir():
         raise RunDirError(
             f"output_dir {str(out)!r} exists and is not a directory", "choose another output_dir"
@@ -171,6 +177,13 @@ def decide_start(path: Path, options: StartOptions) -> Start:
     if options.resume is not None:
         return _explicit_resume(path, state, options)
     if options.overwrite:
+        if state.exists and any(path.iterdir()) and os.path.ismount(path):
+            raise RunDirError(
+                f"--overwrite moves the old run aside by renaming output_dir {str(path)!r}, and that is a "
+                "mount point, which cannot be renamed",
+                f"use a directory below the mount as output_dir (e.g. {path / 'run'}), or move the old run "
+                "away yourself",
+            )
         return Start("overwrite" if state.exists and any(path.iterdir()) else "fresh", None)
     if state.foreign:
         raise RunDirError(
