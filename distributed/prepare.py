@@ -266,6 +266,10 @@ def _build(
 ) -> None:
     """Read and tokenise the data into the cache at `path` (atomically)."""
     started = time.monotonic()
+    # an earlier build of this cache killed midway (the output directory's lock is held: nobody
+    # else builds here now) left its temporary directory: tunefleet's own unfinished write
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     beat = _Heartbeat(_marker(path, "progress"))
     beat("reading the data")
     splits = _read_splits(recipe.data)

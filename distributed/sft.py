@@ -611,8 +611,11 @@ def _finish(
     rank: Rank,
     model_path: str,
 ) -> None:
-    """The final adapter (gathered on every rank) or, for full/freeze, the final model (exported from
-    the shards by every rank), then rank 0's plot, samples and summary."""
+    """Rank 0's loss plot and samples, then the final adapter (gathered on every rank) or, for
+    full/freeze, the final model (exported from the shards by every rank), then the summary.
+    `final/` is the last thing written: a run killed before it appears reruns its last steps (or
+    goes straight to it from a checkpoint at the last step) and makes the plot and samples again;
+    once it is there, they are there too."""
     from tunefleet.distributed.evaluation import final_eval_loss, write_samples
     from tunefleet.distributed.reporting import (
         done_rows,
@@ -626,8 +629,20 @@ def _finish(
     )
 
     out = Path(recipe.output_dir)
+    samples = None
+    if rank.main:
+        plot_loss(out / METRICS_FILE, out / LOSS_PLOT)
+        samples = write_samples(
+            trainer.model,
+            tokenizer,
+            recipe,
+            eval_rows=data.eval_rows,
+            train_rows=data.rows,
+            path=out / SAMPLES_FILE,
+            base_model_path=model_path,
+        )
     _save_final(trainer, tokenizer, recipe, out / FINAL_DIR)
-    peaks = peak_memory_per_rank()  # collective
+    peaks = peak_memory_per_rank()  # collective, after the final save (its peak included)
     optimizer_state = per_rank(optimizer_state_elements(trainer.optimizer))  # collective
     if not rank.main:
         return
@@ -636,16 +651,6 @@ def _finish(
         gpu_peak_gib=peak_gpu_memory_gib(),
         peak_memory_gib_per_rank=peaks,
         optimizer_state_elements_per_rank=optimizer_state,
-    )
-    plot_loss(out / METRICS_FILE, out / LOSS_PLOT)
-    samples = write_samples(
-        trainer.model,
-        tokenizer,
-        recipe,
-        eval_rows=data.eval_rows,
-        train_rows=data.rows,
-        path=out / SAMPLES_FILE,
-        base_model_path=model_path,
     )
     print_table(
         "tunefleet done",

@@ -197,3 +197,26 @@ def test_an_unwritable_model_cache_is_named(
         and "Traceback" not in err
     )
     assert "fix: set TUNEFLEET_CACHE to a directory you can write" in err
+
+
+def test_a_run_killed_as_final_appears_has_its_plot_and_samples(tmp_path: Path) -> None:
+    """final/ is the run's last write: SIGKILL the moment it appears, and the loss plot and the
+    samples are there already (a run killed before it reruns its last steps and makes them)."""
+    import signal
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "tunefleet.launch.cli", "train", str(DEMO), "--set", f"output_dir={out}"]
+    for item in SHORT:
+        argv += ["--set", item]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (out / "final").exists():
+        assert proc.poll() is None, "the run ended before final/ was seen"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert (out / "samples.jsonl").stat().st_size > 0 and (out / "loss.png").stat().st_size > 0
+    assert (out / "final" / "adapter_model.safetensors").is_file()

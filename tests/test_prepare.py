@@ -837,3 +837,57 @@ def test_a_damaged_cache_is_found_and_made_again(
     assert f"note: the tokenised cache {path} is damaged (" in capsys.readouterr().out
     assert again.built is not None and again.train.to_list() == want
     assert prep.cache_problem(path) is None
+
+
+@pytest.mark.slow
+def test_prepare_killed_midway_then_rerun_gives_the_same_cache(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """SIGKILL while `tunefleet prepare` tokenises (its progress file is there): no cache is
+    visible, and the rerun removes the killed build's temporary directory and makes the cache an
+    uninterrupted prepare makes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rows = alpaca_rows(8_000, seed=3)
+    data = tmp_path / "big.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sets = [f"data.path={data}", "data.max_length=64", "data.num_proc=1"]
+
+    def prepare(out: Path) -> list[str]:
+        argv = [
+            sys.executable,
+            "-m",
+            "tunefleet.launch.cli",
+            "prepare",
+            str(DEMO),
+            "--set",
+            f"output_dir={out}",
+        ]
+        return argv + [x for s in sets for x in ("--set", s)]
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(prepare(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list((out / ".cache").glob(".tokenized-*.tmp-*/train/*")):  # tokenising, shards appearing
+        assert proc.poll() is None, "prepare ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    cache = out / ".cache"
+    assert not [p for p in cache.iterdir() if p.name.startswith("tokenized-")]  # nothing half-visible
+    assert list(cache.glob(".tokenized-*.tmp-*"))  # the killed build's leftovers
+    from tunefleet.launch import cli
+
+    assert cli.main(prepare(out)[3:]) == 0  # the rerun (in this process: the same command)
+    assert not list(cache.glob(".tokenized-*.tmp-*"))
+    fresh = tmp_path / "fresh"
+    assert cli.main(prepare(fresh)[3:]) == 0
+    (a,) = [p for p in cache.iterdir() if p.name.startswith("tokenized-")]
+    (b,) = [p for p in (fresh / ".cache").iterdir() if p.name.startswith("tokenized-")]
+    assert a.name == b.name
+    assert (
+        json.loads((a / "meta.json").read_text())["checksums"]
+        == json.loads((b / "meta.json").read_text())["checksums"]
+    )
