@@ -113,7 +113,8 @@ class ProgressCallback(TrainerCallback):
 def peak_memory_gib() -> float:
     """This process's peak memory so far, in GiB: on a GPU the allocator's peak
     (`torch.cuda.max_memory_allocated`: the tensors, as the plan estimates them), on a CPU the
-    process's peak resident memory (`ru_maxrss`: everything the process held, Python included)."""
+    process's peak resident memory (`ru_maxrss`: everything the process held, Python included, and
+    the freed blocks glibc keeps in its heaps)."""
     import resource
 
     import torch

@@ -49,6 +49,13 @@ PROCESS_BASELINE_BYTES = int(0.55 * GIB)
 """A CPU training process before its model: Python with torch, transformers, TRL, PEFT, accelerate
 and the tokenised data mapped in (measured: the demo's 1 M-parameter model peaks at 0.6 GiB)."""
 
+ZERO3_KEPT_GATHERED_PARAMS = 500_000_000
+"""ZeRO-3 does not release a gathered parameter it will use again within stage3_max_reuse_distance
+(DeepSpeed's default: 1e9 parameters). Every parameter of the forward pass is used again in the
+backward pass, so about the last 1e9 / 2 parameters of the forward stay gathered until their
+backward: the whole model below that size (measured on CPU: a 107 M-parameter model keeps all of
+it, tools/bench_memory.py)."""
+
 SHARDED_WEIGHTS = ("fsdp", "fsdp-qlora", "deepspeed-zero3")
 SHARDED_STATES = ("fsdp", "fsdp-qlora", "deepspeed-zero2", "deepspeed-zero3")
 DEEPSPEED = ("deepspeed-zero2", "deepspeed-zero3")
@@ -552,11 +559,32 @@ def _transient_parts(i: MemoryInputs) -> list[MemoryPart]:
             i.trains_weights
         ):  # FSDP's mixed-precision policy (ZeRO: its 16-bit copy) gathers in the compute dtype
             gathered_bytes = min(gathered_bytes, i.compute_bytes)
+        if i.strategy == "deepspeed-zero3":
+            kept = min(i.base_params, ZERO3_KEPT_GATHERED_PARAMS)
+            parts.append(
+                _part(
+                    "gathered parameters",
+                    kept * gathered_bytes + per_layer * gathered_bytes,
+                    f"ZeRO-3 keeps gathered what it uses again within stage3_max_reuse_distance: "
+                    f"~{kept:,} parameters, plus the layer being gathered",
+                )
+            )
+        else:
+            parts.append(
+                _part(
+                    "gathered layer",
+                    2 * per_layer * gathered_bytes,
+                    "one layer's full weights all-gathered, plus the next one prefetched",
+                )
+            )
+    if i.strategy in DEEPSPEED and i.trainable_params:
+        buffers = 2 if i.strategy == "deepspeed-zero3" else 1  # ZeRO-3 overlaps communication: two
+        grad_bytes = i.compute_bytes if i.trains_weights else 4
         parts.append(
             _part(
-                "gathered layer",
-                2 * per_layer * gathered_bytes,
-                "one layer's full weights all-gathered, plus the next one prefetched",
+                "gradient buckets",
+                buffers * min(i.trainable_params, shape.hidden_size**2) * grad_bytes,
+                f"{buffers} x reduce_bucket_size (auto: hidden_size^2 elements) of gradients being reduced",
             )
         )
     if i.quantization in ("nf4", "fp4"):
@@ -719,8 +747,20 @@ def estimate_load_memory(inputs: MemoryInputs) -> LoadEstimate:
 def estimate_cpu_process(inputs: MemoryInputs) -> MemoryEstimate:
     """Peak resident memory of the fullest process of a CPU run (`device="cpu"`): a process holds its
     model from loading to the end, so its peak is the larger of the training step and loading (the
-    whole model as read, plus the shard being made of it, on a process that reads the weights)."""
+    whole model as read, plus the shard being made of it, on a process that reads the weights).
+    CPU offload moves nothing off a CPU process: what it would keep in host RAM is the process's own."""
     train = estimate_memory(inputs)
+    offloaded = estimate_host_training(inputs).parts
+    if offloaded:
+        train = MemoryEstimate(
+            parts=(
+                *train.parts,
+                *(
+                    _part(p.name, p.bytes / inputs.procs_per_node, f"{p.note}; in this process on CPU")
+                    for p in offloaded
+                ),
+            )
+        )
     per_process_load = inputs.loaded_weight_bytes
     if inputs.weight_shards > 1:
         per_process_load += inputs.loaded_weight_bytes / inputs.weight_shards

@@ -144,7 +144,10 @@ def render_deepspeed_config(recipe: Recipe, hw: Hardware) -> dict[str, Any] | No
     if stage is None:
         return None
     par = recipe.parallel
-    zero: dict[str, Any] = {"stage": stage}
+    # "auto": the HF trainer sizes the gradient buckets from the model (hidden_size^2 elements).
+    # DeepSpeed's own default, 5e8 elements, reserves ~1 GB per GPU (2 with ZeRO-3's overlapped
+    # communication) whatever the model, even for a LoRA adapter of a few MB.
+    zero: dict[str, Any] = {"stage": stage, "reduce_bucket_size": "auto"}
     if par.offload in ("optimizer", "optimizer+params"):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if par.offload == "optimizer+params":
@@ -154,12 +157,13 @@ def render_deepspeed_config(recipe: Recipe, hw: Hardware) -> dict[str, Any] | No
         # a normal adapter_model.safetensors with it false); true would gather the whole 16-bit
         # model on rank 0 wherever accelerate's get_state_dict is used.
         zero["stage3_gather_16bit_weights_on_model_save"] = False
-        if hw.use_cpu:
-            # DeepSpeed keeps a parameter under 1e5 elements whole on every rank. On the tiny CPU
-            # model that is every LoRA matrix and every layer but the embeddings, so a CPU run
-            # (the tests, the demo) would never gather what a real model's run gathers. On CPU
-            # every parameter is partitioned; on GPUs DeepSpeed's default stands (it saves traffic).
-            zero["stage3_param_persistence_threshold"] = 0
+        zero["stage3_prefetch_bucket_size"] = "auto"  # 0.9 x hidden_size^2
+        # A parameter smaller than this stays whole on every rank (the HF trainer's auto: 10 x
+        # hidden_size). On the tiny CPU model that would be every LoRA matrix and most layers, so a
+        # CPU run (the tests, the demo) would never gather what a real model's run gathers: on CPU
+        # every parameter is partitioned.
+        zero["stage3_param_persistence_threshold"] = 0 if hw.use_cpu else "auto"
+
     return {
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",

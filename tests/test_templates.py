@@ -297,7 +297,14 @@ def test_deepspeed_accepts(name: str, tmp_path: Path) -> None:
     )
     hf = HfTrainerDeepSpeedConfig(copy.deepcopy(ds))
     hf.trainer_config_process(args)
+
+    class Model:  # what trainer_config_finalize reads of the model: its hidden size
+        class config:
+            hidden_size = 1024
+
+    hf.trainer_config_finalize(args, Model(), num_training_steps=10)
     assert "auto" not in json.dumps(hf.config), "a key the HF trainer does not fill was left to auto"
+    assert hf.config["zero_optimization"]["reduce_bucket_size"] == 1024 * 1024  # not DeepSpeed's 5e8
     config = DeepSpeedConfig(hf.config)
     assert config.world_size == 1 and config.train_batch_size == 2 * 3
     stage = 3 if recipe.parallel.strategy == "deepspeed-zero3" else 2
@@ -309,7 +316,8 @@ def test_deepspeed_accepts(name: str, tmp_path: Path) -> None:
     if stage == 3:
         assert zero.gather_16bit_weights_on_model_save is False
         # on CPU every parameter is partitioned, so the tiny model's runs gather as a big one's do
-        assert zero.param_persistence_threshold == (0 if hw.use_cpu else 100_000)
+        assert zero.param_persistence_threshold == (0 if hw.use_cpu else 10 * 1024)
+        assert zero.prefetch_bucket_size == int(0.9 * 1024 * 1024)
 
 
 # ----------------------------------------------------------------------------- compat matrix

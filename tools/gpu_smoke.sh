@@ -37,9 +37,11 @@ report() {  # name, exit code, output dir: one summary line from the run's plan.
 import json, sys
 name, rc, path = sys.argv[1:4]
 try:
-    effect = json.load(open(path)).get("in_effect", {})
+    plan = json.load(open(path))
 except (OSError, ValueError):
-    effect = {}
+    plan = {}
+effect = plan.get("in_effect", {})
+estimate = (plan.get("memory") or {}).get("total_gib")
 sharding = effect.get("sharding", {})
 kind = sharding.get("kind", "?")
 if "sharded_params" in sharding:
@@ -50,7 +52,10 @@ def gib(key):
     value = effect.get(key)
     return "?" if value is None else f"{value:.2f} GiB"
 print(f"{name:<16} exit {rc:>3}  sharding {kind:<44} peak GPU after load {gib('gpu_peak_after_load_gib'):>10}, "
-      f"at the end {gib('gpu_peak_gib'):>10}  trainable {','.join(effect.get('trainable_dtypes', [])) or '?'}"
+      f"at the end {gib('gpu_peak_gib'):>10}"
+      + (f" (estimate {estimate:.2f} GiB, {100 * (estimate - effect['gpu_peak_gib']) / effect['gpu_peak_gib']:+.0f}%)"
+         if estimate and effect.get("gpu_peak_gib") else "")
+      + f"  trainable {','.join(effect.get('trainable_dtypes', [])) or '?'}"
       f"  weights {effect.get('model_dtype', '?')}")
 PY
 )"
