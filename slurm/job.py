@@ -55,7 +55,7 @@ from tunefleet.launch.core.layout import (
 )
 from tunefleet.launch.core.recipe import Recipe
 from tunefleet.launch.preflight import Preflight, preflight
-from tunefleet.launch.templates import ACCELERATE_FILE, render_files
+from tunefleet.launch.templates import ACCELERATE_FILE, expected_distributed_type, render_files
 from tunefleet.slurm import status as status_mod
 from tunefleet.slurm.sbatch import (
     DEFAULT_CHECKPOINT_S,
@@ -201,8 +201,15 @@ def _cluster_hardware(spec: ClusterSpec) -> Hardware:
     )
 
 
+def _needs_accelerate(recipe: Recipe, hw: Hardware) -> bool:
+    """GPU nodes, and FSDP/DeepSpeed on CPU nodes, start their ranks with `accelerate launch` and the
+    rendered configs (as `tunefleet launch` does); plain torchrun would leave DeepSpeed off and turn
+    FSDP into DDP (the trainer's guard stops such a run). DDP on CPU nodes runs under torchrun."""
+    return not hw.use_cpu or expected_distributed_type(recipe, hw) in ("FSDP", "DEEPSPEED")
+
+
 def _accelerate_configs(recipe: Recipe, hw: Hardware, out: Path) -> tuple[dict[Path, str], str]:
-    """GPU nodes: the accelerate/DeepSpeed files for `<out>/slurm/` and the accelerate config's path."""
+    """The accelerate/DeepSpeed files for `<out>/slurm/` and the accelerate config's path."""
     config_dir = out / SLURM_CONFIG_DIR
     files = {config_dir / name: text for name, text in render_files(recipe, hw, str(config_dir)).items()}
     return files, str(config_dir / ACCELERATE_FILE)
@@ -240,7 +247,7 @@ def build_job(
     versions = login_versions()
     launch = Launch(python=job_python(python, versions), expect_versions=versions, prepare=True)
     config_files: dict[Path, str] = {}
-    if not hw.use_cpu:  # accelerate launch, with the configs `tunefleet launch` renders
+    if _needs_accelerate(recipe, hw):  # accelerate launch, with the configs `tunefleet launch` renders
         config_files, accelerate_config = _accelerate_configs(recipe, hw, out)
         launch = dataclasses.replace(launch, accelerate_config=accelerate_config)
         spec = dataclasses.replace(spec, env={**launch_env(recipe, hw), **spec.env})

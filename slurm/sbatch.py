@@ -472,14 +472,15 @@ def _resolve_launcher(spec: ClusterSpec, launch: Launch) -> Literal["torchrun", 
             "use torchrun on CPU nodes, accelerate on GPU nodes",
         )
     launcher = launch.launcher
-    if launcher == "auto":
-        launcher = "accelerate" if spec.gpus_per_node > 0 else "torchrun"
+    if launcher == "auto":  # a rendered FSDP/DeepSpeed config needs accelerate on CPU nodes too
+        launcher = "accelerate" if spec.gpus_per_node > 0 or launch.accelerate_config else "torchrun"
     if launcher == "accelerate":
-        if spec.gpus_per_node == 0:
+        if spec.gpus_per_node == 0 and launch.accelerate_config is None:
             _fail(
                 "launch.launcher",
-                "accelerate on CPU nodes starts one process per node (measured), not procs_per_node",
-                "use torchrun on CPU nodes (launcher: auto)",
+                "accelerate on CPU nodes without an FSDP/DeepSpeed config starts one process per node "
+                "(measured), not procs_per_node",
+                "use torchrun on CPU nodes (launcher: auto), or pass the rendered accelerate config",
             )
         if launch.accelerate_config is None:
             _fail(

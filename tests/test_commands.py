@@ -124,7 +124,7 @@ def how_to_run(command: str) -> tuple[str | None, str]:
 def checkout(root: Path) -> Path:
     """A scratch directory that looks like the checkout, so runs/ and the like land in it."""
     root.mkdir()
-    for name in ("recipes", "Makefile", "pyproject.toml"):
+    for name in ("recipes", "requirements", "Makefile", "pyproject.toml"):
         (root / name).symlink_to(REPO / name)
     (root / ".venv").symlink_to(VENV_BIN.parent)
     hub = root / "hf-cache"
