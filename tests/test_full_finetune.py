@@ -310,18 +310,24 @@ def test_two_machines_shard_a_full_fine_tune_like_one_process(launched: Launched
 
 
 @pytest.mark.slurm
-def test_a_slurm_job_shards_a_full_fine_tune(launched: Launched, workdir: Path, slurm_cluster) -> None:  # type: ignore[no-untyped-def]
-    """`tunefleet slurm --nodes 2 --submit`: ZeRO-3 full fine-tuning over 2 emulated nodes trains
-    like one process and exports final/ from the partitions."""
+@pytest.mark.parametrize(
+    ("strategy", "sharding"), [("deepspeed-zero3", "deepspeed-zero3"), ("fsdp", "fsdp2")]
+)
+def test_a_slurm_job_shards_a_full_fine_tune(  # type: ignore[no-untyped-def]
+    launched: Launched, workdir: Path, slurm_cluster, strategy: str, sharding: str
+) -> None:
+    """`tunefleet slurm --nodes 2 --submit` on CPU nodes: ZeRO-3 and FSDP2 full fine-tuning over 2
+    emulated nodes train like one process and export final/ from the shards (the job starts them
+    with accelerate launch and the rendered configs: under plain torchrun DeepSpeed stayed off)."""
     import os
     import re
     import sys
 
-    out = workdir / "slurm-full"
+    out = workdir / f"slurm-full-{strategy}"
     overrides = [
         f"output_dir={out}",
         *BASE,
-        "parallel.strategy=deepspeed-zero3",
+        f"parallel.strategy={strategy}",
         *SPECS["full-fsdp"].overrides[1:],
     ]
     argv = [sys.executable, "-m", "tunefleet.launch.cli", "slurm", str(DEMO), "--nodes", "2"]
@@ -336,5 +342,5 @@ def test_a_slurm_job_shards_a_full_fine_tune(launched: Launched, workdir: Path, 
     slurm_cluster.wait(job.group(1), "COMPLETED", timeout_s=300)
     assert max_diff(losses(out), losses(launched.get("full-8"))) <= TOL
     effect = plan_in_effect(out)
-    assert (effect["world_size"], effect["sharding"]["kind"]) == (2, "deepspeed-zero3")
+    assert (effect["world_size"], effect["sharding"]["kind"]) == (2, sharding)
     assert json.loads((out / "final" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
