@@ -183,15 +183,24 @@ def checksums(path: Path, meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
     }
 
 
-def cache_problem(path: Path) -> str | None:
-    """Why the complete cache at `path` cannot be trusted (None: it can). Every shard's size and
-    checksum against meta.json: a truncated, missing or rewritten shard, or a torn meta.json. Every
-    rank checks before it maps the cache (it reads those bytes anyway). A cache written before
-    checksums were recorded is checked for its files only."""
+def _read_meta(path: Path) -> Any:
+    """The cache's meta.json, or None when it cannot be read (missing, torn)."""
     try:
-        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+        return json.loads((path / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def cache_problem(path: Path, meta: Any = None) -> str | None:
+    """Why the complete cache at `path` cannot be trusted (None: it can). Every shard's size and
+    checksum against meta.json (`meta`: as already read, else read here): a truncated, missing or
+    rewritten shard, or a torn meta.json. Every rank checks before it maps the cache (it reads those
+    bytes anyway). A cache written before checksums were recorded is checked for its files only."""
+    if meta is None:
+        meta = _read_meta(path)
+    try:
         files = _shard_files(path, meta)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return f"{META_FILE} cannot be read"
     recorded = meta.get("checksums")
     for rel in files:
@@ -212,11 +221,22 @@ def cache_problem(path: Path) -> str | None:
 def load_cache(path: Path) -> PreparedData | None:
     """The cache at `path`, memory-mapped, or None when there is none (a half-written one is
     never visible) or it is damaged (`cache_problem`: the first rank rebuilds it)."""
-    if not (path / META_FILE).is_file() or cache_problem(path) is not None:
-        return None
+    return _open_cache(path)[0]
+
+
+def _open_cache(path: Path) -> tuple[PreparedData | None, str | None]:
+    """(the cache mapped, None); (None, None) when there is none; (None, why) when it is damaged."""
+    if not (path / META_FILE).is_file():
+        return None, None
+    meta = _read_meta(path)
+    problem = cache_problem(path, meta)
+    return (None, problem) if problem is not None else (_mapped(path, meta), None)
+
+
+def _mapped(path: Path, meta: dict[str, Any]) -> PreparedData:
+    """The checked cache at `path` with its meta.json, memory-mapped."""
     from tunefleet.distributed.data import parallel
 
-    meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
     return PreparedData(
         train=parallel.load(path / "train", meta["train_shards"]),
         eval=parallel.load(path / "eval", meta["eval_shards"]) if meta["eval_shards"] else None,
@@ -421,11 +441,11 @@ def make_cache(
     again (a refused command leaves nothing behind). Then it is raised."""
     fp, inputs = fingerprint(recipe, tokenizer)
     path = cache_path(recipe, fp)
-    found = load_cache(path)
+    found, problem = _open_cache(path)
     if found is not None:
         return found
     if path.exists():  # tunefleet's own derived data, damaged: made again from the data
-        problem = cache_problem(path) if (path / META_FILE).is_file() else f"{META_FILE} is missing"
+        problem = problem or f"{META_FILE} is missing"
         print(
             f"note: the tokenised cache {path} is damaged ({problem}): tokenising the data again", flush=True
         )
@@ -449,9 +469,9 @@ def make_cache(
         raise
     finally:
         _marker(path, "progress").unlink(missing_ok=True)
-    made = load_cache(path)
-    assert made is not None
-    meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+    # mapped without hashing the shards again: their checksums were just taken from these bytes
+    meta = _read_meta(path)
+    made = _mapped(path, meta)
     made.built = {"seconds": time.monotonic() - started, "procs": meta["procs"], "notes": meta["notes"]}
     return made
 

@@ -275,9 +275,10 @@ class TunefleetTrainer(hf_compat.trainer_base()):  # type: ignore[misc]
         write the machine refuses (disk full, read-only, quota) is named, and this rank's partial
         write removed (`errors.named_write_failure`); the checkpoints before it stay as they were."""
         step = self.state.global_step
-        tmp = ckpt.tmp_dir_for(Path(str(self.args.output_dir)), step)
+        run_dir = Path(str(self.args.output_dir))
+        tmp = ckpt.tmp_dir_for(run_dir, step)
         try:
-            self._write_checkpoint(step)
+            self._write_checkpoint(step, run_dir, tmp)
         except (OSError, RuntimeError) as exc:
             named = named_write_failure(exc, tmp.parent, f"writing {ckpt.dirname(step)} into {tmp.parent}")
             if named is None:
@@ -285,10 +286,9 @@ class TunefleetTrainer(hf_compat.trainer_base()):  # type: ignore[misc]
             shutil.rmtree(tmp, ignore_errors=True)  # tunefleet's own partial write: frees the space
             raise named from None
 
-    def _write_checkpoint(self, step: int) -> None:
+    def _write_checkpoint(self, step: int, run_dir: Path, tmp: Path) -> None:
         started = time.monotonic()
-        run_dir = Path(str(self.args.output_dir))
-        tmp, final = ckpt.tmp_dir_for(run_dir, step), ckpt.dir_for(run_dir, step)
+        final = ckpt.dir_for(run_dir, step)
         if self.args.should_save:
             if tmp.exists():
                 shutil.rmtree(tmp)
