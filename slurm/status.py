@@ -13,7 +13,6 @@ import re
 import shutil
 import statistics
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from tunefleet.launch.core.layout import (
     training_rows,
     write_json,
 )
+from tunefleet.launch.core.rundir import move_aside
 
 JOB_FILE = SLURM_JOB_FILE
 
@@ -54,8 +54,7 @@ def record_job(out: Path, entry: dict[str, Any]) -> None:
     beside it (`slurm-job.json.unreadable-<time>`) and a new one started."""
     jobs, problem = read_jobs(out)
     if problem is not None:
-        kept = out / f"{JOB_FILE}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
-        (out / JOB_FILE).rename(kept)
+        kept = move_aside(out / JOB_FILE, "unreadable")
         print(f"note: {problem}; kept as {kept.name}, starting a new {JOB_FILE}")
     write_json(out / JOB_FILE, {"jobs": [*jobs, entry]})
 

@@ -192,3 +192,17 @@ def test_a_refused_writer_leaves_no_directory_behind(tmp_path: Path) -> None:
     out = tmp_path / "new"
     OutputLock(out, "tunefleet train").acquire().release()
     assert not out.exists()
+
+
+def test_set_aside_never_replaces_an_earlier_one(tmp_path: Path) -> None:
+    """Two attempts that never checkpointed, set aside within the same second: both kept."""
+    from tunefleet.launch.core.rundir import set_aside_metrics
+
+    kept = []
+    for text in ("first\n", "second\n"):
+        (tmp_path / "metrics.jsonl").write_text(text)
+        moved = set_aside_metrics(tmp_path)
+        assert moved is not None and moved.name.startswith("metrics.jsonl.old-")
+        kept.append(moved)
+    assert [p.read_text() for p in kept] == ["first\n", "second\n"]
+    assert not (tmp_path / "metrics.jsonl").exists() and set_aside_metrics(tmp_path) is None

@@ -281,12 +281,14 @@ def check_resume(
     return batch_notes + harmless
 
 
-def move_aside(path: Path) -> Path:
+def move_aside(path: Path, label: str = "old") -> Path:
+    """Rename `path` to `<name>.<label>-<time>` beside it (`-N` added when that name is taken: an
+    earlier one is never replaced) and return the new path."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    target = path.with_name(f"{path.name}.old-{stamp}")
+    target = path.with_name(f"{path.name}.{label}-{stamp}")
     n = 1
     while target.exists():
-        target = path.with_name(f"{path.name}.old-{stamp}-{n}")
+        target = path.with_name(f"{path.name}.{label}-{stamp}-{n}")
         n += 1
     path.rename(target)
     return target
@@ -311,8 +313,4 @@ def truncate_metrics(path: Path, checkpoint: str | None) -> int:
 def set_aside_metrics(out: Path) -> Path | None:
     """An earlier attempt that never checkpointed: keep its metrics under another name, start anew."""
     path = out / METRICS_FILE
-    if not path.exists():
-        return None
-    target = out / f"{METRICS_FILE}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-    path.rename(target)
-    return target
+    return move_aside(path) if path.exists() else None
