@@ -100,7 +100,7 @@ def _run_adapter(run_dir: Path) -> tuple[Path, str | None]:
     final = run_dir / FINAL_DIR
     if has_adapter(final) or has_model(final):
         return final, None
-    scanned = ckpt.scan(run_dir)
+    scanned = ckpt.scan(run_dir).for_weights()  # a checkpoint whose optimizer state was removed serves
     if scanned.usable is None:
         if scanned.passed_over:
             raise TunefleetError(

@@ -409,6 +409,13 @@ def _announce_resume(out: Path, checked: Preflight) -> None:
         f"(written by {m.world_size} process(es), now {checked.batch.world_size})",
         flush=True,
     )
+    if checked.start.weights_only:
+        print(
+            f"  --resume-weights-only: its optimizer state was removed; its weights continue with a fresh "
+            f"optimizer (Adam's moments restart from zero at step {m.step + 1}; the learning-rate schedule "
+            "continues), so the steps after it differ from an uninterrupted run",
+            flush=True,
+        )
     for note in checked.resume_notes:
         print(f"  changed since that checkpoint (harmless): {note}", flush=True)
 
@@ -498,6 +505,7 @@ def _build_trainer(
         max_nonfinite_steps=recipe.train.max_nonfinite_steps,
         stop=StopFlag(),
         peft=recipe.peft,
+        fresh_optimizer=checked.start.weights_only,
     )
     trainer.remove_callback(PrinterCallback)  # the progress bar and metrics.jsonl replace its dict dumps
     tracking.install(trainer, list(recipe.train.report_to), out)  # one tracked run across requeues

@@ -160,6 +160,7 @@ class TunefleetTrainer(hf_compat.trainer_base()):  # type: ignore[misc]
         max_nonfinite_steps: int = 0,
         stop: StopFlag | None = None,
         peft: PeftConfig | None = None,
+        fresh_optimizer: bool = False,
         **kwargs: Any,
     ) -> None:
         self.tf_batch = batch
@@ -175,6 +176,7 @@ class TunefleetTrainer(hf_compat.trainer_base()):  # type: ignore[misc]
         self.tf_max_nonfinite_steps = max_nonfinite_steps
         self.tf_stop = stop
         self.tf_peft = peft
+        self.tf_fresh_optimizer = fresh_optimizer  # resuming a checkpoint whose optimizer state was removed
         self.tf_trains_adapter = peft is None or peft.method in ADAPTER_METHODS
         self.tf_stopped = False
         self.tf_step_finite = True
@@ -256,6 +258,21 @@ class TunefleetTrainer(hf_compat.trainer_base()):  # type: ignore[misc]
             # checkpoint of the last step leaves nothing to train: the trainer goes straight to the end
             # (it would otherwise train the next batch before checking max_steps)
             self.tf_sampler.seek_to_step(self.state.global_step, total_steps=max_steps)
+
+    def tf_load_optimizer_state(self, checkpoint: Any) -> bool:
+        """Resuming with a fresh optimizer (`--resume-weights-only`: the checkpoint's optimizer state
+        was removed): the optimizer keeps its fresh state and the schedule, a function of the step, is
+        stepped to the checkpoint's step (its `scheduler.pt` is not read: it may be gone or stale).
+        True: done here, the stock loading is skipped. False: the stock loading."""
+        if checkpoint is None or not self.tf_fresh_optimizer:
+            return False
+        import warnings
+
+        with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": on purpose
+            warnings.simplefilter("ignore")
+            for _ in range(ckpt.read_manifest(Path(checkpoint)).step):
+                self.lr_scheduler.step()
+        return True
 
     def tf_deepspeed_loader(self, resume_from_checkpoint: Any) -> Any:
         """A ZeRO checkpoint from another world size is loaded by `ds_reshard.load` instead of

@@ -69,6 +69,10 @@ def trainer_base() -> type:
             with deepspeed_loader_replaced(loader):
                 return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
 
+        def _load_optimizer_and_scheduler(self, checkpoint: Any) -> None:
+            if not self.tf_load_optimizer_state(checkpoint):  # type: ignore[attr-defined]
+                super()._load_optimizer_and_scheduler(checkpoint)
+
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
             self.tf_save_checkpoint()  # type: ignore[attr-defined]
 
@@ -330,6 +334,16 @@ RELIANCES: tuple[Reliance, ...] = (
             )()
             or _has("transformers.trainer:deepspeed_load_checkpoint", "deepspeed_engine", "checkpoint_path")()
             or _source_mentions(f"{_TRAINER}._prepare_for_training", "deepspeed_load_checkpoint")()
+        ),
+    ),
+    Reliance(
+        "transformers Trainer._load_optimizer_and_scheduler(checkpoint), called on resume once the "
+        "optimizer and self.lr_scheduler exist (not under DeepSpeed, whose engine loads its own)",
+        "trainer_base: a checkpoint whose optimizer state was removed (--resume-weights-only) keeps the "
+        "fresh optimizer and brings the schedule to its step (TunefleetTrainer.tf_load_optimizer_state)",
+        lambda: (
+            _has(f"{_TRAINER}._load_optimizer_and_scheduler", "checkpoint")()
+            or _source_mentions(f"{_TRAINER}._prepare_for_training", "self._load_optimizer_and_scheduler(")()
         ),
     ),
     Reliance(

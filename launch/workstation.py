@@ -261,6 +261,11 @@ def summary(plan: LaunchPlan, *, dry_run: bool = False) -> str:
     ]
     lines += [f"  note: {n}" for n in plan.notes]
     lines += [f"  note: {plan.start_note}"] if plan.start_note else []
+    if plan.decided is not None and plan.decided.weights_only:
+        lines.append(
+            f"  note: {Path(str(plan.checkpoint)).name} has no optimizer state: its weights continue with a "
+            "fresh optimizer (--resume-weights-only)"
+        )
     lines += [f"  changed since the checkpoint (harmless): {n}" for n in plan.resume_notes]
     lines += [f"  warning: {w}" for w in plan.warnings]
     lines += [f"  {'would write' if dry_run else 'wrote'} {plan.config_dir / name}" for name in plan.files]

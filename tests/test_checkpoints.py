@@ -68,6 +68,84 @@ def test_resume_passes_over_a_damaged_newest_checkpoint_and_says_so(tmp_path: Pa
     assert start.note is not None and "checkpoint-3 is damaged (adapter_model.safetensors" in start.note
 
 
+TORCH_FILES = {"adapter_model.safetensors": b"w" * 100, "optimizer.pt": b"o" * 50, "scheduler.pt": b"s"}
+FSDP_FILES = {
+    "pytorch_model_fsdp_0/__0_0.distcp": b"w" * 100,
+    "optimizer_0/__0_0.distcp": b"o" * 50,
+    "optimizer_0/.metadata": b"m" * 9,
+    "scheduler.pt": b"s",
+}
+ZERO3_FILES = {
+    "global_step3/zero_pp_rank_0_mp_rank_00_model_states.pt": b"m" * 10,
+    "global_step3/zero_pp_rank_0_mp_rank_00_optim_states.pt": b"o" * 50,
+}
+
+
+def test_optimizer_state_removed_is_told_apart_from_damage(tmp_path: Path) -> None:
+    """Every file of the optimizer state gone (and the schedule's, which a fresh optimizer does not
+    need), the rest intact: removed to save space. One file of several left, a damaged weight file,
+    or a DeepSpeed checkpoint (whose optimizer files hold the fp32 master weights): not that."""
+    write_checkpoint(tmp_path / "t", 2, TORCH_FILES)
+    torch_ckpt = write_checkpoint(tmp_path / "t", 3, TORCH_FILES)
+    (torch_ckpt / "optimizer.pt").unlink()
+    (torch_ckpt / "scheduler.pt").unlink()
+    assert ckpt.optimizer_files(torch_ckpt) == ["optimizer.pt"] and ckpt.optimizer_removed(torch_ckpt)
+    scanned = ckpt.scan(tmp_path / "t")
+    assert scanned.usable is not None and scanned.usable.name == "checkpoint-2"
+    assert scanned.weights_only == torch_ckpt
+    assert "checkpoint-3 has no optimizer state" in str(scanned.note())
+    assert scanned.for_weights().usable == torch_ckpt and scanned.for_weights().passed_over == ()
+
+    fsdp = write_checkpoint(tmp_path / "f", 3, FSDP_FILES, strategy="fsdp")
+    (fsdp / "optimizer_0" / ".metadata").unlink()
+    assert not ckpt.optimizer_removed(fsdp)  # one shard left: damage, not a removal
+    (fsdp / "optimizer_0" / "__0_0.distcp").unlink()
+    assert ckpt.optimizer_removed(fsdp)
+    (fsdp / "pytorch_model_fsdp_0" / "__0_0.distcp").write_bytes(b"x" * 100)
+    assert not ckpt.optimizer_removed(fsdp)  # the weights must be intact
+
+    zero3 = write_checkpoint(tmp_path / "z", 3, ZERO3_FILES, strategy="deepspeed-zero3")
+    (zero3 / "global_step3" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
+    assert ckpt.optimizer_files(zero3) and not ckpt.optimizer_removed(zero3)
+
+
+def test_a_checkpoint_without_optimizer_state_continues_only_when_asked(tmp_path: Path) -> None:
+    from tunefleet.launch.core.errors import RunDirError
+
+    for step in (2, 3, 4):
+        write_checkpoint(tmp_path, step, TORCH_FILES)
+    (tmp_path / "recipe.yaml").write_text("# resolved recipe\n")
+    (tmp_path / "checkpoint-3" / "optimizer.pt").unlink()
+    (tmp_path / "checkpoint-4" / ckpt.COMPLETE).unlink()  # a newer write that never finished
+    with pytest.raises(RunDirError) as err:
+        decide_start(tmp_path, StartOptions())
+    assert "checkpoint-3 has no optimizer state (optimizer.pt removed)" in err.value.problem
+    assert "would set it aside and train step 3 again" in err.value.problem
+    assert (
+        "--resume-weights-only" in err.value.fix and f"--resume {tmp_path / 'checkpoint-2'}" in err.value.fix
+    )
+
+    start = decide_start(tmp_path, StartOptions(weights_only=True))
+    assert (start.mode, start.checkpoint, start.weights_only) == (
+        "resume",
+        str(tmp_path / "checkpoint-3"),
+        True,
+    )
+    assert [Path(p).name for p, _ in start.passed_over] == ["checkpoint-4"]  # set aside; checkpoint-3 stays
+    with pytest.raises(RunDirError, match="pick one"):
+        decide_start(tmp_path, StartOptions(weights_only=True, overwrite=True))
+
+    explicit = str(tmp_path / "checkpoint-3")
+    with pytest.raises(RunDirError, match="add --resume-weights-only"):
+        decide_start(tmp_path / "new", StartOptions(resume=explicit))
+    assert decide_start(tmp_path / "new", StartOptions(resume=explicit, weights_only=True)).weights_only
+
+    zero3 = write_checkpoint(tmp_path / "z", 3, ZERO3_FILES, strategy="deepspeed-zero3")
+    (zero3 / "global_step3" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
+    with pytest.raises(RunDirError, match="DeepSpeed keeps the fp32 master weights"):
+        decide_start(tmp_path / "new", StartOptions(resume=str(zero3), weights_only=True))
+
+
 def test_cleanup_removes_tunefleets_own_leftovers_only(tmp_path: Path) -> None:
     """Only tunefleet's temporary names are removed; a `checkpoint-*` that fails the rule is not
     tunefleet's to delete (it may be what is left of a user's work): it stays where it is."""

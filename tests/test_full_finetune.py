@@ -11,7 +11,8 @@ gloo processes, the session's shared runs (tests/launched.py).
 - partial under FSDP2: frozen and trained parameters are sharded alike, optimizer state exists
   for the trained ones only;
 - stopped by SIGUSR1 on 1 process and resumed on 2, and resumed from a 2-process checkpoint on 1:
-  the losses of the uninterrupted run (fsdp, deepspeed-zero3);
+  the losses of the uninterrupted run (fsdp, deepspeed-zero3); an FSDP2 checkpoint whose optimizer
+  state was removed continues its weights with a fresh optimizer only when asked;
 - `tunefleet plan` counts what the run trains; generate works on final/; merge has nothing to merge.
 """
 
@@ -43,6 +44,9 @@ from tests.launched import (
     weights_differ,
 )
 from tunefleet.launch.core import checkpoints as ckpt
+from tunefleet.launch.core import rundir
+from tunefleet.launch.core.args import StartOptions
+from tunefleet.launch.core.errors import RunDirError
 
 pytestmark = pytest.mark.slow
 
@@ -239,6 +243,35 @@ def test_stop_and_resume_on_another_world_size(launched: Launched, workdir: Path
     assert proc3.returncode == 0, proc3.stdout[-6000:]
     got = losses(back)
     assert sorted(got) == [3, 4] and max(abs(got[s] - want[s]) for s in got) <= TOL
+
+
+def test_fsdp_checkpoint_without_optimizer_state_continues_its_weights(
+    launched: Launched, workdir: Path
+) -> None:
+    """The 2-process FSDP2 run's checkpoint 2 with its optimizer shards and scheduler.pt removed:
+    refused without --resume-weights-only; with it, continued on 1 process: step 3's loss is the
+    uninterrupted run's (the same weights, resharded), so are the learning rates, and the fresh
+    optimizer moves step 4 elsewhere."""
+    import shutil
+
+    overrides = ["parallel.strategy=fsdp", *SPECS["full-fsdp"].overrides[1:]]
+    pruned = workdir / "pruned" / "checkpoint-2"
+    shutil.copytree(launched.get("full-fsdp") / "checkpoint-2", pruned)
+    removed = ckpt.optimizer_files(pruned)
+    assert removed and all(rel.startswith("optimizer_0/") for rel in removed)  # DCP's optimizer shards
+    shutil.rmtree(pruned / "optimizer_0")
+    (pruned / "scheduler.pt").unlink()
+    out = workdir / "fsdp-weights-only"
+    with pytest.raises(RunDirError, match="add --resume-weights-only"):  # what the launcher asks first
+        rundir.decide_start(out, StartOptions(resume=str(pruned)))
+
+    proc = run_launch(out, 1, overrides, extra=("--resume", str(pruned), "--resume-weights-only"))
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    got = {r["step"]: r for r in metrics(out) if "loss" in r}
+    want = {r["step"]: r for r in metrics(launched.get("full-8")) if "loss" in r}
+    assert sorted(got) == [3, 4] and abs(got[3]["loss"] - want[3]["loss"]) <= TOL
+    assert all(abs(got[s]["lr"] - want[s]["lr"]) <= 1e-12 for s in got)
+    assert abs(got[4]["loss"] - want[4]["loss"]) > 10 * TOL
 
 
 def test_zero2_full_checkpoint_on_another_world_size_is_refused(launched: Launched) -> None:

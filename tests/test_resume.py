@@ -259,6 +259,48 @@ def test_incomplete_checkpoints_are_never_used(reference: Path, tmp_path: Path) 
     assert_same_losses(losses(out), losses(reference), 1e-6)
 
 
+def test_a_checkpoint_without_optimizer_state_continues_only_when_asked(
+    reference: Path, tmp_path: Path
+) -> None:
+    """checkpoint-6's optimizer.pt and scheduler.pt removed (to save space): a plain rerun is refused
+    with the ways out, and nothing is moved or deleted. With --resume-weights-only its weights
+    continue: step 7's loss is the uninterrupted run's (same weights, same samples), so is every
+    step's learning rate (the schedule brought to step 6 without scheduler.pt), and Adam starts
+    afresh (step 8 differs)."""
+    import shutil
+
+    from tunefleet.launch.core.args import StartOptions
+
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    shutil.rmtree(out / "final")
+    for step in range(7, STEPS + 1):
+        shutil.rmtree(out / f"checkpoint-{step}")
+    for name in ("optimizer.pt", "scheduler.pt"):
+        (out / "checkpoint-6" / name).unlink()
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(TunefleetError) as err:
+        sft.run(recipe(out))
+    assert "checkpoint-6 has no optimizer state (optimizer.pt removed)" in err.value.problem
+    assert "--resume-weights-only" in err.value.fix and str(out / "checkpoint-5") in err.value.fix
+    assert sorted(p.name for p in out.iterdir()) == before
+
+    assert sft.run(recipe(out), options=StartOptions(weights_only=True)) == 0
+    rows = {
+        r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+    }
+    want = {
+        r["step"]: r
+        for r in map(json.loads, (reference / "metrics.jsonl").read_text().splitlines())
+        if "loss" in r
+    }
+    assert sorted(rows) == list(range(1, STEPS + 1))
+    assert all(abs(rows[s]["lr"] - want[s]["lr"]) <= 1e-12 for s in want)
+    assert abs(rows[7]["loss"] - want[7]["loss"]) <= 1e-6
+    assert abs(rows[8]["loss"] - want[8]["loss"]) > 1e-5  # a fresh Adam moved the weights otherwise
+    assert (out / "final").is_dir() and (out / "checkpoint-6" / "adapter_model.safetensors").is_file()
+
+
 def test_retention_keeps_newest(tmp_path: Path) -> None:
     out = tmp_path / "run"
     assert sft.run(recipe(out, "checkpoint.keep_last=2", "train.epochs=1")) == 0

@@ -35,6 +35,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="continue from this complete checkpoint (default: the newest one in output_dir)",
     )
+    p.add_argument(
+        "--resume-weights-only",
+        action="store_true",
+        help="allow continuing a checkpoint whose optimizer state was removed: its weights, step, sample "
+        "order and learning-rate schedule, with a fresh optimizer (a checkpoint that still has its "
+        "optimizer state resumes it as usual)",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,11 +57,21 @@ class StartOptions:
     resume: str | None = None
     """Continue from this checkpoint instead of the newest one."""
 
+    weights_only: bool = False
+    """Allow continuing a checkpoint whose optimizer state was removed, with a fresh optimizer (it
+    permits, it does not force: a rerun of the same command after a later stop resumes in full)."""
+
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> StartOptions:
-        return cls(overwrite=args.overwrite, no_resume=args.no_resume, resume=args.resume)
+        return cls(
+            overwrite=args.overwrite,
+            no_resume=args.no_resume,
+            resume=args.resume,
+            weights_only=args.resume_weights_only,
+        )
 
     def argv(self) -> list[str]:
         """The same options as command-line arguments (handed on to the ranks)."""
         out = ["--resume", self.resume] if self.resume else []
+        out += ["--resume-weights-only"] if self.weights_only else []
         return out + (["--no-resume"] if self.no_resume else [])

@@ -12,6 +12,9 @@ renames the directory to `checkpoint-<step>` (`dir_for`). Only the names here ar
 its size and with its checksum. Resume, `tunefleet generate` and `merge`, `tunefleet status` and the
 SLURM job builder all ask it, through `scan(out)`: the newest usable checkpoint and the newer ones
 passed over, each with why (one scan per start; the launcher hands its result to the ranks).
+`optimizer_removed(path)` is its one exception: a checkpoint that passes the rule but for its
+optimizer state, every file of which is gone (removed to save space), can continue its weights with
+a fresh optimizer, when the user asks for it (`--resume-weights-only`).
 
 Nothing here deletes what tunefleet cannot prove is its own: leftovers under tunefleet's temporary
 names (`.tmp-checkpoint-*`, `.deleting-checkpoint-*`) are removed at the next start; a
@@ -242,17 +245,48 @@ def finalize(tmp: Path, final: Path, manifest: Manifest) -> None:
 # ----------------------------------------------------------------------------- the rule
 
 
-def damaged_file(checkpoint: Path) -> str | None:
+def is_optimizer_state(rel: str) -> bool:
+    """Whether a checkpoint's file (relative path) holds optimizer state: `optimizer.pt` (torch
+    format), FSDP's `optimizer.bin` / `optimizer_<i>/` shards / `optimizer_<i>_rank<r>.bin`,
+    DeepSpeed's `global_stepN/*optim_states.pt`."""
+    first = rel.split("/", 1)[0]
+    return (
+        first in ("optimizer.pt", "optimizer.bin")
+        or first.startswith("optimizer_")
+        or rel.endswith("optim_states.pt")
+    )
+
+
+SCHEDULER_FILE = "scheduler.pt"
+"""The learning-rate schedule's state: a resume with a fresh optimizer does without it (the schedule
+is a function of the step, stepped there again)."""
+
+
+def _spared_without_optimizer(rel: str) -> bool:
+    """Files a resume with a fresh optimizer does not read: the optimizer state and the schedule's."""
+    return is_optimizer_state(rel) or rel == SCHEDULER_FILE
+
+
+WEIGHTS_ONLY_FORMATS = ("torch", "fsdp")
+"""Checkpoint formats whose weights stand without the optimizer state. DeepSpeed's do not: ZeRO keeps
+the fp32 master weights (under ZeRO-3 the only copy of the weights) in its optimizer-state files."""
+
+
+def damaged_file(checkpoint: Path, *, without_optimizer: bool = False) -> str | None:
     """The first file of a complete checkpoint whose content no longer matches the checksum in its
-    manifest (a file rewritten or corrupted at the same size), or None."""
+    manifest (a file rewritten or corrupted at the same size), or None. `without_optimizer`: the
+    optimizer state's and the schedule's files are not looked at."""
     for rel, digest in read_manifest(checkpoint).checksums.items():
+        if without_optimizer and _spared_without_optimizer(rel):
+            continue
         if checksum(checkpoint / rel) != digest:
             return rel
     return None
 
 
-def incomplete(checkpoint: Path) -> str | None:
-    """Why a checkpoint is not complete (marker, manifest, files at their sizes), or None."""
+def incomplete(checkpoint: Path, *, without_optimizer: bool = False) -> str | None:
+    """Why a checkpoint is not complete (marker, manifest, files at their sizes), or None.
+    `without_optimizer`: the optimizer state's and the schedule's files are not looked at."""
     if not (checkpoint / COMPLETE).is_file():
         return f"it is incomplete: no {COMPLETE} marker (its write never finished)"
     try:
@@ -260,6 +294,8 @@ def incomplete(checkpoint: Path) -> str | None:
     except (OSError, ValueError, TypeError) as exc:
         return f"its {MANIFEST} is unreadable ({type(exc).__name__}: {exc})"
     for rel, size in manifest.files.items():
+        if without_optimizer and _spared_without_optimizer(rel):
+            continue
         f = checkpoint / rel
         if not f.is_file():
             return f"{rel} is missing"
@@ -268,17 +304,39 @@ def incomplete(checkpoint: Path) -> str | None:
     return None
 
 
-def problem(checkpoint: Path) -> str | None:
+def problem(checkpoint: Path, *, without_optimizer: bool = False) -> str | None:
     """The one rule: why `checkpoint` cannot be used (resumed, generated or merged from), or None.
-    Its marker, a readable manifest, every listed file at its size and with its checksum."""
-    found = incomplete(checkpoint)
+    Its marker, a readable manifest, every listed file at its size and with its checksum
+    (`without_optimizer`: every file but the optimizer state's and the schedule's)."""
+    found = incomplete(checkpoint, without_optimizer=without_optimizer)
     if found is not None:
         return found
     try:
-        bad = damaged_file(checkpoint)
+        bad = damaged_file(checkpoint, without_optimizer=without_optimizer)
     except OSError as exc:
         return f"a file cannot be read ({exc})"
     return None if bad is None else f"{bad} differs from the checksum in its manifest"
+
+
+def optimizer_files(checkpoint: Path) -> list[str]:
+    """The files of a checkpoint's optimizer state, as its manifest lists them ([] if unreadable)."""
+    try:
+        return [rel for rel in read_manifest(checkpoint).files if is_optimizer_state(rel)]
+    except (OSError, ValueError, TypeError):
+        return []
+
+
+def optimizer_removed(checkpoint: Path) -> bool:
+    """The rule's one exception: `checkpoint` passes it but for its optimizer state, every file of
+    which is gone (removed to save space, not damaged: one file left of several is damage). Its
+    weights can continue with a fresh optimizer (`--resume-weights-only`) where its format allows it
+    (`WEIGHTS_ONLY_FORMATS`)."""
+    files = optimizer_files(checkpoint)
+    if not files or any((checkpoint / rel).exists() for rel in files):
+        return False
+    if CHECKPOINT_FORMAT.get(read_manifest(checkpoint).strategy) not in WEIGHTS_ONLY_FORMATS:
+        return False
+    return problem(checkpoint, without_optimizer=True) is None
 
 
 def is_complete(checkpoint: Path) -> bool:
@@ -314,12 +372,29 @@ class Scan:
     """The newest checkpoint without a problem, or None."""
     passed_over: tuple[tuple[Path, str], ...] = ()
     """Newer `checkpoint-*` directories that cannot be used, newest first, each with why."""
+    weights_only: Path | None = None
+    """The newest of those that passes the rule but for its removed optimizer state
+    (`optimizer_removed`): its weights can continue with a fresh optimizer, when asked."""
+
+    def for_weights(self) -> Scan:
+        """The scan as a reader of the weights alone sees it (`tunefleet generate`, `merge`, a resume
+        with a fresh optimizer): the checkpoint without optimizer state, where newer than `usable`."""
+        if self.weights_only is None:
+            return self
+        step = step_of(self.weights_only)
+        newer = tuple((p, why) for p, why in self.passed_over if step_of(p) > step)
+        return Scan(self.weights_only, newer)
 
     def note(self) -> str | None:
         """One line on what was passed over, or None."""
         if not self.passed_over:
             return None
-        why = "; ".join(f"{p.name} is damaged ({reason})" for p, reason in self.passed_over)
+        why = "; ".join(
+            f"{p.name} has no optimizer state (its weights can continue: --resume-weights-only)"
+            if p == self.weights_only
+            else f"{p.name} is damaged ({reason})"
+            for p, reason in self.passed_over
+        )
         if self.usable is None:
             return why
         return f"{why}: continuing from {self.usable.name}, the newest usable checkpoint"
@@ -329,12 +404,15 @@ def scan(out: Path) -> Scan:
     """The newest usable checkpoint in `out` and the newer ones passed over (each checked by
     `problem`, newest first, until one passes: older ones are not read)."""
     passed: list[tuple[Path, str]] = []
+    weights_only: Path | None = None
     for checkpoint in reversed(checkpoint_dirs(out)):
         why = problem(checkpoint)
         if why is None:
-            return Scan(checkpoint, tuple(passed))
+            return Scan(checkpoint, tuple(passed), weights_only)
+        if weights_only is None and optimizer_removed(checkpoint):
+            weights_only = checkpoint
         passed.append((checkpoint, why))
-    return Scan(None, tuple(passed))
+    return Scan(None, tuple(passed), weights_only)
 
 
 # ----------------------------------------------------------------------------- removing

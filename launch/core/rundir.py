@@ -69,6 +69,10 @@ class Start:
     """(path, why) of every unusable checkpoint newer than the one continued from: rank 0 moves them
     aside before the run writes those steps again (`checkpoints.move_aside`; nothing is deleted)."""
 
+    weights_only: bool = False
+    """The checkpoint's optimizer state was removed and the user allowed it (`--resume-weights-only`):
+    its weights, step, sample order and schedule continue with a fresh optimizer."""
+
     def to_env(self, output_dir: str) -> str:
         """The decision as the launcher hands it to the ranks (ENV_START)."""
         return json.dumps({"output_dir": str(Path(output_dir).absolute()), **dataclasses.asdict(self)})
@@ -176,6 +180,10 @@ def decide_start(path: Path, options: StartOptions) -> Start:
     state = inspect_output_dir(path)
     if options.resume is not None:
         return _explicit_resume(path, state, options)
+    if options.weights_only and (options.overwrite or options.no_resume):
+        raise RunDirError(
+            "--resume-weights-only continues a checkpoint; --overwrite and --no-resume start over", "pick one"
+        )
     if options.overwrite:
         if state.exists and any(path.iterdir()) and os.path.ismount(path):
             raise RunDirError(
@@ -197,6 +205,8 @@ def decide_start(path: Path, options: StartOptions) -> Start:
         )
     _check_recipe_file(path)
     scanned = state.checkpoints
+    if scanned.weights_only is not None:
+        return _weights_only_start(path, scanned, options)
     if scanned.usable is None and scanned.passed_over:
         raise RunDirError(
             f"output_dir {str(path)!r}: every checkpoint is damaged: {scanned.note()}; starting afresh "
@@ -219,6 +229,63 @@ def decide_start(path: Path, options: StartOptions) -> Start:
     return Start("fresh", None)
 
 
+def _steps(first: int, last: int) -> str:
+    return f"step {first}" if first == last else f"steps {first}-{last}"
+
+
+def _weights_only_start(path: Path, scanned: ckpt.Scan, options: StartOptions) -> Start:
+    """The newest checkpoint with intact weights has no optimizer state (removed to save space):
+    continue its weights with a fresh optimizer when the user allowed it, otherwise refuse (continuing
+    an older checkpoint would set it aside and train its steps again; starting afresh, beside it)."""
+    checkpoint = scanned.weights_only
+    assert checkpoint is not None
+    if options.no_resume:
+        raise RunDirError(
+            f"output_dir {str(path)!r} holds an unfinished run with checkpoint {checkpoint.name}",
+            "drop --no-resume to continue it, or pass --overwrite to start over (the old run is moved aside)",
+        )
+    if options.weights_only:
+        weights = scanned.for_weights()
+        return Start(
+            "resume",
+            str(checkpoint),
+            weights.note(),
+            tuple((str(p), why) for p, why in weights.passed_over),
+            weights_only=True,
+        )
+    older = scanned.usable
+    raise RunDirError(
+        f"output_dir {str(path)!r}: {checkpoint.name} has no optimizer state ("
+        + ", ".join(ckpt.optimizer_files(checkpoint))
+        + " removed); "
+        + (
+            f"continuing from {older.name} instead would set it aside and train "
+            + _steps(ckpt.step_of(older) + 1, ckpt.step_of(checkpoint))
+            + " again"
+            if older is not None
+            else "starting afresh would train from step 0 beside it"
+        ),
+        f"pass --resume-weights-only to continue {checkpoint.name}'s weights with a fresh optimizer (Adam's "
+        "moments restart from zero; the step, the sample order and the learning-rate schedule continue)"
+        + (f", or --resume {older} to continue the older complete checkpoint" if older is not None else "")
+        + ", or restore the optimizer state from a backup",
+    )
+
+
+def _why_not_weights_only(checkpoint: Path) -> str:
+    """Why a checkpoint missing optimizer files cannot continue its weights alone."""
+    if ckpt.problem(checkpoint, without_optimizer=True) is not None:
+        return "files other than the optimizer state are missing or damaged"
+    if ckpt.CHECKPOINT_FORMAT.get(ckpt.read_manifest(checkpoint).strategy) not in ckpt.WEIGHTS_ONLY_FORMATS:
+        return (
+            "DeepSpeed keeps the fp32 master weights (under ZeRO-3 the weights themselves) in its "
+            "optimizer-state files"
+        )
+    return (
+        "some of its optimizer-state files are still there (damaged, not removed): remove them all, or none"
+    )
+
+
 def _explicit_resume(path: Path, state: RunDirState, options: StartOptions) -> Start:
     resume = str(options.resume)
     if options.overwrite or options.no_resume:
@@ -229,6 +296,17 @@ def _explicit_resume(path: Path, state: RunDirState, options: StartOptions) -> S
             "choose a new output_dir to continue from that checkpoint",
         )
     unfinished = ckpt.incomplete(Path(resume)) if Path(resume).is_dir() else "it is not a directory"
+    if unfinished is not None and ckpt.optimizer_removed(Path(resume)):
+        if options.weights_only:
+            return Start("resume", resume, weights_only=True)
+        raise RunDirError(
+            f"--resume {resume!r} has no optimizer state ({', '.join(ckpt.optimizer_files(Path(resume)))} removed)",
+            "add --resume-weights-only to continue its weights with a fresh optimizer (Adam's moments restart "
+            "from zero; the step, the sample order and the learning-rate schedule continue), or restore the "
+            "optimizer state from a backup",
+        )
+    if unfinished is not None and options.weights_only and ckpt.optimizer_files(Path(resume)):
+        unfinished += f"; --resume-weights-only cannot help: {_why_not_weights_only(Path(resume))}"
     if unfinished is not None:
         raise RunDirError(
             f"--resume {resume!r} is not a complete tunefleet checkpoint ({unfinished})",
