@@ -284,3 +284,18 @@ def test_set_aside_never_replaces_an_earlier_one(tmp_path: Path) -> None:
         kept.append(moved)
     assert [p.read_text() for p in kept] == ["first\n", "second\n"]
     assert not (tmp_path / "metrics.jsonl").exists() and set_aside_metrics(tmp_path) is None
+
+
+def test_a_torn_metrics_line_is_dropped_with_a_note(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A process killed while writing metrics.jsonl leaves half a line: the resume keeps the rows up to
+    its checkpoint, drops the torn one and says so, instead of failing on it."""
+    import json
+
+    from tunefleet.launch.core.rundir import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "lo')
+    assert truncate_metrics(path, str(tmp_path / "checkpoint-2")) == 2
+    assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:2]
+    assert "dropped 1 unreadable line(s)" in capsys.readouterr().out

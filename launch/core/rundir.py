@@ -376,15 +376,21 @@ def truncate_metrics(path: Path, checkpoint: str | None) -> int:
     """Drop metrics rows logged after `checkpoint` (they will be logged again): no duplicated steps."""
     step = ckpt.step_of(Path(checkpoint or ckpt.dirname(0)))
     if path.exists():
-        kept = []
+        kept, torn = [], 0
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 row = json.loads(line)
             except ValueError:  # blank, or the torn last line of a process killed while writing it
+                torn += bool(line.strip())
                 continue
             if isinstance(row, dict) and row.get("step", 0) <= step:
                 kept.append(line + "\n")
         atomic_write(path, "".join(kept))
+        if torn:
+            print(
+                f"note: {path.name}: dropped {torn} unreadable line(s) (a process killed while writing one)",
+                flush=True,
+            )
     return step
 
 
