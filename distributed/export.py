@@ -4,11 +4,12 @@ directory in `final/`, written from the shards one tensor at a time.
 Every rank walks the model's tensors in the same order (parameters, then persistent buffers); for
 each, the whole tensor is assembled where the strategy keeps it in pieces (FSDP2: the DTensor's
 shards, gathered; ZeRO-3: the partitions, gathered; ZeRO-1/2 and ZeRO-3: the fp32 master copy from
-the optimizer's partitions for a trained parameter), rank 0 casts it to the export dtype and adds it
-to the safetensors file being filled, and writes that file out once it reaches `max_shard_bytes`.
-No rank ever holds the whole model: rank 0 holds one file's worth of tensors plus the tensor being
-gathered (and every rank that tensor), so host memory while exporting stays at about one shard file
-above what training used.
+the optimizer's partitions for a trained parameter), rank 0 casts it to the export dtype and
+appends its bytes to the safetensors file it belongs to. The files are laid out before the walk,
+from the tensors' whole shapes (a partitioned parameter knows its own) and the export dtype: each
+file's header is written first, then its tensors stream in. No rank ever holds the whole model, and
+none holds more than the tensor being gathered (rank 0: and its cast copy), so exporting adds about
+one tensor to what training used.
 
 The directory is what `save_pretrained` writes and `AutoModelForCausalLM.from_pretrained` loads:
 `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json` (always, even for one file),
@@ -20,8 +21,11 @@ renamed into place (`atomic_dir`): `final/` is whole or absent.
 from __future__ import annotations
 
 import json
+import math
 import re
+import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +97,70 @@ def _tensors(trainer: Any) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, buffer
 
 
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor of the exported model as it will be written: whole shape and export dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _layout(trainer: Any, dtype: torch.dtype, max_shard_bytes: int) -> list[list[_Entry]]:
+    """The tensors of each file, in walk order, a new file whenever the next tensor would take the
+    current one past `max_shard_bytes` (as save_pretrained shards)."""
+    _, params, buffers = _parameters(trainer)
+    files: list[list[_Entry]] = [[]]
+    size = 0
+    for name, tensor in [*params, *buffers]:
+        shape = getattr(tensor, "ds_shape", None)  # ZeRO-3: a partitioned parameter's whole shape
+        entry = _Entry(
+            name,
+            tuple(shape if shape is not None else tensor.shape),  # FSDP2: a DTensor's shape is the whole one
+            dtype if tensor.is_floating_point() else tensor.dtype,
+        )
+        if files[-1] and size + entry.nbytes > max_shard_bytes:
+            files.append([])
+            size = 0
+        files[-1].append(entry)
+        size += entry.nbytes
+    return files
+
+
+def _header(entries: list[_Entry]) -> bytes:
+    """A safetensors header (length, then JSON padded to 8 bytes) for `entries` stored in order."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for e in entries:
+        header[e.name] = {
+            "dtype": _SAFETENSORS_DTYPES[e.dtype],
+            "shape": list(e.shape),
+            "data_offsets": [offset, offset + e.nbytes],
+        }
+        offset += e.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
 def export_model(
     trainer: Any,
     tokenizer: Any,
@@ -103,45 +171,43 @@ def export_model(
 ) -> dict[str, Any]:
     """Collective: write the trained model into `out_dir` (rank 0 writes; see the module doc).
     Returns what rank 0 wrote (files, total bytes, dtype); {} on the other ranks."""
-    from safetensors.torch import save_file
-
     main = trainer.args.process_index == 0
     model = trainer.accelerator.unwrap_model(trainer.model)
+    layout = _layout(trainer, dtype, max_shard_bytes)
+    names = [f"model-{i:05d}-of-{len(layout):05d}.safetensors" for i in range(1, len(layout) + 1)]
+    planned = iter([(i, entry) for i, entries in enumerate(layout) for entry in entries])
     with atomic_dir(out_dir) if main else _nowhere() as tmp:
-        shards: list[dict[str, str]] = []  # weight name -> temporary file name, per file
-        pending: dict[str, torch.Tensor] = {}
-        pending_bytes = total = 0
-
-        def flush() -> None:
-            nonlocal pending, pending_bytes
-            if not pending:
-                return
-            name = f"part-{len(shards):05d}.safetensors"
-            save_file(pending, str(tmp / name), metadata={"format": "pt"})
-            shards.append(dict.fromkeys(pending, name))
-            pending, pending_bytes = {}, 0
-
-        for name, tensor in _tensors(trainer):
-            if not main:
-                continue
-            value = (
-                tensor.detach().to("cpu", dtype if tensor.is_floating_point() else tensor.dtype).contiguous()
-            )
-            size = value.numel() * value.element_size()
-            if pending and pending_bytes + size > max_shard_bytes:
-                flush()
-            pending[name] = value
-            pending_bytes += size
-            total += size
+        handle: Any = None
+        current = -1
+        try:
+            for name, tensor in _tensors(trainer):
+                i, entry = next(planned)
+                if not main:
+                    continue
+                value = tensor.detach().to("cpu", entry.dtype).contiguous()
+                if name != entry.name or tuple(value.shape) != entry.shape:  # the layout is the walk's: a bug
+                    raise RuntimeError(
+                        f"export: {name} {tuple(value.shape)} where {entry.name} {entry.shape} was laid out"
+                    )
+                if i != current:  # the next file: its header first
+                    if handle is not None:
+                        handle.close()
+                    handle, current = (tmp / names[i]).open("wb"), i
+                    handle.write(_header(layout[i]))
+                handle.write(value.reshape(-1).view(torch.uint8).numpy().data)
+                del value
+        finally:
+            if handle is not None:
+                handle.close()
         if not main:
             trainer.accelerator.wait_for_everyone()
             return {}
-        flush()
-        files = _name_shards(tmp, shards, total)
+        total = sum(e.nbytes for f in layout for e in f)
+        _write_index(tmp, layout, names, total)
         _write_config(model, tmp, dtype)
         tokenizer.save_pretrained(tmp)
     trainer.accelerator.wait_for_everyone()
-    return {"files": files, "total_bytes": total, "dtype": str(dtype).removeprefix("torch.")}
+    return {"files": names, "total_bytes": total, "dtype": str(dtype).removeprefix("torch.")}
 
 
 class _nowhere:
@@ -154,19 +220,11 @@ class _nowhere:
         return None
 
 
-def _name_shards(tmp: Path, shards: list[dict[str, str]], total: int) -> list[str]:
-    """Rename the files `model-0000i-of-0000n.safetensors` and write the index."""
-    n = len(shards)
-    weight_map: dict[str, str] = {}
-    files = []
-    for i, mapping in enumerate(shards, start=1):
-        final = f"model-{i:05d}-of-{n:05d}.safetensors"
-        (tmp / next(iter(mapping.values()))).rename(tmp / final)
-        weight_map.update(dict.fromkeys(mapping, final))
-        files.append(final)
+def _write_index(tmp: Path, layout: list[list[_Entry]], names: list[str], total: int) -> None:
+    """model.safetensors.index.json: which file holds each weight, and the total size."""
+    weight_map = {e.name: name for name, entries in zip(names, layout, strict=True) for e in entries}
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    return files
 
 
 def _write_config(model: Any, tmp: Path, dtype: torch.dtype) -> None:

@@ -49,12 +49,16 @@ PROCESS_BASELINE_BYTES = int(0.55 * GIB)
 """A CPU training process before its model: Python with torch, transformers, TRL, PEFT, accelerate
 and the tokenised data mapped in (measured: the demo's 1 M-parameter model peaks at 0.6 GiB)."""
 
-ZERO3_KEPT_GATHERED_PARAMS = 500_000_000
-"""ZeRO-3 does not release a gathered parameter it will use again within stage3_max_reuse_distance
-(DeepSpeed's default: 1e9 parameters). Every parameter of the forward pass is used again in the
-backward pass, so about the last 1e9 / 2 parameters of the forward stay gathered until their
-backward: the whole model below that size (measured on CPU: a 107 M-parameter model keeps all of
-it, tools/bench_memory.py)."""
+ZERO3_DEFAULT_WINDOW = 1_000_000_000
+"""DeepSpeed's stage3_max_live_parameters, stage3_max_reuse_distance and sub_group_size when the
+recipe leaves them (`parallel.zero3_gathered_params`, `parallel.zero3_sub_group_size`) unset."""
+
+ZERO3_STEP_TEMPORARY_BYTES = {("adamw_torch", "cpu"): 8, ("adamw_torch", "gpu"): 4}
+"""Bytes per element of the sub-group the ZeRO-3 optimizer step is working on, beside its fp32
+gradient (4): the temporaries of torch's AdamW (the square root and its quotient: 8 on CPU, where it
+runs tensor by tensor, measured +0.62 GiB = 12.5 bytes per element of a 53 M-element sub-group,
+tools/bench_memory.py; one, 4, for the foreach AdamW of a CUDA run, not measured). The fused AdamW
+and bitsandbytes' optimizers update in their kernels: none."""
 
 SHARDED_WEIGHTS = ("fsdp", "fsdp-qlora", "deepspeed-zero3")
 SHARDED_STATES = ("fsdp", "fsdp-qlora", "deepspeed-zero2", "deepspeed-zero3")
@@ -304,6 +308,10 @@ class MemoryInputs:
     device: str = "gpu"
     """`gpu` (the estimate of one GPU's memory) or `cpu` (CPU processes: one process's resident
     memory, where loading, training and Python share one address space)."""
+    zero3_gathered_params: int = ZERO3_DEFAULT_WINDOW
+    """ZeRO-3's stage3_max_live_parameters / stage3_max_reuse_distance (`parallel.zero3_gathered_params`)."""
+    zero3_sub_group_size: int = ZERO3_DEFAULT_WINDOW
+    """ZeRO-3's sub_group_size (`parallel.zero3_sub_group_size`)."""
 
     @property
     def trains_weights(self) -> bool:
@@ -560,13 +568,16 @@ def _transient_parts(i: MemoryInputs) -> list[MemoryPart]:
         ):  # FSDP's mixed-precision policy (ZeRO: its 16-bit copy) gathers in the compute dtype
             gathered_bytes = min(gathered_bytes, i.compute_bytes)
         if i.strategy == "deepspeed-zero3":
-            kept = min(i.base_params, ZERO3_KEPT_GATHERED_PARAMS)
+            # every parameter of the forward is used again in the backward: about the last window / 2
+            # of the forward stay gathered until then (a 107 M-parameter model under the default
+            # window keeps all of it, measured on CPU, tools/bench_memory.py)
+            kept = min(i.base_params, i.zero3_gathered_params // 2)
             parts.append(
                 _part(
                     "gathered parameters",
                     kept * gathered_bytes + per_layer * gathered_bytes,
-                    f"ZeRO-3 keeps gathered what it uses again within stage3_max_reuse_distance: "
-                    f"~{kept:,} parameters, plus the layer being gathered",
+                    f"ZeRO-3 keeps gathered what it uses again within stage3_max_reuse_distance "
+                    f"({i.zero3_gathered_params:.0e}): ~{kept:,} parameters, plus the layer being gathered",
                 )
             )
         else:
@@ -778,14 +789,41 @@ def estimate_cpu_process(inputs: MemoryInputs) -> MemoryEstimate:
     return train if train.total_bytes >= load.total_bytes else load
 
 
+def _optimizer_step_part(i: MemoryInputs, during_backward: float) -> list[MemoryPart]:
+    """ZeRO-3's optimizer step works on one sub-group of the rank's partition at a time, with its
+    fp32 gradient and the optimizer's temporaries, after forward and backward have let go of their
+    activations and gathered parameters: what it needs beyond those (`during_backward`) is a part."""
+    if i.strategy != "deepspeed-zero3" or i.offload_optimizer or not i.trainable_params:
+        return []
+    elements = min(i.trainable_params / i.state_shards, i.zero3_sub_group_size)
+    per_element = 4 + ZERO3_STEP_TEMPORARY_BYTES.get((i.optimizer, i.device), 0)
+    step = elements * per_element
+    if step <= during_backward:
+        return []
+    return [
+        _part(
+            "optimizer step",
+            step - during_backward,
+            f"a sub-group of {elements:,.0f} elements (sub_group_size {i.zero3_sub_group_size:.0e}) with its fp32 "
+            f"gradient and {i.optimizer}'s temporaries, {per_element} bytes each, beyond what forward and "
+            "backward held",
+        )
+    ]
+
+
 def estimate_memory(inputs: MemoryInputs) -> MemoryEstimate:
-    """Peak memory of one GPU during a training step, split into its parts."""
+    """Peak memory of one GPU during a training step, split into its parts: the state it keeps, then
+    the larger of forward/backward's working set and the optimizer step's (a part beyond the first)."""
     inputs.check()
+    working = [*_activation_parts(inputs), *_transient_parts(inputs)]
+    during_backward = sum(
+        p.bytes for p in working if p.name not in ("Python and libraries", "CUDA context and workspace")
+    )
     return MemoryEstimate(
         parts=(
             *_weight_parts(inputs),
             *_gradient_and_optimizer_parts(inputs),
-            *_activation_parts(inputs),
-            *_transient_parts(inputs),
+            *working,
+            *_optimizer_step_part(inputs, during_backward),
         )
     )

@@ -26,6 +26,7 @@ from tunefleet.launch.core.recipe import Recipe, data_sources, stats_format, wei
 from tunefleet.launch.loading import placed_on_gpu_at_load, rank0_loads_weights
 from tunefleet.launch.memory import (
     GIB,
+    ZERO3_DEFAULT_WINDOW,
     MemoryInputs,
     ModelShape,
     estimate_load_memory,
@@ -451,6 +452,11 @@ def model_counts(recipe: Recipe, model_config: Mapping[str, Any]) -> dict[str, i
     ).to_dict()
 
 
+def _zero3_setting(value: float | None) -> int:
+    """A ZeRO-3 window of the recipe as DeepSpeed takes it (unset: DeepSpeed's default)."""
+    return ZERO3_DEFAULT_WINDOW if value is None else int(value)
+
+
 def memory_inputs(
     recipe: Recipe,
     bp: BatchPlan,
@@ -498,6 +504,8 @@ def memory_inputs(
         placed_on_gpu_at_load=placed_on_gpu_at_load(recipe, use_cpu=use_cpu),
         method=p.method,
         trained_layers=trained_layers,
+        zero3_gathered_params=_zero3_setting(recipe.parallel.zero3_gathered_params),
+        zero3_sub_group_size=_zero3_setting(recipe.parallel.zero3_sub_group_size),
         backward_layers=backward_layers,
         device="cpu" if use_cpu else "gpu",
     )

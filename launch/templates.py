@@ -163,6 +163,11 @@ def render_deepspeed_config(recipe: Recipe, hw: Hardware) -> dict[str, Any] | No
         # CPU run (the tests, the demo) would never gather what a real model's run gathers: on CPU
         # every parameter is partitioned.
         zero["stage3_param_persistence_threshold"] = 0 if hw.use_cpu else "auto"
+        if par.zero3_gathered_params is not None:  # else DeepSpeed's 1e9 (launch/memory.py counts it)
+            zero["stage3_max_live_parameters"] = int(par.zero3_gathered_params)
+            zero["stage3_max_reuse_distance"] = int(par.zero3_gathered_params)
+        if par.zero3_sub_group_size is not None:
+            zero["sub_group_size"] = int(par.zero3_sub_group_size)
 
     return {
         "train_micro_batch_size_per_gpu": "auto",

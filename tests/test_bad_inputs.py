@@ -289,6 +289,21 @@ CATALOGUE = [
         "disagrees with batch.global_batch_tokens",
     ),
     Case("fsdp key without fsdp", plan("parallel.fsdp_version=1"), "only the fsdp strategies read it"),
+    Case(
+        "ZeRO-3 window without ZeRO-3",
+        plan("parallel.strategy=fsdp", "parallel.zero3_gathered_params=1e8"),
+        "only deepspeed-zero3 reads it",
+    ),
+    Case(
+        "ZeRO-3 sub-group of 0 elements",
+        plan("parallel.strategy=deepspeed-zero3", "parallel.zero3_sub_group_size=0"),
+        "must be a whole number of parameters >= 1",
+    ),
+    Case(
+        "ZeRO-3 window that is not a count",
+        plan("parallel.strategy=deepspeed-zero3", "parallel.zero3_gathered_params=1.5"),
+        "must be a whole number of parameters >= 0",
+    ),
     Case("offload without sharding", plan("parallel.offload=optimizer"), "needs a sharding strategy"),
     Case(
         "ZeRO-2 param offload",

@@ -306,6 +306,47 @@ def test_merge_says_there_is_nothing_to_merge(launched: Launched, tmp_path: Path
     assert not (tmp_path / "merged").exists()
 
 
+def test_export_streams_into_several_files_that_load(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The exporter lays the files out from the shapes, writes each header, then streams the tensors:
+    with a small shard limit the model spans several files, each a valid safetensors file, and
+    `from_pretrained` gives back every tensor (cast to the export dtype)."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunefleet.distributed.export import export_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    trainer = SimpleNamespace(
+        model=model,
+        args=SimpleNamespace(process_index=0),
+        accelerator=SimpleNamespace(unwrap_model=lambda m: m, wait_for_everyone=lambda: None),
+    )
+    out = tmp_path / "final"
+    limit = 200_000
+    written = export_model(
+        trainer,
+        AutoTokenizer.from_pretrained(tiny_model_dir),
+        out,
+        dtype=torch.bfloat16,
+        max_shard_bytes=limit,
+    )
+    assert len(written["files"]) > 2 and written["total_bytes"] == sum(
+        p.numel() * 2 for p in model.parameters()
+    )
+    loaded = weights(out)
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(index.values()) == set(written["files"])
+    for f in written["files"]:  # within the limit (+ its header), or one tensor larger than it
+        held = [k for k, v in index.items() if v == f]
+        assert (out / f).stat().st_size < limit + 4096 or len(held) == 1, (f, held)
+    want = model.state_dict()
+    assert all(torch.equal(loaded[k], want[k].to(torch.bfloat16)) for k in loaded)
+    back = AutoModelForCausalLM.from_pretrained(out)
+    assert back.dtype == torch.bfloat16 and set(back.state_dict()) == set(want)
+
+
 def test_base_recipe_is_the_shared_one() -> None:
     """The pairs compare runs that differ only in the processes and the strategy."""
     for name, (ref_name, _) in PAIRS.items():

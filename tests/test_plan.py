@@ -350,6 +350,27 @@ def test_memory_sharding_and_offload() -> None:
         _parts(strategy="ddp", offload_params=True)
 
 
+def test_zero3_windows_in_the_estimate() -> None:
+    """DeepSpeed's default window keeps ~5e8 parameters gathered from forward to backward; a window
+    of 1e8 keeps 5e7. The optimizer step works on a sub-group with its fp32 gradient and AdamW's
+    temporaries (12 bytes an element on CPU): counted where that is more than forward and backward
+    held, and sub_group_size bounds it."""
+    full = dict(strategy="deepspeed-zero3", method="full", trainable_params=14_768_307_200, adapter_params=0)
+    default, window = _parts(**full), _parts(**full, zero3_gathered_params=100_000_000)
+    assert default["gathered parameters"] - window["gathered parameters"] == 450_000_000 * 2
+    assert "optimizer step" not in default  # GPU, foreach AdamW: 8 bytes x 1e9 < what backward held
+
+    cpu = dict(full, precision="fp32", weight_bytes=4, device="cpu", micro_batch_size=1, max_length=128)
+    held = sum(
+        v
+        for k, v in _parts(**cpu).items()
+        if k in ("activations", "logits and loss", "gathered parameters", "gradient buckets")
+    )
+    assert _parts(**cpu)["optimizer step"] == 1_000_000_000 * 12 - held  # a 1e9 sub-group (the default)
+    small = _parts(**cpu, zero3_sub_group_size=10_000_000, zero3_gathered_params=0)
+    assert "optimizer step" not in small  # 1.2e8 bytes: less than forward and backward held
+
+
 def test_memory_quantization_checkpointing_optimizer() -> None:
     nf4 = _parts(strategy="single", quantization="nf4", quantized_params=13_212_057_600)
     rest = 14_768_307_200 - 13_212_057_600

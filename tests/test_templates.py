@@ -94,6 +94,17 @@ CASES: dict[str, tuple[Recipe, Hardware]] = {
         make_recipe(parallel={"strategy": "deepspeed-zero3", "offload": "optimizer+params"}),
         GPU4,
     ),
+    "zero3-window": (
+        make_recipe(
+            parallel={
+                "strategy": "deepspeed-zero3",
+                "zero3_gathered_params": 1e8,
+                "zero3_sub_group_size": 1e8,
+            },
+            train=GC,
+        ),
+        GPU4,
+    ),
     "zero3-qlora-cpu": (make_recipe(model=QLORA, parallel={"strategy": "deepspeed-zero3"}), CPU2),
     # FSDP2 on CPU runs through distributed/cpu_fsdp.py (tests/test_launch.py trains with these)
     "fsdp2-cpu": (make_recipe(parallel={"strategy": "fsdp"}), CPU2),
@@ -802,3 +813,11 @@ def test_fsdp1_on_cpu_is_refused_before_training(tmp_path: Path) -> None:
     assert "parallel.fsdp_version: fsdp with FSDP1 needs GPUs" in proc.stderr
     assert "fix: use parallel.fsdp_version=2 (runs on CPU), or run on GPUs" in proc.stderr
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_zero3_windows_reach_deepspeed_as_set_and_only_when_set() -> None:
+    zero = render_deepspeed_config(*resolved("zero3-window")[:2])["zero_optimization"]  # type: ignore[index]
+    assert zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == 100_000_000
+    assert zero["sub_group_size"] == 100_000_000 and isinstance(zero["sub_group_size"], int)
+    default = render_deepspeed_config(*resolved("zero3")[:2])["zero_optimization"]  # type: ignore[index]
+    assert not {"stage3_max_live_parameters", "stage3_max_reuse_distance", "sub_group_size"} & set(default)

@@ -390,6 +390,20 @@ class ParallelConfig:
     """`fsdp`/`fsdp-qlora` only: module class names that each become one FSDP unit (the
     decoder layer, e.g. [LlamaDecoderLayer]); None takes the model's own `_no_split_modules`."""
 
+    zero3_gathered_params: float | None = None
+    """`deepspeed-zero3` only: how many parameters a rank may hold gathered at once, and how near
+    its next use a gathered parameter must be to stay gathered (DeepSpeed's
+    stage3_max_live_parameters and stage3_max_reuse_distance). None: DeepSpeed's 1e9, under which a
+    model below ~5e8 parameters stays gathered whole from its forward to its backward. Lower it when
+    ZeRO-3 runs out of memory in forward/backward (e.g. 1e8; 0 gathers every layer again for its
+    backward, as FSDP does)."""
+
+    zero3_sub_group_size: float | None = None
+    """`deepspeed-zero3` only: the optimizer step updates a rank's partition in pieces of this
+    many elements, each with its fp32 gradient and the optimizer's temporaries (DeepSpeed's
+    sub_group_size). None: DeepSpeed's 1e9, one piece for any partition below that. Lower it when
+    ZeRO-3 runs out of memory in the optimizer step (e.g. 1e8)."""
+
 
 @dataclass(kw_only=True, slots=True)
 class CheckpointConfig:
@@ -1116,6 +1130,22 @@ def _validate_parallel(par: ParallelConfig) -> None:
         f"only the fsdp strategies read it, but parallel.strategy={s!r}",
         "drop parallel.fsdp_wrap_classes",
     )
+    for key, least in (("zero3_gathered_params", 0), ("zero3_sub_group_size", 1)):
+        value = getattr(par, key)
+        if value is None:
+            continue
+        _check(
+            s == "deepspeed-zero3",
+            f"parallel.{key}",
+            f"only deepspeed-zero3 reads it, but parallel.strategy={s!r}",
+            f"drop parallel.{key}",
+        )
+        _check(
+            math.isfinite(value) and value >= least and value == int(value),
+            f"parallel.{key}",
+            f"must be a whole number of parameters >= {least}, got {value}",
+            "use e.g. 1e8, or drop it for DeepSpeed's 1e9",
+        )
     if par.fsdp_wrap_classes is not None:
         _check(
             bool(par.fsdp_wrap_classes) and all(c.strip() for c in par.fsdp_wrap_classes),
