@@ -568,10 +568,17 @@ def _transient_parts(i: MemoryInputs) -> list[MemoryPart]:
         ):  # FSDP's mixed-precision policy (ZeRO: its 16-bit copy) gathers in the compute dtype
             gathered_bytes = min(gathered_bytes, i.compute_bytes)
         if i.strategy == "deepspeed-zero3":
-            # every parameter of the forward is used again in the backward: about the last window / 2
-            # of the forward stay gathered until then (a 107 M-parameter model under the default
-            # window keeps all of it, measured on CPU, tools/bench_memory.py)
-            kept = min(i.base_params, i.zero3_gathered_params // 2)
+            # a parameter of the forward that the backward uses again stays gathered until then, within
+            # the window: about the last window / 2 of them (a 107 M-parameter model under the default
+            # window keeps all of it, measured on CPU, tools/bench_memory.py). The backward of a
+            # partial fine-tune runs through its trained layers and the head only; the frozen layers
+            # below are let go after their forward (measured: freeze keeps none of them)
+            in_backward = (
+                per_layer * i.backward_layers + shape.vocab_size * shape.hidden_size
+                if i.method == "freeze"
+                else i.base_params
+            )
+            kept = int(min(in_backward, i.zero3_gathered_params // 2))
             parts.append(
                 _part(
                     "gathered parameters",

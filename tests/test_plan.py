@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import warnings
@@ -359,6 +360,13 @@ def test_zero3_windows_in_the_estimate() -> None:
     default, window = _parts(**full), _parts(**full, zero3_gathered_params=100_000_000)
     assert default["gathered parameters"] - window["gathered parameters"] == 450_000_000 * 2
     assert "optimizer step" not in default  # GPU, foreach AdamW: 8 bytes x 1e9 < what backward held
+    shape = QWEN3
+    per_layer = (14_768_307_200 - 2 * shape.vocab_size * shape.hidden_size) / shape.num_layers
+    wide = dict(full, zero3_gathered_params=10**11)  # a window wider than the model: what backward uses stays
+    assert _parts(**wide)["gathered parameters"] == math.ceil((14_768_307_200 + per_layer) * 2)
+    freeze = _parts(**dict(wide, method="freeze", trained_layers=2, backward_layers=2))
+    kept = int(per_layer * 2 + shape.vocab_size * shape.hidden_size)  # the backward's layers and the head
+    assert freeze["gathered parameters"] == math.ceil((kept + per_layer) * 2)
 
     cpu = dict(full, precision="fp32", weight_bytes=4, device="cpu", micro_batch_size=1, max_length=128)
     held = sum(
