@@ -90,6 +90,7 @@ def _slurm(args: argparse.Namespace) -> int:
         script_path=args.out,
         python=args.python,
         measure_checkpoint=args.checkpoint_s is None,
+        weights_only=args.resume_weights_only,
     )
     write_job(job)
     b, spec = job.batch, job.spec
@@ -226,6 +227,12 @@ def _add_slurm(sub: Any) -> None:
         "(dependency), or stop (none)",
     )
     p.add_argument("--max-restarts", type=int, default=3, help="stop restarting after this many (default 3)")
+    p.add_argument(
+        "--resume-weights-only",
+        action="store_true",
+        help="allow the job to continue a checkpoint whose optimizer state was removed, with a fresh "
+        "optimizer (a checkpoint that still has it resumes as usual, restarts included)",
+    )
     p.add_argument(
         "--checkpoint-s",
         type=int,

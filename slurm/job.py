@@ -215,14 +215,18 @@ def _accelerate_configs(recipe: Recipe, hw: Hardware, out: Path) -> tuple[dict[P
     return files, str(config_dir / ACCELERATE_FILE)
 
 
-def _preflight(recipe: Recipe, hw: Hardware) -> Preflight:
+def _preflight(recipe: Recipe, hw: Hardware, options: StartOptions) -> Preflight:
     """What the trainer on the nodes will check, checked here before anything is written."""
     try:
-        return preflight(recipe, hw, StartOptions())
-    except RunDirError as exc:  # `tunefleet slurm` has no --overwrite
+        return preflight(recipe, hw, options)
+    except RunDirError as exc:  # `tunefleet slurm` has no --overwrite and no --resume
+        removed = ckpt.scan(Path(recipe.output_dir)).weights_only
         raise RunDirError(
             exc.problem,
-            "choose a new output_dir (--set output_dir=...), or move the old run aside yourself",
+            f"pass --resume-weights-only to continue {removed.name}'s weights with a fresh optimizer, restore "
+            "its optimizer state from a backup, or choose a new output_dir (--set output_dir=...)"
+            if removed is not None and not options.weights_only
+            else "choose a new output_dir (--set output_dir=...), or move the old run aside yourself",
         ) from None
 
 
@@ -234,18 +238,26 @@ def build_job(
     script_path: str | Path | None = None,
     python: str | None = None,
     measure_checkpoint: bool = True,
+    weights_only: bool = False,
 ) -> Job:
     """Load and check everything; return the texts to write. `python`: the job's interpreter (None:
     this one, see `job_python`). With `measure_checkpoint`, `spec.checkpoint_s` is replaced by what
-    an earlier attempt measured (or the default)."""
+    an earlier attempt measured (or the default). `weights_only`: the job may continue a checkpoint
+    whose optimizer state was removed (`--resume-weights-only`, handed to every node and restart)."""
     check_spec(spec)  # node and process counts before any batch math is done with them
     recipe = recipe_mod.load(recipe_file, overrides)
     out = Path(os.path.abspath(os.path.expanduser(recipe.output_dir)))
     hw = _cluster_hardware(spec)
-    checked = _preflight(dataclasses.replace(recipe, output_dir=str(out)), hw)
+    options = StartOptions(weights_only=weights_only)
+    checked = _preflight(dataclasses.replace(recipe, output_dir=str(out)), hw, options)
     recipe = checked.recipe
     versions = login_versions()
-    launch = Launch(python=job_python(python, versions), expect_versions=versions, prepare=True)
+    launch = Launch(
+        python=job_python(python, versions),
+        expect_versions=versions,
+        prepare=True,
+        module_args=tuple(options.argv()),  # it allows, it does not force: safe on every restart
+    )
     config_files: dict[Path, str] = {}
     if _needs_accelerate(recipe, hw):  # accelerate launch, with the configs `tunefleet launch` renders
         config_files, accelerate_config = _accelerate_configs(recipe, hw, out)

@@ -307,6 +307,31 @@ def test_signal_lead_comes_from_measured_checkpoints(tmp_path: Path, monkeypatch
     assert "#SBATCH --signal=B:USR1@260" in (out / "slurm.sbatch").read_text()
 
 
+def test_slurm_continues_a_checkpoint_without_optimizer_state_only_when_asked(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """checkpoint-4's optimizer.pt removed: the submission is refused with the flag that helps;
+    with --resume-weights-only the job continues it, and every node and restart is handed the flag
+    (which allows, never forces: a later checkpoint with its optimizer state resumes in full)."""
+    out = tmp_path / "run"
+    recipe = R.load(DEMO, [f"output_dir={out}"])
+    files = {"adapter_model.safetensors": b"w" * 10, "optimizer.pt": b"o" * 10}
+    for step in (2, 4):
+        write_checkpoint(
+            out, step, files, samples_seen=step * 16, world_size=2, batch_plan={}, recipe=R.to_dict(recipe)
+        )
+    (out / "checkpoint-4" / "optimizer.pt").unlink()
+    assert _slurm(tmp_path, out, "--nodes", "1", monkeypatch=monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint-4 has no optimizer state" in err and "pass --resume-weights-only" in err
+    assert not (out / "slurm.sbatch").exists()
+    assert _slurm(tmp_path, out, "--nodes", "1", "--resume-weights-only", monkeypatch=monkeypatch) == 0
+    assert "continues from checkpoint-4" in capsys.readouterr().out
+    script = (out / "slurm.sbatch").read_text()
+    assert f"--recipe {out}/recipe.yaml \\\n  --resume-weights-only" in script
+    assert subprocess.run(["/bin/bash", "-n", str(out / "slurm.sbatch")]).returncode == 0
+
+
 # ----------------------------------------------------------------------------- tunefleet status
 
 
