@@ -286,6 +286,20 @@ def test_set_aside_never_replaces_an_earlier_one(tmp_path: Path) -> None:
     assert not (tmp_path / "metrics.jsonl").exists() and set_aside_metrics(tmp_path) is None
 
 
+def test_an_unusable_checkpoint_moved_aside_twice_keeps_both(tmp_path: Path) -> None:
+    """A damaged checkpoint-3 moved aside, the step written again and damaged again within the same
+    second: both kept under `checkpoint-3.unusable-<time>[-N]`, neither taken for a checkpoint."""
+    kept = []
+    for _ in range(2):
+        path = write_checkpoint(tmp_path, 3)
+        (path / ckpt.COMPLETE).unlink()
+        kept.append(ckpt.move_aside(path, "no marker"))
+    assert len(set(kept)) == 2 and all(
+        p.name.startswith("checkpoint-3.unusable-") and p.is_dir() for p in kept
+    )
+    assert ckpt.checkpoint_dirs(tmp_path) == []
+
+
 def test_a_torn_metrics_line_is_dropped_with_a_note(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A process killed while writing metrics.jsonl leaves half a line: the resume keeps the rows up to
     its checkpoint, drops the torn one and says so, instead of failing on it."""

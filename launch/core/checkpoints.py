@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunefleet.launch.core import layout
 from tunefleet.launch.core.errors import TunefleetError
 
 PREFIX = "checkpoint-"
@@ -45,7 +46,7 @@ TMP_PREFIX = ".tmp-checkpoint-"
 DELETING_PREFIX = ".deleting-checkpoint-"
 MANIFEST = "manifest.json"
 COMPLETE = "COMPLETE"
-MOVED_ASIDE = ".unusable-"
+MOVED_ASIDE = "unusable"
 """`checkpoint-5` that fails the rule and would be written again becomes `checkpoint-5.unusable-<time>`."""
 
 
@@ -421,12 +422,7 @@ def scan(out: Path) -> Scan:
 def move_aside(checkpoint: Path, why: str) -> Path:
     """Rename an unusable checkpoint out of the way (`checkpoint-5.unusable-<time>`): kept, never
     deleted, and no longer taken for a checkpoint."""
-    target = checkpoint.with_name(f"{checkpoint.name}{MOVED_ASIDE}{time.strftime('%Y%m%d-%H%M%S')}")
-    n = 1
-    while target.exists():
-        target = checkpoint.with_name(f"{checkpoint.name}{MOVED_ASIDE}{time.strftime('%Y%m%d-%H%M%S')}-{n}")
-        n += 1
-    checkpoint.rename(target)
+    target = layout.move_aside(checkpoint, MOVED_ASIDE)
     print(
         f"note: {checkpoint.name} cannot be used ({why}): moved aside to {target.name}, not deleted",
         flush=True,

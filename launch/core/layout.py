@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,19 @@ into the cache (default 1800)."""
 
 
 # ----------------------------------------------------------------------------- writing
+
+
+def move_aside(path: Path, label: str = "old") -> Path:
+    """Rename `path` to `<name>.<label>-<time>` beside it (`-N` added when that name is taken: an
+    earlier one is never replaced) and return the new path."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = path.with_name(f"{path.name}.{label}-{stamp}")
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.{label}-{stamp}-{n}")
+        n += 1
+    path.rename(target)
+    return target
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes, *, mode: int | None = None) -> Path:

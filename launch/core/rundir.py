@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -30,6 +29,7 @@ from tunefleet.launch.core.layout import (
     RESOLVED_MARKER,
     RESOLVED_RECIPE,
     atomic_write,
+    move_aside,
 )
 from tunefleet.launch.core.recipe import Recipe
 
@@ -357,19 +357,6 @@ def check_resume(
         )
     ckpt.check_layout(manifest, recipe.parallel.strategy, batch.world_size)
     return batch_notes + harmless
-
-
-def move_aside(path: Path, label: str = "old") -> Path:
-    """Rename `path` to `<name>.<label>-<time>` beside it (`-N` added when that name is taken: an
-    earlier one is never replaced) and return the new path."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    target = path.with_name(f"{path.name}.{label}-{stamp}")
-    n = 1
-    while target.exists():
-        target = path.with_name(f"{path.name}.{label}-{stamp}-{n}")
-        n += 1
-    path.rename(target)
-    return target
 
 
 def truncate_metrics(path: Path, checkpoint: str | None) -> int:
