@@ -89,8 +89,10 @@ def _whole(param: Any, trainer: Any) -> torch.Tensor:
     return param.data
 
 
-def _tensors(trainer: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    model, params, buffers = _parameters(trainer)
+def _tensors(
+    trainer: Any, params: list[tuple[str, Any]], buffers: list[tuple[str, Any]]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Collective: every tensor whole, in the walk's order (`_parameters`)."""
     for name, param in params:
         yield name, _whole(param, trainer)
     for name, buffer in buffers:
@@ -124,10 +126,11 @@ class _Entry:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-def _layout(trainer: Any, dtype: torch.dtype, max_shard_bytes: int) -> list[list[_Entry]]:
+def _layout(
+    params: list[tuple[str, Any]], buffers: list[tuple[str, Any]], dtype: torch.dtype, max_shard_bytes: int
+) -> list[list[_Entry]]:
     """The tensors of each file, in walk order, a new file whenever the next tensor would take the
     current one past `max_shard_bytes` (as save_pretrained shards)."""
-    _, params, buffers = _parameters(trainer)
     files: list[list[_Entry]] = [[]]
     size = 0
     for name, tensor in [*params, *buffers]:
@@ -172,15 +175,15 @@ def export_model(
     """Collective: write the trained model into `out_dir` (rank 0 writes; see the module doc).
     Returns what rank 0 wrote (files, total bytes, dtype); {} on the other ranks."""
     main = trainer.args.process_index == 0
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    layout = _layout(trainer, dtype, max_shard_bytes)
+    model, params, buffers = _parameters(trainer)
+    layout = _layout(params, buffers, dtype, max_shard_bytes)
     names = [f"model-{i:05d}-of-{len(layout):05d}.safetensors" for i in range(1, len(layout) + 1)]
     planned = iter([(i, entry) for i, entries in enumerate(layout) for entry in entries])
     with atomic_dir(out_dir) if main else _nowhere() as tmp:
         handle: Any = None
         current = -1
         try:
-            for name, tensor in _tensors(trainer):
+            for name, tensor in _tensors(trainer, params, buffers):
                 i, entry = next(planned)
                 if not main:
                     continue
