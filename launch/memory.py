@@ -556,7 +556,8 @@ def _logits_part(i: MemoryInputs, tokens: int) -> MemoryPart:
 
 
 def _transient_parts(i: MemoryInputs) -> list[MemoryPart]:
-    """Working sets that exist for a moment: a gathered layer, a dequantized weight, CUDA's own."""
+    """Working sets that exist for a moment in forward and backward: a gathered layer, gradient
+    buckets, a dequantized weight."""
     shape = i.shape
     parts = []
     if i.weight_shards > 1:
@@ -613,7 +614,6 @@ def _transient_parts(i: MemoryInputs) -> list[MemoryPart]:
                 "the largest 4-bit weight dequantized for a backward matmul",
             )
         )
-    parts.append(_context_part(i))
     return parts
 
 
@@ -823,14 +823,12 @@ def estimate_memory(inputs: MemoryInputs) -> MemoryEstimate:
     the larger of forward/backward's working set and the optimizer step's (a part beyond the first)."""
     inputs.check()
     working = [*_activation_parts(inputs), *_transient_parts(inputs)]
-    during_backward = sum(
-        p.bytes for p in working if p.name not in ("Python and libraries", "CUDA context and workspace")
-    )
     return MemoryEstimate(
         parts=(
             *_weight_parts(inputs),
             *_gradient_and_optimizer_parts(inputs),
             *working,
-            *_optimizer_step_part(inputs, during_backward),
+            _context_part(inputs),
+            *_optimizer_step_part(inputs, sum(p.bytes for p in working)),
         )
     )
