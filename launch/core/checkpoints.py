@@ -327,15 +327,23 @@ def optimizer_files(checkpoint: Path) -> list[str]:
         return []
 
 
+def weights_stand_alone(manifest: Manifest) -> bool:
+    """Whether the checkpoint's format keeps its weights outside the optimizer state
+    (`WEIGHTS_ONLY_FORMATS`)."""
+    return CHECKPOINT_FORMAT.get(manifest.strategy) in WEIGHTS_ONLY_FORMATS
+
+
 def optimizer_removed(checkpoint: Path) -> bool:
     """The rule's one exception: `checkpoint` passes it but for its optimizer state, every file of
     which is gone (removed to save space, not damaged: one file left of several is damage). Its
     weights can continue with a fresh optimizer (`--resume-weights-only`) where its format allows it
-    (`WEIGHTS_ONLY_FORMATS`)."""
-    files = optimizer_files(checkpoint)
-    if not files or any((checkpoint / rel).exists() for rel in files):
+    (`weights_stand_alone`)."""
+    try:
+        manifest = read_manifest(checkpoint)
+    except (OSError, ValueError, TypeError):
         return False
-    if CHECKPOINT_FORMAT.get(read_manifest(checkpoint).strategy) not in WEIGHTS_ONLY_FORMATS:
+    files = [rel for rel in manifest.files if is_optimizer_state(rel)]
+    if not files or any((checkpoint / rel).exists() for rel in files) or not weights_stand_alone(manifest):
         return False
     return problem(checkpoint, without_optimizer=True) is None
 

@@ -276,7 +276,7 @@ def _why_not_weights_only(checkpoint: Path) -> str:
     """Why a checkpoint missing optimizer files cannot continue its weights alone."""
     if ckpt.problem(checkpoint, without_optimizer=True) is not None:
         return "files other than the optimizer state are missing or damaged"
-    if ckpt.CHECKPOINT_FORMAT.get(ckpt.read_manifest(checkpoint).strategy) not in ckpt.WEIGHTS_ONLY_FORMATS:
+    if not ckpt.weights_stand_alone(ckpt.read_manifest(checkpoint)):
         return (
             "DeepSpeed keeps the fp32 master weights (under ZeRO-3 the weights themselves) in its "
             "optimizer-state files"
