@@ -692,6 +692,10 @@ def _save_final(trainer: Any, tokenizer: Any, recipe: Recipe, final: Path) -> No
 # ----------------------------------------------------------------------------- the command
 
 
+ERROR_GRACE_S = 5.0
+"""How long a rank other than its node's first waits before it reports its own start-up error."""
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     args = build_parser().parse_args(argv)
@@ -702,8 +706,14 @@ def main(argv: list[str] | None = None) -> int:
         recipe = recipe_mod.load(args.recipe, args.overrides)
         code = run(recipe, options=StartOptions.from_args(args))
     except TunefleetError as exc:
-        if node_main:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+        if not node_main:
+            # the node's first rank, failing alike, speaks for it: the launcher stops this rank once it
+            # has. Exiting at once could have the launcher stop the first rank before it printed (seen:
+            # a run that ended with no message at all); a rank that fails alone still says why
+            time.sleep(ERROR_GRACE_S)
+        print(
+            f"error: {exc}" if node_main else f"error (rank {rank.rank}): {exc}", file=sys.stderr, flush=True
+        )
         code = exc.exit_code
     except (OSError, RuntimeError) as exc:  # a write the machine refused (the final save, the data cache)
         where = Path(str(getattr(exc, "filename", None) or ".")).parent
